@@ -1,0 +1,5 @@
+"""Variational families q(z | x), each a plain Pyro program ``guide(x)`` (installed as ``pyrovae.guides``)."""
+from pyrovae.guides.gaussian import GaussianEncoder
+from pyrovae.guides.flow import FlowEncoder
+
+__all__ = ["GaussianEncoder"]

@@ -1,0 +1,110 @@
+"""Checkpoints that survive crashes and load without executing code.
+
+Files are written to a temporary file in the same folder, flushed and fsync'ed, then renamed over the
+target (``os.replace`` is atomic on POSIX), so a process killed mid-write leaves the previous checkpoint
+intact. Loading uses ``torch.load(..., weights_only=True)``: tensors, numbers, strings, lists and dicts
+only; a pickle that would run code is refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+FORMAT = "pyrovae-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    """A file that is not a pyrovae checkpoint, or one that does not fit the model it is loaded into."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Union[str, Path], write) -> Path:
+    """Call ``write(file_object)`` on a temporary file next to ``path``, fsync it, then rename it over
+    ``path``. On any error the temporary file is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def save_checkpoint(state: dict, path: Union[str, Path]) -> Path:
+    """Atomically save ``state`` (tensors, numbers, strings, lists, dicts) with a format tag."""
+    return atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+
+
+def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` without executing any code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a run folder or a .pt file written by pyrovae")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} is refused: it holds Python objects that loading would have to execute ({e.__class__.__name__}). "
+            "pyrovae checkpoints contain only tensors and plain values; do not load files from untrusted sources."
+        ) from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({e.__class__.__name__}: {e}); it may be truncated or not a torch file") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a torch file but not a pyrovae checkpoint (no '{FORMAT}' tag)")
+    return state
+
+
+def write_json(path: Union[str, Path], obj: Any) -> Path:
+    data = json.dumps(obj, indent=2, sort_keys=True).encode()
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def get_rng_state() -> dict:
+    """All RNG states (Python, numpy, torch CPU and CUDA) as checkpoint-safe values."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

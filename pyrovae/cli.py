@@ -1,0 +1,291 @@
+"""``pyrovae`` command line: ``train``, ``evaluate`` and ``sample``."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import pyro
+import torch
+
+from pyrovae.checkpoint import CheckpointError, load_checkpoint, write_json
+from pyrovae.flows import FLOWS
+from pyrovae.objectives import ELBO, OBJECTIVES
+from pyrovae.registry import GUIDES, MODELS, build_guide, build_model, build_objective
+from pyrovae.train import SCHEDULES, DivergenceError, Trainer, TrainingInterrupted
+
+
+class UsageError(ValueError):
+    """A command-line mistake; printed without a traceback."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: this machine has no usable CUDA device (torch {torch.__version__}, cuda build {torch.version.cuda}); use --device cpu or --device auto")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from e
+
+
+def _load_data(cfg: dict, device: torch.device):
+    from pyrovae.data import load_dataset
+
+    return load_dataset(cfg["dataset"], data_dir=cfg.get("data_dir"), binarize=cfg.get("binarize", "none"), valid_size=cfg.get("valid_size"), seed=cfg.get("seed", 0), device=device)
+
+
+def _check_likelihood(cfg: dict, splits) -> None:
+    from pyrovae.data import check_data
+    from pyrovae.likelihoods import get_likelihood
+
+    unit = get_likelihood(cfg.get("likelihood", "bernoulli")).needs_unit_interval
+    for name in ("train", "valid", "test"):
+        x = getattr(splits, name)
+        if x is not None:
+            check_data(x, unit_interval=unit, what=f"{cfg['dataset']} {name} data")
+
+
+def _build(cfg: dict, x_shape, device):
+    model = build_model(cfg, x_shape).to(device)
+    guide = build_guide(cfg, x_shape).to(device)
+    return model, guide
+
+
+def _config(args: argparse.Namespace) -> dict:
+    skip = {"command", "func", "resume", "overwrite"}
+    cfg = {k: v for k, v in vars(args).items() if k not in skip}
+    if cfg.get("hidden"):
+        cfg["hidden"] = [cfg["hidden"]] * len(cfg["z_dims"])
+    return cfg
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    last = run_dir / "checkpoints" / "last.pt"
+    if resume:
+        if not last.exists():
+            raise UsageError(f"--resume: {last} does not exist, so there is nothing to resume; drop --resume to start a new run")
+        return
+    if last.exists():
+        state = load_checkpoint(last)
+        what = "a finished run" if state.get("finished") else "an unfinished run"
+        if not overwrite:
+            raise UsageError(f"{run_dir} already holds {what}; pass --resume to continue it, --overwrite to replace it, or choose another --run-dir")
+        for f in (run_dir / "checkpoints").glob("*.pt"):
+            f.unlink()
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir or f"runs/{args.dataset}-{args.model}-{args.guide}-{args.objective}-{time.strftime('%Y%m%d-%H%M%S')}")
+    _prepare_run_dir(run_dir, args.resume, args.overwrite)
+    cfg = _config(args)
+    if args.resume:
+        saved = json.loads((run_dir / "config.json").read_text())
+        saved.update({k: cfg[k] for k in ("epochs", "device", "data_dir", "eval_samples", "eval_limit", "progress") if k in cfg})
+        cfg = saved
+    device = resolve_device(cfg["device"])
+    pyro.set_rng_seed(cfg["seed"])
+    pyro.clear_param_store()
+    splits = _load_data(cfg, device)
+    _check_likelihood(cfg, splits)
+    model, guide = _build(cfg, splits.x_shape, device)
+    trainer = Trainer(
+        model, guide, build_objective(cfg), lr=cfg["lr"], schedule=cfg["lr_schedule"], clip_norm=cfg["clip_norm"], run_dir=run_dir,
+        config=cfg, check_every=cfg["check_every"], on_divergence=cfg["on_divergence"], progress=cfg["progress"],
+    )
+    print(f"pyrovae: training {cfg['model']}/{cfg['guide']} with {trainer.objective!r} on {cfg['dataset']} ({splits.train.shape[0]} examples) on {device}; run folder {run_dir}")
+    if args.resume:
+        trainer.resume(run_dir / "checkpoints" / "last.pt", splits.train[: cfg["batch_size"]])
+        print(f"pyrovae: resumed at epoch {trainer.cursor.epoch}, step {trainer.cursor.step}")
+    try:
+        trainer.fit(splits.train, cfg["epochs"], cfg["batch_size"], valid=splits.valid, dynamic_binarize=splits.binarize == "dynamic")
+    except TrainingInterrupted as e:
+        print(f"pyrovae: {e}", file=sys.stderr)
+        return 130
+    except DivergenceError as e:
+        print(f"pyrovae: {e}", file=sys.stderr)
+        return 3
+    if cfg["eval_samples"] > 0:
+        return _evaluate(run_dir, cfg, device, "best", cfg["eval_samples"], cfg["eval_limit"], splits)
+    return 0
+
+
+def load_run(run_dir: Path, device: torch.device, checkpoint: str = "best", splits=None):
+    """Rebuild a run's model and guide from ``config.json`` and load a checkpoint's weights."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise UsageError(f"{run_dir} is not a pyrovae run folder (no config.json); pass the --run-dir of a training run")
+    cfg = json.loads((run_dir / "config.json").read_text())
+    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    if not path.exists() and checkpoint == "best":
+        path = run_dir / "checkpoints" / "last.pt"
+    state = load_checkpoint(path, map_location=device)
+    splits = splits if splits is not None else _load_data(cfg, device)
+    pyro.clear_param_store()
+    model, guide = _build(cfg, splits.x_shape, device)
+    loader = Trainer(model, guide, ELBO(), progress=False)
+    loader.setup(splits.test[: min(10, splits.test.shape[0])])
+    loader.load_weights(state)
+    return cfg, model, guide, splits, path
+
+
+def _evaluate(run_dir: Path, cfg: dict, device, checkpoint: str, num_samples: int, limit: Optional[int], splits=None) -> int:
+    from pyrovae import evaluate as E
+
+    cfg, model, guide, splits, path = load_run(run_dir, device, checkpoint, splits)
+    test = splits.test if not limit else splits.test[:limit]
+    if splits.binarize == "dynamic":  # evaluate on one fixed binarisation of the test set, as in the IWAE paper
+        gen = torch.Generator(device=test.device).manual_seed(cfg.get("seed", 0) + 1)
+        test = torch.bernoulli(test, generator=gen)
+    t0 = time.perf_counter()
+    ll = E.log_likelihood(model, guide, test, num_samples=num_samples)
+    seconds = time.perf_counter() - t0
+    terms = E.elbo_terms(model, guide, test)
+    n = test.shape[0]
+    result = {
+        "checkpoint": str(path),
+        "num_test": n,
+        "num_samples": num_samples,
+        "test_nll": float(-ll.values.mean()),
+        "test_nll_stderr_over_data": float(ll.values.std() / math.sqrt(n)) if n > 1 else float("nan"),
+        "test_nll_importance_stderr": float(ll.stderr.pow(2).mean().sqrt() / math.sqrt(n)),
+        "test_elbo": terms["elbo"],
+        "test_recon": terms["recon"],
+        "test_kl": terms["kl"],
+        "active_units": E.active_units(guide, test),
+        "nll_seconds": round(seconds, 2),
+    }
+    write_json(run_dir / "evaluation.json", result)
+    x_shape = splits.x_shape
+    E.save_image_grid(E.sample(model, 64, x_shape, device=device), run_dir / "samples.png")
+    E.save_image_grid(torch.cat([test[:32], E.reconstruct(model, guide, test[:32])]), run_dir / "reconstructions.png")
+    E.latent_scatter(guide, test[:2000], None if splits.test_labels is None else splits.test_labels[: min(2000, n)], run_dir / "latent.png")
+    z_dims = cfg.get("z_dims") or [50]
+    if len(z_dims) == 1 and z_dims[0] == 2:
+        E.save_image_grid(E.decode_grid(model, x_shape, device=device), run_dir / "manifold.png", nrow=20)
+    print(json.dumps(result, indent=2))
+    print(f"pyrovae: wrote evaluation.json, samples.png, reconstructions.png, latent.png to {run_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    cfg = json.loads((Path(args.run_dir) / "config.json").read_text()) if (Path(args.run_dir) / "config.json").is_file() else {}
+    if args.data_dir:
+        cfg["data_dir"] = args.data_dir
+    splits = _load_data(cfg, device) if cfg else None
+    return _evaluate(Path(args.run_dir), cfg, device, args.checkpoint, args.num_samples, args.limit, splits)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from pyrovae import evaluate as E
+
+    device = resolve_device(args.device)
+    if args.num < 1:
+        raise UsageError(f"--num {args.num} must be at least 1")
+    cfg, model, guide, splits, _ = load_run(Path(args.run_dir), device, args.checkpoint)
+    out = Path(args.out or Path(args.run_dir) / "samples.png")
+    E.save_image_grid(E.sample(model, args.num, splits.x_shape, device=device), out)
+    print(f"pyrovae: wrote {args.num} samples to {out}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive integer")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    from pyrovae.data import DATASETS
+
+    p = argparse.ArgumentParser(prog="pyrovae", description="Variational autoencoders as Pyro programs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a VAE, then evaluate it on the test set", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = t.add_argument_group("data")
+    g.add_argument("--dataset", default="mnist", choices=sorted(DATASETS))
+    g.add_argument("--data-dir", default=None, help="folder with the dataset files (else $PYROVAE_DATA, else the cache)")
+    g.add_argument("--binarize", default="dynamic", choices=["none", "static", "dynamic"])
+    g.add_argument("--valid-size", type=int, default=None, help="validation examples held out of training (default 5000; 0: none)")
+    g = t.add_argument_group("model and guide")
+    g.add_argument("--model", default="vae", choices=sorted(MODELS))
+    g.add_argument("--guide", default="gaussian", choices=sorted(GUIDES))
+    g.add_argument("--arch", default="mlp", choices=["mlp", "conv"])
+    g.add_argument("--z-dims", type=_positive_int, nargs="+", default=[50], help="stochastic layer sizes, nearest x first: 50, or 100 50")
+    g.add_argument("--hidden", type=_positive_int, nargs="+", default=None, help="hidden sizes (default: the IWAE paper's)")
+    g.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian", "continuous_bernoulli"])
+    g.add_argument("--scale", type=float, default=None, help="fixed Gaussian observation scale (default: learned)")
+    g.add_argument("--activation", default="tanh")
+    g.add_argument("--flow", default="planar", choices=sorted(FLOWS), help="flow family of --guide flow")
+    g.add_argument("--flow-length", type=_positive_int, default=10, help="number of flow transforms")
+    g = t.add_argument_group("objective")
+    g.add_argument("--objective", default="elbo", choices=sorted(OBJECTIVES))
+    g.add_argument("--num-particles", "-k", type=int, default=None, help="samples per data point (objective's default if omitted)")
+    g.add_argument("--estimator", default=None, choices=["standard", "dreg"], help="IWAE gradient estimator")
+    g.add_argument("--analytic-kl", action="store_true", help="closed-form KL in the ELBO (mean-field guides)")
+    g.add_argument("--alpha", type=float, default=None, help="Renyi alpha")
+    g.add_argument("--beta", type=float, default=None, help="beta-ELBO weight")
+    g.add_argument("--beta-schedule", default=None, choices=["constant", "linear", "cyclical"])
+    g.add_argument("--warmup-steps", type=int, default=None)
+    g.add_argument("--cycle-steps", type=int, default=None)
+    g.add_argument("--constraint", default=None, choices=["RE", "pNCC"], help="GECO constraint (FRE/CLA need Python callables)")
+    g.add_argument("--tolerance", type=float, default=None, help="GECO tolerance kappa")
+    g.add_argument("--geco-alpha", type=float, default=None, help="GECO moving-average rate")
+    g.add_argument("--geco-nu", type=float, default=None, help="GECO multiplier rate")
+    g = t.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--batch-size", type=_positive_int, default=100)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--lr-schedule", default="constant", choices=list(SCHEDULES))
+    g.add_argument("--clip-norm", type=float, default=None)
+    g.add_argument("--check-every", type=_positive_int, default=100, help="steps between finiteness checks")
+    g.add_argument("--on-divergence", default="stop", choices=["stop", "reduce_lr"])
+    g = t.add_argument_group("run")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--run-dir", default=None, help="run folder (default runs/DATASET-MODEL-GUIDE-OBJECTIVE-TIME)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    g.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
+    g.add_argument("--eval-samples", type=int, default=5000, help="importance samples for the final test log-likelihood (0: skip evaluation)")
+    g.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test examples only")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="test log-likelihood (k samples), ELBO, KL, active units and plots of a run", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("run_dir")
+    e.add_argument("--num-samples", "-k", type=_positive_int, default=5000)
+    e.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    e.add_argument("--limit", type=int, default=None, help="first N test examples only")
+    e.add_argument("--data-dir", default=None)
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("sample", help="draw images from a trained model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("run_dir")
+    s.add_argument("--num", "-n", type=int, default=64)
+    s.add_argument("--out", default=None, help="PNG file (default RUN_DIR/samples.png)")
+    s.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_sample)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:  # UsageError, CheckpointError, DataError and bad arguments: a message, no traceback
+        print(f"pyrovae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Evaluation of a trained model/guide pair: importance-sampled log-likelihood, ELBO, KL, active units,
+samples, reconstructions and latent-space plots. Everything is generic over Pyro programs that keep the
+library's contract (``model(x)``, ``guide(x)``, per-example sites in ``pyro.plate("data", batch)``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from pyro import poutine
+from pyro.poutine.util import prune_subsample_sites
+
+from pyrovae.objectives import ELBO, Objective
+
+
+@dataclass
+class LogLikelihood:
+    """Per-datum estimates of log p(x) and their (delta-method) standard errors."""
+
+    values: torch.Tensor
+    stderr: torch.Tensor
+
+
+def _particle_chunk(batch: int, numel: int, budget: int) -> int:
+    return max(1, budget // max(1, batch * numel))
+
+
+@torch.no_grad()
+def log_likelihood(
+    model,
+    guide,
+    data: torch.Tensor,
+    num_samples: int = 5000,
+    batch_size: int = 100,
+    max_elements: int = 2**26,
+    *args,
+    **kwargs,
+) -> LogLikelihood:
+    """Importance-sampled log p(x) per data point, the IWAE k=5000 protocol (Burda et al. 2016):
+
+        log p(x) ~= log (1/K) sum_k p(x, z_k) / q(z_k | x),   z_k ~ q(z | x).
+
+    Vectorised over samples and data points; samples are drawn in chunks so that about ``max_elements``
+    values of the size of the data fit in memory at once, and combined with a streaming log-sum-exp.
+
+    Args:
+        model, guide: Pyro programs taking ``x`` (and ``*args``/``**kwargs``).
+        data: ``[N, *x_shape]`` on the model's device.
+        num_samples: K.
+        batch_size: data points per pass.
+        max_elements: memory budget, in floats of decoder output, for one pass.
+    Returns:
+        :class:`LogLikelihood` with ``values`` and ``stderr``, each ``[N]``.
+    """
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples={num_samples!r} must be a positive integer (5000 is the IWAE protocol)")
+    numel = math.prod(data.shape[1:])
+    values, errors = [], []
+    objectives: dict[int, Objective] = {}
+    for start in range(0, data.shape[0], batch_size):
+        x = data[start : start + batch_size]
+        chunk = min(num_samples, _particle_chunk(x.shape[0], numel, max_elements))
+        m = s1 = s2 = None  # running max, sum of w/e^m and of (w/e^m)^2
+        done = 0
+        while done < num_samples:
+            k = min(chunk, num_samples - done)
+            if k not in objectives:
+                objectives[k] = Objective(num_particles=k)
+            lw = objectives[k].log_weights(model, guide, x, *args, **kwargs)
+            log_w = lw.log_w + lw.glob[:, None]
+            new_m = log_w.max(0).values if m is None else torch.maximum(m, log_w.max(0).values)
+            scale = torch.zeros_like(new_m) if m is None else torch.exp(m - new_m)
+            w = torch.exp(log_w - new_m)
+            s1 = w.sum(0) + (0 if s1 is None else s1 * scale)
+            s2 = w.pow(2).sum(0) + (0 if s2 is None else s2 * scale.pow(2))
+            m = new_m
+            done += k
+        mean_w = s1 / num_samples
+        values.append(m + torch.log(mean_w))
+        var_mean = (s2 / num_samples - mean_w.pow(2)).clamp_min(0) / num_samples
+        errors.append(torch.sqrt(var_mean) / mean_w)
+    return LogLikelihood(torch.cat(values), torch.cat(errors))
+
+
+@torch.no_grad()
+def elbo_terms(model, guide, data: torch.Tensor, num_particles: int = 1, batch_size: int = 500, *args, **kwargs) -> dict[str, float]:
+    """Mean per-datum ELBO, reconstruction term E_q[log p(x|z)] and KL estimate over ``data``."""
+    objective = ELBO(num_particles=num_particles)
+    sums = {"elbo": 0.0, "recon": 0.0, "kl": 0.0}
+    for start in range(0, data.shape[0], batch_size):
+        x = data[start : start + batch_size]
+        lw = objective.log_weights(model, guide, x, *args, **kwargs)
+        sums["elbo"] += float((lw.log_w.mean(0)).sum() + lw.glob.mean())
+        sums["recon"] += float(lw.log_px.mean(0).sum())
+        sums["kl"] += float(lw.kl.mean(0).sum())
+    return {k: v / data.shape[0] for k, v in sums.items()}
+
+
+def _latent_sites(trace) -> list[str]:
+    trace = prune_subsample_sites(trace)
+    return [n for n, s in trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]]
+
+
+@torch.no_grad()
+def posterior_means(guide, data: torch.Tensor, batch_size: int = 500, num_samples: int = 100) -> dict[str, torch.Tensor]:
+    """E_q[z | x] per latent site, ``[N, dim]``: the distribution's mean where it has one, otherwise the
+    average of ``num_samples`` draws."""
+    out: dict[str, list] = {}
+    for start in range(0, data.shape[0], batch_size):
+        x = data[start : start + batch_size]
+        trace = poutine.trace(guide).get_trace(x)
+        for name in _latent_sites(trace):
+            fn = trace.nodes[name]["fn"]
+            try:
+                mean = fn.mean
+            except NotImplementedError:  # e.g. a flow: no closed-form mean
+                mean = fn.sample((num_samples,)).mean(0)
+            out.setdefault(name, []).append(mean.reshape(x.shape[0], -1))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def active_units(guide, data: torch.Tensor, threshold: float = 1e-2, **kwargs) -> dict[str, int]:
+    """Number of active latent units per site (Burda et al. 2016): units u with Cov_x(E_q[u | x]) > threshold."""
+    return {name: int((m.var(0) > threshold).sum()) for name, m in posterior_means(guide, data, **kwargs).items()}
+
+
+def _observed_mean(trace) -> torch.Tensor:
+    names = [n for n, s in trace.nodes.items() if s["type"] == "sample" and s["is_observed"]]
+    if not names:
+        raise ValueError("the model has no observed site to draw images from")
+    site = trace.nodes[names[-1]]
+    try:
+        return site["fn"].mean
+    except NotImplementedError:
+        return site["value"]
+
+
+@torch.no_grad()
+def sample(model, num: int, x_shape, device=None) -> torch.Tensor:
+    """Mean of p(x | z) for ``num`` draws z ~ p(z): the model run without a guide (its latents come from the
+    prior; the placeholder observation only sets the batch size and is never used as data)."""
+    dummy = torch.zeros(num, *x_shape, device=device)
+    trace = poutine.trace(model).get_trace(dummy)
+    return _observed_mean(trace).reshape(num, *x_shape)
+
+
+@torch.no_grad()
+def reconstruct(model, guide, x: torch.Tensor) -> torch.Tensor:
+    """Mean of p(x | z) at z ~ q(z | x)."""
+    guide_trace = poutine.trace(guide).get_trace(x)
+    trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+    return _observed_mean(trace).reshape(x.shape)
+
+
+@torch.no_grad()
+def decode_grid(model, x_shape, site: str = "z", steps: int = 20, span: float = 2.5, device=None) -> torch.Tensor:
+    """Decoder means over a ``steps x steps`` grid of a 2-D latent site (a latent-manifold plot)."""
+    axis = torch.linspace(-span, span, steps, device=device)
+    grid = torch.stack(torch.meshgrid(axis, -axis, indexing="xy"), -1).reshape(-1, 2)
+    dummy = torch.zeros(grid.shape[0], *x_shape, device=device)
+    conditioned = poutine.condition(model, data={site: grid})
+    return _observed_mean(poutine.trace(conditioned).get_trace(dummy)).reshape(-1, *x_shape)
+
+
+def save_image_grid(images: torch.Tensor, path, nrow: int = 8) -> Path:
+    """Save ``[N, C, H, W]`` (or flat data, shown as one row each) as a PNG grid."""
+    from torchvision.utils import save_image
+
+    path = Path(path)
+    images = images.detach().float().cpu()
+    if images.dim() == 2:
+        images = images[:, None, None, :]
+    elif images.dim() == 3:
+        images = images[:, None]
+    save_image(images.clamp(0, 1), path, nrow=nrow)
+    return path
+
+
+def latent_scatter(guide, data: torch.Tensor, labels: Optional[torch.Tensor], path, site: Optional[str] = None) -> Path:
+    """Scatter plot of the posterior means of a latent site (first two principal directions if dim > 2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    means = posterior_means(guide, data)
+    name = site or next(iter(means))
+    z = means[name].float().cpu()
+    if z.shape[1] > 2:
+        z = z - z.mean(0)
+        _, _, v = torch.linalg.svd(z, full_matrices=False)
+        z = z @ v[:2].T
+    fig, ax = plt.subplots(figsize=(5, 5))
+    colors = None if labels is None else labels.cpu().numpy()
+    points = ax.scatter(z[:, 0].numpy(), z[:, 1].numpy(), c=colors, s=3, cmap="tab10")
+    if labels is not None:
+        fig.colorbar(points, ax=ax)
+    ax.set_title(f"E_q[{name} | x]" + (" (first two principal directions)" if means[name].shape[1] > 2 else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,33 @@
+"""Inference objectives: each subclasses ``pyro.infer.ELBO`` and works with ``pyro.infer.SVI``, the
+trainer and the CLI (``--objective NAME``)."""
+from __future__ import annotations
+
+from pyrovae.objectives.base import LogWeights, Objective, log_weights_from_traces
+from pyrovae.objectives.elbo import ELBO, BetaELBO
+from pyrovae.objectives.geco import CLA, CONSTRAINTS, FRE, GECO, PNCC, RE, Constraint
+from pyrovae.objectives.iwae import IWAE, Renyi
+from pyrovae.objectives.variance import LogVarianceLoss, VarianceLoss
+
+#: CLI name -> objective class.
+OBJECTIVES: dict[str, type] = {
+    "elbo": ELBO,
+    "iwae": IWAE,
+    "renyi": Renyi,
+    "variance": VarianceLoss,
+    "logvariance": LogVarianceLoss,
+    "beta": BetaELBO,
+    "geco": GECO,
+}
+
+
+def make_objective(name: str, **kwargs) -> Objective:
+    """An objective by its CLI name, e.g. ``make_objective("iwae", num_particles=50)``."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective={name!r} is not known; choose one of {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name](**kwargs)
+
+
+__all__ = [
+    "Objective", "LogWeights", "log_weights_from_traces", "ELBO", "BetaELBO", "IWAE", "Renyi", "VarianceLoss",
+    "LogVarianceLoss", "GECO", "Constraint", "RE", "FRE", "CLA", "PNCC", "CONSTRAINTS", "OBJECTIVES", "make_objective",
+]

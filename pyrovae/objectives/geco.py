@@ -1,0 +1,258 @@
+"""GECO: constrained optimisation of a VAE (Rezende & Viola 2018, "Taming VAEs", Algorithm 1).
+
+    minimise_{theta, phi} KL(q(z|x) || p(z))   subject to   E[C(x, g(z))] <= 0
+
+with the Lagrangian L = KL + lambda * C_t, where C_t carries the value of the moving average
+C_ma = alpha * C_ma + (1 - alpha) * C_hat and the gradient of the batch constraint C_hat, and
+lambda <- lambda * exp(nu * C_ma) after each step (kept in [lambda_min, lambda_max]).
+
+g(z) is the mean of the model's observed site. For numerical stability the gradient is taken of
+L / (1 + lambda): the same direction as L, with bounded magnitude while lambda moves over orders of
+magnitude, so a fast-growing multiplier early in training cannot wreck the optimiser's moment estimates.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from pyro.distributions.torch_distribution import MaskedDistribution
+
+from pyrovae.objectives.base import LogWeights, Objective
+
+ConstraintFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _flat(t: torch.Tensor, event_ndim: int) -> torch.Tensor:
+    return t.reshape(*t.shape[: t.dim() - event_ndim], -1)
+
+
+class Constraint:
+    """C(x, x_hat) per datum: ``x`` is ``[B, *event]``, ``x_hat`` is ``[P, B, *event]``; returns ``[P, B]``.
+    Satisfied when <= 0."""
+
+    name = "constraint"
+
+    def __init__(self, tolerance: float):
+        if not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) or tolerance < 0:
+            raise ValueError(f"tolerance={tolerance!r} must be a finite number >= 0 (the constraint's allowed level)")
+        self.tolerance = float(tolerance)
+
+    def __call__(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class RE(Constraint):
+    """Reconstruction error: mean over dimensions of (x - g(z))^2, minus tolerance^2 (tolerance: RMS error)."""
+
+    name = "RE"
+
+    def __call__(self, x, x_hat):
+        event = x.dim() - 1
+        return _flat((x - x_hat).pow(2), event).mean(-1) - self.tolerance**2
+
+
+class FRE(Constraint):
+    """Feature reconstruction error: RE in the space of a user-given feature map ``features``."""
+
+    name = "FRE"
+
+    def __init__(self, tolerance: float, features: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+        super().__init__(tolerance)
+        if features is None or not callable(features):
+            raise ValueError("FRE needs features=callable mapping a batch of data [N, *x_shape] to features [N, ...]")
+        self.features = features
+
+    def __call__(self, x, x_hat):
+        event = x.dim() - 1
+        f_x = self.features(x)
+        f_hat = self.features(x_hat.reshape(-1, *x.shape[1:]))
+        f_hat = f_hat.reshape(x_hat.shape[0], *f_x.shape)
+        return _flat((f_x - f_hat).pow(2), f_x.dim() - 1).mean(-1) - self.tolerance**2
+
+
+class CLA(Constraint):
+    """Classification constraint: cross-entropy of a user-given ``classifier`` on the reconstruction against the
+    class it assigns to the data, minus ``tolerance`` (nats). The constraint asks reconstructions to keep their
+    class: tolerance = -log(0.9) asks for probability >= 0.9 on the data's class on average."""
+
+    name = "CLA"
+
+    def __init__(self, tolerance: float, classifier: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+        super().__init__(tolerance)
+        if classifier is None or not callable(classifier):
+            raise ValueError("CLA needs classifier=callable mapping a batch of data [N, *x_shape] to class logits [N, C]")
+        self.classifier = classifier
+
+    def __call__(self, x, x_hat):
+        with torch.no_grad():
+            target = self.classifier(x).argmax(-1)
+        logits = self.classifier(x_hat.reshape(-1, *x.shape[1:]))
+        target = target.expand(x_hat.shape[0], -1).reshape(-1)
+        ce = F.cross_entropy(logits, target, reduction="none")
+        return ce.reshape(x_hat.shape[0], x.shape[0]) - self.tolerance
+
+
+class PNCC(Constraint):
+    """Patch normalised cross-correlation: tolerance - mean over non-overlapping ``patch x patch`` patches of
+    NCC(x, g(z)). NCC lies in [-1, 1]; tolerance in (0, 1] is the mean correlation asked for."""
+
+    name = "pNCC"
+
+    def __init__(self, tolerance: float, patch: int = 7, eps: float = 1e-4):
+        super().__init__(tolerance)
+        if not 0 < tolerance <= 1:
+            raise ValueError(f"tolerance={tolerance!r}: pNCC asks for a mean patch correlation, so it must be in (0, 1]")
+        if int(patch) < 2:
+            raise ValueError(f"patch={patch!r} must be at least 2 pixels")
+        self.patch, self.eps = int(patch), float(eps)
+
+    def _patches(self, t: torch.Tensor) -> torch.Tensor:
+        c, h, w = t.shape[-3:]
+        t = t.reshape(-1, c, h, w)
+        p = F.unfold(t, self.patch, stride=self.patch)  # [N, c*k*k, L]
+        return p
+
+    def __call__(self, x, x_hat):
+        if x.dim() != 4:
+            raise ValueError(f"pNCC needs image data [batch, channels, height, width]; got a batch of shape {tuple(x.shape)}")
+        a = self._patches(x.expand_as(x_hat))
+        b = self._patches(x_hat)
+        a = a - a.mean(1, keepdim=True)
+        b = b - b.mean(1, keepdim=True)
+        ncc = (a * b).sum(1) / torch.sqrt((a * a).sum(1) * (b * b).sum(1) + self.eps)
+        return self.tolerance - ncc.mean(-1).reshape(x_hat.shape[:2])
+
+
+CONSTRAINTS: dict[str, type] = {"RE": RE, "FRE": FRE, "CLA": CLA, "pNCC": PNCC}
+
+
+def make_constraint(constraint: Union[str, Constraint, ConstraintFn], tolerance: float, **kwargs) -> Constraint:
+    if isinstance(constraint, Constraint):
+        return constraint
+    if isinstance(constraint, str):
+        if constraint not in CONSTRAINTS:
+            raise ValueError(f"constraint={constraint!r} is not known; choose one of {sorted(CONSTRAINTS)} or pass a callable C(x, x_hat)")
+        return CONSTRAINTS[constraint](tolerance, **kwargs)
+    if callable(constraint):
+        return _Callable(tolerance, constraint)
+    raise TypeError(f"constraint must be a name {sorted(CONSTRAINTS)}, a Constraint or a callable; got {type(constraint).__name__}")
+
+
+class _Callable(Constraint):
+    name = "custom"
+
+    def __init__(self, tolerance, fn):
+        super().__init__(tolerance)
+        self.fn = fn
+
+    def __call__(self, x, x_hat):
+        return self.fn(x, x_hat) - self.tolerance
+
+
+def observed_mean(lw: LogWeights, site: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """g(z): the mean of the model's observed site (``[P, B, *event]``) and the observed value."""
+    observed = [n for n, s in lw.model_trace.nodes.items() if s["type"] == "sample" and s["is_observed"] and not n.startswith("_")]
+    if site is None:
+        if len(observed) != 1:
+            raise ValueError(f"GECO needs the observed site for its reconstruction constraint; the model has {observed}: pass obs_site=NAME")
+        site = observed[0]
+    elif site not in observed:
+        raise ValueError(f"obs_site={site!r} is not an observed site of the model; observed sites: {observed}")
+    s = lw.model_trace.nodes[site]
+    fn = s["fn"]
+    while isinstance(fn, MaskedDistribution):
+        fn = fn.base_dist
+    value = s["value"]
+    mean = fn.mean.reshape(-1, *value.shape)  # [P or 1, B, *event]: drops singleton plate dims
+    return mean.expand(lw.num_particles, *value.shape), value
+
+
+class GECO(Objective):
+    """Rezende & Viola's GECO, Algorithm 1.
+
+    Args:
+        constraint: ``RE``, ``FRE``, ``CLA``, ``pNCC``, a :class:`Constraint`, or a callable C(x, x_hat) -> [P, B].
+        tolerance: the constraint's allowed level (kappa), >= 0.
+        alpha: moving-average rate of the constraint (0.99 in the paper).
+        lambda_init: initial Lagrange multiplier.
+        nu: multiplier rate: lambda <- lambda * exp(nu * C_ma).
+        lambda_min, lambda_max: bounds that keep lambda finite and positive.
+        num_particles: samples per datum.
+        obs_site: the observed site giving g(z) (default: the model's only observed site).
+        **constraint_kwargs: ``features=`` (FRE), ``classifier=`` (CLA), ``patch=`` (pNCC).
+
+    The logged loss is the Lagrangian KL + lambda * C_ma per batch; ``metrics`` holds ``lambda``,
+    ``constraint`` (C_ma), ``constraint_batch`` and ``kl``.
+    """
+
+    def __init__(
+        self,
+        constraint: Union[str, Constraint, ConstraintFn] = "RE",
+        tolerance: float = 0.1,
+        alpha: float = 0.99,
+        lambda_init: float = 1.0,
+        nu: float = 1.0,
+        lambda_min: float = 1e-6,
+        lambda_max: float = 1e6,
+        num_particles: int = 1,
+        obs_site: Optional[str] = None,
+        data_plate: str = "data",
+        **constraint_kwargs,
+    ):
+        super().__init__(num_particles=num_particles, data_plate=data_plate)
+        self.constraint = make_constraint(constraint, tolerance, **constraint_kwargs)
+        if not 0 <= alpha < 1:
+            raise ValueError(f"alpha={alpha!r} must be in [0, 1): it is the moving-average rate of the constraint")
+        if not (0 < lambda_min <= lambda_init <= lambda_max):
+            raise ValueError(f"need 0 < lambda_min <= lambda_init <= lambda_max; got {lambda_min}, {lambda_init}, {lambda_max}")
+        if not nu > 0:
+            raise ValueError(f"nu={nu!r} must be positive (the multiplier's rate)")
+        self.alpha, self.nu = float(alpha), float(nu)
+        self.log_lambda_min, self.log_lambda_max = math.log(lambda_min), math.log(lambda_max)
+        self.log_lambda = torch.tensor(math.log(lambda_init))
+        self.c_ma: Optional[torch.Tensor] = None  # moving average after the last training step
+        self._pending: Optional[torch.Tensor] = None  # C_ma of the last evaluation, applied by step()
+        self.obs_site = obs_site
+
+    @property
+    def lagrange_multiplier(self) -> torch.Tensor:
+        return self.log_lambda.exp()
+
+    def _loss_and_surrogate(self, model, guide, args, kwargs):
+        lw = self.log_weights(model, guide, *args, **kwargs)
+        x_hat, x = observed_mean(lw, self.obs_site)
+        c_hat = self.constraint(x, x_hat).mean()
+        kl = lw.kl.mean()
+        prev = self.c_ma.to(c_hat.device) if self.c_ma is not None else None
+        c_ma = c_hat.detach() if prev is None else self.alpha * prev + (1 - self.alpha) * c_hat.detach()
+        c_t = c_hat + (c_ma - c_hat).detach()
+        lam = self.log_lambda.to(c_hat.device).exp()
+        batch = lw.batch_size
+        lagrangian = (kl + lam * c_t) * batch
+        self._pending = c_ma.detach()
+        self._record(lw, **{"lambda": lam, "constraint": c_ma, "constraint_batch": c_hat})
+        return lagrangian, lagrangian / (1 + lam)
+
+    def step(self) -> None:
+        if self._pending is None:
+            return
+        c_ma = self._pending
+        self.c_ma = c_ma
+        self.log_lambda = (self.log_lambda.to(c_ma.device) + self.nu * c_ma).clamp(self.log_lambda_min, self.log_lambda_max)
+        self._pending = None
+
+    def state_dict(self) -> dict:
+        return {
+            "log_lambda": self.log_lambda.detach().clone(),
+            "c_ma": None if self.c_ma is None else self.c_ma.detach().clone(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.log_lambda = state["log_lambda"].clone()
+        self.c_ma = None if state.get("c_ma") is None else state["c_ma"].clone()
+        self._pending = None
+
+    def __repr__(self) -> str:
+        return f"GECO(constraint={self.constraint.name}, tolerance={self.constraint.tolerance}, alpha={self.alpha}, nu={self.nu})"

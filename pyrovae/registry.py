@@ -1,0 +1,80 @@
+"""Names the CLI understands: models, guides and objectives, each built from a run's JSON config.
+
+A config is a flat dict (the CLI's arguments). Each registry maps a name to a builder; adding a model
+means adding one entry, never an ``if name == ...`` in the trainer or the objectives.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from pyrovae.objectives import OBJECTIVES, Objective
+
+
+def _z_dims(cfg: dict) -> tuple[int, ...]:
+    return tuple(cfg.get("z_dims") or (50,))
+
+
+def _hidden(cfg: dict):
+    return cfg.get("hidden")  # None: the IWAE paper's sizes
+
+
+def _vae(cfg: dict, x_shape) -> nn.Module:
+    from pyrovae.models import VAE
+
+    return VAE(x_shape, _z_dims(cfg), _hidden(cfg), cfg.get("likelihood", "bernoulli"), cfg.get("scale"), cfg.get("arch", "mlp"), cfg.get("activation", "tanh"))
+
+
+def _gaussian(cfg: dict, x_shape) -> nn.Module:
+    from pyrovae.guides import GaussianEncoder
+
+    return GaussianEncoder(x_shape, _z_dims(cfg), _hidden(cfg), cfg.get("arch", "mlp"), cfg.get("activation", "tanh"))
+
+
+def _flow(cfg: dict, x_shape) -> nn.Module:
+    from pyrovae.guides import FlowEncoder
+
+    z_dims = _z_dims(cfg)
+    if len(z_dims) != 1:
+        raise ValueError(f"guide='flow' has one stochastic layer; got z_dims={list(z_dims)}. Use one --z-dims value")
+    hidden = _hidden(cfg)
+    return FlowEncoder(
+        x_shape, z_dims[0], tuple(hidden[0]) if hidden else (200, 200), cfg.get("flow", "planar"), cfg.get("flow_length", 10), cfg.get("arch", "mlp"), cfg.get("activation", "tanh")
+    )
+
+
+MODELS: dict[str, Callable[[dict, tuple], nn.Module]] = {"vae": _vae}
+GUIDES: dict[str, Callable[[dict, tuple], nn.Module]] = {"gaussian": _gaussian, "flow": _flow}
+
+#: objective name -> {constructor argument: config key}
+OBJECTIVE_ARGS: dict[str, dict[str, str]] = {
+    "elbo": {"num_particles": "num_particles", "analytic_kl": "analytic_kl"},
+    "iwae": {"num_particles": "num_particles", "estimator": "estimator"},
+    "renyi": {"num_particles": "num_particles", "alpha": "alpha"},
+    "variance": {"num_particles": "num_particles"},
+    "logvariance": {"num_particles": "num_particles"},
+    "beta": {"num_particles": "num_particles", "beta": "beta", "schedule": "beta_schedule", "warmup_steps": "warmup_steps", "cycle_steps": "cycle_steps"},
+    "geco": {"num_particles": "num_particles", "constraint": "constraint", "tolerance": "tolerance", "alpha": "geco_alpha", "nu": "geco_nu"},
+}
+
+
+def _pick(registry: dict, kind: str, name: str):
+    if name not in registry:
+        raise ValueError(f"{kind}={name!r} is not known; choose one of {sorted(registry)}")
+    return registry[name]
+
+
+def build_model(cfg: dict, x_shape) -> nn.Module:
+    return _pick(MODELS, "model", cfg.get("model", "vae"))(cfg, tuple(x_shape))
+
+
+def build_guide(cfg: dict, x_shape) -> nn.Module:
+    return _pick(GUIDES, "guide", cfg.get("guide", "gaussian"))(cfg, tuple(x_shape))
+
+
+def build_objective(cfg: dict) -> Objective:
+    name = cfg.get("objective", "elbo")
+    cls = _pick(OBJECTIVES, "objective", name)
+    kwargs = {arg: cfg[key] for arg, key in OBJECTIVE_ARGS[name].items() if cfg.get(key) is not None}
+    return cls(**kwargs)

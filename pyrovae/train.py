@@ -1,0 +1,466 @@
+"""Training any model/guide pair with any objective (Pyro's ELBOs or :mod:`pyrovae.objectives`).
+
+The hot loop keeps everything on the device: batches are drawn by on-device index permutation, losses
+and metrics are summed on the device, and the host synchronises only every ``check_every`` steps (to
+check that the loss and gradients stayed finite) and at the end of an epoch.
+
+A non-finite loss or gradient rolls the run back to the last good in-memory snapshot; the failing step
+is found by replaying from it one step at a time, and the report names the step and the Pyro sites with
+non-finite log-densities. Ctrl-C / SIGTERM write a checkpoint at the next step boundary and stop cleanly.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.util import prune_subsample_sites
+from tqdm.auto import tqdm
+
+from pyrovae.checkpoint import CheckpointError, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state, write_json
+
+SCHEDULES = ("constant", "exponential", "cosine", "iwae")
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss or gradient and was stopped (the report says where)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT/SIGTERM after writing a checkpoint; ``--resume`` continues."""
+
+
+def lr_factor(schedule: str, epoch: int, epochs: int, gamma: float = 0.99) -> float:
+    """Learning-rate multiplier at ``epoch``. ``iwae`` is Burda et al.'s schedule: 3^i epochs at 10^(-i/7)."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "exponential":
+        return gamma**epoch
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(epoch, epochs) / max(1, epochs)))
+    if schedule == "iwae":
+        i, seen = 0, 0
+        while seen + 3**i <= epoch:
+            seen += 3**i
+            i += 1
+        return 10 ** (-i / 7)
+    raise ValueError(f"lr schedule {schedule!r} is not known; choose one of {list(SCHEDULES)}")
+
+
+def _total_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+def _copy_sums(sums: dict) -> dict:
+    return {k: v.clone() if torch.is_tensor(v) else v for k, v in sums.items()}
+
+
+@dataclass
+class Cursor:
+    """Where training is: epoch, position (batch index) inside the epoch's permutation, global step."""
+
+    epoch: int = 0
+    pos: int = 0
+    step: int = 0
+    perm: Optional[torch.Tensor] = None
+
+
+@dataclass
+class Snapshot:
+    cursor: Cursor
+    params: dict
+    optimizer: dict
+    objective: dict
+    rng: dict
+    sums: dict = field(default_factory=dict)
+
+
+def nonfinite_sites(model, guide, *args, **kwargs) -> list[str]:
+    """Names of the sites whose log-density (or sampled value) is not finite in one run of guide and model."""
+    with torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    bad = []
+    for who, trace in (("guide", guide_trace), ("model", model_trace)):
+        trace = prune_subsample_sites(trace)
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            try:
+                lp = site["fn"].log_prob(site["value"])
+            except Exception as e:  # a distribution that cannot even be built/scored counts as broken
+                bad.append(f"{who}:{name} ({type(e).__name__})")
+                continue
+            if not bool(torch.isfinite(lp).all()) or not bool(torch.isfinite(site["value"]).all()):
+                bad.append(f"{who}:{name}")
+    return bad
+
+
+class Trainer:
+    """Fits ``model``/``guide`` with ``objective`` using Adam (or any ``torch.optim`` class).
+
+    Args:
+        model, guide: Pyro programs ``model(x)``, ``guide(x)`` (usually ``nn.Module`` instances).
+        objective: a :mod:`pyrovae.objectives` objective or any ``pyro.infer.ELBO`` with ``differentiable_loss``.
+        lr: learning rate; ``schedule``: ``constant``, ``exponential`` (``gamma`` per epoch), ``cosine``, ``iwae``.
+        clip_norm: clip the global gradient norm to this value (None: no clipping).
+        run_dir: folder for ``config.json``, ``metrics.jsonl`` and ``checkpoints/`` (None: keep nothing on disk).
+        config: JSON-serialisable description of the run, stored with every checkpoint.
+        check_every: steps between host-side finiteness checks (and rollback snapshots).
+        on_divergence: ``stop`` (raise :class:`DivergenceError`) or ``reduce_lr`` (halve the learning rate
+            and continue from the last good state, at most ``max_lr_reductions`` times).
+        valid_particles: particles of the validation ELBO.
+        progress: show a tqdm progress bar.
+    """
+
+    def __init__(
+        self,
+        model,
+        guide,
+        objective,
+        lr: float = 1e-3,
+        schedule: str = "constant",
+        gamma: float = 0.99,
+        clip_norm: Optional[float] = None,
+        optimizer: type = torch.optim.Adam,
+        optimizer_kwargs: Optional[dict] = None,
+        run_dir: Optional[Union[str, Path]] = None,
+        config: Optional[dict] = None,
+        check_every: int = 100,
+        on_divergence: str = "stop",
+        max_lr_reductions: int = 5,
+        valid_particles: int = 1,
+        progress: bool = True,
+    ):
+        if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr={lr!r} must be a positive number")
+        lr_factor(schedule, 0, 1, gamma)  # validates the name
+        if clip_norm is not None and not clip_norm > 0:
+            raise ValueError(f"clip_norm={clip_norm!r} must be positive, or None for no clipping")
+        if on_divergence not in ("stop", "reduce_lr"):
+            raise ValueError(f"on_divergence={on_divergence!r}: choose 'stop' or 'reduce_lr'")
+        if int(check_every) < 1:
+            raise ValueError(f"check_every={check_every!r} must be a positive number of steps")
+        if not hasattr(objective, "differentiable_loss"):
+            raise TypeError(f"objective {objective!r} has no differentiable_loss; pass a pyrovae objective or a pyro.infer.ELBO")
+        self.model, self.guide, self.objective = model, guide, objective
+        self.lr, self.schedule, self.gamma, self.clip_norm = float(lr), schedule, float(gamma), clip_norm
+        self.optimizer_cls, self.optimizer_kwargs = optimizer, dict(optimizer_kwargs or {})
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.config = dict(config or {})
+        self.check_every, self.on_divergence, self.max_lr_reductions = int(check_every), on_divergence, int(max_lr_reductions)
+        self.valid_particles, self.progress = int(valid_particles), progress
+        self.params: dict[str, torch.Tensor] = {}
+        self.optim: Optional[torch.optim.Optimizer] = None
+        self.cursor = Cursor()
+        self.best_valid = -math.inf
+        self.lr_reductions = 0
+        self.history: list[dict] = []
+        self._stop_signal: Optional[int] = None
+        self._snapshot: Optional[Snapshot] = None
+
+    # --- parameters and optimiser ------------------------------------------------------------------
+    def setup(self, x: torch.Tensor) -> None:
+        """Collect every parameter the model, guide and objective touch (``pyro.module`` and ``pyro.param``
+        sites) by tracing one evaluation, and build the optimiser over them in a fixed (name) order."""
+        if self.optim is not None:
+            return
+        with poutine.trace(param_only=True) as capture:
+            self.objective.loss(self.model, self.guide, x)
+        params = {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
+        if not params:
+            raise ValueError("the model and guide have no parameters to train: register networks with pyro.module or PyroModule, or use pyro.param")
+        self.params = dict(sorted(params.items()))
+        self.optim = self.optimizer_cls(list(self.params.values()), lr=self.lr, **self.optimizer_kwargs)
+        for group in self.optim.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+
+    def _set_lr(self, epoch: int, epochs: int) -> None:
+        factor = lr_factor(self.schedule, epoch, epochs, self.gamma) * 0.5**self.lr_reductions
+        for group in self.optim.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+
+    # --- one step ---------------------------------------------------------------------------------
+    def step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimiser step on batch ``x``; returns (loss per datum, gradient norm), both on the device."""
+        self.optim.zero_grad(set_to_none=True)
+        loss = self.objective.differentiable_loss(self.model, self.guide, x) / x.shape[0]
+        loss.backward()
+        params = list(self.params.values())
+        if self.clip_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
+        else:
+            norm = _total_norm(params)
+        self.optim.step()
+        if hasattr(self.objective, "step"):
+            self.objective.step()
+        return loss.detach(), norm.detach()
+
+    # --- snapshots, divergence --------------------------------------------------------------------
+    def _take_snapshot(self, sums: dict) -> None:
+        self._snapshot = Snapshot(
+            cursor=Cursor(self.cursor.epoch, self.cursor.pos, self.cursor.step, self.cursor.perm),
+            params={k: v.detach().clone() for k, v in self.params.items()},
+            optimizer=copy.deepcopy(self.optim.state_dict()),
+            objective=copy.deepcopy(self._objective_state()),
+            rng=get_rng_state(),
+            sums=_copy_sums(sums),
+        )
+
+    def _restore_snapshot(self) -> dict:
+        snap = self._snapshot
+        with torch.no_grad():
+            for k, v in snap.params.items():
+                self.params[k].copy_(v)
+        self.optim.load_state_dict(copy.deepcopy(snap.optimizer))
+        self._load_objective_state(copy.deepcopy(snap.objective))
+        set_rng_state(snap.rng)
+        c = snap.cursor
+        self.cursor = Cursor(c.epoch, c.pos, c.step, c.perm)
+        return _copy_sums(snap.sums)
+
+    def _diagnose(self, batch: Callable[[Cursor], torch.Tensor], upto: int) -> str:
+        """Replay from the snapshot one step at a time until the loss or gradient is non-finite, and name the
+        sites and parameters that were non-finite just before that step."""
+        self._restore_snapshot()
+        start = self.cursor.step
+        while self.cursor.step < upto:
+            x = batch(self.cursor)
+            before = {k: v.detach().clone() for k, v in self.params.items()}
+            loss, norm = self.step(x)
+            if bool(torch.isfinite(loss)) and bool(torch.isfinite(norm)):
+                self._advance()
+                continue
+            what = "loss" if not bool(torch.isfinite(loss)) else "gradient"
+            with torch.no_grad():
+                for k, v in before.items():
+                    self.params[k].copy_(v)
+            sites = nonfinite_sites(self.model, self.guide, x)
+            params = [k for k, v in before.items() if not bool(torch.isfinite(v).all())]
+            where = f"sites with non-finite log-densities: {', '.join(sites)}" if sites else "every site's log-density was finite"
+            if params:
+                where += f"; non-finite parameters: {', '.join(params)}"
+            return f"non-finite {what} at step {self.cursor.step + 1} (epoch {self.cursor.epoch + 1}, batch {self.cursor.pos + 1}); {where}"
+        return f"non-finite loss or gradient between steps {start + 1} and {upto}, which did not recur when replayed (non-deterministic kernels?)"
+
+    def _advance(self) -> None:
+        self.cursor.step += 1
+        self.cursor.pos += 1
+
+    # --- objective state ---------------------------------------------------------------------------
+    def _objective_state(self) -> dict:
+        return self.objective.state_dict() if hasattr(self.objective, "state_dict") else {}
+
+    def _load_objective_state(self, state: dict) -> None:
+        if hasattr(self.objective, "load_state_dict"):
+            self.objective.load_state_dict(state)
+
+    # --- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self, finished: bool = False) -> dict:
+        modules = {k: m.state_dict() for k, m in (("model", self.model), ("guide", self.guide)) if isinstance(m, torch.nn.Module)}
+        return {
+            "config": self.config,
+            "params": {k: v.detach() for k, v in self.params.items()},
+            "signature": {k: list(v.shape) for k, v in self.params.items()},
+            "modules": modules,
+            "optimizer": self.optim.state_dict(),
+            "objective": self._objective_state(),
+            "rng": get_rng_state(),
+            "cursor": {"epoch": self.cursor.epoch, "pos": self.cursor.pos, "step": self.cursor.step, "perm": self.cursor.perm},
+            "best_valid": self.best_valid,
+            "lr_reductions": self.lr_reductions,
+            "finished": finished,
+        }
+
+    def load_weights(self, state: dict) -> None:
+        """Restore the parameters (and module buffers) of a checkpoint; :meth:`setup` must have run."""
+        theirs, ours = state["signature"], {k: list(v.shape) for k, v in self.params.items()}
+        if theirs != ours:
+            missing = sorted(set(ours) - set(theirs))
+            extra = sorted(set(theirs) - set(ours))
+            shapes = [f"{k}: {theirs[k]} vs {ours[k]}" for k in sorted(set(ours) & set(theirs)) if theirs[k] != ours[k]]
+            raise CheckpointError(
+                "the checkpoint was written for a different model/guide: "
+                + "; ".join(x for x in (f"missing parameters {missing}" if missing else "", f"unexpected parameters {extra}" if extra else "", f"shape mismatches {shapes}" if shapes else "") if x)
+                + ". Build the model with the run's config.json (pyrovae evaluate RUN_DIR does this)."
+            )
+        with torch.no_grad():
+            for k, v in state["params"].items():
+                self.params[k].copy_(v)
+        for key, module in (("model", self.model), ("guide", self.guide)):
+            if key in state["modules"] and isinstance(module, torch.nn.Module):
+                module.load_state_dict(state["modules"][key])
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore everything :meth:`state_dict` saved: weights, optimiser, objective, RNG and position."""
+        self.load_weights(state)
+        self.optim.load_state_dict(state["optimizer"])
+        self._load_objective_state(state["objective"])
+        set_rng_state(state["rng"])
+        c = state["cursor"]
+        self.cursor = Cursor(c["epoch"], c["pos"], c["step"], c["perm"])
+        self.best_valid, self.lr_reductions = state["best_valid"], state["lr_reductions"]
+
+    def _save(self, name: str, finished: bool = False) -> Optional[Path]:
+        if self.run_dir is None:
+            return None
+        return save_checkpoint(self.state_dict(finished), self.run_dir / "checkpoints" / name)
+
+    def resume(self, path: Union[str, Path], x: torch.Tensor) -> None:
+        """Continue from a checkpoint file (``checkpoints/last.pt`` of a run)."""
+        state = load_checkpoint(path, map_location=x.device)
+        self.setup(x)
+        self.load_state_dict(state)
+        if self.run_dir is not None and (self.run_dir / "metrics.jsonl").exists():
+            lines = (self.run_dir / "metrics.jsonl").read_text().splitlines()
+            self.history = [r for r in map(json.loads, filter(None, lines)) if r["epoch"] <= self.cursor.epoch]
+
+    # --- signals ------------------------------------------------------------------------------------
+    def _install_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+
+        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    # --- the loop -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self, valid: torch.Tensor, batch_size: int) -> float:
+        from pyrovae.evaluate import elbo_terms
+
+        return elbo_terms(self.model, self.guide, valid, num_particles=self.valid_particles, batch_size=batch_size)["elbo"]
+
+    def fit(
+        self,
+        train: torch.Tensor,
+        epochs: int,
+        batch_size: int = 100,
+        valid: Optional[torch.Tensor] = None,
+        dynamic_binarize: bool = False,
+    ) -> list[dict]:
+        """Train for ``epochs`` epochs (counting epochs already done when resumed); returns the per-epoch
+        history, also written to ``run_dir/metrics.jsonl``."""
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+        if int(epochs) < 0:
+            raise ValueError(f"epochs={epochs!r} must be >= 0")
+        n = train.shape[0]
+        if n == 0:
+            raise ValueError("the training set is empty")
+        num_batches = math.ceil(n / batch_size)
+
+        def batch(cursor: Cursor) -> torch.Tensor:
+            if cursor.perm is None:
+                cursor.perm = torch.randperm(n, device=train.device)
+            x = train[cursor.perm[cursor.pos * batch_size : (cursor.pos + 1) * batch_size]]
+            return torch.bernoulli(x) if dynamic_binarize else x
+
+        self.setup(batch(Cursor(perm=torch.arange(min(n, batch_size), device=train.device))))
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.run_dir / "config.json", self.config)
+        old_handlers = self._install_signals()
+        self._stop_signal = None
+        try:
+            self._loop(batch, num_batches, int(epochs), batch_size, valid)
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+        return self.history
+
+    def _loop(self, batch, num_batches: int, epochs: int, batch_size: int, valid) -> None:
+        sums: dict[str, torch.Tensor] = {}
+        self._take_snapshot(sums)
+        bar = tqdm(total=num_batches * batch_size, disable=not self.progress, unit="ex", dynamic_ncols=True, leave=False)
+        t0, finite = time.perf_counter(), None
+        while self.cursor.epoch < epochs:
+            if self.cursor.pos == 0 and not sums:
+                self._set_lr(self.cursor.epoch, epochs)
+                bar.reset()
+                bar.set_description(f"epoch {self.cursor.epoch + 1}/{epochs}")
+                t0 = time.perf_counter()
+            if self._stop_signal is not None:
+                self._interrupt(sums, finite)
+            x = batch(self.cursor)
+            loss, norm = self.step(x)
+            ok = torch.isfinite(loss) & torch.isfinite(norm)
+            finite = ok if finite is None else finite & ok
+            for k, v in {"loss": loss, **getattr(self.objective, "metrics", {})}.items():
+                sums[k] = sums.get(k, 0) + v.detach().float()
+            sums["count"] = sums.get("count", 0) + 1
+            self._advance()
+            bar.update(x.shape[0])
+            end_of_epoch = self.cursor.pos >= num_batches
+            if self.cursor.step % self.check_every == 0 or end_of_epoch:
+                if not bool(finite):
+                    sums = self._diverged(batch, sums)
+                    finite = None
+                    continue
+                finite = None
+                bar.set_postfix(loss=f"{float(sums['loss'] / sums['count']):.3f}")
+                if not end_of_epoch:
+                    self._take_snapshot(sums)
+            if end_of_epoch:
+                self._end_epoch(sums, valid, batch_size, time.perf_counter() - t0, num_batches * batch_size)
+                sums = {}
+                self._take_snapshot(sums)
+        bar.close()
+        self._save("last.pt", finished=True)
+
+    def _end_epoch(self, sums: dict, valid, batch_size: int, seconds: float, examples: int) -> None:
+        count = float(sums.pop("count"))
+        record = {"epoch": self.cursor.epoch + 1, "step": self.cursor.step, "lr": self.optim.param_groups[0]["lr"], "seconds": round(seconds, 3), "examples_per_s": round(examples / max(seconds, 1e-9), 1)}
+        record.update({f"train_{k}": float(v) / count for k, v in sums.items()})
+        if valid is not None and valid.shape[0] > 0:
+            record["valid_elbo"] = self.validate(valid, batch_size=max(batch_size, 500))
+        self.cursor = Cursor(self.cursor.epoch + 1, 0, self.cursor.step, None)
+        self.history.append(record)
+        if self.run_dir is not None:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        score = record.get("valid_elbo", -record["train_loss"])
+        if score > self.best_valid:
+            self.best_valid = score
+            self._save("best.pt")
+        self._save("last.pt")
+        if self.progress or self.run_dir is not None:
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+    def _diverged(self, batch, sums: dict) -> dict:
+        upto = self.cursor.step
+        report = self._diagnose(batch, upto)
+        sums = self._restore_snapshot()
+        if self.on_divergence == "reduce_lr" and self.lr_reductions < self.max_lr_reductions:
+            self.lr_reductions += 1
+            for group in self.optim.param_groups:
+                group["lr"] *= 0.5
+            tqdm.write(f"pyrovae: {report}; rolled back to step {self.cursor.step} and halved the learning rate (reduction {self.lr_reductions}/{self.max_lr_reductions})")
+            return sums
+        raise DivergenceError(
+            f"training diverged: {report}. The run was rolled back to step {self.cursor.step}; "
+            + ("checkpoints/last.pt holds the last good epoch. " if self.run_dir is not None else "")
+            + "Lower --lr, set --clip-norm, or use --on-divergence reduce_lr."
+        )
+
+    def _interrupt(self, sums: dict, finite) -> None:
+        if finite is not None and not bool(finite):
+            self._restore_snapshot()  # never checkpoint a state that has not been checked finite
+        path = self._save("last.pt")
+        name = signal.Signals(self._stop_signal).name
+        raise TrainingInterrupted(f"{name} received: saved {path} at step {self.cursor.step}; continue with --resume" if path else f"{name} received at step {self.cursor.step}")
