@@ -90,9 +90,9 @@ class _Spec:
     hint: str = ""
 
 
-_SPECS: dict = {}
+_SPECS: dict[str, _Spec] = {}
 #: name -> reader ``fn(folder: Path) -> RawData``; :func:`resolve` finds the folder.
-DATASETS: dict = {}
+DATASETS: dict[str, Callable[[Path], RawData]] = {}
 
 
 def register_dataset(
@@ -189,7 +189,7 @@ def resolve(name: str, data_dir: Optional[PathLike] = None, download: bool = Tru
                 f"data_dir={str(data_dir)!r} does not exist or is not a folder; pass --data-dir (data_dir=) "
                 f"pointing at a folder that holds {name}/ or its files, or leave it unset to use ${ENV_VAR} and the cache"
             )
-        roots.insert(5, ("data_dir", data_dir))
+        roots.append(("data_dir", data_dir))
     env = os.environ.get(ENV_VAR)
     if env:
         roots.append((ENV_VAR, Path(env).expanduser()))
@@ -414,28 +414,27 @@ def _finish(
     seed: int,
     device: Union[str, torch.device],
 ) -> DataSplits:
-    """Split off validation data, binarize, move to ``device``. ``valid_size`` is already resolved from None."""
-    train, train_labels = raw.train, raw.train_labels
-    valid, valid_labels = raw.valid, raw.valid_labels
-    test = raw.test
+    """Binarize, split off validation data, move to ``device``. ``valid_size`` None: the dataset's own split or none."""
+    n = len(raw.train)
+    if raw.valid is not None and valid_size not in (None, 0):
+        raise ValueError(
+            f"valid_size={valid_size} but dataset {name!r} has its own validation split ({len(raw.valid)} examples); "
+            "pass valid_size=None to use it or valid_size=0 for no validation set"
+        )
+    if valid_size and valid_size >= n:
+        raise ValueError(f"valid_size={valid_size} leaves no training data ({name!r} has {n} training examples); pass a smaller valid_size or 0")
+    train, test, valid = raw.train, raw.test, raw.valid
+    train_labels, valid_labels = raw.train_labels, raw.valid_labels
     if binarize == "static":
-        # One CPU generator, always in this order, so the samples do not depend on the device or on valid_size.
+        # One CPU generator, train before any split, always in this order: the samples depend neither on
+        # the device nor on valid_size.
         g = torch.Generator().manual_seed(int(seed))
         train = torch.bernoulli(train, generator=g)
         test = None if test is None else torch.bernoulli(test, generator=g)
         valid = None if valid is None else torch.bernoulli(valid, generator=g)
-    if raw.valid is not None:
-        if valid_size not in (None, 0):
-            raise ValueError(
-                f"valid_size={valid_size} but dataset {name!r} has its own validation split ({len(raw.valid)} examples); "
-                "pass valid_size=None to use it or valid_size=0 for no validation set"
-            )
-        if valid_size == 0:
-            valid = valid_labels = None
-    elif valid_size:
-        n = len(train)
-        if valid_size >= n:
-            raise ValueError(f"valid_size={valid_size} leaves no training data ({name!r} has {n} training examples); pass a smaller valid_size or 0")
+    if raw.valid is not None and valid_size == 0:
+        valid = valid_labels = None
+    elif raw.valid is None and valid_size:
         train, valid = train[:-valid_size], train[-valid_size:]
         if train_labels is not None:
             train_labels, valid_labels = train_labels[:-valid_size], train_labels[-valid_size:]
@@ -637,10 +636,19 @@ class Batches:
             raise ValueError(f"perm has shape {tuple(perm.shape)}; expected ({n},), a permutation of the {n} examples from Batches.permutation()")
         if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= n:
             raise ValueError(f"start={start!r} must be an int in [0, {n}], the number of examples of perm already used")
-        stop = len(self) * self.batch_size if self.drop_last else n
-        for i in range(start, stop, self.batch_size):
-            x = self.data[perm[i : min(i + self.batch_size, stop)]]
-            yield torch.bernoulli(x, generator=self.generator) if self.dynamic_binarize else x
+        for i in range(start, self._stop(), self.batch_size):
+            yield self._take(perm[i : min(i + self.batch_size, self._stop())])
+
+    def batch(self, perm: torch.Tensor, index: int) -> torch.Tensor:
+        """Batch number ``index`` of the epoch with order ``perm`` (random access, for resuming)."""
+        return self._take(perm[index * self.batch_size : min((index + 1) * self.batch_size, self._stop())])
+
+    def _stop(self) -> int:
+        return len(self) * self.batch_size if self.drop_last else len(self.data)
+
+    def _take(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.data[idx]
+        return torch.bernoulli(x, generator=self.generator) if self.dynamic_binarize else x
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self.epoch()

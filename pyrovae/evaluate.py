@@ -195,7 +195,7 @@ def latent_scatter(guide, data: torch.Tensor, labels: Optional[torch.Tensor], pa
         z = z @ v[:2].T
     fig, ax = plt.subplots(figsize=(5, 5))
     colors = None if labels is None else labels.cpu().numpy()
-    points = ax.scatter(z[:, 0].numpy(), z[:, 1].numpy(), c=colors, s=3, cmap="tab10")
+    points = ax.scatter(z[:, 0].numpy(), z[:, 1].numpy(), s=3, **({} if colors is None else {"c": colors, "cmap": "tab10"}))
     if labels is not None:
         fig.colorbar(points, ax=ax)
     ax.set_title(f"E_q[{name} | x]" + (" (first two principal directions)" if means[name].shape[1] > 2 else ""))

@@ -26,6 +26,7 @@ from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 from tqdm.auto import tqdm
 
+from pyrovae.data import Batches
 from pyrovae.checkpoint import CheckpointError, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state, write_json
 
 SCHEDULES = ("constant", "exponential", "cosine", "iwae")
@@ -182,6 +183,16 @@ class Trainer:
         params = {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
         if not params:
             raise ValueError("the model and guide have no parameters to train: register networks with pyro.module or PyroModule, or use pyro.param")
+        found = {id(p) for p in params.values()}
+        for who, module in (("model", self.model), ("guide", self.guide)):
+            if isinstance(module, torch.nn.Module):
+                stale = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in found]
+                if stale:
+                    raise ValueError(
+                        f"the {who}'s parameters {stale[:3]}{'...' if len(stale) > 3 else ''} are not the ones Pyro's param store "
+                        "returns under their names: the store still holds parameters of an earlier model with the same "
+                        "pyro.module name, so they would not be trained. Call pyro.clear_param_store() before building a new model."
+                    )
         self.params = dict(sorted(params.items()))
         self.optim = self.optimizer_cls(list(self.params.values()), lr=self.lr, **self.optimizer_kwargs)
         for group in self.optim.param_groups:
@@ -365,11 +376,12 @@ class Trainer:
             raise ValueError("the training set is empty")
         num_batches = math.ceil(n / batch_size)
 
+        batches = Batches(train, batch_size, dynamic_binarize=dynamic_binarize)
+
         def batch(cursor: Cursor) -> torch.Tensor:
             if cursor.perm is None:
-                cursor.perm = torch.randperm(n, device=train.device)
-            x = train[cursor.perm[cursor.pos * batch_size : (cursor.pos + 1) * batch_size]]
-            return torch.bernoulli(x) if dynamic_binarize else x
+                cursor.perm = batches.permutation()
+            return batches.batch(cursor.perm, cursor.pos)
 
         self.setup(batch(Cursor(perm=torch.arange(min(n, batch_size), device=train.device))))
         if self.run_dir is not None:

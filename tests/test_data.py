@@ -422,3 +422,19 @@ def test_real_mnist_and_binarized_mnist(data_root):
     b = load_dataset("binarized-mnist", data_dir=data_root)
     assert (len(b.train), len(b.valid), len(b.test)) == (50000, 10000, 10000)
     assert set(b.test.unique().tolist()) == {0.0, 1.0} and b.train_labels is None
+
+
+@pytest.mark.cuda
+def test_cuda_tensors_batches_and_device_independent_static_samples():
+    x = torch.rand(50, 4)
+    d = from_array(x, test=x[:5], train_labels=torch.arange(50), binarize="static", valid_size=10, device="cuda")
+    cpu = from_array(x, test=x[:5], train_labels=torch.arange(50), binarize="static", valid_size=10)
+    assert d.train.device.type == "cuda" and d.train_labels.device.type == "cuda" and d.test.device.type == "cuda"
+    assert torch.equal(d.train.cpu(), cpu.train) and torch.equal(d.test.cpu(), cpu.test)
+    batches = Batches(d.train, 8, dynamic_binarize=True)
+    out = torch.cat(list(batches))
+    assert out.device.type == "cuda" and out.shape == (40, 4)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    assert sorted(torch.cat(list(Batches(torch.arange(40, device="cuda"), 8, generator=g))).tolist()) == list(range(40))
+    with pytest.raises(ValueError, match="generator is on cpu but data is on cuda"):
+        Batches(d.train, 8, generator=torch.Generator())
