@@ -2,4 +2,4 @@
 from pyrovae.guides.gaussian import GaussianEncoder
 from pyrovae.guides.flow import FlowEncoder
 
-__all__ = ["GaussianEncoder"]
+__all__ = ["GaussianEncoder", "FlowEncoder"]

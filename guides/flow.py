@@ -35,6 +35,7 @@ class FlowEncoder(nn.Module):
         activation: nonlinearity of the trunk.
         context_dim: size of the flows' context; ``None`` uses the trunk features h directly, otherwise
             a linear layer (plus ``activation``) maps h to a context of this size.
+        flow_hidden: hidden sizes of each flow layer's hypernetwork (default: see :func:`pyrovae.flows.build_flow`).
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class FlowEncoder(nn.Module):
         arch: str = "mlp",
         activation: str = "tanh",
         context_dim: Optional[int] = None,
+        flow_hidden: Optional[Sequence[int]] = None,
     ):
         super().__init__()
         if not isinstance(z_dim, int) or z_dim < 1:
@@ -62,7 +64,7 @@ class FlowEncoder(nn.Module):
             self.context, context_dim = nn.Identity(), h_dim
         else:
             self.context = nn.Sequential(nn.Linear(h_dim, context_dim), make_activation(activation))
-        self.flows = build_flow(flow, z_dim, context_dim, num_flows)
+        self.flows = build_flow(flow, z_dim, context_dim, num_flows, flow_hidden)
 
     def distribution(self, x: torch.Tensor) -> dist.TransformedDistribution:
         """q(z | x) for a batch ``x`` of shape ``[batch, *x_shape]``; batch shape ``[batch]``."""

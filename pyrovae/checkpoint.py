@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Union
@@ -69,15 +70,18 @@ def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` without executing any code."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass a run folder or a .pt file written by pyrovae")
+        what = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"checkpoint {path} {what}; pass a run folder or a .pt file written by pyrovae")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"it names the Python object {found.group(1)}, which loading would have to import and run" if found else "it is not a plain torch file of tensors and values (a pickle of Python objects, or not a checkpoint at all)"
         raise CheckpointError(
-            f"{path} is refused: it holds Python objects that loading would have to execute ({e.__class__.__name__}). "
-            "pyrovae checkpoints contain only tensors and plain values; do not load files from untrusted sources."
+            f"{path} is refused: {what}. pyrovae checkpoints contain only tensors and plain values, and nothing in "
+            "them is executed; do not load files from untrusted sources."
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # random or truncated bytes fail in many ways (IndexError, KeyError, RuntimeError, EOFError, ...)
         raise CheckpointError(f"{path} is not a readable checkpoint ({e.__class__.__name__}: {e}); it may be truncated or not a torch file") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a torch file but not a pyrovae checkpoint (no '{FORMAT}' tag)")

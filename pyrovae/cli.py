@@ -29,9 +29,12 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: this machine has no usable CUDA device (torch {torch.__version__}, cuda build {torch.version.cuda}); use --device cpu or --device auto")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as e:
         raise UsageError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0; use --device cuda:0")
+    return device
 
 
 def _load_data(cfg: dict, device: torch.device):
@@ -57,46 +60,73 @@ def _build(cfg: dict, x_shape, device):
     return model, guide
 
 
+#: options of ``train`` that ``--resume`` takes from the command line (when given) rather than from the run's config.json,
+#: with their defaults for a new run (None on the parser, so that "not given" can be told apart from "given the default")
+RESUME_OVERRIDES = {"epochs": 10, "device": "auto", "data_dir": None, "eval_samples": 5000, "eval_limit": None, "progress": True}
+
+
 def _config(args: argparse.Namespace) -> dict:
     skip = {"command", "func", "resume", "overwrite"}
     cfg = {k: v for k, v in vars(args).items() if k not in skip}
+    for k, default in RESUME_OVERRIDES.items():
+        if cfg.get(k) is None:
+            cfg[k] = default
     if cfg.get("hidden"):
         cfg["hidden"] = [cfg["hidden"]] * len(cfg["z_dims"])
     return cfg
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+def _prepare_run_dir(run_dir: Path, args: argparse.Namespace) -> Optional[dict]:
+    """Check ``--resume`` / ``--overwrite`` against what ``run_dir`` holds; returns the saved config when resuming."""
     last = run_dir / "checkpoints" / "last.pt"
-    if resume:
+    if args.resume:
+        if args.overwrite:
+            raise UsageError("--resume continues the run in --run-dir and --overwrite replaces it: pass one of them")
         if not last.exists():
             raise UsageError(f"--resume: {last} does not exist, so there is nothing to resume; drop --resume to start a new run")
-        return
-    if last.exists():
+        if not (run_dir / "config.json").is_file():
+            raise UsageError(f"--resume: {run_dir / 'config.json'} is missing, so the run cannot be rebuilt; start a new run with --overwrite")
+        saved = json.loads((run_dir / "config.json").read_text())
+        if not isinstance(saved, dict):
+            raise UsageError(f"--resume: {run_dir / 'config.json'} does not hold a run configuration; start a new run with --overwrite")
         state = load_checkpoint(last)
-        what = "a finished run" if state.get("finished") else "an unfinished run"
-        if not overwrite:
+        done = int(state.get("cursor", {}).get("epoch", 0))
+        epochs = args.epochs if args.epochs is not None else saved.get("epochs", done)
+        if state.get("finished") and epochs <= done:
+            raise UsageError(
+                f"--resume: the run in {run_dir} is finished ({done} of {saved.get('epochs', done)} epochs); "
+                f"pass --epochs N with N > {done} to train it further, or evaluate it with 'pyrovae evaluate {run_dir}'"
+            )
+        return saved
+    if last.exists():
+        try:
+            what = "a finished run" if load_checkpoint(last).get("finished") else "an unfinished run"
+        except CheckpointError:
+            what = "a run whose last checkpoint cannot be read"
+        if not args.overwrite:
             raise UsageError(f"{run_dir} already holds {what}; pass --resume to continue it, --overwrite to replace it, or choose another --run-dir")
         for f in (run_dir / "checkpoints").glob("*.pt"):
             f.unlink()
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or f"runs/{args.dataset}-{args.model}-{args.guide}-{args.objective}-{time.strftime('%Y%m%d-%H%M%S')}")
-    _prepare_run_dir(run_dir, args.resume, args.overwrite)
+    saved = _prepare_run_dir(run_dir, args)
     cfg = _config(args)
-    if args.resume:
-        saved = json.loads((run_dir / "config.json").read_text())
-        saved.update({k: cfg[k] for k in ("epochs", "device", "data_dir", "eval_samples", "eval_limit", "progress") if k in cfg})
+    if saved is not None:
+        saved.update({k: getattr(args, k) for k in RESUME_OVERRIDES if getattr(args, k) is not None})
         cfg = saved
     device = resolve_device(cfg["device"])
+    objective = build_objective(cfg)  # bad objective settings fail here, before the data is loaded
     pyro.set_rng_seed(cfg["seed"])
     pyro.clear_param_store()
     splits = _load_data(cfg, device)
     _check_likelihood(cfg, splits)
     model, guide = _build(cfg, splits.x_shape, device)
     trainer = Trainer(
-        model, guide, build_objective(cfg), lr=cfg["lr"], schedule=cfg["lr_schedule"], clip_norm=cfg["clip_norm"], run_dir=run_dir,
+        model, guide, objective, lr=cfg["lr"], schedule=cfg["lr_schedule"], clip_norm=cfg["clip_norm"], run_dir=run_dir,
         config=cfg, check_every=cfg["check_every"], on_divergence=cfg["on_divergence"], progress=cfg["progress"],
     )
     print(f"pyrovae: training {cfg['model']}/{cfg['guide']} with {trainer.objective!r} on {cfg['dataset']} ({splits.train.shape[0]} examples) on {device}; run folder {run_dir}")
@@ -241,7 +271,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--geco-alpha", type=float, default=None, help="GECO moving-average rate")
     g.add_argument("--geco-nu", type=float, default=None, help="GECO multiplier rate")
     g = t.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--epochs", type=int, default=None, help="epochs in all, counting those done before a --resume (default 10; with --resume, the run's)")
     g.add_argument("--batch-size", type=_positive_int, default=100)
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--lr-schedule", default="constant", choices=list(SCHEDULES))
@@ -249,14 +279,14 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--check-every", type=_positive_int, default=100, help="steps between finiteness checks")
     g.add_argument("--on-divergence", default="stop", choices=["stop", "reduce_lr"])
     g = t.add_argument_group("run")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto; with --resume, the run's)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--run-dir", default=None, help="run folder (default runs/DATASET-MODEL-GUIDE-OBJECTIVE-TIME)")
     g.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
-    g.add_argument("--eval-samples", type=int, default=5000, help="importance samples for the final test log-likelihood (0: skip evaluation)")
+    g.add_argument("--eval-samples", type=int, default=None, help="importance samples for the final test log-likelihood (0: skip evaluation; default 5000)")
     g.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test examples only")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="test log-likelihood (k samples), ELBO, KL, active units and plots of a run", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -285,6 +315,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:  # UsageError, CheckpointError, DataError and bad arguments: a message, no traceback
         print(f"pyrovae {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C while training, or one outside it (loading, evaluating)
+        print(f"pyrovae {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

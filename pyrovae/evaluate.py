@@ -35,7 +35,7 @@ def log_likelihood(
     data: torch.Tensor,
     num_samples: int = 5000,
     batch_size: int = 100,
-    max_elements: int = 2**26,
+    max_elements: int = 2**24,
     *args,
     **kwargs,
 ) -> LogLikelihood:

@@ -27,7 +27,7 @@ from pyro.poutine.util import prune_subsample_sites
 from tqdm.auto import tqdm
 
 from pyrovae.data import Batches
-from pyrovae.checkpoint import CheckpointError, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state, write_json
+from pyrovae.checkpoint import CheckpointError, atomic_write, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state, write_json
 
 SCHEDULES = ("constant", "exponential", "cosine", "iwae")
 
@@ -109,6 +109,21 @@ def nonfinite_sites(model, guide, *args, **kwargs) -> list[str]:
     return bad
 
 
+def check_data_shape(x: torch.Tensor, *programs) -> None:
+    """Raise ``ValueError`` when a batch ``x`` does not fit the ``x_shape`` a model or guide declares (if it does)."""
+    for program in programs:
+        want = getattr(program, "x_shape", None)
+        if want is None:
+            continue
+        got = tuple(x.shape[1:])
+        if tuple(want) != got:
+            raise ValueError(
+                f"the data has examples of shape {got} (a batch of shape {tuple(x.shape)}) but {type(program).__name__} was "
+                f"built for x_shape={tuple(want)}: build the model and guide with x_shape={got}, or reshape the data to "
+                f"[N, {', '.join(map(str, want))}]"
+            )
+
+
 class Trainer:
     """Fits ``model``/``guide`` with ``objective`` using Adam (or any ``torch.optim`` class).
 
@@ -171,6 +186,7 @@ class Trainer:
         self.history: list[dict] = []
         self._stop_signal: Optional[int] = None
         self._snapshot: Optional[Snapshot] = None
+        self._sums: dict = {}  # the current epoch's running metric sums, checkpointed with a mid-epoch stop
 
     # --- parameters and optimiser ------------------------------------------------------------------
     def setup(self, x: torch.Tensor) -> None:
@@ -178,8 +194,15 @@ class Trainer:
         sites) by tracing one evaluation, and build the optimiser over them in a fixed (name) order."""
         if self.optim is not None:
             return
-        with poutine.trace(param_only=True) as capture:
-            self.objective.loss(self.model, self.guide, x)
+        check_data_shape(x, self.model, self.guide)
+        try:
+            with poutine.trace(param_only=True) as capture:
+                self.objective.loss(self.model, self.guide, x)
+        except RuntimeError as e:  # torch's shape errors (e.g. "mat1 and mat2 shapes cannot be multiplied") carry no context
+            raise ValueError(
+                f"the first evaluation of {self.objective!r} on a batch of shape {tuple(x.shape)} failed: {str(e).splitlines()[0]}. "
+                "Check that the data's example shape matches the shape the model and guide were built for."
+            ) from e
         params = {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
         if not params:
             raise ValueError("the model and guide have no parameters to train: register networks with pyro.module or PyroModule, or use pyro.param")
@@ -292,11 +315,15 @@ class Trainer:
             "cursor": {"epoch": self.cursor.epoch, "pos": self.cursor.pos, "step": self.cursor.step, "perm": self.cursor.perm},
             "best_valid": self.best_valid,
             "lr_reductions": self.lr_reductions,
+            "sums": _copy_sums(self._sums),
             "finished": finished,
         }
 
     def load_weights(self, state: dict) -> None:
         """Restore the parameters (and module buffers) of a checkpoint; :meth:`setup` must have run."""
+        missing_keys = [k for k in ("signature", "params", "modules") if k not in state]
+        if missing_keys:
+            raise CheckpointError(f"the checkpoint has no {missing_keys}: it was not written by Trainer.state_dict")
         theirs, ours = state["signature"], {k: list(v.shape) for k, v in self.params.items()}
         if theirs != ours:
             missing = sorted(set(ours) - set(theirs))
@@ -312,17 +339,27 @@ class Trainer:
                 self.params[k].copy_(v)
         for key, module in (("model", self.model), ("guide", self.guide)):
             if key in state["modules"] and isinstance(module, torch.nn.Module):
-                module.load_state_dict(state["modules"][key])
+                try:
+                    module.load_state_dict(state["modules"][key])
+                except RuntimeError as e:
+                    raise CheckpointError(f"the checkpoint's {key} does not fit this {type(module).__name__}: {e}") from e
 
     def load_state_dict(self, state: dict) -> None:
         """Restore everything :meth:`state_dict` saved: weights, optimiser, objective, RNG and position."""
         self.load_weights(state)
-        self.optim.load_state_dict(state["optimizer"])
-        self._load_objective_state(state["objective"])
-        set_rng_state(state["rng"])
-        c = state["cursor"]
-        self.cursor = Cursor(c["epoch"], c["pos"], c["step"], c["perm"])
-        self.best_valid, self.lr_reductions = state["best_valid"], state["lr_reductions"]
+        try:
+            self.optim.load_state_dict(state["optimizer"])
+            self._load_objective_state(state["objective"])
+            set_rng_state(state["rng"])
+            c = state["cursor"]
+            self.cursor = Cursor(c["epoch"], c["pos"], c["step"], c["perm"])
+            self.best_valid, self.lr_reductions = state["best_valid"], state["lr_reductions"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"the checkpoint does not fit this trainer ({type(e).__name__}: {e}): it was written with another objective "
+                f"or optimiser than {self.objective!r}; resume with the run's own config.json"
+            ) from e
+        self._sums = _copy_sums(state.get("sums") or {})
 
     def _save(self, name: str, finished: bool = False) -> Optional[Path]:
         if self.run_dir is None:
@@ -334,9 +371,18 @@ class Trainer:
         state = load_checkpoint(path, map_location=x.device)
         self.setup(x)
         self.load_state_dict(state)
-        if self.run_dir is not None and (self.run_dir / "metrics.jsonl").exists():
-            lines = (self.run_dir / "metrics.jsonl").read_text().splitlines()
-            self.history = [r for r in map(json.loads, filter(None, lines)) if r["epoch"] <= self.cursor.epoch]
+        metrics = None if self.run_dir is None else self.run_dir / "metrics.jsonl"
+        if metrics is not None and metrics.exists():
+            self.history = []
+            for line in metrics.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line torn by a crash mid-write
+                    continue
+                if isinstance(record, dict) and record.get("epoch", math.inf) <= self.cursor.epoch:
+                    self.history.append(record)
+            # records of epochs after the checkpoint (written just before a crash) are redone: drop them from the file
+            atomic_write(metrics, lambda f: f.write("".join(json.dumps(r) + "\n" for r in self.history).encode()))
 
     # --- signals ------------------------------------------------------------------------------------
     def _install_signals(self):
@@ -383,12 +429,15 @@ class Trainer:
                 cursor.perm = batches.permutation()
             return batches.batch(cursor.perm, cursor.pos)
 
-        self.setup(batch(Cursor(perm=torch.arange(min(n, batch_size), device=train.device))))
+        if self.optim is None:  # after resume() the RNG state is the checkpoint's: draw nothing (dynamic binarization would)
+            self.setup(batch(Cursor(perm=torch.arange(min(n, batch_size), device=train.device))))
+        else:
+            check_data_shape(train[:1], self.model, self.guide)
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.run_dir / "config.json", self.config)
-        old_handlers = self._install_signals()
         self._stop_signal = None
+        old_handlers = self._install_signals()
         try:
             self._loop(batch, num_batches, int(epochs), batch_size, valid)
         finally:
@@ -397,7 +446,8 @@ class Trainer:
         return self.history
 
     def _loop(self, batch, num_batches: int, epochs: int, batch_size: int, valid) -> None:
-        sums: dict[str, torch.Tensor] = {}
+        sums: dict[str, torch.Tensor] = self._sums if self.cursor.pos > 0 else {}  # resumed mid-epoch: keep its sums
+        self._sums = {}
         self._take_snapshot(sums)
         bar = tqdm(total=num_batches * batch_size, disable=not self.progress, unit="ex", dynamic_ncols=True, leave=False)
         t0, finite = time.perf_counter(), None
@@ -464,15 +514,17 @@ class Trainer:
                 group["lr"] *= 0.5
             tqdm.write(f"pyrovae: {report}; rolled back to step {self.cursor.step} and halved the learning rate (reduction {self.lr_reductions}/{self.max_lr_reductions})")
             return sums
+        last = None if self.run_dir is None else self.run_dir / "checkpoints" / "last.pt"
         raise DivergenceError(
             f"training diverged: {report}. The run was rolled back to step {self.cursor.step}; "
-            + ("checkpoints/last.pt holds the last good epoch. " if self.run_dir is not None else "")
+            + (f"{last} holds the last good checkpoint. " if last is not None and last.exists() else "")
             + "Lower --lr, set --clip-norm, or use --on-divergence reduce_lr."
         )
 
     def _interrupt(self, sums: dict, finite) -> None:
         if finite is not None and not bool(finite):
-            self._restore_snapshot()  # never checkpoint a state that has not been checked finite
+            sums = self._restore_snapshot()  # never checkpoint a state that has not been checked finite
+        self._sums = sums
         path = self._save("last.pt")
         name = signal.Signals(self._stop_signal).name
         raise TrainingInterrupted(f"{name} received: saved {path} at step {self.cursor.step}; continue with --resume" if path else f"{name} received at step {self.cursor.step}")
