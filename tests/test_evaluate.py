@@ -1,0 +1,121 @@
+"""Evaluation against exact answers: the linear-Gaussian model has closed-form log p(x) and posterior."""
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyrovae import evaluate as E
+from pyrovae.models.linear_gaussian import ExactPosteriorGuide, LinearGaussian, LinearGaussianGuide
+from pyrovae.objectives import Objective
+
+
+def _problem(x_dim=6, z_dim=3, n=40, scale=0.7):
+    torch.manual_seed(1)
+    model = LinearGaussian(x_dim, z_dim, scale=scale, learnable=False, dtype=torch.float64)
+    x = model.sample(n)
+    return model, x
+
+
+def _near_posterior_guide(model, x_dim, z_dim):
+    """A diagonal guide near the posterior: exact mean map, the posterior's marginal scales inflated by 20%."""
+    guide = LinearGaussianGuide(x_dim, z_dim, dtype=torch.float64)
+    eye = torch.eye(x_dim, dtype=torch.float64)
+    mean_map, cov = model.posterior(eye)  # rows: posterior mean of each unit vector (linear part)
+    offset, _ = model.posterior(torch.zeros(1, x_dim, dtype=torch.float64))
+    with torch.no_grad():
+        guide.encoder.weight.copy_((mean_map - offset).T)
+        guide.encoder.bias.copy_(offset[0])
+        guide.log_scale.copy_(torch.log(1.2 * cov.diagonal().sqrt()))
+    return guide
+
+
+def test_log_likelihood_matches_the_exact_value_within_its_standard_error():
+    model, x = _problem()
+    guide = _near_posterior_guide(model, 6, 3)
+    ll = E.log_likelihood(model, guide, x, num_samples=5000, batch_size=16)
+    exact = model.log_marginal(x)
+    assert ll.values.shape == exact.shape == (40,)
+    assert (ll.stderr > 0).all()
+    z = (ll.values - exact) / ll.stderr
+    assert z.abs().max() < 5, z
+    # pooled over data points: the mean error is within 4 pooled standard errors
+    assert abs(float((ll.values - exact).mean())) < 4 * float(ll.stderr.pow(2).mean().sqrt() / math.sqrt(40)) + 1e-9
+
+
+def test_log_likelihood_with_the_exact_posterior_is_exact_with_zero_variance():
+    model, x = _problem()
+    ll = E.log_likelihood(model, ExactPosteriorGuide(model), x, num_samples=300, batch_size=7)
+    assert torch.allclose(ll.values, model.log_marginal(x), atol=1e-9)
+    assert ll.stderr.max() < 1e-6
+
+
+def test_streaming_chunks_equal_one_logsumexp_over_the_same_samples():
+    model, x = _problem(n=10)
+    guide = LinearGaussianGuide(6, 3, dtype=torch.float64)
+    numel_budget = 10 * 6 * 7  # 7 particles per chunk: 100 = 14 chunks of 7 + one of 2
+    pyro.set_rng_seed(3)
+    streamed = E.log_likelihood(model, guide, x, num_samples=100, batch_size=10, max_elements=numel_budget).values
+    pyro.set_rng_seed(3)
+    objectives = {}  # one objective per chunk size, as log_likelihood keeps them (each guesses its plate nesting once)
+    parts = [objectives.setdefault(k, Objective(num_particles=k)).log_weights(model, guide, x).log_w for k in [7] * 14 + [2]]
+    direct = torch.logsumexp(torch.cat(parts), 0) - math.log(100)
+    assert torch.allclose(streamed, direct, atol=1e-10)
+
+
+def test_elbo_terms_match_the_closed_form():
+    model, x = _problem(n=200)
+    guide = _near_posterior_guide(model, 6, 3)
+    loc, scale = guide.loc_scale(x)
+    exact = model.elbo(x, loc, scale.expand_as(loc)).mean().item()
+    est = E.elbo_terms(model, guide, x, num_particles=50)
+    # the estimate's standard error: per-datum log-weights vary with sd ~ a few nats over 200 x 50 draws
+    lw = Objective(num_particles=50).log_weights(model, guide, x).log_w
+    se = float(lw.detach().std() / math.sqrt(lw.numel()))
+    assert abs(est["elbo"] - exact) < 5 * se
+    assert est["elbo"] < float(model.log_marginal(x).mean())
+    assert est["elbo"] == pytest.approx(est["recon"] - est["kl"], abs=1e-9)
+
+
+class _PartialGuide(torch.nn.Module):
+    """q(z|x) = N(x[:, :k] padded with zeros, 0.1): exactly k latent units carry information about x."""
+
+    def __init__(self, k, z_dim):
+        super().__init__()
+        self.k, self.z_dim = k, z_dim
+
+    def forward(self, x):
+        loc = torch.cat([x[:, : self.k], x.new_zeros(x.shape[0], self.z_dim - self.k)], -1)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, 0.1).to_event(1))
+
+
+def test_active_units_counts_units_whose_posterior_mean_varies():
+    x = torch.randn(500, 6)
+    assert E.active_units(_PartialGuide(4, 5), x) == {"z": 4}
+    assert E.active_units(_PartialGuide(0, 5), x) == {"z": 0}
+    assert E.active_units(_PartialGuide(4, 5), 0.05 * x) == {"z": 0}  # Cov 0.0025 < 1e-2
+
+
+def test_images_samples_reconstructions_and_manifold(tmp_path):
+    from pyrovae.guides import GaussianEncoder
+    from pyrovae.models import VAE
+
+    model, guide = VAE(z_dims=(2,), hidden=[(16,)]), GaussianEncoder(z_dims=(2,), hidden=[(16,)])
+    x = torch.rand(5, 1, 28, 28).round()
+    samples = E.sample(model, 6, (1, 28, 28))
+    recon = E.reconstruct(model, guide, x)
+    grid = E.decode_grid(model, (1, 28, 28), steps=4)
+    assert samples.shape == (6, 1, 28, 28) and recon.shape == x.shape and grid.shape == (16, 1, 28, 28)
+    assert ((samples >= 0) & (samples <= 1)).all()  # Bernoulli means
+    path = E.save_image_grid(torch.cat([x, recon]), tmp_path / "r.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    scatter = E.latent_scatter(guide, torch.rand(50, 1, 28, 28), torch.arange(50) % 10, tmp_path / "z.png")
+    assert scatter.stat().st_size > 1000
+
+
+def test_bad_num_samples():
+    model, x = _problem(n=2)
+    with pytest.raises(ValueError, match="num_samples"):
+        E.log_likelihood(model, LinearGaussianGuide(6, 3, dtype=torch.float64), x, num_samples=0)

@@ -1,0 +1,683 @@
+"""Reliability: bad input fails early with a clear message, divergence is caught and rolled back, an
+interruption (signal or crash) never loses the last good state, and loading never executes code.
+
+Everything runs on tiny synthetic data (a dataset registered for the test) and tiny models; the signal
+and crash tests use real subprocesses.
+"""
+import copy
+import json
+import math
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import pyrovae.data as D
+from pyrovae import registry
+from pyrovae.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from pyrovae.cli import main
+from pyrovae.guides import GaussianEncoder
+from pyrovae.models import VAE
+from pyrovae.objectives import ELBO, GECO, BetaELBO
+from pyrovae.train import DivergenceError, Trainer, TrainingInterrupted
+
+posix_only = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win32", reason="needs POSIX signals and fork")
+
+D_X = 20  # features of the synthetic data
+TINY, WIDE = "tiny-test", "tiny-test-wide"
+
+
+def tiny_pair(x_shape=(D_X,), z=2):
+    return VAE(x_shape, (z,), hidden=((16,),)), GaussianEncoder(x_shape, (z,), hidden=((16,),))
+
+
+def unit_data(n, seed=0, d=D_X):
+    return torch.rand(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def params_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------------
+# A dataset the CLI can load: registered under a test-only name, read from an .npz file
+
+
+def _read_npz(name):
+    def read(folder: Path) -> D.RawData:
+        z = np.load(folder / name)
+        return D.RawData(train=torch.from_numpy(z["train"]), test=torch.from_numpy(z["test"]))
+
+    return read
+
+
+def _write_npz(path: Path, train: np.ndarray, test: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, train=train.astype(np.float32), test=test.astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A data folder with ``tiny-test`` (120 + 30 examples in [0, 1]) and ``tiny-test-wide`` (values in [0, 2])."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    _write_npz(root / TINY / "tiny.npz", rng.random((120, D_X)), rng.random((30, D_X)))
+    _write_npz(root / WIDE / "wide.npz", 2 * rng.random((120, D_X)), rng.random((30, D_X)))
+    with pytest.MonkeyPatch.context() as mp:  # register on copies, so the registry is back as it was afterwards
+        mp.setattr(D, "DATASETS", dict(D.DATASETS))
+        mp.setattr(D, "_SPECS", dict(D._SPECS))
+        D.register_dataset(TINY, ["tiny.npz"])(_read_npz("tiny.npz"))
+        D.register_dataset(WIDE, ["wide.npz"])(_read_npz("wide.npz"))
+        yield root
+
+
+def train_args(data_dir, run_dir, *extra):
+    """``pyrovae train`` on tiny-test: 100 training examples in batches of 10, 20 for validation."""
+    return [
+        "train", "--dataset", TINY, "--data-dir", str(data_dir), "--valid-size", "20", "--z-dims", "2", "--hidden", "16",
+        "--batch-size", "10", "--device", "cpu", "--eval-samples", "0", "--no-progress", "--run-dir", str(run_dir), *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_dir, tmp_path_factory):
+    """A finished one-epoch CLI run; tests copy it before changing anything."""
+    run = tmp_path_factory.mktemp("runs") / "run"
+    assert main(train_args(data_dir, run, "--epochs", "1")) == 0
+    return run
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def cli_error(capsys, argv, code=2) -> str:
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+# ================================================================================================
+# 1. Bad input: a clear error naming the problem and the fix, before any work is lost
+
+
+def test_data_shape_that_does_not_fit_the_model_is_named_before_training(tmp_path):
+    model, guide = tiny_pair((1, 28, 28))
+    trainer = Trainer(model, guide, ELBO(), run_dir=tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match=r"examples of shape \(20,\).*x_shape=\(1, 28, 28\).*x_shape=\(20,\)"):
+        trainer.fit(unit_data(32), epochs=1, batch_size=8)
+    assert not (tmp_path / "run").exists()
+
+    # programs that declare no x_shape: torch's bare shape error is re-raised with the batch shape and the fix
+    vae, enc = tiny_pair((1, 28, 28))
+    with pytest.raises(ValueError, match=r"batch of shape \(8, 20\) failed: mat1 and mat2.*data's example shape matches"):
+        Trainer(lambda x: vae(x), lambda x: enc(x), ELBO(), progress=False).fit(unit_data(32), epochs=1, batch_size=8)
+
+
+def test_cli_refuses_data_outside_the_unit_interval_for_a_bernoulli_likelihood(data_dir, tmp_path, capsys):
+    argv = train_args(data_dir, tmp_path / "run", "--epochs", "1")
+    argv[argv.index(TINY)] = WIDE
+    err = cli_error(capsys, argv)
+    assert err.startswith("pyrovae train: error: ")
+    assert "outside [0, 1]" in err and "Bernoulli" in err and "rescale" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("option, bad, valid", [
+    ("--model", "vea", "vae"), ("--guide", "gausian", "gaussian"), ("--objective", "elbow", "iwae"),
+    ("--flow", "plannar", "planar"), ("--dataset", "mnsit", "mnist"),
+])
+def test_unknown_names_list_the_valid_ones(option, bad, valid, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", option, bad])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"invalid choice: '{bad}'" in err and f"'{valid}'" in err
+
+
+@pytest.mark.parametrize("build, cfg, listed", [
+    (registry.build_model, {"model": "vea"}, "['vae']"),
+    (registry.build_guide, {"guide": "gausian"}, "['flow', 'gaussian']"),
+    (registry.build_guide, {"guide": "flow", "flow": "plannar", "z_dims": [2]}, "'planar'"),
+    (lambda cfg, _: registry.build_objective(cfg), {"objective": "elbow"}, "'iwae'"),
+])
+def test_registry_names_list_the_valid_ones(build, cfg, listed):
+    with pytest.raises(ValueError, match="is not known; choose one of") as e:
+        build(cfg, (D_X,))
+    assert listed in str(e.value)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--objective", "elbo", "-k", "0"], "num_particles=0 must be an integer >= 1"),
+    (["--objective", "iwae", "-k", "-3"], "num_particles=-3 must be an integer >= 1"),
+    (["--objective", "variance", "-k", "1"], "num_particles=1 must be an integer >= 2: a variance needs at least two samples"),
+    (["--objective", "logvariance", "-k", "1"], "num_particles=1 must be an integer >= 2"),
+    (["--objective", "geco", "--tolerance", "-1"], "tolerance=-1.0 must be a finite number >= 0"),
+])
+def test_cli_refuses_bad_objective_settings_before_loading_data(extra, message, tmp_path, capsys):
+    # the data folder does not exist: the objective is checked first, so its message is the one shown
+    argv = train_args(tmp_path / "no-data", tmp_path / "run", "--epochs", "1", *extra)
+    err = cli_error(capsys, argv)
+    assert err.startswith("pyrovae train: error: ") and message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_device_cuda_on_a_machine_without_cuda(monkeypatch, data_dir, finished_run, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = train_args(data_dir, tmp_path / "run", "--epochs", "1")
+    argv[argv.index("--device") + 1] = "cuda"
+    err = cli_error(capsys, argv)
+    assert "--device cuda: this machine has no usable CUDA device" in err and "--device cpu" in err
+    err = cli_error(capsys, ["evaluate", str(finished_run), "--device", "cuda:0", "--data-dir", str(data_dir)])
+    assert err.startswith("pyrovae evaluate: error: --device cuda:0")
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    x = unit_data(40)
+    model, guide = tiny_pair()
+    Trainer(model, guide, ELBO(), run_dir=tmp_path / "a", progress=False).fit(x, epochs=1, batch_size=10)
+    pyro.clear_param_store()
+    other = Trainer(*tiny_pair(z=3), ELBO(), progress=False)
+    with pytest.raises(CheckpointError, match=r"different model/guide: shape mismatches .*: \[16, 2\] vs \[16, 3\].*config\.json"):
+        other.resume(tmp_path / "a" / "checkpoints" / "last.pt", x[:10])
+    # a checkpoint of another objective (GECO state into an ELBO trainer) is refused too, not a KeyError
+    pyro.clear_param_store()
+    model, guide = tiny_pair()
+    Trainer(model, guide, GECO(tolerance=0.3), run_dir=tmp_path / "g", progress=False).fit(x, epochs=1, batch_size=10)
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match="ELBO has no state"):
+        Trainer(*tiny_pair(), ELBO(), progress=False).resume(tmp_path / "g" / "checkpoints" / "last.pt", x[:10])
+    pyro.clear_param_store()
+    with pytest.raises(CheckpointError, match="another objective"):
+        Trainer(*tiny_pair(), GECO(tolerance=0.3), progress=False).resume(tmp_path / "a" / "checkpoints" / "last.pt", x[:10])
+
+
+def test_cli_evaluate_refuses_a_checkpoint_of_another_model(data_dir, finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["z_dims"] = [3]
+    (run / "config.json").write_text(json.dumps(cfg))
+    err = cli_error(capsys, ["evaluate", str(run), "--device", "cpu", "--data-dir", str(data_dir)])
+    assert "pyrovae evaluate: error: the checkpoint was written for a different model/guide" in err
+
+
+def _write_random(path):
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+
+
+def _write_tensor(path):
+    torch.save(torch.zeros(3), path)
+
+
+def _write_text(path):
+    path.write_text("epoch,loss\n1,0.5\n")
+
+
+def _write_empty(path):
+    path.write_bytes(b"")
+
+
+def _write_truncated(path):
+    save_checkpoint({"w": torch.randn(1000)}, path)
+    path.write_bytes(path.read_bytes()[:3000])
+
+
+@pytest.mark.parametrize("write, message", [
+    (_write_random, "refused"), (_write_tensor, "not a pyrovae checkpoint"), (_write_text, "not a readable checkpoint"),
+    (_write_empty, "not a readable checkpoint"), (_write_truncated, "not a readable checkpoint"),
+])
+def test_files_that_are_not_checkpoints_are_refused(write, message, data_dir, finished_run, tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    write(bad)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(bad)
+    # and from the command line: evaluate and --resume print the message and exit 2
+    run = copy_run(finished_run, tmp_path)
+    for name in ("best.pt", "last.pt"):
+        shutil.copy(bad, run / "checkpoints" / name)
+    err = cli_error(capsys, ["evaluate", str(run), "--device", "cpu", "--data-dir", str(data_dir)])
+    assert err.startswith("pyrovae evaluate: error: ") and message in err
+    err = cli_error(capsys, train_args(data_dir, run, "--resume", "--epochs", "2"))
+    assert err.startswith("pyrovae train: error: ") and message in err
+
+
+def test_run_folder_with_a_finished_run_is_not_overwritten_by_accident(data_dir, finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path)
+    last = run / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    err = cli_error(capsys, train_args(data_dir, run, "--epochs", "1"))
+    assert f"{run} already holds a finished run" in err and "--overwrite" in err and "--resume" in err
+    # --resume without a larger --epochs: the run's own 1 epoch are done (not the parser's default of 10)
+    err = cli_error(capsys, train_args(data_dir, run, "--resume"))
+    assert "is finished (1 of 1 epochs)" in err and "--epochs N with N > 1" in err
+    assert last.read_bytes() == before
+
+    assert main(train_args(data_dir, run, "--resume", "--epochs", "2")) == 0  # a finished run can be extended
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert load_checkpoint(last)["cursor"]["epoch"] == 2 and load_checkpoint(last)["finished"]
+
+    assert main(train_args(data_dir, run, "--epochs", "1", "--overwrite")) == 0
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_resume_without_a_checkpoint_or_config_says_so(data_dir, finished_run, tmp_path, capsys):
+    err = cli_error(capsys, train_args(data_dir, tmp_path / "empty", "--resume"))
+    assert "nothing to resume" in err and "drop --resume" in err
+    run = copy_run(finished_run, tmp_path)
+    (run / "config.json").unlink()
+    err = cli_error(capsys, train_args(data_dir, run, "--resume", "--epochs", "3"))
+    assert "config.json is missing" in err
+
+
+# ================================================================================================
+# 2. Divergence: found at the step it happens, reported with the Pyro sites, rolled back
+
+
+def poison(x):
+    """An observed site ``poison`` whose log-density is NaN (validation off: the NaN must reach the loss)."""
+    pyro.sample("poison", dist.Normal(x.new_zeros(()), 1.0, validate_args=False), obs=x.new_tensor(float("nan")))
+
+
+class PoisonedVAE(VAE):
+    """A VAE with an extra site ``poison`` of log-density NaN whenever ``poisoned()`` is true."""
+
+    def __init__(self, *args, poisoned=lambda: False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.poisoned = poisoned
+
+    def forward(self, x):
+        super().forward(x)
+        if self.poisoned():
+            poison(x)
+
+
+def _poisoned_trainer(tmp_path, when, **kwargs):
+    """A trainer whose model turns NaN at the steps where ``when(step, trainer)`` holds; records every step
+    run (replays included) and the parameters the first time each step starts."""
+    model = PoisonedVAE((D_X,), (2,), hidden=((16,),))
+    guide = GaussianEncoder((D_X,), (2,), hidden=((16,),))
+    trainer = Trainer(model, guide, ELBO(), lr=1e-2, run_dir=tmp_path / "run", progress=False, **kwargs)
+    clock = {"step": 0, "ran": [], "params_before": {}}
+    model.poisoned = lambda: when(clock["step"], trainer)
+    step = trainer.step
+
+    def counted_step(x):
+        clock["step"] = trainer.cursor.step + 1
+        clock["ran"].append(clock["step"])
+        clock["params_before"].setdefault(clock["step"], {k: v.detach().clone() for k, v in trainer.params.items()})
+        return step(x)
+
+    trainer.step = counted_step
+    return trainer, clock
+
+
+def test_divergence_is_reported_at_its_step_with_the_site_and_rolled_back(tmp_path):
+    # 64 examples in batches of 8: 8 steps an epoch; checks every 3 steps -> at 3, 6, 8 (epoch end), 9, 12, 15
+    trainer, clock = _poisoned_trainer(tmp_path, lambda step, _: step == 13, check_every=3)
+    with pytest.raises(DivergenceError) as e:
+        trainer.fit(unit_data(64), epochs=3, batch_size=8)
+    report = str(e.value)
+    assert "non-finite loss at step 13 (epoch 2, batch 5)" in report
+    assert "sites with non-finite log-densities: model:poison" in report
+    assert "rolled back to step 12" in report and "last.pt holds the last good checkpoint" in report
+    # no host sync per step: steps 14 and 15 ran before the check at 15; then step 13 was replayed from step 12
+    assert clock["ran"] == list(range(1, 16)) + [13]
+    # the trainer holds the last good state (after step 12), finite
+    assert trainer.cursor.step == 12
+    assert params_equal(trainer.params, clock["params_before"][13])
+    assert all(torch.isfinite(v).all() for v in trainer.params.values())
+    # the checkpoint on disk is the end of epoch 1 (step 8), never the diverged state
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["cursor"]["step"] == 8 and not state["finished"]
+    assert params_equal(state["params"], clock["params_before"][9])
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_divergence_at_an_epoch_end_is_caught_before_the_checkpoint(tmp_path):
+    # the last step of epoch 1 (step 8) diverges: the end-of-epoch check must run before last.pt is written
+    trainer, clock = _poisoned_trainer(tmp_path, lambda step, _: step == 8, check_every=100)
+    with pytest.raises(DivergenceError, match="non-finite loss at step 8 .epoch 1, batch 8.; sites with non-finite log-densities: model:poison"):
+        trainer.fit(unit_data(64), epochs=2, batch_size=8)
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert trainer.cursor.step == 0 and params_equal(trainer.params, clock["params_before"][1])
+
+
+def test_reduce_lr_halves_the_learning_rate_and_finishes(tmp_path):
+    lr0 = 1e-2
+    # the model blows up at step 13 unless the learning rate has been reduced (a divergence caused by the lr)
+    trainer, clock = _poisoned_trainer(
+        tmp_path, lambda step, t: step == 13 and t.optim.param_groups[0]["lr"] > 0.75 * lr0, check_every=3, on_divergence="reduce_lr"
+    )
+    history = trainer.fit(unit_data(64), epochs=3, batch_size=8)
+    assert trainer.lr_reductions == 1
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert [r["lr"] for r in history] == [lr0, lr0 / 2, lr0 / 2]
+    assert clock["ran"] == list(range(1, 16)) + [13] + list(range(13, 25))
+    assert all(torch.isfinite(v).all() for v in trainer.params.values())
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["finished"] and state["cursor"]["step"] == 24 and state["lr_reductions"] == 1
+
+
+def test_reduce_lr_gives_up_after_max_reductions(tmp_path):
+    trainer, clock = _poisoned_trainer(tmp_path, lambda step, _: step >= 5, check_every=4, on_divergence="reduce_lr", max_lr_reductions=2)
+    with pytest.raises(DivergenceError, match="non-finite loss at step 5 .*model:poison"):
+        trainer.fit(unit_data(64), epochs=2, batch_size=8)
+    assert trainer.lr_reductions == 2 and trainer.cursor.step == 4
+
+
+class NaNAfterCalls(VAE):
+    """A VAE whose log-density is NaN from its ``after``-th call on (a model that blows up mid-run)."""
+
+    def __init__(self, *args, after: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.after, self.calls = after, 0
+
+    def forward(self, x):
+        super().forward(x)
+        self.calls += 1
+        if self.calls > self.after:
+            poison(x)
+
+
+def test_cli_divergence_exits_3_with_the_report(monkeypatch, data_dir, tmp_path, capsys):
+    monkeypatch.setitem(registry.MODELS, "nan-after-25", lambda cfg, x_shape: NaNAfterCalls(x_shape, (2,), ((16,),), after=25))
+    run = tmp_path / "run"
+    err = cli_error(capsys, train_args(data_dir, run, "--epochs", "5", "--model", "nan-after-25", "--check-every", "4"), code=3)
+    assert "training diverged: non-finite loss at step" in err and "model:poison" in err and "rolled back" in err
+    state = load_checkpoint(run / "checkpoints" / "last.pt")  # 10 steps an epoch: NaN from about step 24, in epoch 3
+    assert state["cursor"]["epoch"] == 2 and not state["finished"]
+    assert all(torch.isfinite(v).all() for v in state["params"].values())
+
+
+# ================================================================================================
+# 3. Interruption: signals checkpoint and stop; a crash while writing keeps the previous checkpoint
+
+
+def test_atomic_write_error_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "ckpt" / "last.pt"
+    save_checkpoint({"version": 1, "w": torch.ones(10)}, path)
+
+    for error in (RuntimeError("disk full"), KeyboardInterrupt()):
+        def write(f, error=error):
+            f.write(b"half a checkpoint" * 100)
+            raise error
+
+        with pytest.raises(type(error)):
+            atomic_write(path, write)
+        assert load_checkpoint(path)["version"] == 1
+        assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
+
+
+KILL_SCRIPT = r"""
+import json, os, random, signal, sys, time
+import torch
+torch.set_num_threads(1)
+from pyrovae.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+
+path, kills, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+folder, rng, N = os.path.dirname(path), random.Random(seed), 2_000_000  # 8 MB of float32
+
+def version(v):
+    return {"version": v, "data": torch.full((N,), float(v))}
+
+def check():
+    state = load_checkpoint(path)  # must load, and be one complete version: every value equals its version
+    leftovers = [f for f in os.listdir(folder) if f.endswith(".tmp")]
+    for f in leftovers:
+        os.unlink(os.path.join(folder, f))
+    return {"version": state["version"], "complete": bool((state["data"] == state["version"]).all()), "tmp_left": len(leftovers)}
+
+def writer(w, mid_write):
+    if mid_write:  # write half of a new version, tell the parent, and wait to be killed
+        data = __import__("io").BytesIO()
+        torch.save({"format": "pyrovae-checkpoint-v1", **version(-1)}, data)
+        def stall(f):
+            f.write(data.getvalue()[: len(data.getvalue()) // 2])
+            f.flush()
+            os.write(w, b"x")
+            time.sleep(60)
+        atomic_write(path, stall)
+    v = 1000 * (os.getpid() % 1000)
+    while True:
+        v += 1
+        save_checkpoint(version(v), path)
+        os.write(w, b"x")
+
+save_checkpoint(version(0), path)
+results = []
+for k in range(kills + 1):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            writer(w, mid_write=(k == 0))
+        finally:
+            os._exit(1)
+    os.close(w)
+    assert os.read(r, 1) == b"x"  # the writer has written (k > 0: a complete version; k == 0: half a file)
+    if k > 0:
+        time.sleep(rng.uniform(0.0, 0.15))
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    os.close(r)
+    results.append(check())
+print(json.dumps(results))
+"""
+
+
+@posix_only
+def test_sigkill_while_writing_a_checkpoint_leaves_a_complete_one(tmp_path):
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "ck" / "last.pt"), "8", "0"], capture_output=True, text=True, timeout=100)
+    assert out.returncode == 0, out.stderr
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    assert all(r["complete"] for r in results), results
+    # killed half-way through writing version -1: the previous version 0 is intact (the half file was a temporary)
+    assert results[0] == {"version": 0, "complete": True, "tmp_left": 1}
+    # killed at random times while writing in a loop: always some complete version this writer wrote
+    assert all(r["version"] > 0 for r in results[1:]), results
+
+
+def _fit_interrupted(trainer, x, at_step, sig, **fit_kwargs):
+    """Fit, sending ``sig`` to this process during step ``at_step``; returns the TrainingInterrupted message."""
+    step = trainer.step
+
+    def signalling_step(batch):
+        if trainer.cursor.step + 1 == at_step:
+            os.kill(os.getpid(), sig)
+        return step(batch)
+
+    trainer.step = signalling_step
+    with pytest.raises(TrainingInterrupted) as e:
+        trainer.fit(x, **fit_kwargs)
+    trainer.step = step
+    return str(e.value)
+
+
+OBJECTIVES = {
+    "geco": lambda: GECO(tolerance=0.3, alpha=0.9, nu=0.5),
+    "beta": lambda: BetaELBO(beta=1.0, schedule="linear", warmup_steps=10),
+}
+
+
+def _metrics(history):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "examples_per_s")} for r in history]
+
+
+@posix_only
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+@pytest.mark.parametrize("via", ["checkpoint_file", "state_dict"])
+def test_mid_epoch_resume_gives_the_same_parameters_as_an_uninterrupted_run(name, via, tmp_path):
+    x, valid = unit_data(60, seed=1), unit_data(12, seed=2)
+    fit = dict(epochs=3, batch_size=8, valid=valid, dynamic_binarize=True)  # 8 steps an epoch, the last one of 4
+
+    def fresh(run_dir, seed):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(seed)
+        model, guide = tiny_pair()
+        return Trainer(model, guide, OBJECTIVES[name](), lr=1e-2, run_dir=run_dir, check_every=3, progress=False)
+
+    reference = fresh(tmp_path / "ref", 0)
+    ref_history = reference.fit(x, **fit)
+
+    interrupted = fresh(tmp_path / "run", 0)
+    message = _fit_interrupted(interrupted, x, 11, signal.SIGINT, **fit)
+    assert "SIGINT received" in message and "--resume" in message
+    assert (interrupted.cursor.epoch, interrupted.cursor.pos, interrupted.cursor.step) == (1, 3, 11)  # mid-epoch 2
+    state = copy.deepcopy(interrupted.state_dict())
+
+    # other initial weights and RNG: everything must come from the checkpoint
+    resumed = fresh(tmp_path / "run" if via == "checkpoint_file" else None, 123)
+    if via == "checkpoint_file":
+        last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+        assert last["cursor"]["step"] == 11 and last["cursor"]["pos"] == 3 and torch.is_tensor(last["cursor"]["perm"])
+        resumed.resume(tmp_path / "run" / "checkpoints" / "last.pt", x[:8])
+    else:
+        resumed.setup(torch.bernoulli(x[:8]))
+        resumed.load_state_dict(state)
+    history = resumed.fit(x, **fit)
+
+    assert params_equal(resumed.params, reference.params)
+    assert resumed.cursor.step == reference.cursor.step == 24
+    ref_state, new_state = reference.objective.state_dict(), resumed.objective.state_dict()
+    assert ref_state.keys() == new_state.keys()
+    for k in ref_state:
+        assert (torch.equal(ref_state[k], new_state[k]) if torch.is_tensor(ref_state[k]) else ref_state[k] == new_state[k]), k
+    # the interrupted epoch's metrics include the steps before the interruption
+    if via == "checkpoint_file":
+        assert _metrics(history) == _metrics(ref_history)
+        on_disk = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert _metrics(on_disk) == _metrics(ref_history)
+    else:
+        assert _metrics(history) == _metrics(ref_history)[1:]
+
+
+def test_resume_drops_metrics_of_epochs_the_checkpoint_does_not_hold(tmp_path):
+    # a crash between writing an epoch's metrics line and its checkpoint (or mid-line) must not duplicate that epoch
+    x = unit_data(40)
+    trainer = Trainer(*tiny_pair(), ELBO(), run_dir=tmp_path / "run", progress=False)
+    trainer.fit(x, epochs=1, batch_size=10)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    first = metrics.read_text()
+    metrics.write_text(first + json.dumps({"epoch": 2, "step": 8}) + "\n" + '{"epoch": 3, "st')
+    pyro.clear_param_store()
+    resumed = Trainer(*tiny_pair(), ELBO(), run_dir=tmp_path / "run", progress=False)
+    resumed.resume(tmp_path / "run" / "checkpoints" / "last.pt", x[:10])
+    assert metrics.read_text() == first
+    resumed.fit(x, epochs=3, batch_size=10)
+    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+
+
+CLI_SCRIPT = r"""
+import sys
+import numpy as np
+import torch
+torch.set_num_threads(1)
+from pyrovae.data import RawData, register_dataset
+
+@register_dataset("tiny-test", ["tiny.npz"])
+def read(folder):
+    z = np.load(folder / "tiny.npz")
+    return RawData(train=torch.from_numpy(z["train"]), test=torch.from_numpy(z["test"]))
+
+from pyrovae.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@posix_only
+def test_sigterm_then_resume_from_the_cli_matches_an_uninterrupted_run(data_dir, tmp_path):
+    script = tmp_path / "pyrovae_tiny.py"
+    script.write_text(CLI_SCRIPT)
+    options = ["--epochs", "15", "--seed", "3", "--objective", "beta", "--beta-schedule", "linear", "--warmup-steps", "30", "--lr", "3e-3"]
+
+    def start(run):
+        return subprocess.Popen([sys.executable, str(script), *train_args(data_dir, run, *options)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    reference, run = start(tmp_path / "ref"), start(tmp_path / "run")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while not (metrics.exists() and metrics.read_text().strip()) and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    run.send_signal(signal.SIGTERM)  # early in epoch 2 (of 15)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 130, err
+    assert "SIGTERM received: saved" in err and "continue with --resume" in err and "Traceback" not in err
+    stopped = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert not stopped["finished"] and 1 <= stopped["cursor"]["epoch"] < 15
+
+    resumed = subprocess.run([sys.executable, str(script), "train", "--resume", "--run-dir", str(tmp_path / "run"), "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=100)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed at epoch {stopped['cursor']['epoch']}, step {stopped['cursor']['step']}" in resumed.stdout
+    out, err = reference.communicate(timeout=100)
+    assert reference.returncode == 0, err
+
+    a = load_checkpoint(tmp_path / "ref" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert a["finished"] and b["finished"]
+    assert params_equal(a["params"], b["params"])
+    assert a["objective"] == b["objective"] == {"num_steps": 150}
+    assert a["cursor"]["step"] == b["cursor"]["step"] == 150
+    read = lambda run: _metrics([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()])
+    assert read("run") == read("ref") and [r["epoch"] for r in read("run")] == list(range(1, 16))
+
+
+# ================================================================================================
+# 4. Safe loading: nothing in a checkpoint or config is executed
+
+
+class Payload:
+    """Unpickling this object would call ``open(marker, "w")``: creating the file proves the code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("save", ["torch.save", "pickle"])
+def test_crafted_pickle_is_refused_and_does_not_run(save, data_dir, finished_run, tmp_path, capsys):
+    marker = tmp_path / "payload-ran"
+    evil = {"format": "pyrovae-checkpoint-v1", "params": Payload(marker)}
+    path = tmp_path / "evil.pt"
+    if save == "torch.save":
+        torch.save(evil, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump(evil, f, protocol=2)
+    with pytest.raises(CheckpointError, match="is refused"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+    run = copy_run(finished_run, tmp_path)
+    shutil.copy(path, run / "checkpoints" / "best.pt")
+    err = cli_error(capsys, ["evaluate", str(run), "--device", "cpu", "--data-dir", str(data_dir)])
+    assert "is refused" in err and "untrusted" in err
+    assert not marker.exists()
+
+
+def test_config_is_read_as_data_not_code(data_dir, finished_run, tmp_path, capsys):
+    marker = tmp_path / "config-ran"
+    run = copy_run(finished_run, tmp_path)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["model"] = f"__import__('pathlib').Path({str(marker)!r}).touch() or 'vae'"
+    (run / "config.json").write_text(json.dumps(cfg))
+    err = cli_error(capsys, ["evaluate", str(run), "--device", "cpu", "--data-dir", str(data_dir)])
+    assert "is not known; choose one of ['vae']" in err
+    assert not marker.exists()
