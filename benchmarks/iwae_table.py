@@ -96,6 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "iwae_table.md"))
     p.add_argument("--work-dir", default="runs/iwae_table", help="per-configuration results (for --resume)")
     p.add_argument("--resume", action="store_true", help="skip configurations already finished in --work-dir with the same settings")
+    p.add_argument("--note", default=None, help="free text added to the table (e.g. what else ran on the machine)")
     args = p.parse_args(argv)
     defaults = QUICK_SETTINGS if args.quick else PAPER_SETTINGS
     for key, value in defaults.items():
@@ -120,6 +121,14 @@ def resolve_device(name: str) -> torch.device:
 
 def protocol(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in PROTOCOL_KEYS}
+
+
+def _load_average() -> Optional[float]:
+    """1-minute load average (other jobs on a shared machine stretch the wall times); None where unknown."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def log(msg: str) -> None:
@@ -187,6 +196,7 @@ def run_config(name: str, args: argparse.Namespace, train: torch.Tensor, test: t
         "active_units": units_marginal,
         "active_units_one_sample": units,
         "protocol": protocol(args),
+        "load_average": _load_average(),
         "finished_at": now(),
     }
     log(f"{name}: test NLL {result['test_nll']:.2f} +- {result['test_nll_stderr_data']:.2f} (paper {PAPER[name][0]}), "
@@ -280,6 +290,8 @@ def render(args: argparse.Namespace, entries: dict, hw: dict, started: str, wall
             "in epochs), not with the paper's numbers.",
             "",
         ]
+    if args.note:
+        lines += [f"Note: {args.note}", ""]
     lines += [
         f"Finished configurations: {len(done)} of the {len(planned)} planned ({', '.join(planned)}). "
         f"Wall time of this invocation so far: {wall_seconds / 60:.1f} min.",
@@ -347,8 +359,8 @@ def render(args: argparse.Namespace, entries: dict, hw: dict, started: str, wall
         + (f" ({hw['gpu']})" if "gpu" in hw else ""),
         f"- software: torch {hw['torch']}, pyro {hw['pyro']}, Python {hw['python']}, {hw['platform']}",
         "",
-        "| configuration | epochs done | steps | train time | NLL eval time | final train loss | test NLL importance stderr | test KL | AU, one z1 sample | finished |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| configuration | epochs done | steps | train time | NLL eval time | final train loss | test NLL importance stderr | test KL | AU, one z1 sample | load average | finished |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name in CONFIGS:
         if name in entries:
@@ -356,7 +368,7 @@ def render(args: argparse.Namespace, entries: dict, hw: dict, started: str, wall
             lines.append(
                 f"| {name} | {r['epochs_done']} | {r['steps']} | {r['train_seconds']:.0f} s | {r['eval_seconds']:.0f} s | "
                 f"{r['final_train_loss']:.2f} | {r['test_nll_stderr_importance']:.3f} | {r['test_kl']:.2f} | "
-                f"{_units(r['active_units_one_sample'])} | {r['finished_at']} |"
+                f"{_units(r['active_units_one_sample'])} | {r.get('load_average', '?')} | {r['finished_at']} |"
             )
     return "\n".join(lines) + "\n"
 

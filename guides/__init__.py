@@ -2,4 +2,7 @@
 from pyrovae.guides.gaussian import GaussianEncoder
 from pyrovae.guides.flow import FlowEncoder
 
+from pyrovae.guides.discrete import BernoulliEncoder
+
 __all__ = ["GaussianEncoder", "FlowEncoder"]
+__all__ += ["BernoulliEncoder"]

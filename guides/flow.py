@@ -14,11 +14,10 @@ import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
-from torch.nn.functional import softplus
 
 from pyrovae.flows import build_flow, conditioned_distribution
 from pyrovae.nn import activation as make_activation
-from pyrovae.nn import x_encoder
+from pyrovae.nn import diag_normal, x_encoder
 
 
 class FlowEncoder(nn.Module):
@@ -69,8 +68,7 @@ class FlowEncoder(nn.Module):
     def distribution(self, x: torch.Tensor) -> dist.TransformedDistribution:
         """q(z | x) for a batch ``x`` of shape ``[batch, *x_shape]``; batch shape ``[batch]``."""
         h = self.trunk(x)
-        loc, raw = self.head(h).chunk(2, dim=-1)
-        base = dist.Normal(loc, softplus(raw) + 1e-4).to_event(1)
+        base = diag_normal(self.head(h))
         return conditioned_distribution(base, self.flows, self.context(h))
 
     def forward(self, x: torch.Tensor) -> None:

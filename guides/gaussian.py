@@ -12,10 +12,9 @@ import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
-from torch.nn.functional import softplus
 
 from pyrovae.models.vae import check_layers
-from pyrovae.nn import latent_names, mlp, x_encoder
+from pyrovae.nn import diag_normal, latent_names, mlp, x_encoder
 
 
 class GaussianEncoder(nn.Module):
@@ -47,8 +46,7 @@ class GaussianEncoder(nn.Module):
             self.heads.append(mlp([self.z_dims[l - 1], *hidden[l], 2 * self.z_dims[l]], activation))
 
     def encode(self, h: torch.Tensor, layer: int) -> dist.Distribution:
-        loc, raw = self.heads[layer](h).chunk(2, dim=-1)
-        return dist.Normal(loc, softplus(raw) + 1e-4).to_event(1)
+        return diag_normal(self.heads[layer](h))
 
     def forward(self, x: torch.Tensor) -> None:
         pyro.module("encoder", self)

@@ -2,4 +2,7 @@
 from pyrovae.models.vae import VAE
 from pyrovae.models.linear_gaussian import ExactPosteriorGuide, LinearGaussian, LinearGaussianGuide
 
+from pyrovae.models.discrete import BinaryCodeCategorical, DiscreteVAE, EnumeratedPosteriorGuide
+
 __all__ = ["VAE"]
+__all__ += ["DiscreteVAE", "EnumeratedPosteriorGuide", "BinaryCodeCategorical"]

@@ -14,10 +14,9 @@ import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
-from torch.nn.functional import softplus
 
 from pyrovae.likelihoods import get_likelihood
-from pyrovae.nn import latent_names, mlp, x_decoder
+from pyrovae.nn import diag_normal, latent_names, mlp, x_decoder
 
 #: Deterministic hidden sizes of the IWAE paper: 200-200 next to x, 100-100 between stochastic layers.
 IWAE_HIDDEN = ((200, 200), (100, 100))
@@ -88,6 +87,5 @@ class VAE(nn.Module):
         with pyro.plate("data", batch):
             z = pyro.sample(self.names[-1], dist.Normal(x.new_zeros(batch, top), 1.0).to_event(1))
             for l in reversed(range(len(self.layers))):
-                loc, raw = self.layers[l](z).chunk(2, dim=-1)
-                z = pyro.sample(self.names[l], dist.Normal(loc, softplus(raw) + 1e-4).to_event(1))
+                z = pyro.sample(self.names[l], diag_normal(self.layers[l](z)))
             pyro.sample("x", self.decode(z), obs=x)

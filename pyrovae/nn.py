@@ -148,3 +148,12 @@ def x_decoder(in_dim: int, x_shape: Sequence[int], hidden: Sequence[int], arch: 
         mid = hidden[0] if hidden else 256
         return nn.Sequential(nn.Linear(in_dim, mid), activation("relu"), DeconvHead(mid, out_shape, act="relu"))
     raise ValueError(f"arch={arch!r} is not known; choose 'mlp' or 'conv'")
+
+
+def diag_normal(params: torch.Tensor, min_scale: float = 1e-4):
+    """N(loc, diag(scale^2)) over the last dim from a network output ``[..., 2 * d]``: the first half is the
+    mean, the second half a raw scale mapped through softplus (bounded below by ``min_scale``)."""
+    import pyro.distributions as dist
+
+    loc, raw = params.chunk(2, dim=-1)
+    return dist.Normal(loc, nn.functional.softplus(raw) + min_scale).to_event(1)

@@ -46,6 +46,8 @@ def _flow(cfg: dict, x_shape) -> nn.Module:
 
 MODELS: dict[str, Callable[[dict, tuple], nn.Module]] = {"vae": _vae}
 GUIDES: dict[str, Callable[[dict, tuple], nn.Module]] = {"gaussian": _gaussian, "flow": _flow}
+MODELS["discrete"] = lambda cfg, x_shape: __import__("pyrovae.models.discrete", fromlist=["from_config"]).from_config(cfg, x_shape)
+GUIDES["bernoulli"] = lambda cfg, x_shape: __import__("pyrovae.guides.discrete", fromlist=["from_config"]).from_config(cfg, x_shape)
 
 #: objective name -> {constructor argument: config key}
 OBJECTIVE_ARGS: dict[str, dict[str, str]] = {

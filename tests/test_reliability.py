@@ -6,7 +6,6 @@ and crash tests use real subprocesses.
 """
 import copy
 import json
-import math
 import os
 import pickle
 import shutil
@@ -26,9 +25,10 @@ import pyrovae.data as D
 from pyrovae import registry
 from pyrovae.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from pyrovae.cli import main
+from pyrovae.flows import FLOWS
 from pyrovae.guides import GaussianEncoder
 from pyrovae.models import VAE
-from pyrovae.objectives import ELBO, GECO, BetaELBO
+from pyrovae.objectives import ELBO, GECO, OBJECTIVES, BetaELBO
 from pyrovae.train import DivergenceError, Trainer, TrainingInterrupted
 
 posix_only = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win32", reason="needs POSIX signals and fork")
@@ -146,16 +146,16 @@ def test_unknown_names_list_the_valid_ones(option, bad, valid, capsys):
     assert f"invalid choice: '{bad}'" in err and f"'{valid}'" in err
 
 
-@pytest.mark.parametrize("build, cfg, listed", [
-    (registry.build_model, {"model": "vea"}, "['vae']"),
-    (registry.build_guide, {"guide": "gausian"}, "['flow', 'gaussian']"),
-    (registry.build_guide, {"guide": "flow", "flow": "plannar", "z_dims": [2]}, "'planar'"),
-    (lambda cfg, _: registry.build_objective(cfg), {"objective": "elbow"}, "'iwae'"),
+@pytest.mark.parametrize("build, cfg, names", [
+    (registry.build_model, {"model": "vea"}, lambda: registry.MODELS),
+    (registry.build_guide, {"guide": "gausian"}, lambda: registry.GUIDES),
+    (registry.build_guide, {"guide": "flow", "flow": "plannar", "z_dims": [2]}, lambda: FLOWS),
+    (lambda cfg, _: registry.build_objective(cfg), {"objective": "elbow"}, lambda: OBJECTIVES),
 ])
-def test_registry_names_list_the_valid_ones(build, cfg, listed):
+def test_registry_names_list_the_valid_ones(build, cfg, names):
     with pytest.raises(ValueError, match="is not known; choose one of") as e:
         build(cfg, (D_X,))
-    assert listed in str(e.value)
+    assert str(sorted(names())) in str(e.value)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -284,6 +284,8 @@ def test_resume_without_a_checkpoint_or_config_says_so(data_dir, finished_run, t
 # ================================================================================================
 # 2. Divergence: found at the step it happens, reported with the Pyro sites, rolled back
 
+nan_warnings = pytest.mark.filterwarnings("ignore:Encountered NaN")
+
 
 def poison(x):
     """An observed site ``poison`` whose log-density is NaN (validation off: the NaN must reach the loss)."""
@@ -323,6 +325,7 @@ def _poisoned_trainer(tmp_path, when, **kwargs):
     return trainer, clock
 
 
+@nan_warnings
 def test_divergence_is_reported_at_its_step_with_the_site_and_rolled_back(tmp_path):
     # 64 examples in batches of 8: 8 steps an epoch; checks every 3 steps -> at 3, 6, 8 (epoch end), 9, 12, 15
     trainer, clock = _poisoned_trainer(tmp_path, lambda step, _: step == 13, check_every=3)
@@ -345,6 +348,7 @@ def test_divergence_is_reported_at_its_step_with_the_site_and_rolled_back(tmp_pa
     assert [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
+@nan_warnings
 def test_divergence_at_an_epoch_end_is_caught_before_the_checkpoint(tmp_path):
     # the last step of epoch 1 (step 8) diverges: the end-of-epoch check must run before last.pt is written
     trainer, clock = _poisoned_trainer(tmp_path, lambda step, _: step == 8, check_every=100)
@@ -355,6 +359,7 @@ def test_divergence_at_an_epoch_end_is_caught_before_the_checkpoint(tmp_path):
     assert trainer.cursor.step == 0 and params_equal(trainer.params, clock["params_before"][1])
 
 
+@nan_warnings
 def test_reduce_lr_halves_the_learning_rate_and_finishes(tmp_path):
     lr0 = 1e-2
     # the model blows up at step 13 unless the learning rate has been reduced (a divergence caused by the lr)
@@ -371,6 +376,7 @@ def test_reduce_lr_halves_the_learning_rate_and_finishes(tmp_path):
     assert state["finished"] and state["cursor"]["step"] == 24 and state["lr_reductions"] == 1
 
 
+@nan_warnings
 def test_reduce_lr_gives_up_after_max_reductions(tmp_path):
     trainer, clock = _poisoned_trainer(tmp_path, lambda step, _: step >= 5, check_every=4, on_divergence="reduce_lr", max_lr_reductions=2)
     with pytest.raises(DivergenceError, match="non-finite loss at step 5 .*model:poison"):
@@ -392,12 +398,14 @@ class NaNAfterCalls(VAE):
             poison(x)
 
 
+@nan_warnings
 def test_cli_divergence_exits_3_with_the_report(monkeypatch, data_dir, tmp_path, capsys):
-    monkeypatch.setitem(registry.MODELS, "nan-after-25", lambda cfg, x_shape: NaNAfterCalls(x_shape, (2,), ((16,),), after=25))
+    monkeypatch.setitem(registry.MODELS, "nan-after-30", lambda cfg, x_shape: NaNAfterCalls(x_shape, (2,), ((16,),), after=30))
     run = tmp_path / "run"
-    err = cli_error(capsys, train_args(data_dir, run, "--epochs", "5", "--model", "nan-after-25", "--check-every", "4"), code=3)
+    err = cli_error(capsys, train_args(data_dir, run, "--epochs", "5", "--model", "nan-after-30", "--check-every", "4"), code=3)
     assert "training diverged: non-finite loss at step" in err and "model:poison" in err and "rolled back" in err
-    state = load_checkpoint(run / "checkpoints" / "last.pt")  # 10 steps an epoch: NaN from about step 24, in epoch 3
+    # an epoch calls the model 12 times (10 steps, 2 for validation): NaN from epoch 3 on, so last.pt is epoch 2
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["cursor"]["epoch"] == 2 and not state["finished"]
     assert all(torch.isfinite(v).all() for v in state["params"].values())
 
@@ -509,7 +517,7 @@ def _fit_interrupted(trainer, x, at_step, sig, **fit_kwargs):
     return str(e.value)
 
 
-OBJECTIVES = {
+STATEFUL_OBJECTIVES = {  # objectives with state of their own that a checkpoint must carry
     "geco": lambda: GECO(tolerance=0.3, alpha=0.9, nu=0.5),
     "beta": lambda: BetaELBO(beta=1.0, schedule="linear", warmup_steps=10),
 }
@@ -520,7 +528,7 @@ def _metrics(history):
 
 
 @posix_only
-@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+@pytest.mark.parametrize("name", sorted(STATEFUL_OBJECTIVES))
 @pytest.mark.parametrize("via", ["checkpoint_file", "state_dict"])
 def test_mid_epoch_resume_gives_the_same_parameters_as_an_uninterrupted_run(name, via, tmp_path):
     x, valid = unit_data(60, seed=1), unit_data(12, seed=2)
@@ -530,7 +538,7 @@ def test_mid_epoch_resume_gives_the_same_parameters_as_an_uninterrupted_run(name
         pyro.clear_param_store()
         pyro.set_rng_seed(seed)
         model, guide = tiny_pair()
-        return Trainer(model, guide, OBJECTIVES[name](), lr=1e-2, run_dir=run_dir, check_every=3, progress=False)
+        return Trainer(model, guide, STATEFUL_OBJECTIVES[name](), lr=1e-2, run_dir=run_dir, check_every=3, progress=False)
 
     reference = fresh(tmp_path / "ref", 0)
     ref_history = reference.fit(x, **fit)
@@ -567,6 +575,32 @@ def test_mid_epoch_resume_gives_the_same_parameters_as_an_uninterrupted_run(name
         assert _metrics(history) == _metrics(ref_history)[1:]
 
 
+@posix_only
+@pytest.mark.cuda
+def test_mid_epoch_resume_on_cuda(tmp_path):
+    # load_checkpoint(map_location=cuda) moves every tensor, RNG states included, onto the GPU
+    device = torch.device("cuda")
+    x, valid = unit_data(60, seed=1).to(device), unit_data(12, seed=2).to(device)
+    fit = dict(epochs=2, batch_size=8, valid=valid, dynamic_binarize=True)
+
+    def fresh(run_dir, seed):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(seed)
+        model, guide = tiny_pair()
+        return Trainer(model.to(device), guide.to(device), GECO(tolerance=0.3), lr=1e-2, run_dir=run_dir, check_every=3, progress=False)
+
+    reference = fresh(tmp_path / "ref", 0)
+    reference.fit(x, **fit)
+    _fit_interrupted(fresh(tmp_path / "run", 0), x, 11, signal.SIGINT, **fit)
+    resumed = fresh(tmp_path / "run", 123)
+    resumed.resume(tmp_path / "run" / "checkpoints" / "last.pt", x[:8])
+    assert resumed.cursor.step == 11 and resumed.cursor.perm.device.type == "cuda"
+    resumed.fit(x, **fit)
+    assert resumed.cursor.step == reference.cursor.step == 16
+    for k, v in reference.params.items():
+        assert v.device.type == "cuda" and torch.allclose(resumed.params[k], v, rtol=1e-4, atol=1e-6), k
+
+
 def test_resume_drops_metrics_of_epochs_the_checkpoint_does_not_hold(tmp_path):
     # a crash between writing an epoch's metrics line and its checkpoint (or mid-line) must not duplicate that epoch
     x = unit_data(40)
@@ -587,7 +621,6 @@ CLI_SCRIPT = r"""
 import sys
 import numpy as np
 import torch
-torch.set_num_threads(1)
 from pyrovae.data import RawData, register_dataset
 
 @register_dataset("tiny-test", ["tiny.npz"])
@@ -601,40 +634,38 @@ sys.exit(main(sys.argv[1:]))
 
 
 @posix_only
-def test_sigterm_then_resume_from_the_cli_matches_an_uninterrupted_run(data_dir, tmp_path):
+def test_sigterm_then_resume_from_the_cli_matches_an_uninterrupted_run(data_dir, tmp_path, capsys):
+    # the CLI with its defaults, dynamic binarization included, in a process of its own that gets SIGTERM
     script = tmp_path / "pyrovae_tiny.py"
     script.write_text(CLI_SCRIPT)
-    options = ["--epochs", "15", "--seed", "3", "--objective", "beta", "--beta-schedule", "linear", "--warmup-steps", "30", "--lr", "3e-3"]
-
-    def start(run):
-        return subprocess.Popen([sys.executable, str(script), *train_args(data_dir, run, *options)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    reference, run = start(tmp_path / "ref"), start(tmp_path / "run")
+    epochs = 12
+    options = ["--epochs", str(epochs), "--seed", "3", "--objective", "beta", "--beta-schedule", "linear", "--warmup-steps", "30", "--lr", "3e-3"]
+    run = subprocess.Popen([sys.executable, str(script), *train_args(data_dir, tmp_path / "run", *options)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 60
     while not (metrics.exists() and metrics.read_text().strip()) and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
-    run.send_signal(signal.SIGTERM)  # early in epoch 2 (of 15)
+    time.sleep(0.05)  # into a later epoch, most likely mid-epoch (the first epoch is the slow one)
+    run.send_signal(signal.SIGTERM)
     out, err = run.communicate(timeout=60)
     assert run.returncode == 130, err
     assert "SIGTERM received: saved" in err and "continue with --resume" in err and "Traceback" not in err
     stopped = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert not stopped["finished"] and 1 <= stopped["cursor"]["epoch"] < 15
+    assert not stopped["finished"] and 1 <= stopped["cursor"]["epoch"] < epochs
 
-    resumed = subprocess.run([sys.executable, str(script), "train", "--resume", "--run-dir", str(tmp_path / "run"), "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=100)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed at epoch {stopped['cursor']['epoch']}, step {stopped['cursor']['step']}" in resumed.stdout
-    out, err = reference.communicate(timeout=100)
-    assert reference.returncode == 0, err
+    # --resume takes everything but the data folder from the run (epochs, seed, objective, batch size, ...)
+    assert main(["train", "--resume", "--run-dir", str(tmp_path / "run"), "--data-dir", str(data_dir)]) == 0
+    assert f"resumed at epoch {stopped['cursor']['epoch']}, step {stopped['cursor']['step']}" in capsys.readouterr().out
+    assert main(train_args(data_dir, tmp_path / "ref", *options)) == 0
 
     a = load_checkpoint(tmp_path / "ref" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert a["finished"] and b["finished"]
     assert params_equal(a["params"], b["params"])
-    assert a["objective"] == b["objective"] == {"num_steps": 150}
-    assert a["cursor"]["step"] == b["cursor"]["step"] == 150
+    assert a["objective"] == b["objective"] == {"num_steps": 10 * epochs}
+    assert a["cursor"]["step"] == b["cursor"]["step"] == 10 * epochs
     read = lambda run: _metrics([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()])
-    assert read("run") == read("ref") and [r["epoch"] for r in read("run")] == list(range(1, 16))
+    assert read("run") == read("ref") and [r["epoch"] for r in read("run")] == list(range(1, epochs + 1))
 
 
 # ================================================================================================
@@ -679,5 +710,5 @@ def test_config_is_read_as_data_not_code(data_dir, finished_run, tmp_path, capsy
     cfg["model"] = f"__import__('pathlib').Path({str(marker)!r}).touch() or 'vae'"
     (run / "config.json").write_text(json.dumps(cfg))
     err = cli_error(capsys, ["evaluate", str(run), "--device", "cpu", "--data-dir", str(data_dir)])
-    assert "is not known; choose one of ['vae']" in err
+    assert f"is not known; choose one of {sorted(registry.MODELS)}" in err
     assert not marker.exists()

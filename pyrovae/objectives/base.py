@@ -29,7 +29,8 @@ class LogWeights:
     """Parts of the per-datum log weights, each ``[P, B]`` (``glob`` is ``[P]``).
 
     ``log_w = log_px + log_pz - log_qz`` per datum; ``score`` sums ``log q`` of the guide's
-    non-reparameterisable sites (zero when every site is reparameterised).
+    non-reparameterisable sites (zero when every site is reparameterised), ``glob_score`` (``[P]``) that of
+    such sites outside the data plate.
     """
 
     log_px: torch.Tensor
@@ -42,6 +43,11 @@ class LogWeights:
     model_trace: Trace
     guide_trace: Trace
     reduce: Callable  # (site log-density, site) -> ([P, B] or None, [P] or None)
+    glob_score: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        if self.glob_score is None:
+            self.glob_score = torch.zeros_like(self.glob)
 
     @property
     def log_w(self) -> torch.Tensor:
@@ -107,7 +113,7 @@ def log_weights_from_traces(model_trace: Trace, guide_trace: Trace, num_particle
         in_data = any(f.name == data_plate for f in site["cond_indep_stack"])
         return _split(lp, max_plate_nesting, frame.dim if in_data else None, num_particles, batch)
 
-    log_px, log_pz, log_qz, score, glob = zeros, zeros, zeros, zeros, zeros[:, 0]
+    log_px, log_pz, log_qz, score, glob, glob_score = zeros, zeros, zeros, zeros, zeros[:, 0], zeros[:, 0]
     has_global_latents = False
     nonreparam = []
     for site in model_trace.nodes.values():
@@ -134,7 +140,9 @@ def log_weights_from_traces(model_trace: Trace, guide_trace: Trace, num_particle
             nonreparam.append(name)
             if local is not None:
                 score = score + local
-    return LogWeights(log_px, log_pz, log_qz, score, glob, has_global_latents, tuple(nonreparam), model_trace, guide_trace, reduce)
+            else:
+                glob_score = glob_score + g
+    return LogWeights(log_px, log_pz, log_qz, score, glob, has_global_latents, tuple(nonreparam), model_trace, guide_trace, reduce, glob_score)
 
 
 def check_num_particles(num_particles, minimum: int = 1, why: str = "") -> int:

@@ -10,6 +10,7 @@ import math
 
 import torch
 from pyro.distributions.kl import kl_divergence
+from pyro.distributions.util import scale_and_mask
 
 from pyrovae.objectives.base import LogWeights, Objective
 
@@ -26,12 +27,22 @@ def _analytic_kl(lw: LogWeights) -> torch.Tensor:
             exact = kl_divergence(gsite["fn"], msite["fn"])
         except NotImplementedError:
             continue
-        # swap this site's Monte-Carlo term log q - log p for its exact expectation
+        # swap this site's Monte-Carlo term log q - log p for its exact expectation; the site's log-densities
+        # carry its scale and mask (poutine.scale, subsampling), so the exact term must too
+        exact = scale_and_mask(exact, gsite["scale"], gsite["mask"])
         correction = exact - (gsite["log_prob"] - msite["log_prob"])
         local, _ = lw.reduce(gsite, correction)
         if local is not None:
             kl = kl + local
     return kl
+
+
+def _leave_one_out(signal: torch.Tensor) -> torch.Tensor:
+    """Detached ``signal`` minus the mean of the other particles (dim 0), an unbiased baseline."""
+    num = signal.shape[0]
+    if num == 1:
+        return signal.detach()
+    return (signal - (signal.sum(0, keepdim=True) - signal) / (num - 1)).detach()
 
 
 class ELBO(Objective):
@@ -58,17 +69,19 @@ class ELBO(Objective):
         return lw, recon, kl
 
     def _score_term(self, lw: LogWeights, log_w: torch.Tensor) -> torch.Tensor:
+        """Score-function surrogate, ``[P]``: per datum, each local non-reparameterised site is weighted by
+        its datum's log weight; a global one by the particle's whole log weight (every datum depends on it)."""
         if not lw.nonreparam_sites:
-            return torch.zeros_like(log_w)
-        num = lw.num_particles
-        baseline = (log_w.sum(0, keepdim=True) - log_w) / (num - 1) if num > 1 else torch.zeros_like(log_w)
-        return (log_w - baseline).detach() * lw.score
+            return log_w.new_zeros(log_w.shape[0])
+        local = (_leave_one_out(log_w) * lw.score).sum(1)
+        total = log_w.sum(1) + lw.glob  # the glob part of the objective is never beta-weighted
+        return local + _leave_one_out(total) * lw.glob_score
 
     def _finish(self, lw, recon, kl, beta=1.0, **extra):
         log_w = recon - kl
         elbo = log_w.mean(0).sum() + lw.glob.mean()
         objective = (recon - beta * kl).mean(0).sum() + lw.glob.mean()
-        surrogate = objective + self._score_term(lw, recon - beta * kl).mean(0).sum()
+        surrogate = objective + self._score_term(lw, recon - beta * kl).mean(0)
         self._record(lw, **extra)
         self.metrics["elbo"] = (elbo / lw.batch_size).detach()
         self.metrics["kl"] = kl.mean().detach()
@@ -124,7 +137,7 @@ class BetaELBO(ELBO):
     def _loss_and_surrogate(self, model, guide, args, kwargs):
         beta = self.current_beta
         lw, recon, kl = self._bound_parts(model, guide, args, kwargs)
-        return self._finish(lw, recon, kl, beta=beta, beta_t=torch.tensor(beta))
+        return self._finish(lw, recon, kl, beta=beta, beta_t=recon.new_tensor(beta))
 
     def step(self) -> None:
         self.num_steps += 1

@@ -6,6 +6,12 @@ with the Lagrangian L = KL + lambda * C_t, where C_t carries the value of the mo
 C_ma = alpha * C_ma + (1 - alpha) * C_hat and the gradient of the batch constraint C_hat, and
 lambda <- lambda * exp(nu * C_ma) after each step (kept in [lambda_min, lambda_max]).
 
+The moving average lags the constraint by about 1 / (1 - alpha) steps, so the step of log lambda is also
+limited to +-(1 - alpha): lambda then moves by at most a factor e over one lag. Without the limit a large
+early violation (C_ma many times the tolerance) drives lambda to lambda_max within tens of steps, and it
+stays there long after the constraint is met (the average still remembers the first batches), then
+overshoots the other way: an oscillation of several orders of magnitude instead of convergence.
+
 g(z) is the mean of the model's observed site. For numerical stability the gradient is taken of
 L / (1 + lambda): the same direction as L, with bounded magnitude while lambda moves over orders of
 magnitude, so a fast-growing multiplier early in training cannot wreck the optimiser's moment estimates.
@@ -177,7 +183,7 @@ class GECO(Objective):
         tolerance: the constraint's allowed level (kappa), >= 0.
         alpha: moving-average rate of the constraint (0.99 in the paper).
         lambda_init: initial Lagrange multiplier.
-        nu: multiplier rate: lambda <- lambda * exp(nu * C_ma).
+        nu: multiplier rate: lambda <- lambda * exp(nu * C_ma), the step of log lambda limited to +-(1 - alpha).
         lambda_min, lambda_max: bounds that keep lambda finite and positive.
         num_particles: samples per datum.
         obs_site: the observed site giving g(z) (default: the model's only observed site).
@@ -228,7 +234,7 @@ class GECO(Objective):
         prev = self.c_ma.to(c_hat.device) if self.c_ma is not None else None
         c_ma = c_hat.detach() if prev is None else self.alpha * prev + (1 - self.alpha) * c_hat.detach()
         c_t = c_hat + (c_ma - c_hat).detach()
-        lam = self.log_lambda.to(c_hat.device).exp()
+        lam = self.log_lambda.to(c_hat).exp()
         batch = lw.batch_size
         lagrangian = (kl + lam * c_t) * batch
         self._pending = c_ma.detach()
@@ -240,7 +246,9 @@ class GECO(Objective):
             return
         c_ma = self._pending
         self.c_ma = c_ma
-        self.log_lambda = (self.log_lambda.to(c_ma.device) + self.nu * c_ma).clamp(self.log_lambda_min, self.log_lambda_max)
+        rate = 1.0 - self.alpha
+        delta = (self.nu * c_ma).clamp(-rate, rate)
+        self.log_lambda = (self.log_lambda.to(c_ma) + delta).clamp(self.log_lambda_min, self.log_lambda_max)
         self._pending = None
 
     def state_dict(self) -> dict:

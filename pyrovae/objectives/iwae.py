@@ -44,9 +44,11 @@ class IWAE(Objective):
         reparam_only(lw, name)
         bound = self._bound(lw.log_w)
         self._record(lw, bound=bound.mean())
-        loss = -bound.sum()
+        # glob holds only observed sites outside the data plate here (e.g. a pyro.factor): not per datum, so
+        # not inside the log-mean-exp, but part of log p(x) all the same
+        loss = -(bound.sum() + lw.glob.mean())
         if self.estimator == "dreg" and torch.is_grad_enabled():
-            return loss, -self._dreg_surrogate(model, guide, args, kwargs, lw)
+            return loss, -(self._dreg_surrogate(model, guide, args, kwargs, lw) + lw.glob.mean())
         return loss, loss
 
     def _dreg_surrogate(self, model, guide, args, kwargs, lw: LogWeights) -> torch.Tensor:

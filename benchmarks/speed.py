@@ -1,0 +1,494 @@
+"""Speed of pyrovae's training step against a hand-written PyTorch VAE and plain Pyro SVI.
+
+The same model is run three ways in one process, with the same networks and the same initial weights:
+
+- ``hand``: :mod:`reference` (next to this file): the forward pass written out with torch ops on the
+  model's and guide's own ``nn.Linear`` weights, the same bound, ``torch.optim.Adam``;
+- ``pyrovae``: ``pyrovae.train.Trainer(model, guide, objective).step(x)``, the project's training step;
+- ``svi``: ``pyro.infer.SVI(model, guide, pyro.optim.Adam, loss=Trace_ELBO())`` (``RenyiELBO(alpha=0)``,
+  Pyro's K-particle importance-weighted bound, for the IWAE rows).
+
+Evaluation rows time ``pyrovae.evaluate.log_likelihood`` (k = 5000 importance samples) against the hand-written
+chunked estimator, in images per second. Implementations are timed interleaved, in rounds (hand, pyrovae, svi,
+hand, pyrovae, svi, ...), and the table reports medians over rounds, so that ratios stay fair on a machine
+shared with other work. Results go to a markdown file (``--out``), written atomically.
+
+Usage::
+
+    python benchmarks/speed.py                 # full table on CPU (and CUDA when available)
+    python benchmarks/speed.py --quick --out /tmp/speed.md   # smoke run, < 2 minutes on 2 cores
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import logging
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import pyro
+import pyro.optim
+import torch
+from pyro.infer import SVI, RenyiELBO, Trace_ELBO
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference import HandTrainer, HandVAE  # noqa: E402
+
+from pyrovae.checkpoint import atomic_write  # noqa: E402
+from pyrovae.evaluate import log_likelihood  # noqa: E402
+from pyrovae.models import VAE  # noqa: E402
+from pyrovae.objectives import ELBO, IWAE  # noqa: E402
+from pyrovae.train import Trainer  # noqa: E402
+
+try:
+    from pyrovae.guides import GaussianEncoder
+except ImportError:  # pragma: no cover - guides/__init__ also imports FlowEncoder
+    from pyrovae.guides.gaussian import GaussianEncoder
+try:
+    from pyrovae.guides import FlowEncoder
+except ImportError:
+    FlowEncoder = None
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "speed.md"
+IMPLS = ("hand", "pyrovae", "svi")
+X_SHAPE = (1, 28, 28)
+
+#: name -> (VAE / GaussianEncoder keyword arguments, description)
+ARCHS: dict[str, tuple[dict, str]] = {
+    "kw": (dict(z_dims=(20,), hidden=[(400,)], activation="relu"), "784-400-20 relu (Kingma & Welling; Pyro's VAE example)"),
+    "iwae1": (dict(z_dims=(50,), hidden=[(200, 200)], activation="tanh"), "784-200-200-50 tanh (IWAE paper, 1 layer)"),
+    "iwae2": (dict(z_dims=(100, 50), hidden=[(200, 200), (100, 100)], activation="tanh"), "784-200-200-100-100-100-50 tanh (IWAE paper, 2 layers)"),
+}
+
+CPU_TRAIN_TARGET = 0.9
+CPU_EVAL_TARGET = 1.0
+
+
+@dataclass
+class Config:
+    arch: str
+    objective: str  # elbo | iwae | eval
+    batch: int
+    particles: int = 1
+    guide: str = "gaussian"  # gaussian | planar
+
+    @property
+    def label(self) -> str:
+        if self.objective == "eval":
+            return f"log p(x), k={self.particles}"
+        obj = "ELBO" if self.objective == "elbo" else f"IWAE K={self.particles}"
+        return obj + (" + planar flow x10" if self.guide == "planar" else "")
+
+    @property
+    def unit(self) -> str:
+        return "images/s" if self.objective == "eval" else "steps/s"
+
+
+@dataclass
+class Row:
+    device: str
+    config: Config
+    rates: dict[str, list[float]] = field(default_factory=dict)  # impl -> per-round rate (wall clock)
+    cpu_rates: dict[str, list[float]] = field(default_factory=dict)  # impl -> per-round rate per CPU-second of this process
+    steps: int = 0
+    note: str = ""
+    skipped: str = ""
+
+    def median(self, impl: str, cpu: bool = False) -> Optional[float]:
+        r = (self.cpu_rates if cpu else self.rates).get(impl)
+        return statistics.median(r) if r else None
+
+    def ratio(self, impl: str, ref: str, cpu: bool = False) -> Optional[float]:
+        a, b = self.median(impl, cpu), self.median(ref, cpu)
+        return None if a is None or b is None else a / b
+
+    def ratio_range(self, impl: str, ref: str) -> Optional[tuple[float, float]]:
+        if not self.rates.get(impl) or not self.rates.get(ref):
+            return None
+        paired = [a / b for a, b in zip(self.rates[impl], self.rates[ref])]
+        return min(paired), max(paired)
+
+
+def configs(quick: bool, eval_k: int) -> list[Config]:
+    if quick:
+        return [
+            Config("kw", "elbo", 128),
+            Config("iwae1", "iwae", 128, 5),
+            Config("iwae1", "elbo", 128, guide="planar"),
+            Config("iwae1", "eval", 100, eval_k),
+        ]
+    out = [Config(a, "elbo", b) for a in ("kw", "iwae1", "iwae2") for b in (128, 1024)]
+    out += [Config("iwae1", "iwae", 128, 5), Config("iwae1", "iwae", 1024, 5), Config("iwae1", "iwae", 128, 50)]
+    out += [Config("iwae1", "elbo", 128, guide="planar"), Config("iwae1", "elbo", 1024, guide="planar")]
+    out += [Config("iwae1", "eval", 100, eval_k)]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+
+
+def load_data(data_dir: Optional[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(train, test, description): statically binarized MNIST if found (--data-dir, $PYROVAE_DATA, cache),
+    else synthetic {0,1} data of MNIST's shape."""
+    from pyrovae.data import DataError, load_dataset
+
+    try:
+        splits = load_dataset("binarized-mnist", data_dir=data_dir, download=False, device=device)
+        return splits.train, splits.test, "binarized MNIST (Larochelle & Murray), real data"
+    except (DataError, ValueError) as e:
+        reason = str(e).splitlines()[0]
+    g = torch.Generator().manual_seed(0)
+    train = torch.bernoulli(torch.full((4096, *X_SHAPE), 0.13), generator=g).to(device)
+    test = torch.bernoulli(torch.full((1024, *X_SHAPE), 0.13), generator=g).to(device)
+    print(f"speed.py: real data not found ({reason}); using SYNTHETIC Bernoulli data of MNIST's shape", flush=True)
+    return train, test, "SYNTHETIC Bernoulli(0.13) data of MNIST's shape (real data not found; pass --data-dir or set PYROVAE_DATA)"
+
+
+# --------------------------------------------------------------------------------------------------
+# the three implementations
+
+
+def build(cfg: Config, device: torch.device, seed: int = 0):
+    kwargs, _ = ARCHS[cfg.arch]
+    torch.manual_seed(seed)
+    model = VAE(x_shape=X_SHAPE, **kwargs)
+    if cfg.guide == "planar":
+        (hidden,) = kwargs["hidden"]
+        guide = FlowEncoder(x_shape=X_SHAPE, z_dim=kwargs["z_dims"][0], hidden=hidden, flow="planar", num_flows=10, activation=kwargs["activation"])
+    else:
+        guide = GaussianEncoder(x_shape=X_SHAPE, **kwargs)
+    return model.to(device), guide.to(device)
+
+
+class Impl:
+    """One implementation of a config: its own copy of the networks, optimiser and Pyro param store."""
+
+    def __init__(self, name: str, run: Callable[[torch.Tensor], object], setup: Optional[Callable[[torch.Tensor], None]] = None):
+        self.name, self.run, self._setup = name, run, setup
+        self.store_state = {"params": {}, "constraints": {}}
+
+    def scope(self):
+        return pyro.get_param_store().scope(self.store_state)
+
+    def setup(self, x: torch.Tensor) -> None:
+        if self._setup is not None:
+            with self.scope():
+                self._setup(x)
+
+
+def make_impls(cfg: Config, device: torch.device) -> dict[str, Impl]:
+    model, guide = build(cfg, device)
+    copies = {name: (copy.deepcopy(model), copy.deepcopy(guide)) for name in IMPLS}
+    impls: dict[str, Impl] = {}
+    K = cfg.particles
+
+    m, g = copies["hand"]
+    hand = HandVAE(m, g)
+    if cfg.objective == "eval":
+        impls["hand"] = Impl("hand", lambda x: hand.log_likelihood(x, num_samples=K, batch_size=cfg.batch))
+        m, g = copies["pyrovae"]
+        impls["pyrovae"] = Impl("pyrovae", lambda x: log_likelihood(m, g, x, num_samples=K, batch_size=cfg.batch).values)
+        return impls
+    trainer = HandTrainer(hand, cfg.objective, K)
+    impls["hand"] = Impl("hand", trainer.step)
+
+    m, g = copies["pyrovae"]
+    objective = ELBO() if cfg.objective == "elbo" else IWAE(num_particles=K)
+    pv = Trainer(m, g, objective, progress=False)
+    impls["pyrovae"] = Impl("pyrovae", pv.step, pv.setup)
+
+    m, g = copies["svi"]
+    loss = Trace_ELBO() if cfg.objective == "elbo" else RenyiELBO(alpha=0.0, num_particles=K, vectorize_particles=True)
+    svi = SVI(m, g, pyro.optim.Adam({"lr": 1e-3}), loss=loss)
+    impls["svi"] = Impl("svi", svi.step)
+    return impls
+
+
+# --------------------------------------------------------------------------------------------------
+# timing
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def time_block(impl: Impl, inputs: list[torch.Tensor], steps: int, sync: Callable[[], None]) -> tuple[float, float]:
+    """(wall-clock seconds, CPU seconds of this process) for ``steps`` calls of ``impl`` on ``inputs`` in turn,
+    inside its own param store. CPU time does not count the time other jobs on a shared machine hold the cores."""
+    with impl.scope():
+        sync()
+        t0, c0 = time.perf_counter(), time.process_time()
+        for i in range(steps):
+            impl.run(inputs[i % len(inputs)])
+        sync()
+        return time.perf_counter() - t0, time.process_time() - c0
+
+
+def measure(row: Row, impls: dict[str, Impl], inputs: list[torch.Tensor], work: int, args, sync) -> None:
+    """Fill ``row.rates``: ``args.rounds`` interleaved rounds; ``work`` = items (steps or images) per call."""
+    if row.config.objective == "eval":
+        # one call is a full pass over the evaluation subset; warm up on two images
+        for impl in impls.values():
+            time_block(impl, [inputs[0][:2]], 1, sync)
+        steps = 1
+    else:
+        for impl in impls.values():
+            impl.setup(inputs[0])
+            time_block(impl, inputs, args.warmup, sync)
+        if args.steps:
+            steps = args.steps
+        else:  # calibrate: about --block-seconds per block for the slowest implementation
+            per_call = max(time_block(impl, inputs, 1, sync)[0] for impl in impls.values())
+            steps = int(min(args.max_steps, max(args.min_steps, round(args.block_seconds / max(per_call, 1e-6)))))
+    row.steps = steps
+    for _ in range(args.rounds):
+        for name, impl in impls.items():
+            wall, cpu = time_block(impl, inputs, steps, sync)
+            row.rates.setdefault(name, []).append(steps * work / wall)
+            row.cpu_rates.setdefault(name, []).append(steps * work / max(cpu, 1e-9))
+
+
+def run_device(device: torch.device, args, train: torch.Tensor, test: torch.Tensor) -> list[Row]:
+    sync = synchronizer(device)
+    rows = []
+    eval_images = args.eval_images if args.eval_images else (2 if args.quick else 100) if device.type == "cpu" else 10000
+    for cfg in configs(args.quick, args.eval_k):
+        if args.only and not any(s in f"{cfg.arch} {cfg.label} {cfg.batch}" for s in args.only):
+            continue
+        row = Row(device.type, cfg)
+        rows.append(row)
+        if cfg.guide == "planar" and FlowEncoder is None:
+            row.skipped = "pyrovae.guides.FlowEncoder is not available yet"
+            print(f"[{device.type}] {cfg.label}: skipped ({row.skipped})", flush=True)
+            continue
+        t0 = time.perf_counter()
+        impls = make_impls(cfg, device)
+        if cfg.objective == "eval":
+            data = test[: min(eval_images, test.shape[0])]
+            row.note = f"{data.shape[0]} test images" + (" (a subset: the full 10k take ~10 min per implementation on CPU)" if data.shape[0] < test.shape[0] else "")
+            measure(row, impls, [data], data.shape[0], args, sync)
+        else:
+            g = torch.Generator(device="cpu").manual_seed(1)
+            inputs = [train[torch.randint(train.shape[0], (cfg.batch,), generator=g).to(device)] for _ in range(8)]
+            measure(row, impls, inputs, 1, args, sync)
+        print(format_progress(row, time.perf_counter() - t0), flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# report
+
+
+def fmt(v: Optional[float], digits: int = 2) -> str:
+    if v is None:
+        return "—"
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    return f"{v:.{digits}f}"
+
+
+def target_of(row: Row) -> Optional[float]:
+    if row.device != "cpu":
+        return None
+    return CPU_EVAL_TARGET if row.config.objective == "eval" else CPU_TRAIN_TARGET
+
+
+def format_progress(row: Row, seconds: float) -> str:
+    c = row.config
+    parts = [f"{i}={fmt(row.median(i))}" for i in IMPLS if row.rates.get(i)]
+    s = row.ratio("pyrovae", "svi")
+    return (f"[{row.device}] {short_arch(c.arch)} | {c.label} | batch {c.batch}: " + " ".join(parts) + f" {c.unit}"
+            + f" | pyrovae/hand {fmt(row.ratio('pyrovae', 'hand'))} (CPU time {fmt(row.ratio('pyrovae', 'hand', cpu=True))})"
+            + (f" pyrovae/svi {fmt(s)}" if s else "") + f" | {row.steps} x {len(next(iter(row.rates.values())))} rounds, {seconds:.0f} s")
+
+
+def short_arch(arch: str) -> str:
+    return ARCHS[arch][1].split(" (")[0]
+
+
+def table(rows: list[Row]) -> str:
+    head = ("| model | objective | batch | unit | hand-written | pyrovae | SVI | pyrovae / hand | per-round range "
+            "| pyrovae / hand, CPU time | pyrovae / SVI | target (pyrovae / hand) | met |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for row in rows:
+        c = row.config
+        batch = f"{c.batch}" if c.objective != "eval" else f"{c.batch} per pass"
+        if row.skipped:
+            lines.append(f"| {short_arch(c.arch)} | {c.label} | {batch} | {c.unit} | skipped: {row.skipped} |" + " |" * 8)
+            continue
+        r, rng = row.ratio("pyrovae", "hand"), row.ratio_range("pyrovae", "hand")
+        target = target_of(row)
+        met = "—" if target is None or r is None else ("yes" if r >= target else "**no**")
+        label = c.label + (f" ({row.note})" if row.note else "")
+        lines.append(
+            f"| {short_arch(c.arch)} | {label} | {batch} | {c.unit} | {fmt(row.median('hand'))} | {fmt(row.median('pyrovae'))} "
+            f"| {fmt(row.median('svi'))} | **{fmt(r)}** | {fmt(rng[0]) + '–' + fmt(rng[1]) if rng else '—'} "
+            f"| {fmt(row.ratio('pyrovae', 'hand', cpu=True))} | {fmt(row.ratio('pyrovae', 'svi'))} "
+            f"| {'≥ ' + format(target, '.1f') if target is not None else '—'} | {met} |"
+        )
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def targets_section(rows: list[Row], devices: list[str]) -> str:
+    cpu = [r for r in rows if r.device == "cpu" and not r.skipped and r.rates]
+    out = ["| target (from the issue) | measured | met |", "|---|---|---|"]
+
+    def summary(sel: list[Row], target: float) -> tuple[str, str]:
+        if not sel:
+            return "not measured in this run", "—"
+        ratios = [(r, r.ratio("pyrovae", "hand")) for r in sel]
+        worst = min(ratios, key=lambda t: t[1])
+        text = "; ".join(f"{fmt(v)} ({short_arch(r.config.arch).split(' ')[0]} {r.config.label})" for r, v in ratios)
+        return text, ("yes" if worst[1] >= target else f"**no** (worst {fmt(worst[1])})")
+
+    for batch in (128, 1024):
+        sel = [r for r in cpu if r.config.objective != "eval" and r.config.batch == batch]
+        text, met = summary(sel, CPU_TRAIN_TARGET)
+        out.append(f"| CPU, batch {batch}: pyrovae / hand-written ≥ {CPU_TRAIN_TARGET} | {text} | {met} |")
+    text, met = summary([r for r in cpu if r.config.objective == "eval"], CPU_EVAL_TARGET)
+    out.append(f"| CPU evaluation (log p(x), k=5000): no slower than hand-written (ratio ≥ {CPU_EVAL_TARGET}) | {text} | {met} |")
+    cuda = [r for r in rows if r.device == "cuda" and not r.skipped and r.rates and r.config.objective != "eval"]
+    if "cuda" in devices and cuda:
+        r_hand = min(r.ratio("pyrovae", "hand") for r in cuda)
+        r_svi = min(r.ratio("pyrovae", "svi") for r in cuda)
+        out.append(f"| CUDA: pyrovae / hand-written ≥ 1.0 | worst {fmt(r_hand)} | {'yes' if r_hand >= 1.0 else '**no**'} |")
+        out.append(f"| CUDA: pyrovae ≥ 3x SVI | worst {fmt(r_svi)} | {'yes' if r_svi >= 3.0 else '**no**'} |")
+    else:
+        why = "no CUDA device on this machine (torch.cuda.is_available() is False)" if not torch.cuda.is_available() else "not run (--device cpu)"
+        out.append(f"| CUDA: pyrovae / hand-written ≥ 1.0 | not measurable: {why} | — |")
+        out.append(f"| CUDA: pyrovae ≥ 3x SVI | not measurable: {why} | — |")
+    return "\n".join(out)
+
+
+def report(rows: list[Row], args, meta: dict) -> str:
+    devices = sorted({r.device for r in rows}, key=lambda d: d != "cpu")
+    parts = [
+        "# Speed: pyrovae vs hand-written PyTorch vs plain Pyro SVI",
+        "",
+        f"Written by `benchmarks/speed.py`{' (**--quick smoke run**: few steps, not a measurement)' if args.quick else ''}.",
+        "",
+        "## Run",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- date: {meta['date']}",
+        f"- CPU: {meta['cpu']}; {meta['cores']} cores visible to the process; torch threads: {meta['threads']}",
+        f"- load average (1 min) at start / end: {meta['load_start']} / {meta['load_end']} (the machine is shared: "
+        "timings are noisy, which is why implementations are interleaved and medians reported)",
+        f"- CUDA: {meta['cuda']}",
+        f"- python {platform.python_version()}, torch {torch.__version__}, pyro {pyro.__version__}",
+        f"- Pyro / torch.distributions validation: {'on (the default)' if meta['validation'] else 'off (--no-validation)'}",
+        f"- data: {meta['data']}",
+        f"- method: {args.rounds} rounds; each round times every implementation once, in turn (hand, pyrovae, svi), "
+        f"for the same number of steps (calibrated to ~{args.block_seconds:g} s per block unless --steps), after {args.warmup} warm-up steps; "
+        "the table shows the median rate over rounds, the ratio of medians, and the range of the per-round (paired) ratios. "
+        "The CPU-time ratio divides work by the CPU seconds the process used in each block (`time.process_time`): "
+        "it leaves out the time other jobs held the cores, and is the steadier number on a shared machine when torch uses one thread.",
+        "- implementations (same networks, same initial weights, same bound, Adam lr 1e-3):",
+        "  - **hand-written**: `benchmarks/reference.py`, the forward pass written with `F.linear` and torch ops on the "
+        "pyrovae modules' own weights; `torch.optim.Adam`;",
+        "  - **pyrovae**: `pyrovae.train.Trainer(model, guide, objective).step(x)` with `pyrovae.objectives.ELBO()` / `IWAE(K)`;",
+        "  - **SVI**: `pyro.infer.SVI(model, guide, pyro.optim.Adam, loss=Trace_ELBO())`; for IWAE rows "
+        "`RenyiELBO(alpha=0, num_particles=K, vectorize_particles=True)`, Pyro's K-particle importance-weighted bound "
+        "(same computation; its log-sum-exp is over the batch's summed log-weights, not per datum);",
+        "  - evaluation: `pyrovae.evaluate.log_likelihood(model, guide, x, num_samples=k, batch_size=100)` against "
+        "`HandVAE.log_likelihood` (same chunking, one encoder pass per batch); SVI has no counterpart.",
+        "",
+    ]
+    for device in devices:
+        parts += [f"## {device.upper()}", "", table([r for r in rows if r.device == device]), ""]
+    if "cuda" not in devices:
+        parts += ["## CUDA", "", "Not measured: " + ("no CUDA device on this machine (torch.cuda.is_available() is False)." if not torch.cuda.is_available() else "run with --device auto or cuda."), ""]
+    parts += ["## Targets", "", targets_section(rows, devices), ""]
+    return "\n".join(parts)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: batch 128, a few configs, 3 steps x 2 rounds")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CPU, and CUDA when available")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--steps", type=int, default=None, help="steps per timed block (default: calibrated to --block-seconds)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7; 2 with --quick)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per implementation (default 3; 1 with --quick)")
+    p.add_argument("--block-seconds", type=float, default=2.0, help="target seconds per timed block when calibrating")
+    p.add_argument("--min-steps", type=int, default=3)
+    p.add_argument("--max-steps", type=int, default=2000)
+    p.add_argument("--eval-k", type=int, default=5000, help="importance samples of the log-likelihood rows")
+    p.add_argument("--eval-images", type=int, default=None, help="test images per evaluation pass (default: 100 on CPU, 2 with --quick, 10000 on CUDA)")
+    p.add_argument("--only", nargs="*", default=None, help="run only configs whose 'arch label batch' contains one of these strings")
+    p.add_argument("--no-validation", action="store_true", help="pyro.enable_validation(False) for the whole run (default: Pyro's default, on)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown file to write")
+    p.add_argument("--data-dir", default=None, help="folder holding binarized-mnist/ (default: $PYROVAE_DATA, then the cache)")
+    args = p.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 2 if args.quick else 7
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else 3
+    if args.quick and args.steps is None:
+        args.steps = 3
+    for name in ("rounds", "steps", "threads", "eval_k", "eval_images"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            p.error(f"--{name.replace('_', '-')}={v} must be a positive integer")
+
+    logging.getLogger("pyro").setLevel(logging.WARNING)  # "Guessed max_plate_nesting" on every new objective
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.no_validation:
+        pyro.enable_validation(False)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch.cuda.is_available() is False on this machine")
+    devices = {"auto": ["cpu"] + (["cuda"] if torch.cuda.is_available() else []), "cpu": ["cpu"], "cuda": ["cuda"]}[args.device]
+
+    meta = {
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]) if argv is None else "speed.main(" + repr(argv) + ")",
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu_model(),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "load_start": f"{os.getloadavg()[0]:.2f}",
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available (torch.cuda.is_available() is False)",
+        "validation": not args.no_validation,
+    }
+    if FlowEncoder is None:
+        print("speed.py: pyrovae.guides.FlowEncoder is not available; the planar-flow rows are skipped", flush=True)
+
+    rows: list[Row] = []
+    for d in devices:
+        device = torch.device(d)
+        train, test, meta["data"] = load_data(args.data_dir, device)
+        rows += run_device(device, args, train, test)
+    meta["load_end"] = f"{os.getloadavg()[0]:.2f}"
+    text = report(rows, args, meta)
+    print("\n" + text)
+    atomic_write(args.out, lambda f: f.write(text.encode()))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
