@@ -38,7 +38,7 @@ import torch
 from common import command_line, fixed_binarization, hardware_info, now
 from pyrovae.checkpoint import atomic_write
 from pyrovae.data import load_dataset
-from pyrovae.evaluate import active_units, elbo_terms, log_likelihood, posterior_means
+from pyrovae.evaluate import active_units, elbo_terms, log_likelihood
 from pyrovae.guides import GaussianEncoder
 from pyrovae.models import VAE
 from pyrovae.objectives import ELBO, IWAE
@@ -139,17 +139,6 @@ def log(msg: str) -> None:
 # One configuration
 
 
-@torch.no_grad()
-def active_units_marginal(guide, data: torch.Tensor, samples: int = AU_SAMPLES, threshold: float = 1e-2) -> dict[str, int]:
-    """Active units with E_q[u | x] marginalised over the layers below: the average of ``posterior_means`` over
-    ``samples`` runs of the guide. For one layer this is ``active_units``; for z2 of a two-layer guide,
-    ``active_units`` uses E[z2 | z1] at one sample z1 ~ q(z1 | x), whose sampling noise alone can exceed the
-    threshold and count units that carry no information about x."""
-    runs = [posterior_means(guide, data) for _ in range(samples)]
-    means = {name: torch.stack([r[name] for r in runs]).mean(0) for name in runs[0]}
-    return {name: int((m.var(0) > threshold).sum()) for name, m in means.items()}
-
-
 def run_config(name: str, args: argparse.Namespace, train: torch.Tensor, test: torch.Tensor) -> dict:
     z_dims, obj, k = CONFIGS[name]
     device = train.device
@@ -174,8 +163,7 @@ def run_config(name: str, args: argparse.Namespace, train: torch.Tensor, test: t
     ll = log_likelihood(model, guide, test, num_samples=args.eval_samples, batch_size=args.eval_batch_size)
     eval_seconds = time.perf_counter() - t1
     terms = elbo_terms(model, guide, test)
-    units = active_units(guide, test)
-    units_marginal = active_units_marginal(guide, test, samples=AU_SAMPLES if len(z_dims) > 1 else 1)
+    units_marginal = active_units(guide, test, num_samples=AU_SAMPLES)
     n = test.shape[0]
     result = {
         "name": name,
@@ -194,13 +182,12 @@ def run_config(name: str, args: argparse.Namespace, train: torch.Tensor, test: t
         "test_elbo": terms["elbo"],
         "test_kl": terms["kl"],
         "active_units": units_marginal,
-        "active_units_one_sample": units,
         "protocol": protocol(args),
         "load_average": _load_average(),
         "finished_at": now(),
     }
     log(f"{name}: test NLL {result['test_nll']:.2f} +- {result['test_nll_stderr_data']:.2f} (paper {PAPER[name][0]}), "
-        f"test ELBO {terms['elbo']:.2f}, active units {units_marginal} (one z1 sample: {units}), train {train_seconds:.0f} s, eval {eval_seconds:.0f} s")
+        f"test ELBO {terms['elbo']:.2f}, active units {units_marginal}, train {train_seconds:.0f} s, eval {eval_seconds:.0f} s")
     return {"result": result, "ll": ll.values.detach().cpu()}
 
 
@@ -322,8 +309,7 @@ def render(args: argparse.Namespace, entries: dict, hw: dict, started: str, wall
         "(listed per configuration below).",
         "- active units: latent units u with Cov_x(E_q[u | x]) > 0.01 on the same test images (Burda et al.'s statistic). "
         f"Two layers: z1 (100 units) + z2 (50 units), with E_q[z2 | x] the mean of q(z2 | z1) averaged over {AU_SAMPLES} "
-        "samples z1 ~ q(z1 | x). `pyrovae.evaluate.active_units` uses one sample z1, whose noise alone can push an "
-        "uninformative z2 unit over the threshold; its counts are listed under Run as 'AU, one z1 sample'.",
+        "samples z1 ~ q(z1 | x) (`pyrovae.evaluate.active_units`).",
         "- test ELBO: single-sample ELBO on the same test images (`elbo_terms`).",
         "- paper AU: the paper's active units; left out (—) for two layers, where they could not be checked.",
         "- For k = 1 the VAE and IWAE objectives are identical; the paper lists one row for both.",
@@ -359,8 +345,8 @@ def render(args: argparse.Namespace, entries: dict, hw: dict, started: str, wall
         + (f" ({hw['gpu']})" if "gpu" in hw else ""),
         f"- software: torch {hw['torch']}, pyro {hw['pyro']}, Python {hw['python']}, {hw['platform']}",
         "",
-        "| configuration | epochs done | steps | train time | NLL eval time | final train loss | test NLL importance stderr | test KL | AU, one z1 sample | load average | finished |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| configuration | epochs done | steps | train time | NLL eval time | final train loss | test NLL importance stderr | test KL | load average | finished |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name in CONFIGS:
         if name in entries:
@@ -368,7 +354,7 @@ def render(args: argparse.Namespace, entries: dict, hw: dict, started: str, wall
             lines.append(
                 f"| {name} | {r['epochs_done']} | {r['steps']} | {r['train_seconds']:.0f} s | {r['eval_seconds']:.0f} s | "
                 f"{r['final_train_loss']:.2f} | {r['test_nll_stderr_importance']:.3f} | {r['test_kl']:.2f} | "
-                f"{_units(r['active_units_one_sample'])} | {r.get('load_average', '?')} | {r['finished_at']} |"
+                f"{r.get('load_average', '?')} | {r['finished_at']} |"
             )
     return "\n".join(lines) + "\n"
 

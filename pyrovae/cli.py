@@ -123,6 +123,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     pyro.set_rng_seed(cfg["seed"])
     pyro.clear_param_store()
     splits = _load_data(cfg, device)
+    if cfg.get("train_limit"):
+        splits.train = splits.train[: cfg["train_limit"]]
     _check_likelihood(cfg, splits)
     model, guide = _build(cfg, splits.x_shape, device)
     trainer = Trainer(
@@ -245,6 +247,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default=None, help="folder with the dataset files (else $PYROVAE_DATA, else the cache)")
     g.add_argument("--binarize", default="dynamic", choices=["none", "static", "dynamic"])
     g.add_argument("--valid-size", type=int, default=None, help="validation examples held out of training (default 5000; 0: none)")
+    g.add_argument("--train-limit", type=_positive_int, default=None, help="train on the first N training examples only (quick runs)")
     g = t.add_argument_group("model and guide")
     g.add_argument("--model", default="vae", choices=sorted(MODELS))
     g.add_argument("--guide", default="gaussian", choices=sorted(GUIDES))

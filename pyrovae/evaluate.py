@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
@@ -106,19 +107,30 @@ def _latent_sites(trace) -> list[str]:
 
 @torch.no_grad()
 def posterior_means(guide, data: torch.Tensor, batch_size: int = 500, num_samples: int = 100) -> dict[str, torch.Tensor]:
-    """E_q[z | x] per latent site, ``[N, dim]``: the distribution's mean where it has one, otherwise the
-    average of ``num_samples`` draws."""
+    """E_q[z | x] per latent site, ``[N, dim]``, averaged over ``num_samples`` vectorised runs of the guide.
+
+    A site's own randomness is integrated out by its distribution's mean (or its samples, for a flow), and the
+    average over runs integrates out the layers below it: for a two-layer guide E_q[z2 | x] =
+    E_{q(z1|x)}[E_q[z2 | z1]], not the mean at one sample of z1, whose noise would count as activity."""
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples={num_samples!r} must be a positive integer")
     out: dict[str, list] = {}
+    nesting = None
     for start in range(0, data.shape[0], batch_size):
         x = data[start : start + batch_size]
-        trace = poutine.trace(guide).get_trace(x)
+        if nesting is None:
+            first = poutine.trace(guide).get_trace(x)
+            dims = [-f.dim for s in first.nodes.values() if s["type"] == "sample" for f in s["cond_indep_stack"] if f.vectorized]
+            nesting = max(dims, default=0)
+        with pyro.plate("_posterior_mean_runs", num_samples, dim=-nesting - 1):
+            trace = poutine.trace(guide).get_trace(x)
         for name in _latent_sites(trace):
-            fn = trace.nodes[name]["fn"]
+            site = trace.nodes[name]
             try:
-                mean = fn.mean
-            except NotImplementedError:  # e.g. a flow: no closed-form mean
-                mean = fn.sample((num_samples,)).mean(0)
-            out.setdefault(name, []).append(mean.reshape(x.shape[0], -1))
+                mean = site["fn"].mean.expand_as(site["value"])
+            except NotImplementedError:  # e.g. a flow: no closed-form mean, average the samples
+                mean = site["value"]
+            out.setdefault(name, []).append(mean.reshape(num_samples, x.shape[0], -1).mean(0))
     return {k: torch.cat(v) for k, v in out.items()}
 
 

@@ -234,7 +234,6 @@ def test_discrete_vae_learns_binarized_mnist_and_variance_loss_fits_its_guide(da
     assert after["elbo"] > independent + 20, (after, independent)
 
 
-@pytest.mark.slow  # one epoch over the 50000 training images: ~30 s on 2 CPU cores
 def test_cli_trains_the_discrete_vae_with_the_variance_loss(data_root, tmp_path):
     run = tmp_path / "run"
     code = main([
