@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ import torch
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import command_line, cpu_model  # noqa: E402
 from reference import HandTrainer, HandVAE  # noqa: E402
 
 from pyrovae.checkpoint import atomic_write  # noqa: E402
@@ -49,13 +49,11 @@ from pyrovae.models import VAE  # noqa: E402
 from pyrovae.objectives import ELBO, IWAE  # noqa: E402
 from pyrovae.train import Trainer  # noqa: E402
 
-try:
-    from pyrovae.guides import GaussianEncoder
-except ImportError:  # pragma: no cover - guides/__init__ also imports FlowEncoder
-    from pyrovae.guides.gaussian import GaussianEncoder
+from pyrovae.guides import GaussianEncoder  # noqa: E402
+
 try:
     from pyrovae.guides import FlowEncoder
-except ImportError:
+except ImportError:  # the flow guide is younger than the rest: its rows are skipped, with a message
     FlowEncoder = None
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "speed.md"
@@ -352,16 +350,6 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def targets_section(rows: list[Row], devices: list[str]) -> str:
     cpu = [r for r in rows if r.device == "cpu" and not r.skipped and r.rates]
     out = ["| target (from the issue) | measured | met |", "|---|---|---|"]
@@ -439,17 +427,17 @@ def report(rows: list[Row], args, meta: dict) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run: batch 128, a few configs, 3 steps x 2 rounds")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CPU, and CUDA when available")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--steps", type=int, default=None, help="steps per timed block (default: calibrated to --block-seconds)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7; 2 with --quick)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per implementation (default 3; 1 with --quick)")
-    p.add_argument("--block-seconds", type=float, default=2.0, help="target seconds per timed block when calibrating")
+    p.add_argument("--block-seconds", type=float, default=2.0, help="target seconds per timed block when calibrating (default 2)")
     p.add_argument("--min-steps", type=int, default=3)
     p.add_argument("--max-steps", type=int, default=2000)
-    p.add_argument("--eval-k", type=int, default=5000, help="importance samples of the log-likelihood rows")
+    p.add_argument("--eval-k", type=int, default=5000, help="importance samples of the log-likelihood rows (default 5000)")
     p.add_argument("--eval-images", type=int, default=None, help="test images per evaluation pass (default: 100 on CPU, 2 with --quick, 10000 on CUDA)")
     p.add_argument("--only", nargs="*", default=None, help="run only configs whose 'arch label batch' contains one of these strings")
     p.add_argument("--no-validation", action="store_true", help="pyro.enable_validation(False) for the whole run (default: Pyro's default, on)")
@@ -478,7 +466,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     devices = {"auto": ["cpu"] + (["cuda"] if torch.cuda.is_available() else []), "cpu": ["cpu"], "cuda": ["cuda"]}[args.device]
 
     meta = {
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]) if argv is None else "speed.main(" + repr(argv) + ")",
+        "command": command_line() if argv is None else f"speed.main({argv!r})",
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu_model(),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),

@@ -198,9 +198,11 @@ def _evaluate(run_dir: Path, cfg: dict, device, checkpoint: str, num_samples: in
     E.save_image_grid(E.sample(model, 64, x_shape, device=device), run_dir / "samples.png")
     E.save_image_grid(torch.cat([test[:32], E.reconstruct(model, guide, test[:32])]), run_dir / "reconstructions.png")
     E.latent_scatter(guide, test[:2000], None if splits.test_labels is None else splits.test_labels[: min(2000, n)], run_dir / "latent.png")
-    z_dims = cfg.get("z_dims") or [50]
-    if len(z_dims) == 1 and z_dims[0] == 2:
-        E.save_image_grid(E.decode_grid(model, x_shape, device=device), run_dir / "manifold.png", nrow=20)
+    if list(cfg.get("z_dims") or [50]) == [2]:
+        try:
+            E.save_image_grid(E.decode_grid(model, x_shape, device=device), run_dir / "manifold.png", nrow=20)
+        except ValueError as e:  # a discrete 2-D code has no manifold to draw
+            print(f"pyrovae: no manifold.png: {e}")
     print(json.dumps(result, indent=2))
     print(f"pyrovae: wrote evaluation.json, samples.png, reconstructions.png, latent.png to {run_dir}")
     return 0

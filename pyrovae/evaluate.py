@@ -12,6 +12,7 @@ from typing import Optional
 import pyro
 import torch
 from pyro import poutine
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
 
 from pyrovae.objectives import ELBO, Objective
@@ -61,6 +62,7 @@ def log_likelihood(
     numel = math.prod(data.shape[1:])
     values, errors = [], []
     objectives: dict[int, Objective] = {}
+    validate = is_validation_enabled()
     for start in range(0, data.shape[0], batch_size):
         x = data[start : start + batch_size]
         chunk = min(num_samples, _particle_chunk(x.shape[0], numel, max_elements))
@@ -70,7 +72,9 @@ def log_likelihood(
             k = min(chunk, num_samples - done)
             if k not in objectives:
                 objectives[k] = Objective(num_particles=k)
-            lw = objectives[k].log_weights(model, guide, x, *args, **kwargs)
+            with pyro.validation_enabled(validate):  # checks once, not per chunk (each check is a host read)
+                lw = objectives[k].log_weights(model, guide, x, *args, **kwargs)
+            validate = False
             log_w = lw.log_w + lw.glob[:, None]
             new_m = log_w.max(0).values if m is None else torch.maximum(m, log_w.max(0).values)
             scale = torch.zeros_like(new_m) if m is None else torch.exp(m - new_m)
@@ -173,6 +177,9 @@ def decode_grid(model, x_shape, site: str = "z", steps: int = 20, span: float = 
     axis = torch.linspace(-span, span, steps, device=device)
     grid = torch.stack(torch.meshgrid(axis, -axis, indexing="xy"), -1).reshape(-1, 2)
     dummy = torch.zeros(grid.shape[0], *x_shape, device=device)
+    prior = poutine.trace(model).get_trace(dummy[:1]).nodes.get(site)
+    if prior is None or prior["fn"].event_shape != (2,) or prior["fn"].support.is_discrete:
+        raise ValueError(f"decode_grid needs a continuous 2-D latent site {site!r}; the model's is {None if prior is None else prior['fn']}")
     conditioned = poutine.condition(model, data={site: grid})
     return _observed_mean(poutine.trace(conditioned).get_trace(dummy)).reshape(-1, *x_shape)
 

@@ -10,7 +10,8 @@ from typing import Callable, Optional
 
 import torch
 import pyro.distributions as dist
-from torch.nn.functional import softplus
+from pyro.distributions import TorchDistribution, constraints
+from torch.nn.functional import binary_cross_entropy_with_logits, softplus
 
 
 @dataclass(frozen=True)
@@ -20,10 +21,55 @@ class Likelihood:
     needs_unit_interval: bool  # data must lie in [0, 1]
 
 
+class BernoulliLogits(TorchDistribution):
+    """Independent Bernoulli(sigmoid(logits)) over the last ``event_dim`` dims of ``logits``.
+
+    log p(x) = -sum BCE(logits, x). Values in [0, 1] are allowed (grey-level data: the usual cross-entropy
+    use). The same density as ``Bernoulli(logits).to_event(event_dim)``, computed as a negated *sum* of the
+    cross-entropy rather than a sum of negated elements: one full-size tensor less forward and backward,
+    which matters for many particles (IWAE, k = 5000 evaluation).
+    """
+
+    arg_constraints = {"logits": constraints.real}
+    support = constraints.unit_interval
+    has_rsample = False
+
+    def __init__(self, logits: torch.Tensor, event_dim: int, validate_args=None):
+        self.logits = logits
+        cut = logits.dim() - event_dim
+        super().__init__(logits.shape[:cut], logits.shape[cut:], validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(BernoulliLogits, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.logits = self.logits.expand(batch_shape + self.event_shape)
+        super(BernoulliLogits, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return torch.sigmoid(self.logits)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        p = torch.sigmoid(self.logits)
+        return p * (1 - p)
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.bernoulli(self.mean.expand(self.shape(sample_shape)))
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        logits, value = torch.broadcast_tensors(self.logits, value)
+        bce = binary_cross_entropy_with_logits(logits, value, reduction="none")
+        return -bce.sum(tuple(range(-len(self.event_shape), 0)))
+
+
 def _bernoulli(out, event_dim, scale):
-    # validate_args=False: grey-level data in [0, 1] is the usual (cross-entropy) use; the range is checked
-    # once on the data by pyrovae.data.check_data rather than on every step.
-    return dist.Bernoulli(logits=out, validate_args=False).to_event(event_dim)
+    return BernoulliLogits(out, event_dim)
 
 
 def _continuous_bernoulli(out, event_dim, scale):

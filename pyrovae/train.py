@@ -23,6 +23,7 @@ from typing import Callable, Optional, Union
 import pyro
 import torch
 from pyro import poutine
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
 from tqdm.auto import tqdm
 
@@ -59,9 +60,7 @@ def lr_factor(schedule: str, epoch: int, epochs: int, gamma: float = 0.99) -> fl
 
 def _total_norm(params: list[torch.Tensor]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
 def _copy_sums(sums: dict) -> dict:
@@ -139,6 +138,7 @@ class Trainer:
             and continue from the last good state, at most ``max_lr_reductions`` times).
         valid_particles: particles of the validation ELBO.
         progress: show a tqdm progress bar.
+        validate_every_step: keep Pyro's validation (if enabled) on every step, not only the first.
     """
 
     def __init__(
@@ -159,6 +159,7 @@ class Trainer:
         max_lr_reductions: int = 5,
         valid_particles: int = 1,
         progress: bool = True,
+        validate_every_step: bool = False,
     ):
         if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
             raise ValueError(f"lr={lr!r} must be a positive number")
@@ -178,6 +179,7 @@ class Trainer:
         self.config = dict(config or {})
         self.check_every, self.on_divergence, self.max_lr_reductions = int(check_every), on_divergence, int(max_lr_reductions)
         self.valid_particles, self.progress = int(valid_particles), progress
+        self.validate_every_step, self._validate_next = bool(validate_every_step), True
         self.params: dict[str, torch.Tensor] = {}
         self.optim: Optional[torch.optim.Optimizer] = None
         self.cursor = Cursor()
@@ -228,9 +230,15 @@ class Trainer:
 
     # --- one step ---------------------------------------------------------------------------------
     def step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimiser step on batch ``x``; returns (loss per datum, gradient norm), both on the device."""
+        """One optimiser step on batch ``x``; returns (loss per datum, gradient norm), both on the device.
+
+        Pyro's and torch.distributions' argument/support validation runs on the first step only (unless
+        ``validate_every_step``): each check is a host read, and non-finite values are caught anyway by the
+        periodic finiteness check."""
         self.optim.zero_grad(set_to_none=True)
-        loss = self.objective.differentiable_loss(self.model, self.guide, x) / x.shape[0]
+        with pyro.validation_enabled(self._validate_next and is_validation_enabled()):
+            loss = self.objective.differentiable_loss(self.model, self.guide, x) / x.shape[0]
+        self._validate_next = self.validate_every_step
         loss.backward()
         params = list(self.params.values())
         if self.clip_norm is not None:

@@ -160,7 +160,7 @@ def test_cli_trains_and_evaluates_a_planar_flow_guide(data_root, tmp_path):
     run = tmp_path / "run"
     common = ["--data-dir", str(data_root), "--device", "cpu"]
     # one short epoch: a slice of the training set when the CLI can take one, else one epoch in large batches
-    short = ["--train-limit", "2000", "--batch-size", "100"] if _cli_has("--train-limit") else ["--batch-size", "500"]
+    short = ["--train-limit", "4000", "--batch-size", "50"] if _cli_has("--train-limit") else ["--batch-size", "500"]
     argv = [
         "train", "--dataset", "binarized-mnist", "--binarize", "none", "--guide", "flow", "--flow", "planar",
         "--flow-length", "2", "--z-dims", "8", "--hidden", "64", "--epochs", "1", "--eval-samples", "10",
