@@ -428,9 +428,8 @@ class Trainer:
         n = train.shape[0]
         if n == 0:
             raise ValueError("the training set is empty")
-        num_batches = math.ceil(n / batch_size)
-
         batches = Batches(train, batch_size, dynamic_binarize=dynamic_binarize)
+        num_batches = len(batches)
 
         def batch(cursor: Cursor) -> torch.Tensor:
             if cursor.perm is None:
