@@ -15,11 +15,16 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from pyrovae.flows import build_flow, conditioned_distribution
 from pyrovae.likelihoods import get_likelihood
 from pyrovae.nn import diag_normal, latent_names, mlp, x_decoder
 
 #: Deterministic hidden sizes of the IWAE paper: 200-200 next to x, 100-100 between stochastic layers.
 IWAE_HIDDEN = ((200, 200), (100, 100))
+
+
+#: flow families usable as a learned prior: invertible in closed form, and not volume-preserving rotations
+PRIOR_FLOWS = ("realnvp", "iaf")
 
 
 def default_hidden(num_layers: int) -> tuple[tuple[int, ...], ...]:
@@ -47,6 +52,9 @@ class VAE(nn.Module):
         scale: fixed observation scale for ``gaussian``; ``None`` learns a per-pixel scale.
         arch: ``mlp`` or ``conv`` (deconvolutional decoder for 28x28 / 32x32 / 64x64 images).
         activation: nonlinearity of the MLPs (the IWAE paper uses ``tanh``).
+        prior_flow: a learned flow prior on the top layer, p(z_L) = N(0, I) pushed through
+            ``prior_flow_length`` layers of this family. The prior scores the guide's samples, which needs an
+            analytic inverse: ``realnvp`` (fast both ways) or ``iaf`` (inverse sequential in z).
     """
 
     def __init__(
@@ -58,6 +66,8 @@ class VAE(nn.Module):
         scale: Optional[float] = None,
         arch: str = "mlp",
         activation: str = "tanh",
+        prior_flow: Optional[str] = None,
+        prior_flow_length: int = 2,
     ):
         super().__init__()
         self.x_shape = tuple(x_shape)
@@ -75,6 +85,25 @@ class VAE(nn.Module):
             mlp([self.z_dims[l + 1], *hidden[l + 1], 2 * self.z_dims[l]], activation)
             for l in range(len(self.z_dims) - 1)
         )
+        self.prior_flow = prior_flow
+        if prior_flow is not None:
+            if prior_flow not in PRIOR_FLOWS:
+                raise ValueError(
+                    f"prior_flow={prior_flow!r}: a flow prior must score the guide's samples (an analytic inverse) and "
+                    f"change N(0, I) (Householder reflections are rotations, which leave it unchanged); choose one of {list(PRIOR_FLOWS)}"
+                )
+            # conditional flows read a constant context: with their hypernetworks' learned weights they are
+            # an unconditional learned flow, built from the same registry as the guides' flows
+            self.prior_flows = build_flow(prior_flow, self.z_dims[-1], 1, prior_flow_length)
+            self.register_buffer("prior_context", torch.ones(1))
+
+    def prior(self, zeros: torch.Tensor) -> dist.Distribution:
+        """p(z_L): N(0, I), or N(0, I) pushed through the learned prior flow; ``zeros`` ``[batch, z_L dim]``
+        sets the batch shape, device and dtype."""
+        base = dist.Normal(zeros, 1.0).to_event(1)
+        if self.prior_flow is None:
+            return base
+        return conditioned_distribution(base, self.prior_flows, self.prior_context.to(zeros))
 
     def decode(self, z1: torch.Tensor) -> dist.Distribution:
         """p(x | z_1) as a distribution over one data point per batch element."""
@@ -82,10 +111,9 @@ class VAE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> None:
         pyro.module("decoder", self)
-        batch = x.shape[0]
-        top = self.z_dims[-1]
+        batch, top = x.shape[0], self.z_dims[-1]
         with pyro.plate("data", batch):
-            z = pyro.sample(self.names[-1], dist.Normal(x.new_zeros(batch, top), 1.0).to_event(1))
+            z = pyro.sample(self.names[-1], self.prior(x.new_zeros(batch, top)))
             for l in reversed(range(len(self.layers))):
                 z = pyro.sample(self.names[l], diag_normal(self.layers[l](z)))
             pyro.sample("x", self.decode(z), obs=x)

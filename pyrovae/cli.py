@@ -14,6 +14,7 @@ import torch
 
 from pyrovae.checkpoint import CheckpointError, load_checkpoint, write_json
 from pyrovae.flows import FLOWS
+from pyrovae.models.vae import PRIOR_FLOWS
 from pyrovae.objectives import ELBO, OBJECTIVES
 from pyrovae.registry import GUIDES, MODELS, build_guide, build_model, build_objective
 from pyrovae.train import SCHEDULES, DivergenceError, Trainer, TrainingInterrupted
@@ -261,6 +262,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--activation", default="tanh")
     g.add_argument("--flow", default="planar", choices=sorted(FLOWS), help="flow family of --guide flow")
     g.add_argument("--flow-length", type=_positive_int, default=10, help="number of flow transforms")
+    g.add_argument("--prior-flow", default=None, choices=list(PRIOR_FLOWS), help="learned flow prior p(z) of --model vae")
+    g.add_argument("--prior-flow-length", type=_positive_int, default=2, help="number of prior flow layers")
     g = t.add_argument_group("objective")
     g.add_argument("--objective", default="elbo", choices=sorted(OBJECTIVES))
     g.add_argument("--num-particles", "-k", type=int, default=None, help="samples per data point (objective's default if omitted)")

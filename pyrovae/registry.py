@@ -23,7 +23,10 @@ def _hidden(cfg: dict):
 def _vae(cfg: dict, x_shape) -> nn.Module:
     from pyrovae.models import VAE
 
-    return VAE(x_shape, _z_dims(cfg), _hidden(cfg), cfg.get("likelihood", "bernoulli"), cfg.get("scale"), cfg.get("arch", "mlp"), cfg.get("activation", "tanh"))
+    return VAE(
+        x_shape, _z_dims(cfg), _hidden(cfg), cfg.get("likelihood", "bernoulli"), cfg.get("scale"), cfg.get("arch", "mlp"),
+        cfg.get("activation", "tanh"), cfg.get("prior_flow"), cfg.get("prior_flow_length") or 2,
+    )
 
 
 def _gaussian(cfg: dict, x_shape) -> nn.Module:

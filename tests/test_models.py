@@ -111,3 +111,34 @@ def test_user_defined_pyro_functions_train_through_the_library():
     assert history[-1]["train_loss"] < history[0]["train_loss"] - 1.0
     # the learned noise scale moved from 1.0 towards the data's 0.1
     assert pyro.param("noise").item() < 0.8
+
+
+@pytest.mark.parametrize("flow", ["realnvp", "iaf"])
+def test_learned_flow_prior_is_a_normalised_density_that_trains(flow):
+    from pyrovae.train import Trainer
+
+    model = VAE((6,), (2,), hidden=[(16,)], likelihood="gaussian", scale=0.5, prior_flow=flow, prior_flow_length=2)
+    with torch.no_grad():  # move the flow away from its near-identity initialisation
+        for p in model.prior_flows.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    # the density integrates to 1 on a wide grid (trapezoid error << tolerance at this spacing)
+    axis = torch.linspace(-9, 9, 361)
+    grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
+    with torch.no_grad():
+        density = model.prior(torch.zeros(grid.shape[0], 2)).log_prob(grid).exp().reshape(361, 361)
+    integral = torch.trapezoid(torch.trapezoid(density, axis), axis)
+    assert abs(float(integral) - 1) < 0.01
+    assert (density - torch.distributions.Normal(0, 1).log_prob(grid).sum(-1).exp().reshape(361, 361)).abs().max() > 1e-3
+
+    # trains with IWAE: the prior flow's parameters receive gradients and the loss falls
+    before = [p.detach().clone() for p in model.prior_flows.parameters()]
+    data = torch.randn(256, 2) @ torch.randn(2, 6)
+    history = Trainer(model, GaussianEncoder((6,), (2,), hidden=[(16,)]), IWAE(num_particles=3), lr=1e-2, progress=False).fit(data, 6, 64)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.prior_flows.parameters()))
+
+
+@pytest.mark.parametrize("flow", ["planar", "householder"])
+def test_flow_prior_needs_an_invertible_non_rotation_family(flow):
+    with pytest.raises(ValueError, match="realnvp"):
+        VAE((6,), (2,), prior_flow=flow)
