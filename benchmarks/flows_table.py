@@ -337,7 +337,7 @@ def render(args: argparse.Namespace, entries: dict, hw: dict, started: str, wall
         f"- guides: `GaussianEncoder` (no flow) or `FlowEncoder(z_dim={args.z_dim}, hidden={tuple(args.hidden)}, flow=FAMILY, num_flows=K)` with the "
         "library's default hypernetworks (one hidden layer of max(200, 2z) units per flow layer, reading the trunk's features); "
         "Householder: one reflection per layer; Sylvester: z//2 + 1 reflections per layer; IAF: MADE with one hidden layer",
-        f"- objective: " + (f"ELBO with linear KL warm-up over {args.warmup_epochs} epochs (`BetaELBO(schedule='linear')`)" if args.warmup_epochs else "ELBO, one sample, no KL warm-up"),
+        "- objective: " + (f"ELBO with linear KL warm-up over {args.warmup_epochs} epochs (`BetaELBO(schedule='linear')`)" if args.warmup_epochs else "ELBO, one sample, no KL warm-up"),
         f"- optimiser: {args.optimizer} lr {args.lr}, batch {args.batch_size}, at most {args.epochs} epochs"
         + (f", early stopping after {args.patience} epochs without a better validation ELBO" if args.patience else ", no early stopping")
         + "; a non-finite loss halves the learning rate and rolls back (counted below)",

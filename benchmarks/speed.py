@@ -24,7 +24,6 @@ import argparse
 import copy
 import datetime as _dt
 import logging
-import math
 import os
 import platform
 import statistics

@@ -1,8 +1,6 @@
 """Variational families q(z | x), each a plain Pyro program ``guide(x)`` (installed as ``pyrovae.guides``)."""
-from pyrovae.guides.gaussian import GaussianEncoder
-from pyrovae.guides.flow import FlowEncoder
-
 from pyrovae.guides.discrete import BernoulliEncoder
+from pyrovae.guides.flow import FlowEncoder
+from pyrovae.guides.gaussian import GaussianEncoder
 
-__all__ = ["GaussianEncoder", "FlowEncoder"]
-__all__ += ["BernoulliEncoder"]
+__all__ = ["GaussianEncoder", "FlowEncoder", "BernoulliEncoder"]

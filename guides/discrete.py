@@ -13,7 +13,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyrovae.models.discrete import check_z_dim, hidden_from_config, z_dim_from_config
+from pyrovae.models.discrete import check_z_dim
 from pyrovae.nn import x_encoder
 
 
@@ -49,8 +49,3 @@ class BernoulliEncoder(nn.Module):
         pyro.module("encoder", self)
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Bernoulli(logits=self.logits(x)).to_event(1))
-
-
-def from_config(cfg: dict, x_shape) -> BernoulliEncoder:
-    """Build the guide from a run config (``pyrovae.registry`` entry ``bernoulli``)."""
-    return BernoulliEncoder(x_shape, z_dim_from_config(cfg), hidden_from_config(cfg), cfg.get("arch", "mlp"), cfg.get("activation", "tanh"))

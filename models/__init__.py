@@ -1,8 +1,9 @@
 """Generative models, each a plain Pyro program ``model(x)`` (installed as ``pyrovae.models``)."""
-from pyrovae.models.vae import VAE
-from pyrovae.models.linear_gaussian import ExactPosteriorGuide, LinearGaussian, LinearGaussianGuide
-
 from pyrovae.models.discrete import BinaryCodeCategorical, DiscreteVAE, EnumeratedPosteriorGuide
+from pyrovae.models.linear_gaussian import ExactPosteriorGuide, LinearGaussian, LinearGaussianGuide
+from pyrovae.models.vae import VAE
 
-__all__ = ["VAE"]
-__all__ += ["DiscreteVAE", "EnumeratedPosteriorGuide", "BinaryCodeCategorical"]
+__all__ = [
+    "VAE", "DiscreteVAE", "EnumeratedPosteriorGuide", "BinaryCodeCategorical",
+    "LinearGaussian", "ExactPosteriorGuide", "LinearGaussianGuide",
+]

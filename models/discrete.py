@@ -24,7 +24,7 @@ from pyro.distributions.torch_distribution import TorchDistribution
 from torch import nn
 from torch.distributions import constraints
 
-from pyrovae.likelihoods import get_likelihood
+from pyrovae.likelihoods import likelihood_head
 from pyrovae.nn import x_decoder
 
 PRIORS = ("uniform", "learned")
@@ -83,11 +83,8 @@ class DiscreteVAE(nn.Module):
             self.prior_logits = nn.Parameter(logits)
         else:
             self.register_buffer("prior_logits", logits)
-        self.likelihood_name, self.likelihood = likelihood, get_likelihood(likelihood)
-        if scale is not None and float(scale) <= 0:
-            raise ValueError(f"scale={scale} must be positive, or None to learn it")
-        self.scale = None if scale is None else float(scale)
-        factor = 2 if (likelihood == "gaussian" and scale is None) else 1
+        self.likelihood_name = likelihood
+        self.likelihood, self.scale, factor = likelihood_head(likelihood, scale)
         self.decoder = x_decoder(self.z_dim, self.x_shape, tuple(hidden), arch, activation, factor)
 
     def prior(self, batch_shape: Sequence[int] = ()) -> dist.Distribution:
@@ -192,25 +189,3 @@ class EnumeratedPosteriorGuide(nn.Module):
             logits = self.model.posterior_logits(x)
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", BinaryCodeCategorical(logits))
-
-
-def z_dim_from_config(cfg: dict) -> int:
-    """K from a run config (the CLI's ``--z-dims``; one value, default 50)."""
-    z_dims = list(cfg.get("z_dims") or [50])
-    if len(z_dims) != 1:
-        raise ValueError(f"the discrete model has one layer of binary units; got z_dims={z_dims}. Pass one --z-dims value (K)")
-    return check_z_dim(int(z_dims[0]))
-
-
-def hidden_from_config(cfg: dict) -> tuple:
-    """Hidden sizes from a run config (the CLI's ``--hidden``), default (200, 200)."""
-    hidden = cfg.get("hidden")
-    return tuple(hidden[0]) if hidden else (200, 200)
-
-
-def from_config(cfg: dict, x_shape) -> DiscreteVAE:
-    """Build the model from a run config (``pyrovae.registry`` entry ``discrete``)."""
-    return DiscreteVAE(
-        x_shape, z_dim_from_config(cfg), hidden_from_config(cfg), cfg.get("prior", "uniform"), cfg.get("likelihood", "bernoulli"),
-        cfg.get("scale"), cfg.get("arch", "mlp"), cfg.get("activation", "tanh"),
-    )

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pyrovae.flows import build_flow, conditioned_distribution
-from pyrovae.likelihoods import get_likelihood
+from pyrovae.likelihoods import likelihood_head
 from pyrovae.nn import diag_normal, latent_names, mlp, x_decoder
 
 #: Deterministic hidden sizes of the IWAE paper: 200-200 next to x, 100-100 between stochastic layers.
@@ -74,11 +74,7 @@ class VAE(nn.Module):
         self.z_dims, hidden = check_layers(z_dims, hidden)
         self.names = latent_names(len(self.z_dims))
         self.likelihood_name = likelihood
-        self.likelihood = get_likelihood(likelihood)
-        if scale is not None and float(scale) <= 0:
-            raise ValueError(f"scale={scale} must be positive, or None to learn it")
-        self.scale = None if scale is None else float(scale)
-        factor = 2 if (likelihood == "gaussian" and scale is None) else 1
+        self.likelihood, self.scale, factor = likelihood_head(likelihood, scale)
         self.decoder = x_decoder(self.z_dims[0], self.x_shape, hidden[0], arch, activation, factor)
         # p(z_l | z_{l+1}) for l < L: an MLP emitting loc and raw scale
         self.layers = nn.ModuleList(

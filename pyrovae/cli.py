@@ -145,12 +145,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"pyrovae: {e}", file=sys.stderr)
         return 3
     if cfg["eval_samples"] > 0:
-        return _evaluate(run_dir, cfg, device, "best", cfg["eval_samples"], cfg["eval_limit"], splits)
+        return _evaluate(run_dir, device, "best", cfg["eval_samples"], cfg["eval_limit"], splits)
     return 0
 
 
-def load_run(run_dir: Path, device: torch.device, checkpoint: str = "best", splits=None):
-    """Rebuild a run's model and guide from ``config.json`` and load a checkpoint's weights."""
+def load_run(run_dir: Path, device: torch.device, checkpoint: str = "best", splits=None, data_dir: Optional[str] = None):
+    """Rebuild a run's model and guide from ``config.json`` and load a checkpoint's weights (the run's data
+    is loaded unless ``splits`` are given; ``data_dir`` overrides the folder the run used)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise UsageError(f"{run_dir} is not a pyrovae run folder (no config.json); pass the --run-dir of a training run")
@@ -159,7 +160,8 @@ def load_run(run_dir: Path, device: torch.device, checkpoint: str = "best", spli
     if not path.exists() and checkpoint == "best":
         path = run_dir / "checkpoints" / "last.pt"
     state = load_checkpoint(path, map_location=device)
-    splits = splits if splits is not None else _load_data(cfg, device)
+    if splits is None:
+        splits = _load_data({**cfg, "data_dir": data_dir} if data_dir else cfg, device)
     pyro.clear_param_store()
     model, guide = _build(cfg, splits.x_shape, device)
     loader = Trainer(model, guide, ELBO(), progress=False)
@@ -168,10 +170,10 @@ def load_run(run_dir: Path, device: torch.device, checkpoint: str = "best", spli
     return cfg, model, guide, splits, path
 
 
-def _evaluate(run_dir: Path, cfg: dict, device, checkpoint: str, num_samples: int, limit: Optional[int], splits=None) -> int:
+def _evaluate(run_dir: Path, device, checkpoint: str, num_samples: int, limit: Optional[int], splits=None, data_dir: Optional[str] = None) -> int:
     from pyrovae import evaluate as E
 
-    cfg, model, guide, splits, path = load_run(run_dir, device, checkpoint, splits)
+    cfg, model, guide, splits, path = load_run(run_dir, device, checkpoint, splits, data_dir)
     test = splits.test if not limit else splits.test[:limit]
     if splits.binarize == "dynamic":  # evaluate on one fixed binarisation of the test set, as in the IWAE paper
         gen = torch.Generator(device=test.device).manual_seed(cfg.get("seed", 0) + 1)
@@ -210,12 +212,7 @@ def _evaluate(run_dir: Path, cfg: dict, device, checkpoint: str, num_samples: in
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    device = resolve_device(args.device)
-    cfg = json.loads((Path(args.run_dir) / "config.json").read_text()) if (Path(args.run_dir) / "config.json").is_file() else {}
-    if args.data_dir:
-        cfg["data_dir"] = args.data_dir
-    splits = _load_data(cfg, device) if cfg else None
-    return _evaluate(Path(args.run_dir), cfg, device, args.checkpoint, args.num_samples, args.limit, splits)
+    return _evaluate(Path(args.run_dir), resolve_device(args.device), args.checkpoint, args.num_samples, args.limit, data_dir=args.data_dir)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

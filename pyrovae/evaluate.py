@@ -98,10 +98,10 @@ def elbo_terms(model, guide, data: torch.Tensor, num_particles: int = 1, batch_s
     for start in range(0, data.shape[0], batch_size):
         x = data[start : start + batch_size]
         lw = objective.log_weights(model, guide, x, *args, **kwargs)
-        sums["elbo"] += float((lw.log_w.mean(0)).sum() + lw.glob.mean())
-        sums["recon"] += float(lw.log_px.mean(0).sum())
-        sums["kl"] += float(lw.kl.mean(0).sum())
-    return {k: v / data.shape[0] for k, v in sums.items()}
+        sums["elbo"] = sums["elbo"] + lw.log_w.mean(0).sum() + lw.glob.mean()
+        sums["recon"] = sums["recon"] + lw.log_px.mean(0).sum()
+        sums["kl"] = sums["kl"] + lw.kl.mean(0).sum()
+    return {k: float(v) / data.shape[0] for k, v in sums.items()}  # one host read per term
 
 
 def _latent_sites(trace) -> list[str]:

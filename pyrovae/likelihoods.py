@@ -1,7 +1,7 @@
 """Observation models p(x | decoder output) used by the library's decoders.
 
-Each entry maps a decoder output (shape ``[*batch, k * C, H, W]`` or ``[*batch, k * D]`` where ``k`` is
-``LIKELIHOODS[name].num_params``) to a Pyro distribution whose event covers one data point.
+Each entry maps a decoder output (shape ``[*batch, k * C, H, W]`` or ``[*batch, k * D]``, ``k`` from
+:func:`likelihood_head`) to a Pyro distribution whose event covers one data point.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torch.nn.functional import binary_cross_entropy_with_logits, softplus
 
 @dataclass(frozen=True)
 class Likelihood:
-    num_params: int
+    learns_scale: bool  # with no fixed scale, the decoder also emits a per-pixel scale
     build: Callable[[torch.Tensor, int, Optional[torch.Tensor]], dist.TorchDistribution]
     needs_unit_interval: bool  # data must lie in [0, 1]
 
@@ -84,9 +84,9 @@ def _gaussian(out, event_dim, scale):
 
 
 LIKELIHOODS: dict[str, Likelihood] = {
-    "bernoulli": Likelihood(1, _bernoulli, True),
-    "continuous_bernoulli": Likelihood(1, _continuous_bernoulli, True),
-    "gaussian": Likelihood(1, _gaussian, False),
+    "bernoulli": Likelihood(False, _bernoulli, True),
+    "continuous_bernoulli": Likelihood(False, _continuous_bernoulli, True),
+    "gaussian": Likelihood(True, _gaussian, False),
 }
 
 
@@ -94,3 +94,13 @@ def get_likelihood(name: str) -> Likelihood:
     if name not in LIKELIHOODS:
         raise ValueError(f"likelihood={name!r} is not known; choose one of {sorted(LIKELIHOODS)}")
     return LIKELIHOODS[name]
+
+
+def likelihood_head(name: str, scale: Optional[float]) -> tuple[Likelihood, Optional[float], int]:
+    """The likelihood ``name``, its checked fixed observation scale (None: learned where the likelihood has one),
+    and how many decoder outputs per data dimension it needs."""
+    likelihood = get_likelihood(name)
+    if scale is not None and not float(scale) > 0:
+        raise ValueError(f"scale={scale} must be positive, or None to learn it")
+    scale = None if scale is None else float(scale)
+    return likelihood, scale, 2 if (likelihood.learns_scale and scale is None) else 1

@@ -35,22 +35,41 @@ def _gaussian(cfg: dict, x_shape) -> nn.Module:
     return GaussianEncoder(x_shape, _z_dims(cfg), _hidden(cfg), cfg.get("arch", "mlp"), cfg.get("activation", "tanh"))
 
 
+def _one_layer(cfg: dict, what: str) -> tuple[int, tuple[int, ...]]:
+    """(z size, hidden sizes) of a one-stochastic-layer model or guide; hidden defaults to (200, 200)."""
+    z_dims = _z_dims(cfg)
+    if len(z_dims) != 1:
+        raise ValueError(f"{what} has one stochastic layer; got z_dims={list(z_dims)}. Pass one --z-dims value")
+    hidden = _hidden(cfg)
+    return z_dims[0], tuple(hidden[0]) if hidden else (200, 200)
+
+
 def _flow(cfg: dict, x_shape) -> nn.Module:
     from pyrovae.guides import FlowEncoder
 
-    z_dims = _z_dims(cfg)
-    if len(z_dims) != 1:
-        raise ValueError(f"guide='flow' has one stochastic layer; got z_dims={list(z_dims)}. Use one --z-dims value")
-    hidden = _hidden(cfg)
-    return FlowEncoder(
-        x_shape, z_dims[0], tuple(hidden[0]) if hidden else (200, 200), cfg.get("flow", "planar"), cfg.get("flow_length", 10), cfg.get("arch", "mlp"), cfg.get("activation", "tanh")
+    z_dim, hidden = _one_layer(cfg, "guide='flow'")
+    return FlowEncoder(x_shape, z_dim, hidden, cfg.get("flow", "planar"), cfg.get("flow_length", 10), cfg.get("arch", "mlp"), cfg.get("activation", "tanh"))
+
+
+def _discrete(cfg: dict, x_shape) -> nn.Module:
+    from pyrovae.models import DiscreteVAE
+
+    z_dim, hidden = _one_layer(cfg, "model='discrete'")
+    return DiscreteVAE(
+        x_shape, z_dim, hidden, cfg.get("prior", "uniform"), cfg.get("likelihood", "bernoulli"), cfg.get("scale"),
+        cfg.get("arch", "mlp"), cfg.get("activation", "tanh"),
     )
 
 
-MODELS: dict[str, Callable[[dict, tuple], nn.Module]] = {"vae": _vae}
-GUIDES: dict[str, Callable[[dict, tuple], nn.Module]] = {"gaussian": _gaussian, "flow": _flow}
-MODELS["discrete"] = lambda cfg, x_shape: __import__("pyrovae.models.discrete", fromlist=["from_config"]).from_config(cfg, x_shape)
-GUIDES["bernoulli"] = lambda cfg, x_shape: __import__("pyrovae.guides.discrete", fromlist=["from_config"]).from_config(cfg, x_shape)
+def _bernoulli(cfg: dict, x_shape) -> nn.Module:
+    from pyrovae.guides import BernoulliEncoder
+
+    z_dim, hidden = _one_layer(cfg, "guide='bernoulli'")
+    return BernoulliEncoder(x_shape, z_dim, hidden, cfg.get("arch", "mlp"), cfg.get("activation", "tanh"))
+
+
+MODELS: dict[str, Callable[[dict, tuple], nn.Module]] = {"vae": _vae, "discrete": _discrete}
+GUIDES: dict[str, Callable[[dict, tuple], nn.Module]] = {"gaussian": _gaussian, "flow": _flow, "bernoulli": _bernoulli}
 
 #: objective name -> {constructor argument: config key}
 OBJECTIVE_ARGS: dict[str, dict[str, str]] = {

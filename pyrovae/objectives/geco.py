@@ -71,7 +71,6 @@ class FRE(Constraint):
         self.features = features
 
     def __call__(self, x, x_hat):
-        event = x.dim() - 1
         f_x = self.features(x)
         f_hat = self.features(x_hat.reshape(-1, *x.shape[1:]))
         f_hat = f_hat.reshape(x_hat.shape[0], *f_x.shape)

@@ -7,8 +7,6 @@ reparameterisation, so it works for discrete latents. LogVarianceLoss trains the
 """
 from __future__ import annotations
 
-import torch
-
 from pyrovae.objectives.base import Objective
 
 
