@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import pyro
 import torch
 
+from pyrovae.capture import MODES as CAPTURE_MODES
 from pyrovae.checkpoint import CheckpointError, load_checkpoint, write_json
 from pyrovae.flows import FLOWS
 from pyrovae.models.vae import PRIOR_FLOWS
@@ -63,7 +64,7 @@ def _build(cfg: dict, x_shape, device):
 
 #: options of ``train`` that ``--resume`` takes from the command line (when given) rather than from the run's config.json,
 #: with their defaults for a new run (None on the parser, so that "not given" can be told apart from "given the default")
-RESUME_OVERRIDES = {"epochs": 10, "device": "auto", "data_dir": None, "eval_samples": 5000, "eval_limit": None, "progress": True}
+RESUME_OVERRIDES = {"epochs": 10, "device": "auto", "data_dir": None, "eval_samples": 5000, "eval_limit": None, "progress": True, "capture": "replay"}
 
 
 def _config(args: argparse.Namespace) -> dict:
@@ -131,6 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = Trainer(
         model, guide, objective, lr=cfg["lr"], schedule=cfg["lr_schedule"], clip_norm=cfg["clip_norm"], run_dir=run_dir,
         config=cfg, check_every=cfg["check_every"], on_divergence=cfg["on_divergence"], progress=cfg["progress"],
+        capture=cfg.get("capture", "replay"),
     )
     print(f"pyrovae: training {cfg['model']}/{cfg['guide']} with {trainer.objective!r} on {cfg['dataset']} ({splits.train.shape[0]} examples) on {device}; run folder {run_dir}")
     if args.resume:
@@ -144,6 +146,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except DivergenceError as e:
         print(f"pyrovae: {e}", file=sys.stderr)
         return 3
+    print(f"pyrovae: training steps: {trainer.capture_report}")
     if cfg["eval_samples"] > 0:
         return _evaluate(run_dir, device, "best", cfg["eval_samples"], cfg["eval_limit"], splits)
     return 0
@@ -283,6 +286,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-norm", type=float, default=None)
     g.add_argument("--check-every", type=_positive_int, default=100, help="steps between finiteness checks")
     g.add_argument("--on-divergence", default="stop", choices=["stop", "reduce_lr"])
+    g.add_argument(
+        "--capture", default=None, choices=list(CAPTURE_MODES),
+        help="training-step fast path: replay a recorded graph (default), also compile it with torch.compile, or off",
+    )
     g = t.add_argument_group("run")
     g.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto; with --resume, the run's)")
     g.add_argument("--seed", type=int, default=0)

@@ -27,6 +27,8 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
 from tqdm.auto import tqdm
 
+from pyrovae.capture import MODES as CAPTURE_MODES
+from pyrovae.capture import StepCapture, grad_norm
 from pyrovae.data import Batches
 from pyrovae.checkpoint import CheckpointError, atomic_write, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state, write_json
 
@@ -56,11 +58,6 @@ def lr_factor(schedule: str, epoch: int, epochs: int, gamma: float = 0.99) -> fl
             i += 1
         return 10 ** (-i / 7)
     raise ValueError(f"lr schedule {schedule!r} is not known; choose one of {list(SCHEDULES)}")
-
-
-def _total_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    grads = [p.grad for p in params if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
 def _copy_sums(sums: dict) -> dict:
@@ -138,7 +135,14 @@ class Trainer:
             and continue from the last good state, at most ``max_lr_reductions`` times).
         valid_particles: particles of the validation ELBO.
         progress: show a tqdm progress bar.
-        validate_every_step: keep Pyro's validation (if enabled) on every step, not only the first.
+        validate_every_step: keep Pyro's validation (if enabled) on every step, not only the first (such steps
+            are never captured).
+        capture: the step's fast path (:mod:`pyrovae.capture`): ``replay`` records each step signature once
+            and replays the recorded graph without Pyro's Python, ``compile`` also compiles that graph with
+            ``torch.compile``, ``off`` runs Pyro on every step. Each graph is checked against the plain step
+            when it is made and again every ``check_every`` steps; where one cannot be used the plain step runs,
+            and :attr:`capture_report` says why. A graph repeats the Python decisions of the step it recorded:
+            a model whose Python changes from step to step (reads a step counter, say) needs ``capture="off"``.
     """
 
     def __init__(
@@ -160,6 +164,7 @@ class Trainer:
         valid_particles: int = 1,
         progress: bool = True,
         validate_every_step: bool = False,
+        capture: str = "replay",
     ):
         if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
             raise ValueError(f"lr={lr!r} must be a positive number")
@@ -170,6 +175,8 @@ class Trainer:
             raise ValueError(f"on_divergence={on_divergence!r}: choose 'stop' or 'reduce_lr'")
         if int(check_every) < 1:
             raise ValueError(f"check_every={check_every!r} must be a positive number of steps")
+        if capture not in CAPTURE_MODES:
+            raise ValueError(f"capture={capture!r} is not known; choose one of {list(CAPTURE_MODES)}")
         if not hasattr(objective, "differentiable_loss"):
             raise TypeError(f"objective {objective!r} has no differentiable_loss; pass a pyrovae objective or a pyro.infer.ELBO")
         self.model, self.guide, self.objective = model, guide, objective
@@ -180,6 +187,7 @@ class Trainer:
         self.check_every, self.on_divergence, self.max_lr_reductions = int(check_every), on_divergence, int(max_lr_reductions)
         self.valid_particles, self.progress = int(valid_particles), progress
         self.validate_every_step, self._validate_next = bool(validate_every_step), True
+        self.capture_mode, self._capture = capture, None
         self.params: dict[str, torch.Tensor] = {}
         self.optim: Optional[torch.optim.Optimizer] = None
         self.cursor = Cursor()
@@ -222,6 +230,17 @@ class Trainer:
         self.optim = self.optimizer_cls(list(self.params.values()), lr=self.lr, **self.optimizer_kwargs)
         for group in self.optim.param_groups:
             group.setdefault("initial_lr", group["lr"])
+        if self.capture_mode != "off":
+            self._capture = StepCapture(
+                self.objective, self.model, self.guide, list(self.params.values()), self._plain_step, self.capture_mode, verify_every=self.check_every
+            )
+
+    @property
+    def capture_report(self) -> str:
+        """Which steps run captured, and why any run plainly."""
+        if self._capture is None:
+            return "plain steps (capture='off')" if self.optim is not None else "not set up yet"
+        return self._capture.summary()
 
     def _set_lr(self, epoch: int, epochs: int) -> None:
         factor = lr_factor(self.schedule, epoch, epochs, self.gamma) * 0.5**self.lr_reductions
@@ -234,21 +253,27 @@ class Trainer:
 
         Pyro's and torch.distributions' argument/support validation runs on the first step only (unless
         ``validate_every_step``): each check is a host read, and non-finite values are caught anyway by the
-        periodic finiteness check."""
+        periodic finiteness check. Later steps take the captured fast path where it applies."""
         self.optim.zero_grad(set_to_none=True)
-        with pyro.validation_enabled(self._validate_next and is_validation_enabled()):
-            loss = self.objective.differentiable_loss(self.model, self.guide, x) / x.shape[0]
+        validate = self._validate_next and is_validation_enabled()
         self._validate_next = self.validate_every_step
-        loss.backward()
-        params = list(self.params.values())
-        if self.clip_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
+        if validate or self._capture is None:
+            loss, norm = self._plain_step(x, validate)
         else:
-            norm = _total_norm(params)
+            loss, norm = self._capture(x)
+        if self.clip_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(list(self.params.values()), self.clip_norm, norm)
         self.optim.step()
         if hasattr(self.objective, "step"):
             self.objective.step()
-        return loss.detach(), norm.detach()
+        return loss, norm
+
+    def _plain_step(self, x: torch.Tensor, validate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss per datum and gradient norm of the objective through Pyro, gradients left in ``.grad``."""
+        with pyro.validation_enabled(validate):
+            loss = self.objective.differentiable_loss(self.model, self.guide, x) / x.shape[0]
+        loss.backward()
+        return loss.detach(), grad_norm([p.grad for p in self.params.values()])
 
     # --- snapshots, divergence --------------------------------------------------------------------
     def _take_snapshot(self, sums: dict) -> None:

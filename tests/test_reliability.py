@@ -310,6 +310,8 @@ def _poisoned_trainer(tmp_path, when, **kwargs):
     run (replays included) and the parameters the first time each step starts."""
     model = PoisonedVAE((D_X,), (2,), hidden=((16,),))
     guide = GaussianEncoder((D_X,), (2,), hidden=((16,),))
+    # the poison is a Python decision per step, which a captured graph would repeat: these tests run Pyro every step
+    kwargs.setdefault("capture", "off")
     trainer = Trainer(model, guide, ELBO(), lr=1e-2, run_dir=tmp_path / "run", progress=False, **kwargs)
     clock = {"step": 0, "ran": [], "params_before": {}}
     model.poisoned = lambda: when(clock["step"], trainer)
@@ -402,7 +404,7 @@ class NaNAfterCalls(VAE):
 def test_cli_divergence_exits_3_with_the_report(monkeypatch, data_dir, tmp_path, capsys):
     monkeypatch.setitem(registry.MODELS, "nan-after-30", lambda cfg, x_shape: NaNAfterCalls(x_shape, (2,), ((16,),), after=30))
     run = tmp_path / "run"
-    err = cli_error(capsys, train_args(data_dir, run, "--epochs", "5", "--model", "nan-after-30", "--check-every", "4"), code=3)
+    err = cli_error(capsys, train_args(data_dir, run, "--epochs", "5", "--model", "nan-after-30", "--check-every", "4", "--capture", "off"), code=3)
     assert "training diverged: non-finite loss at step" in err and "model:poison" in err and "rolled back" in err
     # an epoch calls the model 12 times (10 steps, 2 for validation): NaN from epoch 3 on, so last.pt is epoch 2
     state = load_checkpoint(run / "checkpoints" / "last.pt")

@@ -103,7 +103,7 @@ def log_weights_from_traces(model_trace: Trace, guide_trace: Trace, num_particle
     frame = _data_frame(model_trace, data_plate) or _data_frame(guide_trace, data_plate)
     batch = frame.size if frame is not None else 1
     some = next(s["log_prob"] for s in model_trace.nodes.values() if s["type"] == "sample")
-    zeros = torch.zeros(num_particles, batch, dtype=some.dtype, device=some.device)
+    zeros = torch.zeros(num_particles, batch, dtype=some.dtype, device=some.device)  # for parts with no site
 
     def reduce(site, lp=None):
         lp = site["log_prob"] if lp is None else lp
@@ -113,7 +113,13 @@ def log_weights_from_traces(model_trace: Trace, guide_trace: Trace, num_particle
         in_data = any(f.name == data_plate for f in site["cond_indep_stack"])
         return _split(lp, max_plate_nesting, frame.dim if in_data else None, num_particles, batch)
 
-    log_px, log_pz, log_qz, score, glob, glob_score = zeros, zeros, zeros, zeros, zeros[:, 0], zeros[:, 0]
+    parts = dict.fromkeys(("log_px", "log_pz", "log_qz", "score", "glob", "glob_score"))
+
+    def add(name, value, sign=1):  # sums start from the first term: no zeros + term in the graph
+        if sign < 0:
+            value = -value
+        parts[name] = value if parts[name] is None else parts[name] + value
+
     has_global_latents = False
     nonreparam = []
     for site in model_trace.nodes.values():
@@ -121,27 +127,29 @@ def log_weights_from_traces(model_trace: Trace, guide_trace: Trace, num_particle
             continue
         local, g = reduce(site)
         if local is None:
-            glob = glob + g
+            add("glob", g)
             has_global_latents |= not site["is_observed"]
-        elif site["is_observed"]:
-            log_px = log_px + local
         else:
-            log_pz = log_pz + local
+            add("log_px" if site["is_observed"] else "log_pz", local)
     for name, site in guide_trace.nodes.items():
         if site["type"] != "sample" or site["is_observed"]:
             continue
         local, g = reduce(site)
         if local is None:
-            glob = glob - g
+            add("glob", g, -1)
             has_global_latents = True
         else:
-            log_qz = log_qz + local
+            add("log_qz", local)
         if not site["fn"].has_rsample:
             nonreparam.append(name)
             if local is not None:
-                score = score + local
+                add("score", local)
             else:
-                glob_score = glob_score + g
+                add("glob_score", g)
+    for name, value in parts.items():
+        if value is None:
+            parts[name] = zeros if name not in ("glob", "glob_score") else zeros[:, 0]
+    log_px, log_pz, log_qz, score, glob, glob_score = parts.values()
     return LogWeights(log_px, log_pz, log_qz, score, glob, has_global_latents, tuple(nonreparam), model_trace, guide_trace, reduce, glob_score)
 
 
@@ -164,6 +172,11 @@ class Objective(PyroELBO):
 
     After each evaluation :attr:`metrics` holds detached per-datum means (``elbo``, ``kl``, ``recon``, ...).
 
+    The trainer's fast path (:mod:`pyrovae.capture`) records one step as a graph and replays it. An objective
+    whose loss reads state that changes between steps names those tensor attributes in ``capture_state``
+    (fed to the graph as inputs), and the attributes its loss sets besides ``metrics`` in ``capture_outputs``;
+    one that keeps state (a non-empty :meth:`state_dict`) but names none runs the plain path.
+
     Args:
         num_particles: samples of z per data point, vectorised in one pass.
         max_plate_nesting: bound on the model's plate nesting (guessed from one run by default).
@@ -171,6 +184,8 @@ class Objective(PyroELBO):
     """
 
     min_particles = 1
+    capture_state: tuple[str, ...] = ()
+    capture_outputs: tuple[str, ...] = ()
 
     def __init__(self, num_particles: int = 1, max_plate_nesting: float = float("inf"), data_plate: str = "data"):
         check_num_particles(num_particles, self.min_particles, self._particles_hint())
@@ -249,6 +264,8 @@ class Objective(PyroELBO):
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """The true loss (summed over the batch) as a tensor whose gradient is the estimator's gradient."""
         loss, surrogate = self._loss_and_surrogate(model, guide, args, kwargs)
+        if surrogate is loss:  # the loss is its own estimator
+            return loss
         return loss.detach() + (surrogate - surrogate.detach())
 
     def loss(self, model, guide, *args, **kwargs) -> float:
@@ -273,16 +290,17 @@ class Objective(PyroELBO):
         if state:
             raise ValueError(f"{type(self).__name__} has no state, but the checkpoint holds {sorted(state)}")
 
-    def _record(self, lw: LogWeights, **extra: torch.Tensor) -> None:
-        """Store detached per-datum means of the ELBO parts and any extra values in :attr:`metrics`."""
-        batch = lw.batch_size
-        elbo = lw.log_w.mean(0) + lw.glob.mean() / batch
-        self.metrics = {
-            "elbo": elbo.mean().detach(),
-            "recon": lw.log_px.mean().detach(),
-            "kl": lw.kl.mean().detach(),
-            **{k: v.detach() for k, v in extra.items()},
-        }
+    def _record(self, lw: LogWeights, **values: torch.Tensor) -> None:
+        """Store detached per-datum means in :attr:`metrics`: ``elbo``, ``recon`` and ``kl`` (computed from
+        ``lw`` unless given), then any extra values."""
+        if "elbo" not in values:
+            values["elbo"] = (lw.log_w.mean(0) + lw.glob.mean() / lw.batch_size).mean()
+        if "recon" not in values:
+            values["recon"] = lw.log_px.mean()
+        if "kl" not in values:
+            values["kl"] = lw.kl.mean()
+        order = ("elbo", "recon", "kl")
+        self.metrics = {k: values[k].detach() for k in (*order, *(k for k in values if k not in order))}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_particles={self.num_particles})"

@@ -71,8 +71,6 @@ class ELBO(Objective):
     def _score_term(self, lw: LogWeights, log_w: torch.Tensor) -> torch.Tensor:
         """Score-function surrogate, ``[P]``: per datum, each local non-reparameterised site is weighted by
         its datum's log weight; a global one by the particle's whole log weight (every datum depends on it)."""
-        if not lw.nonreparam_sites:
-            return log_w.new_zeros(log_w.shape[0])
         local = (_leave_one_out(log_w) * lw.score).sum(1)
         total = log_w.sum(1) + lw.glob  # the glob part of the objective is never beta-weighted
         return local + _leave_one_out(total) * lw.glob_score
@@ -80,12 +78,16 @@ class ELBO(Objective):
     def _finish(self, lw, recon, kl, beta=1.0, **extra):
         log_w = recon - kl
         elbo = log_w.mean(0).sum() + lw.glob.mean()
-        objective = (recon - beta * kl).mean(0).sum() + lw.glob.mean()
-        surrogate = objective + self._score_term(lw, recon - beta * kl).mean(0)
-        self._record(lw, **extra)
-        self.metrics["elbo"] = (elbo / lw.batch_size).detach()
-        self.metrics["kl"] = kl.mean().detach()
-        return -objective, -surrogate
+        if isinstance(beta, float) and beta == 1.0:
+            weighted, objective = log_w, elbo
+        else:
+            weighted = recon - beta * kl
+            objective = weighted.mean(0).sum() + lw.glob.mean()
+        self._record(lw, elbo=elbo / lw.batch_size, kl=kl.mean(), **extra)
+        loss = -objective
+        if not lw.nonreparam_sites:
+            return loss, loss
+        return loss, -(objective + self._score_term(lw, weighted).mean(0))
 
     def _loss_and_surrogate(self, model, guide, args, kwargs):
         return self._finish(*self._bound_parts(model, guide, args, kwargs))
@@ -109,6 +111,8 @@ class BetaELBO(ELBO):
     The logged loss is -(recon - beta_t KL) (what is optimised); ``metrics['elbo']`` is the true ELBO.
     """
 
+    capture_state = ("beta_t",)
+
     def __init__(self, beta: float = 1.0, schedule: str = "constant", warmup_steps: int = 10000, cycle_steps: int = 10000, ratio: float = 0.5, num_particles: int = 1, analytic_kl: bool = False, **kwargs):
         super().__init__(num_particles=num_particles, analytic_kl=analytic_kl, **kwargs)
         if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
@@ -125,6 +129,15 @@ class BetaELBO(ELBO):
         self.num_steps = 0
 
     @property
+    def num_steps(self) -> int:
+        return self._num_steps
+
+    @num_steps.setter
+    def num_steps(self, value: int) -> None:
+        self._num_steps = int(value)
+        self.beta_t = torch.tensor(self.current_beta)  # a tensor, so that a captured step reads it as an input
+
+    @property
     def current_beta(self) -> float:
         t = self.num_steps
         if self.schedule == "linear":
@@ -135,9 +148,9 @@ class BetaELBO(ELBO):
         return self.beta
 
     def _loss_and_surrogate(self, model, guide, args, kwargs):
-        beta = self.current_beta
         lw, recon, kl = self._bound_parts(model, guide, args, kwargs)
-        return self._finish(lw, recon, kl, beta=beta, beta_t=recon.new_tensor(beta))
+        beta = self.beta_t.to(recon)
+        return self._finish(lw, recon, kl, beta=beta, beta_t=beta)
 
     def step(self) -> None:
         self.num_steps += 1

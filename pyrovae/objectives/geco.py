@@ -192,6 +192,9 @@ class GECO(Objective):
     ``constraint`` (C_ma), ``constraint_batch`` and ``kl``.
     """
 
+    capture_state = ("log_lambda", "c_ma")
+    capture_outputs = ("_pending",)
+
     def __init__(
         self,
         constraint: Union[str, Constraint, ConstraintFn] = "RE",

@@ -1,0 +1,390 @@
+"""Capture-and-replay fast path for the training step.
+
+Pyro runs the model and guide under its effect handlers on every step. For a small VAE that Python work
+costs as much as the arithmetic. :class:`StepCapture` runs one step under ``torch.fx``'s ``make_fx``, which
+records every aten operation the model, guide, objective and backward pass perform (random draws included,
+Pyro's Python not), and replays the recorded graph on later steps: the same kernels in the same order on the
+same RNG stream, without the Python. With ``mode="compile"`` the graph is also compiled by ``torch.compile``
+(inductor: fused C++ kernels on CPU, Triton on CUDA), with torch's own random ops so the draws stay the same.
+
+What keeps it honest:
+
+- one graph per input signature: batch shape, dtype and device, the modules' train/eval flags, and which
+  of the objective's per-step state tensors are set;
+- an objective's per-step state (BetaELBO's beta_t, GECO's multiplier) is fed to the graph as inputs; the
+  objective names it in ``capture_state``. An objective with state it does not name is not captured;
+- each new graph is checked on its first step against the plain step from the same RNG state: loss,
+  gradients, gradient norm, metrics, the objective's outputs and the number of random draws must agree,
+  else that signature keeps the plain step, and :attr:`StepCapture.events` says why;
+- tracing errors (data-dependent Python control flow, ``.item()`` inside the model) and graphs that write
+  into tensors they did not create (running statistics, say) also leave the plain step in place.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import numpy as np
+import pyro
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._pytree import tree_flatten
+
+log = logging.getLogger(__name__)
+
+MODES = ("off", "replay", "compile")
+
+#: x -> (loss per datum, gradient norm), both detached; leaves the gradients in each parameter's ``.grad``.
+GradStep = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def grad_norm(grads) -> torch.Tensor:
+    """The global 2-norm of the gradients that are not None (0 when all are)."""
+    present = [g for g in grads if g is not None]
+    return torch.nn.utils.get_total_norm(present) if present else torch.zeros(())
+
+
+def capture_spec(objective) -> Union[tuple[tuple[str, ...], tuple[str, ...]], str]:
+    """``(state attributes, output attributes)`` of an objective the fast path can capture, or why it cannot."""
+    if hasattr(objective, "capture_state"):
+        state, outputs = tuple(objective.capture_state), tuple(objective.capture_outputs)
+        held = objective.state_dict() if hasattr(objective, "state_dict") else {}
+        if held and not state:
+            return (
+                f"{type(objective).__name__} keeps state between steps ({sorted(held)}) but names none in capture_state, "
+                "so a captured graph would freeze it"
+            )
+        return state, outputs
+    if isinstance(objective, pyro.infer.ELBO):  # Pyro's own ELBOs keep no state between steps
+        return (), ()
+    return f"{type(objective).__name__} is neither a pyrovae objective nor a pyro.infer.ELBO"
+
+
+@dataclass
+class _Graph:
+    fn: Callable
+    ops: int
+    replays: int = 0
+    clone_grads: bool = False  # gradients share storage with each other or other tensors: copy before in-place clipping
+
+
+def _shares_storage(grads, others) -> bool:
+    seen = {t.untyped_storage().data_ptr() for t in others if torch.is_tensor(t)}
+    for g in grads:
+        if g is None:
+            continue
+        ptr = g.untyped_storage().data_ptr()
+        if ptr in seen:
+            return True
+        seen.add(ptr)
+    return False
+
+
+def _root(node: torch.fx.Node) -> torch.fx.Node:
+    """The tensor a node's value is a view of, following view ops back to where the storage was made."""
+    while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.args:
+        schema = node.target._schema
+        if not (schema.returns and schema.returns[0].alias_info is not None and not schema.returns[0].alias_info.is_write):
+            break
+        if not isinstance(node.args[0], torch.fx.Node):
+            break
+        node = node.args[0]
+    return node
+
+
+def _external_writes(graph: torch.fx.Graph) -> list[str]:
+    """Ops that write into a tensor the graph did not create (an input or a constant)."""
+    bad = []
+    for node in graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        for i, arg in enumerate(node.target._schema.arguments):
+            if arg.alias_info is None or not arg.alias_info.is_write or i >= len(node.args):
+                continue
+            target = node.args[i]
+            if isinstance(target, torch.fx.Node) and _root(target).op in ("placeholder", "get_attr"):
+                bad.append(str(node.target))
+    return bad
+
+
+def _same_view(node: torch.fx.Node) -> bool:
+    """An alias, detach, or view/expand that leaves shape and strides as they were: a no-op at replay."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return False
+    name = getattr(node.target, "__name__", "")
+    if name.startswith(("alias.", "detach.")):
+        return True
+    if not name.startswith(("view.", "expand.", "_unsafe_view.")):
+        return False
+    a, b = node.args[0].meta.get("val"), node.meta.get("val")
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.stride() == b.stride()
+
+
+def _mismatch(name: str, got, want, rtol: float) -> Optional[str]:
+    """Why ``got`` (captured) differs from ``want`` (plain), or None: the worst element error against the
+    largest magnitude of the plain value, so a well-conditioned sum may be reassociated."""
+    gs, gspec = tree_flatten(got)
+    ws, wspec = tree_flatten(want)
+    if gspec != wspec:
+        return f"{name}: the captured step returned a different structure"
+    for i, (g, w) in enumerate(zip(gs, ws)):
+        if not (torch.is_tensor(g) and torch.is_tensor(w)):
+            if g != w:
+                return f"{name}[{i}]: {g!r} != {w!r}"
+            continue
+        if g.shape != w.shape or g.dtype != w.dtype:
+            return f"{name}[{i}]: shape/dtype {tuple(g.shape)}/{g.dtype} != {tuple(w.shape)}/{w.dtype}"
+        g, w = g.detach().double(), w.detach().double()
+        same_nan = torch.equal(torch.isnan(g), torch.isnan(w))
+        g, w = torch.nan_to_num(g), torch.nan_to_num(w)
+        err = float((g - w).abs().max()) if g.numel() else 0.0
+        scale = float(w.abs().max()) if w.numel() else 0.0
+        if not same_nan or err > rtol * scale + 1e-30:
+            return f"{name}[{i}]: max |captured - plain| = {err:.3g} against max |plain| = {scale:.3g}"
+    return None
+
+
+class StepCapture:
+    """Replays captured training steps; falls back to ``plain`` wherever a graph cannot be used.
+
+    Args:
+        objective, model, guide: as given to the trainer.
+        params: the trainable tensors, in the optimiser's order; their gradients are the graph's outputs.
+        plain: the ordinary step (``x -> (loss per datum, grad norm)``, gradients left in ``.grad``).
+        mode: ``replay`` (the recorded aten graph) or ``compile`` (that graph through ``torch.compile``).
+        max_graphs: signatures to capture before running any further ones plainly.
+        verify_every: every this many replays of a graph, the step runs both ways and the graph is dropped if they
+            differ (a program whose Python changed between steps).
+    """
+
+    def __init__(self, objective, model, guide, params: list[torch.Tensor], plain: GradStep, mode: str = "replay", max_graphs: int = 8, verify_every: int = 100):
+        if mode not in MODES[1:]:
+            raise ValueError(f"capture mode {mode!r} is not known; choose one of {list(MODES)}")
+        self.objective, self.model, self.guide = objective, model, guide
+        if int(verify_every) < 1:
+            raise ValueError(f"verify_every={verify_every!r} must be a positive number of steps")
+        self.params, self.plain, self.mode = list(params), plain, mode
+        self.max_graphs, self.verify_every = int(max_graphs), int(verify_every)
+        self.graphs: dict[tuple, Union[_Graph, str]] = {}
+        self.events: list[str] = []
+        spec = capture_spec(objective)
+        self.refused: Optional[str] = spec if isinstance(spec, str) else None
+        self.state_names, self.output_names = ((), ()) if isinstance(spec, str) else spec
+        if self.refused:
+            self._event(f"plain steps: {self.refused}")
+
+    # --- bookkeeping --------------------------------------------------------------------------------
+    def _event(self, message: str) -> None:
+        self.events.append(message)
+        log.info("pyrovae capture: %s", message)
+
+    def _modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.model, self.guide) if isinstance(m, torch.nn.Module)]
+
+    def _state(self) -> list[Optional[torch.Tensor]]:
+        return [getattr(self.objective, n) for n in self.state_names]
+
+    def _key(self, x: torch.Tensor, state) -> tuple:
+        flags = tuple(m.training for mod in self._modules() for m in mod.modules())
+        sig = tuple(None if s is None else (tuple(s.shape), s.dtype, s.device) for s in state)
+        return (tuple(x.shape), x.dtype, x.device, flags, sig)
+
+    @property
+    def captured(self) -> int:
+        return sum(isinstance(g, _Graph) for g in self.graphs.values())
+
+    def summary(self) -> str:
+        """One line: how many signatures run captured, which run plainly and why."""
+        if self.refused:
+            return f"plain steps: {self.refused}"
+        parts = [f"{self.captured} captured step graph(s) ({self.mode})"]
+        parts += [f"batch {list(k[0])} plain: {g}" for k, g in self.graphs.items() if isinstance(g, str)]
+        return "; ".join(parts)
+
+    # --- the step -----------------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.refused:
+            return self.plain(x)
+        state = self._state()
+        key = self._key(x, state)
+        graph = self.graphs.get(key)
+        if isinstance(graph, _Graph):
+            graph.replays += 1
+            if graph.replays % self.verify_every:
+                return self._apply(self._run(graph, x, state), graph.clone_grads)
+            return self._checked(key, graph, x, state, None)
+        if graph is not None:  # refused earlier, for the reason stored
+            return self.plain(x)
+        if self.captured >= self.max_graphs:
+            self._refuse(key, x, f"more than {self.max_graphs} input signatures")
+            return self.plain(x)
+        return self._capture(key, x, state)
+
+    def _run(self, graph: _Graph, x: torch.Tensor, state) -> tuple:
+        with torch.no_grad():
+            return graph.fn(x, *[s for s in state if s is not None], *self.params)
+
+    def _apply(self, out: tuple, clone_grads: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, norm, grads, metrics, outputs = out
+        for p, g in zip(self.params, grads):
+            p.grad = g.clone() if clone_grads and g is not None else g
+        if hasattr(self.objective, "metrics"):
+            self.objective.metrics = dict(metrics)
+        for name, value in outputs.items():
+            setattr(self.objective, name, value)
+        return loss, norm
+
+    def _refuse(self, key: tuple, x: torch.Tensor, reason: str) -> None:
+        self.graphs[key] = reason
+        self._event(f"batch {list(x.shape)}: plain steps: {reason}")
+
+    # --- capture --------------------------------------------------------------------------------------
+    def _trace(self, x: torch.Tensor, state) -> torch.fx.GraphModule:
+        obj, params = self.objective, self.params
+        names = [n for n, s in zip(self.state_names, state) if s is not None]
+
+        def step(x, *live):
+            for n, v in zip(names, live):
+                setattr(obj, n, v)
+            loss = obj.differentiable_loss(self.model, self.guide, x) / x.shape[0]
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            metrics = {k: v for k, v in getattr(obj, "metrics", {}).items() if torch.is_tensor(v)}
+            outputs = {n: getattr(obj, n) for n in self.output_names}
+            return loss.detach(), grad_norm(grads), grads, metrics, outputs
+
+        saved = {n: getattr(obj, n) for n in (*self.state_names, *self.output_names, "metrics") if hasattr(obj, n)}
+        host_rng = _host_rng_state()
+        try:
+            with pyro.validation_enabled(False):
+                gm = make_fx(step)(x, *[s for s in state if s is not None])
+        finally:
+            for n, v in saved.items():
+                setattr(obj, n, v)
+        if not _same_host_rng(host_rng, _host_rng_state()):
+            _set_host_rng_state(host_rng)
+            raise _Refuse("the step draws from Python's or NumPy's random generator, which a graph cannot replay")
+        return self._lift_params(gm)
+
+    def _lift_params(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        """Make the parameters graph inputs (the trace holds them as constants) and drop no-op nodes."""
+        graph = gm.graph
+        index = {id(p): i for i, p in enumerate(self.params)}
+        last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        inputs = []
+        for i in range(len(self.params)):
+            with graph.inserting_after(last):
+                last = graph.placeholder(f"param_{i}")
+            inputs.append(last)
+        lifted = set()
+        for node in list(graph.nodes):
+            if node.op != "get_attr":
+                continue
+            value = getattr(gm, node.target)
+            if id(value) in index:
+                node.replace_all_uses_with(inputs[index[id(value)]])
+                graph.erase_node(node)
+                lifted.add(node.target)
+            elif torch.is_tensor(value) and value.requires_grad:
+                raise _Refuse(f"the step reads a tensor that requires grad but is not a trained parameter (shape {tuple(value.shape)})")
+        for name in lifted:
+            delattr(gm, name)
+        writes = _external_writes(graph)
+        if writes:
+            raise _Refuse(f"the step writes into tensors it did not create ({', '.join(sorted(set(writes)))}), e.g. running statistics")
+        for node in list(graph.nodes):
+            if _same_view(node):
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+        graph.eliminate_dead_code()
+        gm.recompile()
+        return gm
+
+    def _capture(self, key: tuple, x: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor]:
+        """Trace (and compile), then check against the plain step; this step's results are the plain step's."""
+        rng, buffers = _rng_state(x.device), self._buffers()
+        t0 = time.perf_counter()
+        try:
+            gm = self._trace(x, state)
+            fn = torch.compile(gm, fullgraph=True, dynamic=False, options={"fallback_random": True}) if self.mode == "compile" else gm
+            graph = _Graph(fn, sum(n.op == "call_function" for n in gm.graph.nodes))
+        except Exception as e:  # tracing failed or was refused: keep the plain step, and say why
+            reason = str(e) if isinstance(e, _Refuse) else f"capture failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+            _restore(rng, buffers, x.device)
+            self._refuse(key, x, reason)
+            return self.plain(x)
+        _restore(rng, buffers, x.device)
+        return self._checked(key, graph, x, state, t0)
+
+    def _checked(self, key: tuple, graph: _Graph, x: torch.Tensor, state, t0: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``graph`` and the plain step from the same RNG state and keep the graph only if they agree. The
+        step's results are the plain step's. ``t0``: capture start (None for a periodic re-check)."""
+        rng, buffers = _rng_state(x.device), self._buffers()
+        reason = None
+        try:
+            got = self._run(graph, x, state)  # compiles, in mode "compile"
+            got_rng = _rng_state(x.device)
+            others = [got[0], got[1], *tree_flatten((got[3], got[4]))[0], *self.params]
+            graph.clone_grads = _shares_storage(got[2], others)
+        except Exception as e:
+            reason = f"the captured step failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+        _restore(rng, buffers, x.device)
+        for p in self.params:
+            p.grad = None
+        loss, norm = self.plain(x)
+        if reason is None:
+            want = (
+                loss, norm, tuple(p.grad for p in self.params),
+                {k: v for k, v in getattr(self.objective, "metrics", {}).items() if torch.is_tensor(v)},
+                {n: getattr(self.objective, n) for n in self.output_names},
+            )
+            reason = _mismatch("outputs", got, want, 1e-4 if self.mode == "compile" else 1e-6)
+            if reason is None and not all(torch.equal(a, b) for a, b in zip(got_rng, _rng_state(x.device))):
+                reason = "the captured step drew a different number of random values"
+        if reason is not None:
+            when = "when captured" if t0 is not None else f"at re-check after {graph.replays} steps"
+            self._refuse(key, x, f"the captured step disagreed with the plain step {when} ({reason}); the program's "
+                         "Python may change between steps")
+        elif t0 is not None:
+            self.graphs[key] = graph
+            self._event(f"batch {list(x.shape)}: captured {graph.ops} ops ({self.mode}) in {time.perf_counter() - t0:.2f} s, checked against the plain step")
+        return loss, norm
+
+    def _buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(b, b.detach().clone()) for m in self._modules() for b in m.buffers()]
+
+
+class _Refuse(Exception):
+    """A graph that traced but must not be used."""
+
+
+def _host_rng_state() -> tuple:
+    return random.getstate(), np.random.get_state()
+
+
+def _same_host_rng(a: tuple, b: tuple) -> bool:
+    (pa, na), (pb, nb) = a, b
+    return pa == pb and all(np.array_equal(u, v) if isinstance(u, np.ndarray) else u == v for u, v in zip(na, nb))
+
+
+def _set_host_rng_state(state: tuple) -> None:
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+
+
+def _rng_state(device: torch.device) -> list[torch.Tensor]:
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _restore(states: list[torch.Tensor], buffers, device: torch.device) -> None:
+    torch.set_rng_state(states[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states[1], device)
+    with torch.no_grad():
+        for b, saved in buffers:
+            b.copy_(saved)
