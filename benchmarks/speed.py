@@ -4,7 +4,10 @@ The same model is run three ways in one process, with the same networks and the 
 
 - ``hand``: :mod:`reference` (next to this file): the forward pass written out with torch ops on the
   model's and guide's own ``nn.Linear`` weights, the same bound, ``torch.optim.Adam``;
-- ``pyrovae``: ``pyrovae.train.Trainer(model, guide, objective).step(x)``, the project's training step;
+- ``pyrovae``: ``pyrovae.train.Trainer(model, guide, objective).step(x)``, the project's training step with its
+  default fast path (``capture="replay"``: the step recorded once as an aten graph and replayed);
+- ``compile``: the same with ``capture="compile"`` (that graph compiled by ``torch.compile``);
+- ``plain``: the same with ``capture="off"`` (Pyro runs the model and guide on every step);
 - ``svi``: ``pyro.infer.SVI(model, guide, pyro.optim.Adam, loss=Trace_ELBO())`` (``RenyiELBO(alpha=0)``,
   Pyro's K-particle importance-weighted bound, for the IWAE rows).
 
@@ -56,7 +59,9 @@ except ImportError:  # the flow guide is younger than the rest: its rows are ski
     FlowEncoder = None
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "speed.md"
-IMPLS = ("hand", "pyrovae", "svi")
+IMPLS = ("hand", "pyrovae", "compile", "plain", "svi")
+QUICK_IMPLS = ("hand", "pyrovae", "plain", "svi")  # compiling takes ~10-30 s a graph: not for a smoke run
+CAPTURE = {"pyrovae": "replay", "compile": "compile", "plain": "off"}
 X_SHAPE = (1, 28, 28)
 
 #: name -> (VAE / GaussianEncoder keyword arguments, description)
@@ -99,6 +104,7 @@ class Row:
     steps: int = 0
     note: str = ""
     skipped: str = ""
+    capture: dict[str, str] = field(default_factory=dict)  # impl -> the trainer's capture report
 
     def median(self, impl: str, cpu: bool = False) -> Optional[float]:
         r = (self.cpu_rates if cpu else self.rates).get(impl)
@@ -178,6 +184,7 @@ class Impl:
     def __init__(self, name: str, run: Callable[[torch.Tensor], object], setup: Optional[Callable[[torch.Tensor], None]] = None):
         self.name, self.run, self._setup = name, run, setup
         self.store_state = {"params": {}, "constraints": {}}
+        self.trainer: Optional[Trainer] = None
 
     def scope(self):
         return pyro.get_param_store().scope(self.store_state)
@@ -188,7 +195,7 @@ class Impl:
                 self._setup(x)
 
 
-def make_impls(cfg: Config, device: torch.device) -> dict[str, Impl]:
+def make_impls(cfg: Config, device: torch.device, names: tuple = IMPLS) -> dict[str, Impl]:
     model, guide = build(cfg, device)
     copies = {name: (copy.deepcopy(model), copy.deepcopy(guide)) for name in IMPLS}
     impls: dict[str, Impl] = {}
@@ -204,15 +211,20 @@ def make_impls(cfg: Config, device: torch.device) -> dict[str, Impl]:
     trainer = HandTrainer(hand, cfg.objective, K)
     impls["hand"] = Impl("hand", trainer.step)
 
-    m, g = copies["pyrovae"]
-    objective = ELBO() if cfg.objective == "elbo" else IWAE(num_particles=K)
-    pv = Trainer(m, g, objective, progress=False)
-    impls["pyrovae"] = Impl("pyrovae", pv.step, pv.setup)
+    for name, capture in CAPTURE.items():
+        if name not in names:
+            continue
+        m, g = copies[name]
+        objective = ELBO() if cfg.objective == "elbo" else IWAE(num_particles=K)
+        pv = Trainer(m, g, objective, progress=False, capture=capture)
+        impls[name] = Impl(name, pv.step, pv.setup)
+        impls[name].trainer = pv
 
-    m, g = copies["svi"]
-    loss = Trace_ELBO() if cfg.objective == "elbo" else RenyiELBO(alpha=0.0, num_particles=K, vectorize_particles=True)
-    svi = SVI(m, g, pyro.optim.Adam({"lr": 1e-3}), loss=loss)
-    impls["svi"] = Impl("svi", svi.step)
+    if "svi" in names:
+        m, g = copies["svi"]
+        loss = Trace_ELBO() if cfg.objective == "elbo" else RenyiELBO(alpha=0.0, num_particles=K, vectorize_particles=True)
+        svi = SVI(m, g, pyro.optim.Adam({"lr": 1e-3}), loss=loss)
+        impls["svi"] = Impl("svi", svi.step)
     return impls
 
 
@@ -276,7 +288,7 @@ def run_device(device: torch.device, args, train: torch.Tensor, test: torch.Tens
             print(f"[{device.type}] {cfg.label}: skipped ({row.skipped})", flush=True)
             continue
         t0 = time.perf_counter()
-        impls = make_impls(cfg, device)
+        impls = make_impls(cfg, device, QUICK_IMPLS if args.quick else IMPLS)
         if cfg.objective == "eval":
             data = test[: min(eval_images, test.shape[0])]
             row.note = f"{data.shape[0]} test images" + (" (a subset: the full 10k take ~10 min per implementation on CPU)" if data.shape[0] < test.shape[0] else "")
@@ -285,6 +297,7 @@ def run_device(device: torch.device, args, train: torch.Tensor, test: torch.Tens
             g = torch.Generator(device="cpu").manual_seed(1)
             inputs = [train[torch.randint(train.shape[0], (cfg.batch,), generator=g).to(device)] for _ in range(8)]
             measure(row, impls, inputs, 1, args, sync)
+            row.capture = {n: i.trainer.capture_report for n, i in impls.items() if i.trainer is not None}
         print(format_progress(row, time.perf_counter() - t0), flush=True)
     return rows
 
@@ -315,6 +328,7 @@ def format_progress(row: Row, seconds: float) -> str:
     s = row.ratio("pyrovae", "svi")
     return (f"[{row.device}] {short_arch(c.arch)} | {c.label} | batch {c.batch}: " + " ".join(parts) + f" {c.unit}"
             + f" | pyrovae/hand {fmt(row.ratio('pyrovae', 'hand'))} (CPU time {fmt(row.ratio('pyrovae', 'hand', cpu=True))})"
+            + f" compile/hand {fmt(row.ratio('compile', 'hand'))} off/hand {fmt(row.ratio('plain', 'hand'))}"
             + (f" pyrovae/svi {fmt(s)}" if s else "") + f" | {row.steps} x {len(next(iter(row.rates.values())))} rounds, {seconds:.0f} s")
 
 
@@ -323,18 +337,21 @@ def short_arch(arch: str) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    head = ("| model | objective | batch | unit | hand-written | pyrovae | SVI | pyrovae / hand | per-round range "
-            "| pyrovae / hand, CPU time | pyrovae − hand, CPU ms per step or image | pyrovae / SVI | target (pyrovae / hand) | met |")
+    head = ("| model | objective | batch | unit | hand-written | pyrovae | pyrovae, compile | pyrovae, capture off | SVI "
+            "| **pyrovae / hand** | per-round range | pyrovae / hand, CPU time | pyrovae − hand, CPU ms per step or image "
+            "| compile / hand | capture off / hand | pyrovae / SVI | target (pyrovae / hand) | met |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
         c = row.config
         batch = f"{c.batch}" if c.objective != "eval" else f"{c.batch} per pass"
         if row.skipped:
-            lines.append(f"| {short_arch(c.arch)} | {c.label} | {batch} | {c.unit} | skipped: {row.skipped} |" + " |" * 9)
+            lines.append(f"| {short_arch(c.arch)} | {c.label} | {batch} | {c.unit} | skipped: {row.skipped} |" + " |" * 13)
             continue
         r, rng = row.ratio("pyrovae", "hand"), row.ratio_range("pyrovae", "hand")
         target = target_of(row)
         met = "—" if target is None or r is None else ("yes" if r >= target else "**no**")
+        if target is not None and r is not None and r < target and (row.ratio("compile", "hand") or 0) >= target:
+            met += " (compile: yes)"
         label = c.label + (f" ({row.note})" if row.note else "")
         on_cpu = row.device == "cpu"  # process CPU time says nothing about GPU work
         cpu_ratio = fmt(row.ratio("pyrovae", "hand", cpu=True)) if on_cpu else "—"
@@ -342,10 +359,15 @@ def table(rows: list[Row]) -> str:
         extra_text = "—" if extra is None else f"{extra:+.1f}"
         lines.append(
             f"| {short_arch(c.arch)} | {label} | {batch} | {c.unit} | {fmt(row.median('hand'))} | {fmt(row.median('pyrovae'))} "
-            f"| {fmt(row.median('svi'))} | **{fmt(r)}** | {fmt(rng[0]) + '–' + fmt(rng[1]) if rng else '—'} "
-            f"| {cpu_ratio} | {extra_text} | {fmt(row.ratio('pyrovae', 'svi'))} "
+            f"| {fmt(row.median('compile'))} | {fmt(row.median('plain'))} | {fmt(row.median('svi'))} "
+            f"| **{fmt(r)}** | {fmt(rng[0]) + '–' + fmt(rng[1]) if rng else '—'} "
+            f"| {cpu_ratio} | {extra_text} | {fmt(row.ratio('compile', 'hand'))} | {fmt(row.ratio('plain', 'hand'))} | {fmt(row.ratio('pyrovae', 'svi'))} "
             f"| {'≥ ' + format(target, '.1f') if target is not None else '—'} | {met} |"
         )
+    plain_rows = [(row, impl, text) for row in rows for impl, text in row.capture.items() if impl != "plain" and ("captured" not in text or "plain:" in text)]
+    if plain_rows:
+        lines += ["", "Steps that did not run captured (the trainer's capture report):", ""]
+        lines += [f"- {short_arch(r.config.arch)} {r.config.label} batch {r.config.batch}, {impl}: {text}" for r, impl, text in plain_rows]
     return "\n".join(lines)
 
 
@@ -353,19 +375,20 @@ def targets_section(rows: list[Row], devices: list[str]) -> str:
     cpu = [r for r in rows if r.device == "cpu" and not r.skipped and r.rates]
     out = ["| target (from the issue) | measured | met |", "|---|---|---|"]
 
-    def summary(sel: list[Row], target: float) -> tuple[str, str]:
-        if not sel:
+    def summary(sel: list[Row], target: float, impl: str) -> tuple[str, str]:
+        ratios = [(r, r.ratio(impl, "hand")) for r in sel if r.ratio(impl, "hand") is not None]
+        if not ratios:
             return "not measured in this run", "—"
-        ratios = [(r, r.ratio("pyrovae", "hand")) for r in sel]
         worst = min(ratios, key=lambda t: t[1])
         text = "; ".join(f"{fmt(v)} ({short_arch(r.config.arch).split(' ')[0]} {r.config.label})" for r, v in ratios)
         return text, ("yes" if worst[1] >= target else f"**no** (worst {fmt(worst[1])})")
 
     for batch in (128, 1024):
         sel = [r for r in cpu if r.config.objective != "eval" and r.config.batch == batch]
-        text, met = summary(sel, CPU_TRAIN_TARGET)
-        out.append(f"| CPU, batch {batch}: pyrovae / hand-written ≥ {CPU_TRAIN_TARGET} | {text} | {met} |")
-    text, met = summary([r for r in cpu if r.config.objective == "eval"], CPU_EVAL_TARGET)
+        for impl, what in (("pyrovae", "pyrovae (default: capture replay)"), ("compile", "pyrovae, capture compile")):
+            text, met = summary(sel, CPU_TRAIN_TARGET, impl)
+            out.append(f"| CPU, batch {batch}: {what} / hand-written ≥ {CPU_TRAIN_TARGET} | {text} | {met} |")
+    text, met = summary([r for r in cpu if r.config.objective == "eval"], CPU_EVAL_TARGET, "pyrovae")
     out.append(f"| CPU evaluation (log p(x), k=5000): no slower than hand-written (ratio ≥ {CPU_EVAL_TARGET}) | {text} | {met} |")
     cuda = [r for r in rows if r.device == "cuda" and not r.skipped and r.rates and r.config.objective != "eval"]
     if "cuda" in devices and cuda:
@@ -398,7 +421,7 @@ def report(rows: list[Row], args, meta: dict) -> str:
         f"- python {platform.python_version()}, torch {torch.__version__}, pyro {pyro.__version__}",
         f"- Pyro / torch.distributions validation: {'on (the default)' if meta['validation'] else 'off (--no-validation)'}",
         f"- data: {meta['data']}",
-        f"- method: {args.rounds} rounds; each round times every implementation once, in turn (hand, pyrovae, svi), "
+        f"- method: {args.rounds} rounds; each round times every implementation once, in turn ({', '.join(QUICK_IMPLS if args.quick else IMPLS)}), "
         f"for the same number of steps (calibrated to ~{args.block_seconds:g} s per block unless --steps), after {args.warmup} warm-up steps; "
         "the table shows the median rate over rounds, the ratio of medians, and the range of the per-round (paired) ratios. "
         "The CPU-time ratio divides work by the CPU seconds the process used in each block (`time.process_time`): "
@@ -409,7 +432,11 @@ def report(rows: list[Row], args, meta: dict) -> str:
         "- implementations (same networks, same initial weights, same bound, Adam lr 1e-3):",
         "  - **hand-written**: `benchmarks/reference.py`, the forward pass written with `F.linear` and torch ops on the "
         "pyrovae modules' own weights; `torch.optim.Adam`;",
-        "  - **pyrovae**: `pyrovae.train.Trainer(model, guide, objective).step(x)` with `pyrovae.objectives.ELBO()` / `IWAE(K)`;",
+        "  - **pyrovae**: `pyrovae.train.Trainer(model, guide, objective).step(x)` with `pyrovae.objectives.ELBO()` / `IWAE(K)` "
+        "and the default fast path, `capture='replay'` (one step recorded as an aten graph with `make_fx`, checked against "
+        "the plain step, then replayed; compile time and the check are in the warm-up, not in the timed blocks);",
+        "  - **pyrovae, compile**: the same with `capture='compile'` (that graph compiled by `torch.compile`, inductor);",
+        "  - **pyrovae, capture off**: the same with `capture='off'`: Pyro runs model and guide on every step;",
         "  - **SVI**: `pyro.infer.SVI(model, guide, pyro.optim.Adam, loss=Trace_ELBO())`; for IWAE rows "
         "`RenyiELBO(alpha=0, num_particles=K, vectorize_particles=True)`, Pyro's K-particle importance-weighted bound "
         "(same computation; its log-sum-exp is over the batch's summed log-weights, not per datum);",
@@ -432,7 +459,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--steps", type=int, default=None, help="steps per timed block (default: calibrated to --block-seconds)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7; 2 with --quick)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per implementation (default 3; 1 with --quick)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per implementation (default 3: the validating step, the capturing step and a replay)")
     p.add_argument("--block-seconds", type=float, default=2.0, help="target seconds per timed block when calibrating (default 2)")
     p.add_argument("--min-steps", type=int, default=3)
     p.add_argument("--max-steps", type=int, default=2000)
@@ -447,7 +474,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.rounds is None:
         args.rounds = 2 if args.quick else 7
     if args.warmup is None:
-        args.warmup = 1 if args.quick else 3
+        args.warmup = 3  # the first step validates, the second captures and checks: timing starts after both
     if args.quick and args.steps is None:
         args.steps = 3
     for name in ("rounds", "steps", "threads", "eval_k", "eval_images"):

@@ -15,7 +15,8 @@ What keeps it honest:
   objective names it in ``capture_state``. An objective with state it does not name is not captured;
 - each new graph is checked on its first step against the plain step from the same RNG state: loss,
   gradients, gradient norm, metrics, the objective's outputs and the number of random draws must agree,
-  else that signature keeps the plain step, and :attr:`StepCapture.events` says why;
+  else that signature keeps the plain step, and :attr:`StepCapture.events` says why. The check is repeated
+  after ``verify_every`` replays, then at doubling intervals (up to 16 times that);
 - tracing errors (data-dependent Python control flow, ``.item()`` inside the model) and graphs that write
   into tensors they did not create (running statistics, say) also leave the plain step in place.
 """
@@ -68,6 +69,8 @@ class _Graph:
     fn: Callable
     ops: int
     replays: int = 0
+    interval: int = 0  # replays between re-checks: verify_every, doubling after each one up to 16 x verify_every
+    next_check: int = 0
     clone_grads: bool = False  # gradients share storage with each other or other tensors: copy before in-place clipping
 
 
@@ -156,8 +159,9 @@ class StepCapture:
         plain: the ordinary step (``x -> (loss per datum, grad norm)``, gradients left in ``.grad``).
         mode: ``replay`` (the recorded aten graph) or ``compile`` (that graph through ``torch.compile``).
         max_graphs: signatures to capture before running any further ones plainly.
-        verify_every: every this many replays of a graph, the step runs both ways and the graph is dropped if they
-            differ (a program whose Python changed between steps).
+        verify_every: after this many replays of a graph the step runs both ways, and the graph is dropped if they
+            differ (a program whose Python changed between steps); the interval doubles after each check that
+            passes, up to ``16 * verify_every``, so that checking costs little in long runs.
     """
 
     def __init__(self, objective, model, guide, params: list[torch.Tensor], plain: GradStep, mode: str = "replay", max_graphs: int = 8, verify_every: int = 100):
@@ -175,6 +179,7 @@ class StepCapture:
         self.state_names, self.output_names = ((), ()) if isinstance(spec, str) else spec
         if self.refused:
             self._event(f"plain steps: {self.refused}")
+        self._submodules = [m for mod in self._modules() for m in mod.modules()]  # their train/eval flags key the graphs
 
     # --- bookkeeping --------------------------------------------------------------------------------
     def _event(self, message: str) -> None:
@@ -188,7 +193,7 @@ class StepCapture:
         return [getattr(self.objective, n) for n in self.state_names]
 
     def _key(self, x: torch.Tensor, state) -> tuple:
-        flags = tuple(m.training for mod in self._modules() for m in mod.modules())
+        flags = tuple(m.training for m in self._submodules)
         sig = tuple(None if s is None else (tuple(s.shape), s.dtype, s.device) for s in state)
         return (tuple(x.shape), x.dtype, x.device, flags, sig)
 
@@ -213,8 +218,10 @@ class StepCapture:
         graph = self.graphs.get(key)
         if isinstance(graph, _Graph):
             graph.replays += 1
-            if graph.replays % self.verify_every:
+            if graph.replays < graph.next_check:
                 return self._apply(self._run(graph, x, state), graph.clone_grads)
+            graph.interval = min(2 * graph.interval, 16 * self.verify_every)
+            graph.next_check += graph.interval
             return self._checked(key, graph, x, state, None)
         if graph is not None:  # refused earlier, for the reason stored
             return self.plain(x)
@@ -309,7 +316,7 @@ class StepCapture:
         try:
             gm = self._trace(x, state)
             fn = torch.compile(gm, fullgraph=True, dynamic=False, options={"fallback_random": True}) if self.mode == "compile" else gm
-            graph = _Graph(fn, sum(n.op == "call_function" for n in gm.graph.nodes))
+            graph = _Graph(fn, sum(n.op == "call_function" for n in gm.graph.nodes), interval=self.verify_every, next_check=self.verify_every)
         except Exception as e:  # tracing failed or was refused: keep the plain step, and say why
             reason = str(e) if isinstance(e, _Refuse) else f"capture failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
             _restore(rng, buffers, x.device)

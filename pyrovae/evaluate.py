@@ -76,6 +76,7 @@ def log_likelihood(
                 lw = objectives[k].log_weights(model, guide, x, *args, **kwargs)
             validate = False
             log_w = lw.log_w + lw.glob[:, None]
+            del lw  # its traces hold the chunk's decoder outputs: free them before the next chunk allocates its own
             new_m = log_w.max(0).values if m is None else torch.maximum(m, log_w.max(0).values)
             scale = torch.zeros_like(new_m) if m is None else torch.exp(m - new_m)
             w = torch.exp(log_w - new_m)

@@ -140,7 +140,8 @@ class Trainer:
         capture: the step's fast path (:mod:`pyrovae.capture`): ``replay`` records each step signature once
             and replays the recorded graph without Pyro's Python, ``compile`` also compiles that graph with
             ``torch.compile``, ``off`` runs Pyro on every step. Each graph is checked against the plain step
-            when it is made and again every ``check_every`` steps; where one cannot be used the plain step runs,
+            when it is made, again after ``check_every`` replays and then at doubling intervals (up to 16 times
+            that); where one cannot be used the plain step runs,
             and :attr:`capture_report` says why. A graph repeats the Python decisions of the step it recorded:
             a model whose Python changes from step to step (reads a step counter, say) needs ``capture="off"``.
     """

@@ -1,16 +1,14 @@
 """Models and guides keep the library's contract: model(x)/guide(x), per-example sites in the data plate."""
-import math
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import Trace_ELBO
 
 from pyrovae.guides import GaussianEncoder
 from pyrovae.models import VAE
-from pyrovae.objectives import ELBO, IWAE
+from pyrovae.objectives import IWAE
 
 
 def _sites(trace):

@@ -1,0 +1,331 @@
+"""The captured fast path (pyrovae.capture) against the plain Pyro step: same numbers, clean fallbacks."""
+import random
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import Trace_ELBO
+
+from pyrovae.guides import BernoulliEncoder, FlowEncoder, GaussianEncoder
+from pyrovae.models import VAE, DiscreteVAE
+from pyrovae.objectives import ELBO, GECO, IWAE, BetaELBO, LogVarianceLoss, Objective, Renyi, VarianceLoss
+from pyrovae.train import DivergenceError, Trainer
+
+D_X = 12
+
+
+def _data(n: int = 48, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.bernoulli(torch.rand(n, D_X, generator=g) * 0.8 + 0.1, generator=g)
+
+
+def _vae(z_dims=(3,), hidden=((16,),), **kwargs):
+    return VAE((D_X,), z_dims, hidden=hidden, **kwargs), GaussianEncoder((D_X,), z_dims, hidden=hidden)
+
+
+def _run(build, objective, capture, steps=7, batch=8, seed=0, **kwargs):
+    """Train ``steps`` steps from a fixed seed; returns the trainer, per-step (loss, norm, metrics) and the RNG state."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    model, guide = build()
+    trainer = Trainer(model, guide, objective(), lr=1e-2, progress=False, capture=capture, **kwargs)
+    x = _data()
+    trainer.setup(x[:batch])
+    record = []
+    for i in range(steps):
+        xb = x[(i * batch) % x.shape[0]:][:batch]
+        loss, norm = trainer.step(xb)
+        metrics = {k: v.clone() for k, v in getattr(trainer.objective, "metrics", {}).items()}
+        record.append((loss.clone(), norm.clone(), metrics))
+    return trainer, record, torch.get_rng_state()
+
+
+def assert_same_training(build, objective, **kwargs):
+    plain, plain_record, plain_rng = _run(build, objective, "off", **kwargs)
+    fast, fast_record, fast_rng = _run(build, objective, "replay", **kwargs)
+    assert fast._capture.captured == 1, fast.capture_report
+    for step, ((l0, n0, m0), (l1, n1, m1)) in enumerate(zip(plain_record, fast_record)):
+        assert torch.equal(l0, l1) and torch.equal(n0, n1), (step, l0, l1, n0, n1)
+        assert m0.keys() == m1.keys() and all(torch.equal(m0[k], m1[k]) for k in m0), (step, m0, m1)
+    for (name, p0), p1 in zip(plain.params.items(), fast.params.values()):
+        assert torch.equal(p0, p1), name
+    assert torch.equal(plain_rng, fast_rng)  # the same random draws, no more, no fewer
+    return plain, fast
+
+
+# --------------------------------------------------------------------------------------------------
+# the same numbers as the plain step, bit for bit, for every objective
+
+
+OBJECTIVES = {
+    "elbo": ELBO,
+    "elbo-analytic-kl": lambda: ELBO(analytic_kl=True),
+    "elbo-3-particles": lambda: ELBO(num_particles=3),
+    "iwae": lambda: IWAE(num_particles=5),
+    "iwae-dreg": lambda: IWAE(num_particles=5, estimator="dreg"),
+    "renyi": lambda: Renyi(alpha=0.5, num_particles=4),
+    "variance": lambda: VarianceLoss(num_particles=4),
+    "logvariance": lambda: LogVarianceLoss(num_particles=4),
+    "beta-linear-warmup": lambda: BetaELBO(beta=2.0, schedule="linear", warmup_steps=4),
+    "geco": lambda: GECO(tolerance=0.05, nu=5.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_replay_trains_exactly_like_the_plain_step(name):
+    assert_same_training(_vae, OBJECTIVES[name], clip_norm=1.0)
+
+
+def test_state_read_by_the_loss_is_an_input_not_a_constant():
+    # beta_t moves every step of the warm-up, lambda every GECO step: a graph that froze them would drift
+    _, fast = assert_same_training(_vae, lambda: BetaELBO(beta=1.0, schedule="linear", warmup_steps=5), steps=6)
+    assert float(fast.objective.beta_t) == 1.0 and float(fast.objective.metrics["beta_t"]) == pytest.approx(1.0)
+    plain, fast = assert_same_training(_vae, lambda: GECO(tolerance=0.05, nu=5.0), steps=6)
+    assert torch.equal(plain.objective.log_lambda, fast.objective.log_lambda)
+    assert float(fast.objective.log_lambda) != 0.0  # it moved
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        pytest.param(lambda: _vae(z_dims=(4, 2), hidden=((16,), (8,))), id="two-stochastic-layers"),
+        pytest.param(lambda: (VAE((D_X,), (3,), hidden=((16,),), prior_flow="realnvp"), GaussianEncoder((D_X,), (3,), hidden=((16,),))), id="flow-prior"),
+        pytest.param(lambda: (VAE((D_X,), (3,), hidden=((16,),)), FlowEncoder((D_X,), 3, hidden=(16,), flow="planar", num_flows=3)), id="planar-guide"),
+        pytest.param(lambda: (VAE((D_X,), (3,), hidden=((16,),)), FlowEncoder((D_X,), 3, hidden=(16,), flow="iaf", num_flows=2)), id="iaf-guide"),
+        pytest.param(lambda: (VAE((D_X,), (3,), hidden=((16,),), likelihood="gaussian", scale=None), GaussianEncoder((D_X,), (3,), hidden=((16,),))), id="gaussian-learned-scale"),
+        pytest.param(lambda: (DiscreteVAE((D_X,), 3, hidden=(16,)), BernoulliEncoder((D_X,), 3, hidden=(16,))), id="discrete-score-function"),
+    ],
+)
+def test_replay_covers_the_library_models_and_guides(build):
+    assert_same_training(build, lambda: ELBO(num_particles=2))
+
+
+def test_user_program_with_pyro_params_and_constraints():
+    def model(x):
+        loc = pyro.param("loc", torch.zeros(D_X))
+        scale = pyro.param("scale", torch.ones(D_X), constraint=dist.constraints.positive)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z, scale).to_event(1), obs=x)
+
+    def guide(x):
+        w = pyro.param("w", torch.full((D_X,), 0.5))
+        s = pyro.param("s", torch.ones(D_X), constraint=dist.constraints.positive)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(w * x, s).to_event(1))
+
+    plain, fast = assert_same_training(lambda: (model, guide), IWAE)
+    assert sorted(fast.params) == ["loc", "s", "scale", "w"]
+
+
+def test_replay_skips_the_program_and_rechecks_at_doubling_intervals():
+    calls = {"n": 0}
+
+    class Counted(VAE):
+        def forward(self, x):
+            calls["n"] += 1
+            return super().forward(x)
+
+    trainer, _, _ = _run(lambda: (Counted((D_X,), (3,), hidden=((16,),)), GaussianEncoder((D_X,), (3,), hidden=((16,),))), ELBO, "replay", steps=1, check_every=5)
+    x = _data()[:8]
+    calls["n"] = 0
+    trainer.step(x)  # capture: trace, then the plain step it is checked against
+    assert calls["n"] == 2
+    checks = []
+    for replay in range(1, 400):
+        calls["n"] = 0
+        trainer.step(x)
+        if calls["n"]:
+            checks.append(replay)
+    # the plain step ran beside the graph after 5 replays, then 10, 20, 40 and 80 more (16 x check_every at most)
+    assert checks == [5, 15, 35, 75, 155, 235, 315, 395]
+
+
+def test_ragged_last_batch_gets_its_own_graph_and_extra_signatures_run_plainly():
+    pyro.clear_param_store()
+    model, guide = _vae()
+    trainer = Trainer(model, guide, ELBO(), progress=False)
+    trainer.fit(_data(44), epochs=2, batch_size=8)  # 5 batches of 8 and one of 4
+    assert trainer._capture.captured == 2, trainer.capture_report
+    trainer._capture.max_graphs = 2
+    trainer.step(_data(3))
+    assert "more than 2 input signatures" in trainer.capture_report
+
+
+# --------------------------------------------------------------------------------------------------
+# where a graph cannot stand in for the program, the plain step runs and the report says why
+
+
+class ItemVAE(VAE):
+    """Python control flow on a tensor's value: nothing a graph can record."""
+
+    def forward(self, x):
+        if float(x.sum()) > -1:
+            super().forward(x)
+
+
+class PythonRandomVAE(VAE):
+    """Draws with Python's RNG each step: a graph would repeat the first draw forever."""
+
+    def forward(self, x):
+        with pyro.poutine.scale(scale=1.0 + random.random()):
+            super().forward(x)
+
+
+class StatefulVAE(VAE):
+    """Writes a running statistic into a buffer each step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("running", torch.zeros(D_X))
+
+    def forward(self, x):
+        self.running.mul_(0.9).add_(0.1 * x.mean(0))
+        super().forward(x)
+
+
+class CountingELBO(ELBO):
+    """An objective with state between steps that it does not declare in capture_state."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def _loss_and_surrogate(self, model, guide, args, kwargs):
+        self.calls += 1
+        loss, surrogate = super()._loss_and_surrogate(model, guide, args, kwargs)
+        return loss * (1 + 1 / self.calls), surrogate
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+
+
+@pytest.mark.parametrize(
+    "model_cls, objective, reason",
+    [
+        (ItemVAE, ELBO, "capture failed"),
+        (PythonRandomVAE, ELBO, "Python's or NumPy's random generator"),
+        (StatefulVAE, ELBO, "writes into tensors it did not create"),
+        (VAE, CountingELBO, "names none in capture_state"),
+        (VAE, Trace_ELBO, "capture failed"),  # Pyro's ELBOs test the loss for NaN on the host every step
+    ],
+)
+def test_refused_capture_falls_back_to_the_plain_step(model_cls, objective, reason):
+    build = lambda: (model_cls((D_X,), (3,), hidden=((16,),)), GaussianEncoder((D_X,), (3,), hidden=((16,),)))  # noqa: E731
+    plain, plain_record, _ = _run(build, objective, "off", steps=4)
+    random.seed(0)
+    fast, fast_record, _ = _run(build, objective, "replay", steps=4)
+    assert fast._capture.captured == 0 and reason in fast.capture_report, fast.capture_report
+    if model_cls is not PythonRandomVAE:  # the others draw nothing outside torch: the plain steps match exactly
+        for (l0, _, _), (l1, _, _) in zip(plain_record, fast_record):
+            assert torch.equal(l0, l1)
+        for p0, p1 in zip(plain.params.values(), fast.params.values()):
+            assert torch.equal(p0, p1)
+    if model_cls is StatefulVAE:  # the buffer was updated once per step, not by the trial runs too
+        assert torch.equal(plain.model.running, fast.model.running)
+
+
+def test_a_program_whose_python_changes_is_caught_at_the_next_recheck():
+    class Tempered(VAE):
+        temperature = 1.0
+
+        def forward(self, x):
+            with pyro.poutine.scale(scale=self.temperature):
+                super().forward(x)
+
+    pyro.clear_param_store()
+    model, guide = Tempered((D_X,), (3,), hidden=((16,),)), GaussianEncoder((D_X,), (3,), hidden=((16,),))
+    trainer = Trainer(model, guide, ELBO(), progress=False, check_every=4)
+    x = _data()[:8]
+    trainer.setup(x)
+    for _ in range(3):
+        trainer.step(x)
+    assert trainer._capture.captured == 1
+    model.temperature = 0.5  # a change the graph cannot see ...
+    for _ in range(4):
+        trainer.step(x)
+    # ... until the re-check, which drops the graph: from then on the plain step runs
+    assert trainer._capture.captured == 0 and "disagreed with the plain step at re-check" in trainer.capture_report
+    pyro.set_rng_seed(3)
+    expected, _ = trainer._plain_step(x)  # the tempered program, run by Pyro
+    pyro.set_rng_seed(3)
+    loss, _ = trainer.step(x)
+    assert torch.equal(loss, expected)
+
+
+def test_bad_capture_mode_is_refused():
+    with pytest.raises(ValueError, match="capture='fast' is not known"):
+        Trainer(*_vae(), ELBO(), capture="fast")
+
+
+# --------------------------------------------------------------------------------------------------
+# the rest of the trainer works through the fast path
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_divergence_in_a_replayed_step_gets_the_plain_steps_report(tmp_path):
+    x = _data(64)
+    x[45] = float("nan")  # poisons whichever step draws example 45: the same step on both paths
+    pyro.enable_validation(False)  # else the first step's validation may refuse the NaN before training starts
+    reports, params = {}, {}
+    for capture in ("off", "replay"):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        model, guide = _vae()
+        trainer = Trainer(model, guide, ELBO(), progress=False, check_every=5, capture=capture, run_dir=tmp_path / capture)
+        with pytest.raises(DivergenceError) as e:
+            trainer.fit(x, epochs=3, batch_size=8)
+        reports[capture] = str(e.value).replace(str(tmp_path / capture), "RUN")
+        params[capture] = list(trainer.params.values())
+    assert trainer._capture.captured == 1
+    assert "non-finite loss at step" in reports["replay"] and "model:x" in reports["replay"]
+    assert reports["replay"] == reports["off"]
+    for p0, p1 in zip(params["off"], params["replay"]):
+        assert torch.equal(p0, p1)  # rolled back to the same good state
+
+
+def test_compiled_graph_matches_the_plain_step():
+    pytest.importorskip("torch._inductor")
+    plain, plain_record, _ = _run(_vae, ELBO, "off", steps=4)
+    fast, fast_record, _ = _run(_vae, ELBO, "compile", steps=4)
+    assert fast._capture.captured == 1 and "(compile)" in fast.capture_report, fast.capture_report
+    for (l0, n0, _), (l1, n1, _) in zip(plain_record, fast_record):
+        assert torch.allclose(l0, l1, rtol=1e-5) and torch.allclose(n0, n1, rtol=1e-4)
+    for p0, p1 in zip(plain.params.values(), fast.params.values()):
+        assert torch.allclose(p0, p1, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["elbo", "iwae-dreg", "geco"])
+def test_replay_on_cuda_matches_the_plain_step(name):
+    def build():
+        m, g = _vae()
+        return m.cuda(), g.cuda()
+
+    plain, fast = None, None
+    results = {}
+    for capture in ("off", "replay"):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        model, guide = build()
+        trainer = Trainer(model, guide, OBJECTIVES[name](), lr=1e-2, progress=False, capture=capture)
+        x = _data().cuda()
+        trainer.setup(x[:8])
+        losses = [trainer.step(x[i * 8:(i + 1) * 8])[0] for i in range(5)]
+        results[capture] = (trainer, torch.stack(losses))
+    plain, fast = results["off"][0], results["replay"][0]
+    assert fast._capture.captured == 1, fast.capture_report
+    assert torch.allclose(results["off"][1], results["replay"][1], rtol=1e-5)
+    for p0, p1 in zip(plain.params.values(), fast.params.values()):
+        assert torch.allclose(p0, p1, rtol=1e-4, atol=1e-6)
+
+
+def test_objective_without_declared_outputs_is_documented():
+    # the contract the fast path relies on is part of the objective's interface
+    assert Objective.capture_state == () and Objective.capture_outputs == ()
+    assert GECO.capture_state == ("log_lambda", "c_ma") and GECO.capture_outputs == ("_pending",)
+    assert BetaELBO.capture_state == ("beta_t",)
