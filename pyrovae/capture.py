@@ -22,8 +22,10 @@ What keeps it honest:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -315,7 +317,7 @@ class StepCapture:
         t0 = time.perf_counter()
         try:
             gm = self._trace(x, state)
-            fn = torch.compile(gm, fullgraph=True, dynamic=False, options={"fallback_random": True}) if self.mode == "compile" else gm
+            fn = torch.compile(gm, fullgraph=True, dynamic=False, options={"fallback_random": True}) if self.mode == "compile" else _direct_calls(gm)
             graph = _Graph(fn, sum(n.op == "call_function" for n in gm.graph.nodes), interval=self.verify_every, next_check=self.verify_every)
         except Exception as e:  # tracing failed or was refused: keep the plain step, and say why
             reason = str(e) if isinstance(e, _Refuse) else f"capture failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
@@ -361,6 +363,26 @@ class StepCapture:
 
     def _buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(b, b.detach().clone()) for m in self._modules() for b in m.buffers()]
+
+
+_OP_CALL = re.compile(r"torch\.ops\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)\(")
+
+
+def _direct_calls(gm: torch.fx.GraphModule) -> Callable:
+    """``gm``'s forward with each ``torch.ops.NS.OP.OVERLOAD(...)`` call bound to the overload's C++ entry point:
+    the same calls without ``OpOverload.__call__``'s Python frame (about 7% of a small graph's replay time)."""
+    entry = {}
+
+    def bind(match: re.Match) -> str:
+        ns, op, overload = match.groups()
+        name = f"_op_{ns}_{op}_{overload}"
+        entry[name] = getattr(getattr(getattr(torch.ops, ns), op), overload)._op
+        return name + "("
+
+    code = _OP_CALL.sub(bind, gm.code)
+    scope = {**gm.forward.__globals__, **entry}
+    exec(compile(code, "<pyrovae captured step>", "exec"), scope)
+    return functools.partial(scope["forward"], gm)
 
 
 class _Refuse(Exception):
