@@ -92,9 +92,12 @@ def log_likelihood(
 
 
 @torch.no_grad()
-def elbo_terms(model, guide, data: torch.Tensor, num_particles: int = 1, batch_size: int = 500, *args, **kwargs) -> dict[str, float]:
-    """Mean per-datum ELBO, reconstruction term E_q[log p(x|z)] and KL estimate over ``data``."""
-    objective = ELBO(num_particles=num_particles)
+def elbo_terms(model, guide, data: torch.Tensor, num_particles: int = 1, batch_size: int = 500, *args, objective: Optional[ELBO] = None, **kwargs) -> dict[str, float]:
+    """Mean per-datum ELBO, reconstruction term E_q[log p(x|z)] and KL estimate over ``data``.
+
+    ``objective``: an :class:`~pyrovae.objectives.ELBO` to reuse across calls (it keeps the plate nesting it
+    guessed on its first call); by default a new ``ELBO(num_particles)``."""
+    objective = ELBO(num_particles=num_particles) if objective is None else objective
     sums = {"elbo": 0.0, "recon": 0.0, "kl": 0.0}
     for start in range(0, data.shape[0], batch_size):
         x = data[start : start + batch_size]

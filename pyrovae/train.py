@@ -189,6 +189,7 @@ class Trainer:
         self.valid_particles, self.progress = int(valid_particles), progress
         self.validate_every_step, self._validate_next = bool(validate_every_step), True
         self.capture_mode, self._capture = capture, None
+        self._valid_objective = None
         self.params: dict[str, torch.Tensor] = {}
         self.optim: Optional[torch.optim.Optimizer] = None
         self.cursor = Cursor()
@@ -434,8 +435,11 @@ class Trainer:
     @torch.no_grad()
     def validate(self, valid: torch.Tensor, batch_size: int) -> float:
         from pyrovae.evaluate import elbo_terms
+        from pyrovae.objectives import ELBO
 
-        return elbo_terms(self.model, self.guide, valid, num_particles=self.valid_particles, batch_size=batch_size)["elbo"]
+        if self._valid_objective is None:  # one objective for every epoch: it guesses the plate nesting once
+            self._valid_objective = ELBO(num_particles=self.valid_particles)
+        return elbo_terms(self.model, self.guide, valid, batch_size=batch_size, objective=self._valid_objective)["elbo"]
 
     def fit(
         self,

@@ -752,3 +752,17 @@ def test_geco_state_dict_round_trip():
     fresh = GECO(tolerance=0.2)
     fresh.load_state_dict(GECO(tolerance=0.2).state_dict())  # no step yet: c_ma is None
     assert fresh.c_ma is None and fresh.lagrange_multiplier.item() == pytest.approx(1.0)
+
+
+def test_guessing_the_plate_nesting_draws_no_random_numbers():
+    from pyrovae.guides import GaussianEncoder
+    from pyrovae.models import VAE
+
+    model, guide = VAE((6,), (2,), hidden=((8,),)), GaussianEncoder((6,), (2,), hidden=((8,),))
+    x = torch.bernoulli(torch.full((5, 6), 0.5))
+    losses = []
+    for nesting in (float("inf"), 1):  # guessed on the first call, or given
+        pyro.set_rng_seed(3)
+        objective = IWAE(num_particles=4, max_plate_nesting=nesting)
+        losses.append(objective.loss(model, guide, x))
+    assert losses[0] == losses[1]

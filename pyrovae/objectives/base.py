@@ -21,6 +21,8 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, check_site_shape
 
+from pyrovae.checkpoint import get_rng_state, set_rng_state
+
 PARTICLE_PLATE = "num_particles_vectorized"
 
 
@@ -179,7 +181,8 @@ class Objective(PyroELBO):
 
     Args:
         num_particles: samples of z per data point, vectorised in one pass.
-        max_plate_nesting: bound on the model's plate nesting (guessed from one run by default).
+        max_plate_nesting: bound on the model's plate nesting (guessed from one run by default; the guess
+            leaves the random number generators as they were).
         data_plate: name of the plate over data points.
     """
 
@@ -200,7 +203,11 @@ class Objective(PyroELBO):
 
     # --- Pyro trace machinery -------------------------------------------------------------------
     def _guess_max_plate_nesting(self, model, guide, args, kwargs):
-        super()._guess_max_plate_nesting(model, guide, args, kwargs)
+        rng = get_rng_state()  # the guess runs the program once: it must not shift the random stream
+        try:
+            super()._guess_max_plate_nesting(model, guide, args, kwargs)
+        finally:
+            set_rng_state(rng)
         if self.num_particles == 1:
             self.max_plate_nesting += 1
 
