@@ -24,17 +24,17 @@ from __future__ import annotations
 
 import functools
 import logging
-import random
 import re
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
-import numpy as np
 import pyro
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten
+
+from pyrovae.checkpoint import get_rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -265,15 +265,15 @@ class StepCapture:
             return loss.detach(), grad_norm(grads), grads, metrics, outputs
 
         saved = {n: getattr(obj, n) for n in (*self.state_names, *self.output_names, "metrics") if hasattr(obj, n)}
-        host_rng = _host_rng_state()
+        rng = get_rng_state()
         try:
             with pyro.validation_enabled(False):
                 gm = make_fx(step)(x, *[s for s in state if s is not None])
         finally:
             for n, v in saved.items():
                 setattr(obj, n, v)
-        if not _same_host_rng(host_rng, _host_rng_state()):
-            _set_host_rng_state(host_rng)
+        if not _same_draws(rng, get_rng_state(), ("python", "numpy")):
+            set_rng_state(rng)
             raise _Refuse("the step draws from Python's or NumPy's random generator, which a graph cannot replay")
         return self._lift_params(gm)
 
@@ -313,7 +313,7 @@ class StepCapture:
 
     def _capture(self, key: tuple, x: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor]:
         """Trace (and compile), then check against the plain step; this step's results are the plain step's."""
-        rng, buffers = _rng_state(x.device), self._buffers()
+        rng, buffers = get_rng_state(), self._buffers()
         t0 = time.perf_counter()
         try:
             gm = self._trace(x, state)
@@ -321,25 +321,25 @@ class StepCapture:
             graph = _Graph(fn, sum(n.op == "call_function" for n in gm.graph.nodes), interval=self.verify_every, next_check=self.verify_every)
         except Exception as e:  # tracing failed or was refused: keep the plain step, and say why
             reason = str(e) if isinstance(e, _Refuse) else f"capture failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
-            _restore(rng, buffers, x.device)
+            _restore(rng, buffers)
             self._refuse(key, x, reason)
             return self.plain(x)
-        _restore(rng, buffers, x.device)
+        _restore(rng, buffers)
         return self._checked(key, graph, x, state, t0)
 
     def _checked(self, key: tuple, graph: _Graph, x: torch.Tensor, state, t0: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
         """Run ``graph`` and the plain step from the same RNG state and keep the graph only if they agree. The
         step's results are the plain step's. ``t0``: capture start (None for a periodic re-check)."""
-        rng, buffers = _rng_state(x.device), self._buffers()
+        rng, buffers = get_rng_state(), self._buffers()
         reason = None
         try:
             got = self._run(graph, x, state)  # compiles, in mode "compile"
-            got_rng = _rng_state(x.device)
+            got_rng = get_rng_state()
             others = [got[0], got[1], *tree_flatten((got[3], got[4]))[0], *self.params]
             graph.clone_grads = _shares_storage(got[2], others)
         except Exception as e:
             reason = f"the captured step failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
-        _restore(rng, buffers, x.device)
+        _restore(rng, buffers)
         for p in self.params:
             p.grad = None
         loss, norm = self.plain(x)
@@ -350,7 +350,7 @@ class StepCapture:
                 {n: getattr(self.objective, n) for n in self.output_names},
             )
             reason = _mismatch("outputs", got, want, 1e-4 if self.mode == "compile" else 1e-6)
-            if reason is None and not all(torch.equal(a, b) for a, b in zip(got_rng, _rng_state(x.device))):
+            if reason is None and not _same_draws(got_rng, get_rng_state(), ("torch", "cuda")):
                 reason = "the captured step drew a different number of random values"
         if reason is not None:
             when = "when captured" if t0 is not None else f"at re-check after {graph.replays} steps"
@@ -389,31 +389,17 @@ class _Refuse(Exception):
     """A graph that traced but must not be used."""
 
 
-def _host_rng_state() -> tuple:
-    return random.getstate(), np.random.get_state()
+def _same_draws(a: dict, b: dict, generators: tuple[str, ...]) -> bool:
+    """Whether two :func:`~pyrovae.checkpoint.get_rng_state` snapshots agree on ``generators``."""
+    flat_a, _ = tree_flatten([a[g] for g in generators])
+    flat_b, _ = tree_flatten([b[g] for g in generators])
+    return len(flat_a) == len(flat_b) and all(
+        torch.equal(u, v) if torch.is_tensor(u) else u == v for u, v in zip(flat_a, flat_b)
+    )
 
 
-def _same_host_rng(a: tuple, b: tuple) -> bool:
-    (pa, na), (pb, nb) = a, b
-    return pa == pb and all(np.array_equal(u, v) if isinstance(u, np.ndarray) else u == v for u, v in zip(na, nb))
-
-
-def _set_host_rng_state(state: tuple) -> None:
-    random.setstate(state[0])
-    np.random.set_state(state[1])
-
-
-def _rng_state(device: torch.device) -> list[torch.Tensor]:
-    states = [torch.get_rng_state()]
-    if device.type == "cuda":
-        states.append(torch.cuda.get_rng_state(device))
-    return states
-
-
-def _restore(states: list[torch.Tensor], buffers, device: torch.device) -> None:
-    torch.set_rng_state(states[0])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(states[1], device)
+def _restore(rng: dict, buffers) -> None:
+    set_rng_state(rng)
     with torch.no_grad():
         for b, saved in buffers:
             b.copy_(saved)

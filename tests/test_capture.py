@@ -306,7 +306,6 @@ def test_replay_on_cuda_matches_the_plain_step(name):
         m, g = _vae()
         return m.cuda(), g.cuda()
 
-    plain, fast = None, None
     results = {}
     for capture in ("off", "replay"):
         pyro.clear_param_store()
