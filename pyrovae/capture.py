@@ -275,41 +275,7 @@ class StepCapture:
         if not _same_draws(rng, get_rng_state(), ("python", "numpy")):
             set_rng_state(rng)
             raise _Refuse("the step draws from Python's or NumPy's random generator, which a graph cannot replay")
-        return self._lift_params(gm)
-
-    def _lift_params(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-        """Make the parameters graph inputs (the trace holds them as constants) and drop no-op nodes."""
-        graph = gm.graph
-        index = {id(p): i for i, p in enumerate(self.params)}
-        last = [n for n in graph.nodes if n.op == "placeholder"][-1]
-        inputs = []
-        for i in range(len(self.params)):
-            with graph.inserting_after(last):
-                last = graph.placeholder(f"param_{i}")
-            inputs.append(last)
-        lifted = set()
-        for node in list(graph.nodes):
-            if node.op != "get_attr":
-                continue
-            value = getattr(gm, node.target)
-            if id(value) in index:
-                node.replace_all_uses_with(inputs[index[id(value)]])
-                graph.erase_node(node)
-                lifted.add(node.target)
-            elif torch.is_tensor(value) and value.requires_grad:
-                raise _Refuse(f"the step reads a tensor that requires grad but is not a trained parameter (shape {tuple(value.shape)})")
-        for name in lifted:
-            delattr(gm, name)
-        writes = _external_writes(graph)
-        if writes:
-            raise _Refuse(f"the step writes into tensors it did not create ({', '.join(sorted(set(writes)))}), e.g. running statistics")
-        for node in list(graph.nodes):
-            if _same_view(node):
-                node.replace_all_uses_with(node.args[0])
-                graph.erase_node(node)
-        graph.eliminate_dead_code()
-        gm.recompile()
-        return gm
+        return lift_params(gm, self.params)[0]
 
     def _capture(self, key: tuple, x: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor]:
         """Trace (and compile), then check against the plain step; this step's results are the plain step's."""
@@ -317,10 +283,10 @@ class StepCapture:
         t0 = time.perf_counter()
         try:
             gm = self._trace(x, state)
-            fn = torch.compile(gm, fullgraph=True, dynamic=False, options={"fallback_random": True}) if self.mode == "compile" else _direct_calls(gm)
+            fn = _build(gm, self.mode)
             graph = _Graph(fn, sum(n.op == "call_function" for n in gm.graph.nodes), interval=self.verify_every, next_check=self.verify_every)
         except Exception as e:  # tracing failed or was refused: keep the plain step, and say why
-            reason = str(e) if isinstance(e, _Refuse) else f"capture failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+            reason = str(e) if isinstance(e, _Refuse) else f"capture failed ({_first_line(e)})"
             _restore(rng, buffers)
             self._refuse(key, x, reason)
             return self.plain(x)
@@ -338,7 +304,7 @@ class StepCapture:
             others = [got[0], got[1], *tree_flatten((got[3], got[4]))[0], *self.params]
             graph.clone_grads = _shares_storage(got[2], others)
         except Exception as e:
-            reason = f"the captured step failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+            reason = f"the captured step failed ({_first_line(e)})"
         _restore(rng, buffers)
         for p in self.params:
             p.grad = None
@@ -365,6 +331,164 @@ class StepCapture:
         return [(b, b.detach().clone()) for m in self._modules() for b in m.buffers()]
 
 
+class FunctionCapture:
+    """Replays a captured no-grad function ``fn(x, *static)`` (evaluation: one chunk of importance weights),
+    one graph per signature: ``x``'s shape, dtype and device and the hashable ``static`` arguments.
+
+    The first call of a signature runs ``fn`` itself and returns its result; the graph is recorded from the same
+    RNG state and kept only if it gives the same values (to 1e-6 of the largest magnitude with ``replay``, 1e-4
+    with ``compile``) and draws as many random numbers. After :meth:`recheck`, the next call of each signature
+    is checked the same way again (the graph is dropped if it now disagrees). Tensors that require grad
+    (parameters) become graph inputs, so a graph follows in-place updates of them. Where ``compile`` fails (no
+    C++ compiler, say) the recorded graph is replayed instead; where tracing fails or a graph disagrees, ``fn``
+    runs, and :meth:`summary` says why.
+
+    Args:
+        fn: ``(x, *static) -> tensor or pytree of tensors``, run under ``torch.no_grad()``.
+        mode: ``replay`` or ``compile``.
+        max_graphs: signatures to capture before running any further ones plainly.
+        modules: ``() -> modules`` whose buffers ``fn`` may write; they are restored after the trial runs, so that
+            capturing changes nothing that the plain call would not.
+    """
+
+    def __init__(self, fn: Callable, mode: str = "replay", max_graphs: int = 8, modules: Callable[[], list] = list):
+        if mode not in MODES[1:]:
+            raise ValueError(f"capture mode {mode!r} is not known; choose one of {list(MODES)}")
+        self.fn, self.mode, self.max_graphs, self.modules = fn, mode, int(max_graphs), modules
+        self.graphs: dict[tuple, Union[tuple[Callable, list[torch.Tensor], str], str]] = {}  # (run, params, mode) or why not
+        self.events: list[str] = []
+        self._unchecked: set = set()
+
+    def summary(self) -> str:
+        """One line: how many signatures run captured (and how), which run plainly and why."""
+        done = sorted({g[2] for g in self.graphs.values() if isinstance(g, tuple)})
+        parts = [f"{sum(isinstance(g, tuple) for g in self.graphs.values())} captured graph(s) ({', '.join(done) or self.mode})"]
+        parts += [f"{list(k[0])} {k[3]} plain: {g}" for k, g in self.graphs.items() if isinstance(g, str)]
+        return "; ".join(parts)
+
+    def recheck(self) -> None:
+        """Check each graph against ``fn`` again on its next call (a new evaluation: the program may have changed)."""
+        self._unchecked = {k for k, g in self.graphs.items() if isinstance(g, tuple)}
+
+    def __call__(self, x: torch.Tensor, *static):
+        key = (tuple(x.shape), x.dtype, x.device, static)
+        graph = self.graphs.get(key)
+        if isinstance(graph, tuple):
+            if key not in self._unchecked:
+                return graph[0](x, *graph[1])
+            self._unchecked.discard(key)
+            return self._against_plain(key, x, static, lambda: (graph, graph[0](x, *graph[1])))
+        if graph is None and sum(isinstance(g, tuple) for g in self.graphs.values()) >= self.max_graphs:
+            graph = self.graphs[key] = f"more than {self.max_graphs} input signatures"
+            self._note(key, f"plain: {graph}")
+        if graph is not None:  # refused, for the reason stored
+            return self.fn(x, *static)
+        return self._against_plain(key, x, static, lambda: self._record(x, static))
+
+    def _note(self, key: tuple, message: str) -> None:
+        self.events.append(f"{list(key[0])} {key[3]}: {message}")
+        log.info("pyrovae capture: %s", self.events[-1])
+
+    def _record(self, x: torch.Tensor, static: tuple) -> tuple[tuple, object]:
+        """Trace ``fn`` (from the current RNG state), build its graph and run it: ``((run, params, mode), result)``."""
+        rng = get_rng_state()
+        with pyro.validation_enabled(False):
+            gm = make_fx(lambda x: self.fn(x, *static))(x)
+        if not _same_draws(rng, get_rng_state(), ("python", "numpy")):
+            raise _Refuse("the function draws from Python's or NumPy's random generator, which a graph cannot replay")
+        gm, params = lift_params(gm)
+        for mode in (self.mode, "replay") if self.mode == "compile" else ("replay",):
+            run = _build(gm, mode)
+            set_rng_state(rng)
+            try:
+                return (run, params, mode), run(x, *params)  # compiles here, in mode "compile"
+            except Exception as e:
+                if mode == "replay":
+                    raise
+                self._note((tuple(x.shape), x.dtype, x.device, static), f"torch.compile failed ({_first_line(e)}); replaying the recorded graph")
+        raise AssertionError("unreachable")
+
+    def _against_plain(self, key: tuple, x: torch.Tensor, static: tuple, attempt: Callable[[], tuple]):
+        """Run ``fn`` and ``attempt`` (-> (graph, result)) from the same RNG state; keep the graph if they agree.
+        Returns ``fn``'s result, with the RNG where ``fn`` left it."""
+        rng = get_rng_state()
+        want = self.fn(x, *static)  # first: one-time work (validation, a plate-nesting guess) runs plainly
+        after = get_rng_state()
+        buffers = [(b, b.detach().clone()) for m in self.modules() for b in m.buffers()]
+        t0, checked = time.perf_counter(), key in self.graphs
+        try:
+            set_rng_state(rng)
+            graph, got = attempt()
+            reason = _mismatch("outputs", got, want, 1e-4 if graph[2] == "compile" else 1e-6)
+            if reason is None and not _same_draws(after, get_rng_state(), ("torch", "cuda")):
+                reason = "the captured function drew a different number of random values"
+        except Exception as e:
+            reason = str(e) if isinstance(e, _Refuse) else f"capture failed ({_first_line(e)})"
+        _restore(after, buffers)
+        if reason is not None:
+            self.graphs[key] = reason if not checked else f"disagreed with the plain call at a re-check ({reason})"
+            self._note(key, f"plain: {self.graphs[key]}")
+        elif not checked:
+            self.graphs[key] = graph
+            self._note(key, f"captured ({graph[2]}) in {time.perf_counter() - t0:.2f} s, checked against the plain call")
+        return want
+
+
+def lift_params(gm: torch.fx.GraphModule, params: Optional[list[torch.Tensor]] = None) -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
+    """Make the trained tensors graph inputs after the traced ones (the trace holds them as constants), and drop
+    no-op views and dead nodes. ``params``: the tensors to lift, in order; None lifts every constant that
+    requires grad, in order of first use. Returns the graph and the lifted tensors.
+
+    Raises ``_Refuse`` when the graph reads a tensor that requires grad but is not in ``params``, or writes into a
+    tensor it did not create."""
+    graph = gm.graph
+    if params is None:
+        params, seen = [], set()
+        for node in graph.nodes:
+            value = getattr(gm, node.target) if node.op == "get_attr" else None
+            if torch.is_tensor(value) and value.requires_grad and id(value) not in seen:
+                seen.add(id(value))
+                params.append(value)
+    index = {id(p): i for i, p in enumerate(params)}
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    inputs = []
+    for i in range(len(params)):
+        with graph.inserting_after(last):
+            last = graph.placeholder(f"param_{i}")
+        inputs.append(last)
+    lifted = set()
+    for node in list(graph.nodes):
+        if node.op != "get_attr":
+            continue
+        value = getattr(gm, node.target)
+        if id(value) in index:
+            node.replace_all_uses_with(inputs[index[id(value)]])
+            graph.erase_node(node)
+            lifted.add(node.target)
+        elif torch.is_tensor(value) and value.requires_grad:
+            raise _Refuse(f"the step reads a tensor that requires grad but is not a trained parameter (shape {tuple(value.shape)})")
+    for name in lifted:
+        delattr(gm, name)
+    writes = _external_writes(graph)
+    if writes:
+        raise _Refuse(f"the step writes into tensors it did not create ({', '.join(sorted(set(writes)))}), e.g. running statistics")
+    for node in list(graph.nodes):
+        if _same_view(node):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return gm, list(params)
+
+
+def _build(gm: torch.fx.GraphModule, mode: str) -> Callable:
+    """The runnable form of a lifted graph: direct aten calls (``replay``) or inductor's kernels (``compile``, with
+    torch's own random ops so that the draws match the recorded ones)."""
+    if mode == "compile":
+        return torch.compile(gm, fullgraph=True, dynamic=False, options={"fallback_random": True})
+    return _direct_calls(gm)
+
+
 _OP_CALL = re.compile(r"torch\.ops\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)\(")
 
 
@@ -383,6 +507,10 @@ def _direct_calls(gm: torch.fx.GraphModule) -> Callable:
     scope = {**gm.forward.__globals__, **entry}
     exec(compile(code, "<pyrovae captured step>", "exec"), scope)
     return functools.partial(scope["forward"], gm)
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
 
 
 class _Refuse(Exception):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO
 
+from pyrovae import evaluate as E
 from pyrovae.guides import BernoulliEncoder, FlowEncoder, GaussianEncoder
 from pyrovae.models import VAE, DiscreteVAE
 from pyrovae.objectives import ELBO, GECO, IWAE, BetaELBO, LogVarianceLoss, Objective, Renyi, VarianceLoss
@@ -328,3 +329,149 @@ def test_objective_without_declared_outputs_is_documented():
     assert Objective.capture_state == () and Objective.capture_outputs == ()
     assert GECO.capture_state == ("log_lambda", "c_ma") and GECO.capture_outputs == ("_pending",)
     assert BetaELBO.capture_state == ("beta_t",)
+
+
+# --------------------------------------------------------------------------------------------------
+# captured evaluation: log_likelihood(capture=...) against Pyro on every chunk
+
+
+def _ll(model, guide, x, capture, seed=5, **kwargs):
+    """log_likelihood from a fixed seed (several chunks of 7 particles and a ragged one, a ragged last batch),
+    and the RNG state it leaves."""
+    pyro.set_rng_seed(seed)
+    kwargs = {"num_samples": 30, "batch_size": 8, "max_elements": 8 * D_X * 7, **kwargs}
+    ll = E.log_likelihood(model, guide, x, capture=capture, **kwargs)
+    return ll, torch.get_rng_state()
+
+
+class CountingGuide(GaussianEncoder):
+    """Counts how often its Python runs."""
+
+    calls = 0
+
+    def forward(self, x):
+        CountingGuide.calls += 1
+        return super().forward(x)
+
+
+def test_replayed_log_likelihood_equals_the_plain_one_bit_for_bit():
+    model, guide = _vae(z_dims=(3, 2), hidden=((16,), (8,)))  # two stochastic layers
+    x = _data(20)
+    plain, plain_rng = _ll(model, guide, x, "off")
+    fast, fast_rng = _ll(model, guide, x, "replay")
+    assert "plain" not in fast.capture and fast.capture.startswith("4 captured graph(s) (replay)"), fast.capture
+    assert torch.equal(plain.values, fast.values) and torch.equal(plain.stderr, fast.stderr)
+    assert torch.equal(plain_rng, fast_rng)
+
+
+def test_compiled_log_likelihood_matches_the_plain_one():
+    pytest.importorskip("torch._inductor")
+    model, guide = _vae()
+    x = _data(16)
+    plain, plain_rng = _ll(model, guide, x, "off", batch_size=16, max_elements=16 * D_X * 7)  # chunks of 7 and 2
+    fast, fast_rng = _ll(model, guide, x, "compile", batch_size=16, max_elements=16 * D_X * 7)
+    assert fast.capture.startswith("2 captured graph(s) (compile)"), fast.capture
+    assert torch.allclose(plain.values, fast.values, rtol=1e-5) and torch.allclose(plain.stderr, fast.stderr, rtol=1e-3)
+    assert torch.equal(plain_rng, fast_rng)
+
+
+def test_compile_failure_falls_back_to_replaying_the_graph(monkeypatch):
+    def broken(*args, **kwargs):
+        def run(*a):
+            raise RuntimeError("no C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model, guide = _vae()
+    x = _data(8)
+    plain, _ = _ll(model, guide, x, "off")
+    fast, _ = _ll(model, guide, x, "compile")
+    assert fast.capture.startswith("2 captured graph(s) (replay)"), fast.capture
+    assert torch.equal(plain.values, fast.values)
+
+
+def test_graphs_are_kept_between_calls_follow_parameter_updates_and_are_rechecked():
+    pyro.clear_param_store()
+    model, guide = VAE((D_X,), (3,), hidden=((16,),)), CountingGuide((D_X,), (3,), hidden=((16,),))
+    x = _data(8)
+    _ll(model, guide, x, "replay")
+    CountingGuide.calls = 0
+    with torch.no_grad():  # an optimiser step, in place
+        for p in guide.parameters():
+            p.add_(0.1)
+    fast, fast_rng = _ll(model, guide, x, "replay")
+    # this call ran Pyro only for the re-check of each of its two chunk shapes (plain, then the graph checked against it)
+    assert CountingGuide.calls == 2, CountingGuide.calls
+    plain, plain_rng = _ll(model, guide, x, "off")
+    assert torch.equal(plain.values, fast.values) and torch.equal(plain_rng, fast_rng)
+
+
+def test_a_program_changed_between_evaluations_is_caught_by_the_recheck():
+    class Tempered(VAE):
+        temperature = 1.0
+
+        def forward(self, x):
+            with pyro.poutine.scale(scale=self.temperature):
+                super().forward(x)
+
+    model, guide = Tempered((D_X,), (3,), hidden=((16,),)), GaussianEncoder((D_X,), (3,), hidden=((16,),))
+    x = _data(8)
+    first, _ = _ll(model, guide, x, "replay")
+    model.temperature = 0.5  # invisible to the recorded graph
+    fast, _ = _ll(model, guide, x, "replay")
+    assert "disagreed with the plain call at a re-check" in fast.capture, fast.capture
+    plain, _ = _ll(model, guide, x, "off")
+    assert torch.equal(plain.values, fast.values) and not torch.allclose(first.values, fast.values)
+
+
+@pytest.mark.parametrize(
+    "model_cls, reason",
+    [
+        (ItemVAE, "capture failed"),
+        (PythonRandomVAE, "Python's or NumPy's random generator"),
+        (StatefulVAE, "writes into tensors it did not create"),
+    ],
+)
+def test_refused_evaluation_capture_runs_pyro_on_every_chunk(model_cls, reason):
+    model, guide = model_cls((D_X,), (3,), hidden=((16,),)), GaussianEncoder((D_X,), (3,), hidden=((16,),))
+    x = _data(8)
+    random.seed(0)
+    running = model.running.clone() if model_cls is StatefulVAE else None
+    fast, _ = _ll(model, guide, x, "replay")
+    assert fast.capture.startswith("0 captured graph(s)") and reason in fast.capture, fast.capture
+    if model_cls is not PythonRandomVAE:  # draws nothing outside torch: the same values as Pyro on every chunk
+        twin = model_cls((D_X,), (3,), hidden=((16,),))
+        twin.load_state_dict(model.state_dict())
+        if model_cls is StatefulVAE:
+            twin.running.copy_(running)
+        plain, _ = _ll(twin, guide, x, "off")
+        assert torch.equal(plain.values, fast.values)
+        if model_cls is StatefulVAE:  # the trial runs left the buffer as the plain chunks alone leave it
+            assert torch.equal(model.running, twin.running)
+
+
+def test_the_evaluation_cache_does_not_keep_models_alive():
+    import gc
+    import weakref
+
+    model, guide = _vae()
+    _ll(model, guide, _data(8), "replay")
+    refs = weakref.ref(model), weakref.ref(guide)
+    del model, guide
+    gc.collect()
+    assert refs[0]() is None and refs[1]() is None
+
+
+def test_bad_evaluation_capture_mode_is_refused():
+    with pytest.raises(ValueError, match="capture='fast' is not known"):
+        E.log_likelihood(*_vae(), _data(4), num_samples=3, capture="fast")
+
+
+def test_cli_eval_capture_auto_compiles_large_cpu_evaluations_only():
+    from pyrovae.cli import AUTO_COMPILE_WORK, eval_capture_mode
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert eval_capture_mode("auto", 10000, 5000, cpu) == "compile"
+    assert eval_capture_mode("auto", AUTO_COMPILE_WORK // 5000 - 1, 5000, cpu) == "off"
+    assert eval_capture_mode("auto", 10000, 5000, cuda) == "off"
+    assert eval_capture_mode("replay", 10, 10, cpu) == "replay"

@@ -31,10 +31,12 @@ def _near_posterior_guide(model, x_dim, z_dim):
     return guide
 
 
-def test_log_likelihood_matches_the_exact_value_within_its_standard_error():
+@pytest.mark.parametrize("capture", ["off", "replay"])
+def test_log_likelihood_matches_the_exact_value_within_its_standard_error(capture):
     model, x = _problem()
     guide = _near_posterior_guide(model, 6, 3)
-    ll = E.log_likelihood(model, guide, x, num_samples=5000, batch_size=16)
+    ll = E.log_likelihood(model, guide, x, num_samples=5000, batch_size=16, max_elements=16 * 6 * 700, capture=capture)
+    assert capture == "off" or ("captured" in ll.capture and "plain" not in ll.capture), ll.capture
     exact = model.log_marginal(x)
     assert ll.values.shape == exact.shape == (40,)
     assert (ll.stderr > 0).all()
