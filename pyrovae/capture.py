@@ -1,4 +1,5 @@
-"""Capture-and-replay fast path for the training step.
+"""Capture-and-replay fast path for the training step (:class:`StepCapture`) and for evaluation
+(:class:`FunctionCapture`: a no-grad function such as one chunk of importance weights).
 
 Pyro runs the model and guide under its effect handlers on every step. For a small VAE that Python work
 costs as much as the arithmetic. :class:`StepCapture` runs one step under ``torch.fx``'s ``make_fx``, which
@@ -477,8 +478,69 @@ def lift_params(gm: torch.fx.GraphModule, params: Optional[list[torch.Tensor]] =
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
     graph.eliminate_dead_code()
+    _reuse_dead_buffers(graph)
     gm.recompile()
     return gm, list(params)
+
+
+_COMMUTATIVE = {"mul.Tensor", "add.Tensor"}
+
+
+def _fresh(node) -> bool:
+    """Whether ``node`` is an aten op whose result is a new tensor (not a view or an in-place result)."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)):
+        return False
+    returns = node.target._schema.returns
+    return len(returns) == 1 and returns[0].alias_info is None
+
+
+def _owned(node) -> bool:
+    """Whether ``node``'s storage is reachable only through ``node``: a new tensor, or an in-place op on such a
+    tensor that nothing else uses."""
+    while not _fresh(node):
+        if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)):
+            return False
+        returns = node.target._schema.returns
+        if not (len(returns) == 1 and returns[0].alias_info is not None and returns[0].alias_info.is_write and node.args):
+            return False
+        base = node.args[0]
+        if not isinstance(base, torch.fx.Node) or len(base.users) != 1:
+            return False
+        node = base
+    return True
+
+
+def _reuse_dead_buffers(graph: torch.fx.Graph) -> None:
+    """Write a pointwise op's result into its input where that input is a tensor the graph made, used by this op
+    only, and of the result's shape, strides and dtype: ``sub(sigmoid(a), b)`` becomes ``sigmoid(a).sub_(b)``.
+
+    Autograd's backward formulas do this in C++ (``sigmoid(x).sub_(t).mul_(g)``); make_fx records the out-of-place
+    decompositions, whose fresh full-size allocations cost page faults on every replay. Same kernels, same
+    values, bit for bit."""
+    for node in list(graph.nodes):
+        op = node.target
+        if node.op != "call_function" or not isinstance(op, torch._ops.OpOverload) or op.namespace != "aten":
+            continue
+        if torch.Tag.pointwise not in op.tags or not _fresh(node) or node.kwargs.get("alpha", 1) != 1:
+            continue
+        name, overload = op._schema.name.split("::")[1], op._overloadname
+        inplace = getattr(getattr(torch.ops.aten, name + "_", None), overload, None)
+        if inplace is None:
+            continue
+        out = node.meta.get("val")
+        candidates = [0, 1] if f"{name}.{overload}" in _COMMUTATIVE and len(node.args) == 2 else [0]
+        for i in candidates:
+            a = node.args[i] if i < len(node.args) else None
+            if not _owned(a) or len(a.users) != 1 or sum(x is a for x in node.args) != 1:
+                continue
+            val = a.meta.get("val")
+            if not (torch.is_tensor(val) and torch.is_tensor(out) and val.shape == out.shape and val.dtype == out.dtype
+                    and val.stride() == out.stride() and val.device == out.device):
+                continue
+            args = list(node.args)
+            args[0], args[i] = args[i], args[0]
+            node.args, node.target = tuple(args), inplace
+            break
 
 
 def _build(gm: torch.fx.GraphModule, mode: str) -> Callable:

@@ -475,3 +475,26 @@ def test_cli_eval_capture_auto_compiles_large_cpu_evaluations_only():
     assert eval_capture_mode("auto", AUTO_COMPILE_WORK // 5000 - 1, 5000, cpu) == "off"
     assert eval_capture_mode("auto", 10000, 5000, cuda) == "off"
     assert eval_capture_mode("replay", 10, 10, cpu) == "replay"
+
+
+def test_pointwise_ops_write_into_dead_temporaries_only():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from pyrovae.capture import lift_params
+
+    def inplace_ops(fn, *args):
+        gm, _ = lift_params(make_fx(fn)(*args))
+        saved = [a.clone() for a in args]
+        assert all(torch.equal(torch.as_tensor(o), torch.as_tensor(e)) for o, e in zip(torch.utils._pytree.tree_leaves(gm(*args)), torch.utils._pytree.tree_leaves(fn(*args))))
+        assert all(torch.equal(a, s) for a, s in zip(args, saved))  # inputs are never written
+        return sorted(str(n.target) for n in gm.graph.nodes if n.op == "call_function" and str(n.target).split(".")[1].endswith("_"))
+
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    # sigmoid's result is used once, by sub; sub's once, by mul: both reuse it
+    assert inplace_ops(lambda a, b: (torch.sigmoid(a) - b) * 2, a, b) == ["aten.mul_.Tensor", "aten.sub_.Tensor"]
+    assert inplace_ops(lambda a, b: b * torch.exp(a), a, b) == ["aten.mul_.Tensor"]  # commutative: the fresh operand is reused
+    assert inplace_ops(lambda a, b: a - b, a, b) == []  # graph inputs
+    assert inplace_ops(lambda a: (lambda s: (s - 1, s * 2))(torch.sigmoid(a)), a) == []  # a temporary used twice
+    assert inplace_ops(lambda a, b: torch.sigmoid(a[:, :1]) + b, a, b) == []  # broadcast: the result is larger
+    assert inplace_ops(lambda a, b: torch.sigmoid(a) * b, a, b.double()) == []  # type promotion: float64 result
+    assert inplace_ops(lambda a, b: torch.sigmoid(a).t() - b.t(), a, b) == []  # a view of the temporary
