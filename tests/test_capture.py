@@ -498,3 +498,17 @@ def test_pointwise_ops_write_into_dead_temporaries_only():
     assert inplace_ops(lambda a, b: torch.sigmoid(a[:, :1]) + b, a, b) == []  # broadcast: the result is larger
     assert inplace_ops(lambda a, b: torch.sigmoid(a) * b, a, b.double()) == []  # type promotion: float64 result
     assert inplace_ops(lambda a, b: torch.sigmoid(a).t() - b.t(), a, b) == []  # a view of the temporary
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("capture", ["replay", "compile"])
+def test_captured_log_likelihood_on_cuda_matches_the_plain_one(capture):
+    model, guide = _vae()
+    model, guide = model.cuda(), guide.cuda()
+    x = _data(16).cuda()
+    results = {}
+    for mode in ("off", capture):
+        pyro.set_rng_seed(5)
+        results[mode] = E.log_likelihood(model, guide, x, num_samples=30, batch_size=16, max_elements=16 * D_X * 7, capture=mode)
+    assert results[capture].capture.startswith(f"2 captured graph(s) ({capture})"), results[capture].capture
+    assert torch.allclose(results["off"].values, results[capture].values, rtol=1e-5)
