@@ -294,7 +294,7 @@ def run_device(device: torch.device, args, train: torch.Tensor, test: torch.Tens
             print(f"[{device.type}] {cfg.label}: skipped ({row.skipped})", flush=True)
             continue
         t0 = time.perf_counter()
-        impls = make_impls(cfg, device, QUICK_IMPLS if args.quick else IMPLS)
+        impls = make_impls(cfg, device, args.impls)
         if cfg.objective == "eval":
             data = test[: min(eval_images, test.shape[0])]
             row.note = f"{data.shape[0]} test images" + (" (a subset: the full 10k take ~10 min per implementation on CPU)" if data.shape[0] < test.shape[0] else "")
@@ -428,7 +428,7 @@ def report(rows: list[Row], args, meta: dict) -> str:
         f"- python {platform.python_version()}, torch {torch.__version__}, pyro {pyro.__version__}",
         f"- Pyro / torch.distributions validation: {'on (the default)' if meta['validation'] else 'off (--no-validation)'}",
         f"- data: {meta['data']}",
-        f"- method: {args.rounds} rounds; each round times every implementation once, in turn ({', '.join(QUICK_IMPLS if args.quick else IMPLS)}), "
+        f"- method: {args.rounds} rounds; each round times every implementation once, in turn ({', '.join(args.impls)}), "
         f"for the same number of steps (calibrated to ~{args.block_seconds:g} s per block unless --steps), after {args.warmup} warm-up steps; "
         "the table shows the median rate over rounds, the ratio of medians, and the range of the per-round (paired) ratios. "
         "The CPU-time ratio divides work by the CPU seconds the process used in each block (`time.process_time`): "
@@ -476,6 +476,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--max-steps", type=int, default=2000)
     p.add_argument("--eval-k", type=int, default=5000, help="importance samples of the log-likelihood rows (default 5000)")
     p.add_argument("--eval-images", type=int, default=None, help="test images per evaluation pass (default: 100 on CPU, 2 with --quick, 10000 on CUDA)")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=None, help="implementations to time (default: all; with --quick all but compile); hand-written is always timed")
     p.add_argument("--only", nargs="*", default=None, help="run only configs whose 'arch label batch' contains one of these strings")
     p.add_argument("--no-validation", action="store_true", help="pyro.enable_validation(False) for the whole run (default: Pyro's default, on)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown file to write")
@@ -488,6 +489,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.warmup = 3  # the first step validates, the second captures and checks: timing starts after both
     if args.quick and args.steps is None:
         args.steps = 3
+    args.impls = tuple(n for n in IMPLS if n == "hand" or n in (args.impls or (QUICK_IMPLS if args.quick else IMPLS)))
     for name in ("rounds", "steps", "threads", "eval_k", "eval_images"):
         v = getattr(args, name)
         if v is not None and v < 1:
