@@ -142,18 +142,18 @@ def _chunk_log_weights(model, guide, capture: str, args: tuple, kwargs: dict) ->
 
     if capture == "off":
         return chunk_log_w
+
     def modules() -> list[torch.nn.Module]:
         return [o for o in (getattr(p, "__self__", p) for p in programs()) if isinstance(o, torch.nn.Module)]
 
     if not cacheable:
         return FunctionCapture(chunk_log_w, capture, modules=modules)
-    for key, (m, g, _) in list(_CHUNK_CAPTURES.items()):  # forget pairs that no longer exist
-        if m() is None or g() is None:
-            del _CHUNK_CAPTURES[key]
     key = (_identity(model), _identity(guide), capture)
     entry = _CHUNK_CAPTURES.get(key)
     if entry is None or entry[0]() != model or entry[1]() != guide:
         entry = _CHUNK_CAPTURES[key] = (refs[0], refs[1], FunctionCapture(chunk_log_w, capture, modules=modules))
+        for owner in {id(o): o for o in (getattr(p, "__self__", p) for p in (model, guide))}.values():
+            weakref.finalize(owner, _CHUNK_CAPTURES.pop, key, None)  # the graphs (and the parameters they hold) go with the model
     entry[2].recheck()
     return entry[2]
 

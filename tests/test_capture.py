@@ -457,9 +457,12 @@ def test_the_evaluation_cache_does_not_keep_models_alive():
     model, guide = _vae()
     _ll(model, guide, _data(8), "replay")
     refs = weakref.ref(model), weakref.ref(guide)
+    key = (E._identity(model), E._identity(guide), "replay")
+    assert key in E._CHUNK_CAPTURES
     del model, guide
     gc.collect()
     assert refs[0]() is None and refs[1]() is None
+    assert key not in E._CHUNK_CAPTURES  # nor their graphs and parameters
 
 
 def test_bad_evaluation_capture_mode_is_refused():
