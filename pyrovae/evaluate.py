@@ -63,8 +63,8 @@ def log_likelihood(
         capture: how each chunk runs (:class:`pyrovae.capture.FunctionCapture`). ``off`` (default): Pyro runs
             the model and guide for every chunk. ``compile``: each chunk shape's aten graph is recorded once and
             compiled with ``torch.compile`` (fused kernels; after some 10 to 20 s of compiling per shape on CPU),
-            which pays off on a whole test set. ``replay``: the recorded graph without compiling (little gain
-            here: a chunk is a few large kernels). Graphs are kept for the same (model, guide) pair between
+            which pays off on a whole test set. ``replay``: the recorded graph without compiling (no gain
+            here: a chunk is a few large kernels, and each call's re-check runs one chunk twice). Graphs are kept for the same (model, guide) pair between
             calls; each is checked against Pyro on its first chunk in every call, and the plain chunk runs
             wherever a graph does not apply (the result's ``capture`` says why).
     Returns:
