@@ -186,6 +186,16 @@ class StatefulVAE(VAE):
         super().forward(x)
 
 
+class TemperedVAE(VAE):
+    """Its Python reads an attribute a recorded graph cannot see."""
+
+    temperature = 1.0
+
+    def forward(self, x):
+        with pyro.poutine.scale(scale=self.temperature):
+            super().forward(x)
+
+
 class CountingELBO(ELBO):
     """An objective with state between steps that it does not declare in capture_state."""
 
@@ -231,15 +241,8 @@ def test_refused_capture_falls_back_to_the_plain_step(model_cls, objective, reas
 
 
 def test_a_program_whose_python_changes_is_caught_at_the_next_recheck():
-    class Tempered(VAE):
-        temperature = 1.0
-
-        def forward(self, x):
-            with pyro.poutine.scale(scale=self.temperature):
-                super().forward(x)
-
     pyro.clear_param_store()
-    model, guide = Tempered((D_X,), (3,), hidden=((16,),)), GaussianEncoder((D_X,), (3,), hidden=((16,),))
+    model, guide = TemperedVAE((D_X,), (3,), hidden=((16,),)), GaussianEncoder((D_X,), (3,), hidden=((16,),))
     trainer = Trainer(model, guide, ELBO(), progress=False, check_every=4)
     x = _data()[:8]
     trainer.setup(x)
@@ -407,14 +410,7 @@ def test_graphs_are_kept_between_calls_follow_parameter_updates_and_are_rechecke
 
 
 def test_a_program_changed_between_evaluations_is_caught_by_the_recheck():
-    class Tempered(VAE):
-        temperature = 1.0
-
-        def forward(self, x):
-            with pyro.poutine.scale(scale=self.temperature):
-                super().forward(x)
-
-    model, guide = Tempered((D_X,), (3,), hidden=((16,),)), GaussianEncoder((D_X,), (3,), hidden=((16,),))
+    model, guide = TemperedVAE((D_X,), (3,), hidden=((16,),)), GaussianEncoder((D_X,), (3,), hidden=((16,),))
     x = _data(8)
     first, _ = _ll(model, guide, x, "replay")
     model.temperature = 0.5  # invisible to the recorded graph
