@@ -180,7 +180,8 @@ class HandVAE:
     @torch.no_grad()
     def log_likelihood(self, data: torch.Tensor, num_samples: int = 5000, batch_size: int = 100, max_elements: int = 2**24) -> torch.Tensor:
         """Importance-sampled log p(x) per datum with ``num_samples`` samples, drawn in chunks of at most
-        ``max_elements / (batch * numel)`` particles (the chunking of :func:`pyrovae.evaluate.log_likelihood`)."""
+        ``max_elements / (batch * numel)`` particles (the chunking rule of :func:`pyrovae.evaluate.log_likelihood`;
+        ``speed.py`` passes both the same budget)."""
         numel = math.prod(data.shape[1:])
         out = []
         for start in range(0, data.shape[0], batch_size):

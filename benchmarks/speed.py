@@ -47,7 +47,7 @@ from common import command_line, cpu_model  # noqa: E402
 from reference import HandTrainer, HandVAE  # noqa: E402
 
 from pyrovae.checkpoint import atomic_write  # noqa: E402
-from pyrovae.evaluate import log_likelihood  # noqa: E402
+from pyrovae.evaluate import default_max_elements, log_likelihood  # noqa: E402
 from pyrovae.models import VAE  # noqa: E402
 from pyrovae.objectives import ELBO, IWAE  # noqa: E402
 from pyrovae.train import Trainer  # noqa: E402
@@ -196,8 +196,8 @@ class Impl:
                 self._setup(x)
 
 
-def _evaluate(model, guide, k: int, batch: int, capture: str, x: torch.Tensor) -> torch.Tensor:
-    return log_likelihood(model, guide, x, num_samples=k, batch_size=batch, capture=capture).values
+def _evaluate(model, guide, k: int, batch: int, budget: int, capture: str, x: torch.Tensor) -> torch.Tensor:
+    return log_likelihood(model, guide, x, num_samples=k, batch_size=batch, max_elements=budget, capture=capture).values
 
 
 def make_impls(cfg: Config, device: torch.device, names: tuple = IMPLS) -> dict[str, Impl]:
@@ -209,10 +209,11 @@ def make_impls(cfg: Config, device: torch.device, names: tuple = IMPLS) -> dict[
     m, g = copies["hand"]
     hand = HandVAE(m, g)
     if cfg.objective == "eval":  # pyrovae's default (capture off) and capture="compile" (the CLI picks it for whole test sets on CPU)
-        impls["hand"] = Impl("hand", lambda x: hand.log_likelihood(x, num_samples=K, batch_size=cfg.batch))
+        budget = default_max_elements(device)  # the same chunking for all
+        impls["hand"] = Impl("hand", lambda x: hand.log_likelihood(x, num_samples=K, batch_size=cfg.batch, max_elements=budget))
         for name, capture in (("pyrovae", "off"), ("compile", "compile")):
             if name in names:
-                impls[name] = Impl(name, functools.partial(_evaluate, *copies[name], K, cfg.batch, capture))
+                impls[name] = Impl(name, functools.partial(_evaluate, *copies[name], K, cfg.batch, budget, capture))
         return impls
     trainer = HandTrainer(hand, cfg.objective, K)
     impls["hand"] = Impl("hand", trainer.step)
@@ -448,7 +449,8 @@ def report(rows: list[Row], args, meta: dict) -> str:
         "`RenyiELBO(alpha=0, num_particles=K, vectorize_particles=True)`, Pyro's K-particle importance-weighted bound "
         "(same computation; its log-sum-exp is over the batch's summed log-weights, not per datum);",
         "  - evaluation: `pyrovae.evaluate.log_likelihood(model, guide, x, num_samples=k, batch_size=100)` against "
-        "`HandVAE.log_likelihood` (same chunking, one encoder pass per batch); SVI has no counterpart. The pyrovae column "
+        "`HandVAE.log_likelihood` (the same chunking, `pyrovae.evaluate.default_max_elements` of the device: 2^22 floats "
+        "of decoder output per pass on CPU; one encoder pass per batch); SVI has no counterpart. The pyrovae column "
         "is the function's default (`capture='off'`: Pyro runs every chunk), the compile column `capture='compile'` "
         "(what the CLI's `--eval-capture auto` picks for a whole test set on CPU: each chunk shape's graph recorded and "
         "compiled once, in the warm-up pass; every timed pass "

@@ -121,3 +121,14 @@ def test_bad_num_samples():
     model, x = _problem(n=2)
     with pytest.raises(ValueError, match="num_samples"):
         E.log_likelihood(model, LinearGaussianGuide(6, 3, dtype=torch.float64), x, num_samples=0)
+
+
+def test_default_chunking_follows_the_device():
+    model, x = _problem(n=10)
+    guide = LinearGaussianGuide(6, 3, dtype=torch.float64)
+    assert E.default_max_elements(torch.device("cpu")) == 2**22 and E.default_max_elements(torch.device("cuda")) == 2**24
+    pyro.set_rng_seed(3)
+    default = E.log_likelihood(model, guide, x, num_samples=50).values
+    pyro.set_rng_seed(3)
+    explicit = E.log_likelihood(model, guide, x, num_samples=50, max_elements=2**22).values
+    assert torch.equal(default, explicit)
