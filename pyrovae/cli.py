@@ -180,7 +180,7 @@ AUTO_COMPILE_WORK = 1000 * 5000
 def eval_capture_mode(choice: str, num_test: int, num_samples: int, device: torch.device) -> str:
     """``log_likelihood``'s capture mode for ``--eval-capture``: ``auto`` compiles on CPU when the evaluation is at
     least :data:`AUTO_COMPILE_WORK` image-samples (the compile, about 10-20 s per chunk shape, then pays for itself:
-    on the 2-core development machine compiled chunks ran 1.6-1.8x as fast as Pyro's on one thread, 2.7x on two),
+    on the 2-core development machine compiled chunks ran 1.2-1.5x as fast as Pyro's on one thread, 2.5x on two),
     else runs Pyro. Not on CUDA: whether compiling pays for itself there has not been measured."""
     if choice != "auto":
         return choice

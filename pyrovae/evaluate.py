@@ -33,7 +33,7 @@ class LogLikelihood:
 
 def default_max_elements(device: torch.device) -> int:
     """The default memory budget of one :func:`log_likelihood` pass, in floats of decoder output: 2^22 (16 MB
-    tensors, closer to the CPU's caches) on CPU, where the 2-core development machine ran k = 5000 1.4 to 1.8
+    tensors, closer to the CPU's caches) on CPU, where the 2-core development machine ran k = 5000 1.2 to 1.8
     times as fast with it as with 2^24; 2^24 elsewhere (a GPU wants large kernels)."""
     return 2**22 if torch.device(device).type == "cpu" else 2**24
 
