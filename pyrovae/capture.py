@@ -329,7 +329,7 @@ class StepCapture:
         return loss, norm
 
     def _buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(b, b.detach().clone()) for m in self._modules() for b in m.buffers()]
+        return _snapshot_buffers(self._modules())
 
 
 class FunctionCapture:
@@ -415,7 +415,7 @@ class FunctionCapture:
         rng = get_rng_state()
         want = self.fn(x, *static)  # first: one-time work (validation, a plate-nesting guess) runs plainly
         after = get_rng_state()
-        buffers = [(b, b.detach().clone()) for m in self.modules() for b in m.buffers()]
+        buffers = _snapshot_buffers(self.modules())
         t0, checked = time.perf_counter(), key in self.graphs
         try:
             set_rng_state(rng)
@@ -467,12 +467,12 @@ def lift_params(gm: torch.fx.GraphModule, params: Optional[list[torch.Tensor]] =
             graph.erase_node(node)
             lifted.add(node.target)
         elif torch.is_tensor(value) and value.requires_grad:
-            raise _Refuse(f"the step reads a tensor that requires grad but is not a trained parameter (shape {tuple(value.shape)})")
+            raise _Refuse(f"the graph reads a tensor that requires grad but is not a trained parameter (shape {tuple(value.shape)})")
     for name in lifted:
         delattr(gm, name)
     writes = _external_writes(graph)
     if writes:
-        raise _Refuse(f"the step writes into tensors it did not create ({', '.join(sorted(set(writes)))}), e.g. running statistics")
+        raise _Refuse(f"the graph writes into tensors it did not create ({', '.join(sorted(set(writes)))}), e.g. running statistics")
     for node in list(graph.nodes):
         if _same_view(node):
             node.replace_all_uses_with(node.args[0])
@@ -486,22 +486,25 @@ def lift_params(gm: torch.fx.GraphModule, params: Optional[list[torch.Tensor]] =
 _COMMUTATIVE = {"mul.Tensor", "add.Tensor"}
 
 
+def _op_returns(node) -> Optional[list]:
+    """The schema returns of an op call node (None for anything else)."""
+    if isinstance(node, torch.fx.Node) and node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.returns
+    return None
+
+
 def _fresh(node) -> bool:
     """Whether ``node`` is an aten op whose result is a new tensor (not a view or an in-place result)."""
-    if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)):
-        return False
-    returns = node.target._schema.returns
-    return len(returns) == 1 and returns[0].alias_info is None
+    returns = _op_returns(node)
+    return returns is not None and len(returns) == 1 and returns[0].alias_info is None
 
 
 def _owned(node) -> bool:
     """Whether ``node``'s storage is reachable only through ``node``: a new tensor, or an in-place op on such a
     tensor that nothing else uses."""
     while not _fresh(node):
-        if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)):
-            return False
-        returns = node.target._schema.returns
-        if not (len(returns) == 1 and returns[0].alias_info is not None and returns[0].alias_info.is_write and node.args):
+        returns = _op_returns(node)
+        if not (returns and len(returns) == 1 and returns[0].alias_info is not None and returns[0].alias_info.is_write and node.args):
             return False
         base = node.args[0]
         if not isinstance(base, torch.fx.Node) or len(base.users) != 1:
@@ -586,6 +589,11 @@ def _same_draws(a: dict, b: dict, generators: tuple[str, ...]) -> bool:
     return len(flat_a) == len(flat_b) and all(
         torch.equal(u, v) if torch.is_tensor(u) else u == v for u, v in zip(flat_a, flat_b)
     )
+
+
+def _snapshot_buffers(modules) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each module buffer with a copy of its value, for :func:`_restore`."""
+    return [(b, b.detach().clone()) for m in modules for b in m.buffers()]
 
 
 def _restore(rng: dict, buffers) -> None:

@@ -72,9 +72,10 @@ def log_likelihood(
             the model and guide for every chunk. ``compile``: each chunk shape's aten graph is recorded once and
             compiled with ``torch.compile`` (fused kernels; after some 10 to 20 s of compiling per shape on CPU),
             which pays off on a whole test set. ``replay``: the recorded graph without compiling (no gain
-            here: a chunk is a few large kernels, and each call's re-check runs one chunk twice). Graphs are kept for the same (model, guide) pair between
-            calls; each is checked against Pyro on its first chunk in every call, and the plain chunk runs
-            wherever a graph does not apply (the result's ``capture`` says why).
+            here: a chunk is a few large kernels, and each call's re-check runs one chunk twice). Graphs are
+            kept for the same (model, guide) pair between calls; each is checked against Pyro on its first
+            chunk in every call, and the plain chunk runs wherever a graph does not apply (the result's
+            ``capture`` says why).
     Returns:
         :class:`LogLikelihood` with ``values`` and ``stderr``, each ``[N]``, and the ``capture`` report.
     """
@@ -126,9 +127,13 @@ def _identity(obj) -> tuple:
     return (id(obj.__self__), id(obj.__func__)) if inspect.ismethod(obj) else (id(obj),)
 
 
+def _owner(program):
+    """The object behind a program: a bound method's instance (a module's ``model`` method, say), else itself."""
+    return getattr(program, "__self__", program)
+
+
 def _train_flags(*programs) -> tuple:
-    owners = [getattr(p, "__self__", p) for p in programs]  # a bound method's module
-    return tuple(m.training for o in owners if isinstance(o, torch.nn.Module) for m in o.modules())
+    return tuple(m.training for p in programs if isinstance(_owner(p), torch.nn.Module) for m in _owner(p).modules())
 
 
 #: captured evaluation chunks kept between calls: (model, guide, mode) -> (weak model, weak guide, FunctionCapture)
@@ -154,7 +159,7 @@ def _chunk_log_weights(model, guide, capture: str, args: tuple, kwargs: dict) ->
         return chunk_log_w
 
     def modules() -> list[torch.nn.Module]:
-        return [o for o in (getattr(p, "__self__", p) for p in programs()) if isinstance(o, torch.nn.Module)]
+        return [_owner(p) for p in programs() if isinstance(_owner(p), torch.nn.Module)]
 
     if not cacheable:
         return FunctionCapture(chunk_log_w, capture, modules=modules)
@@ -162,7 +167,7 @@ def _chunk_log_weights(model, guide, capture: str, args: tuple, kwargs: dict) ->
     entry = _CHUNK_CAPTURES.get(key)
     if entry is None or entry[0]() != model or entry[1]() != guide:
         entry = _CHUNK_CAPTURES[key] = (refs[0], refs[1], FunctionCapture(chunk_log_w, capture, modules=modules))
-        for owner in {id(o): o for o in (getattr(p, "__self__", p) for p in (model, guide))}.values():
+        for owner in {id(_owner(p)): _owner(p) for p in (model, guide)}.values():
             weakref.finalize(owner, _CHUNK_CAPTURES.pop, key, None)  # the graphs (and the parameters they hold) go with the model
     entry[2].recheck()
     return entry[2]
