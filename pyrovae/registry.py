@@ -75,11 +75,11 @@ GUIDES: dict[str, Callable[[dict, tuple], nn.Module]] = {"gaussian": _gaussian, 
 OBJECTIVE_ARGS: dict[str, dict[str, str]] = {
     "elbo": {"num_particles": "num_particles", "analytic_kl": "analytic_kl"},
     "iwae": {"num_particles": "num_particles", "estimator": "estimator"},
-    "renyi": {"num_particles": "num_particles", "alpha": "alpha"},
+    "renyi": {"num_particles": "num_particles", "alpha": "alpha", "estimator": "estimator"},
     "variance": {"num_particles": "num_particles"},
     "logvariance": {"num_particles": "num_particles"},
     "beta": {"num_particles": "num_particles", "beta": "beta", "schedule": "beta_schedule", "warmup_steps": "warmup_steps", "cycle_steps": "cycle_steps"},
-    "geco": {"num_particles": "num_particles", "constraint": "constraint", "tolerance": "tolerance", "alpha": "geco_alpha", "nu": "geco_nu"},
+    "geco": {"num_particles": "num_particles", "constraint": "constraint", "tolerance": "tolerance", "alpha": "geco_alpha", "nu": "geco_nu", "multiplier_step": "geco_multiplier_step"},
 }
 
 

@@ -7,42 +7,55 @@ cyclical: Fu et al. 2019)
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from pyro.distributions.kl import kl_divergence
 from pyro.distributions.util import scale_and_mask
 
-from pyrovae.objectives.base import LogWeights, Objective
+from pyrovae.objectives.base import LogWeights, Objective, TracePair, score_function_term
 
 
-def _analytic_kl(lw: LogWeights) -> torch.Tensor:
-    """Per-datum KL(q || p) summed over latent sites: closed form where torch registers one, the
-    Monte-Carlo term elsewhere. Valid for mean-field guides (each site's q independent of other latents)."""
-    kl = lw.kl
-    for name, gsite in lw.guide_trace.nodes.items():
-        if gsite["type"] != "sample" or gsite["is_observed"]:
-            continue
-        msite = lw.model_trace.nodes[name]
+def analytic_kl_sites(model_trace, guide_trace) -> tuple[str, ...]:
+    """The latent sites whose KL(q || p) may be taken in closed form without bias: those whose prior's
+    parameters can depend only on latents that the guide drew before them. Then, given everything the guide
+    drew earlier, E_q[log q(z_s | .) - log p(z_s | .)] is exactly KL(q(z_s | .) || p(z_s | .)). The test is on
+    order: every latent the model draws before z_s (its only possible parents) must come before z_s in the
+    guide. A bottom-up guide of a top-down model (z1 then z2 in the guide, z2 then z1 in the model) fails it
+    for z1, whose prior p(z1 | z2) depends on a z2 drawn from q(z2 | z1)."""
+    guide_order = {n: i for i, (n, s) in enumerate(guide_trace.nodes.items()) if s["type"] == "sample" and not s["is_observed"]}
+    latents = [n for n, s in model_trace.nodes.items() if s["type"] == "sample" and not s["is_observed"] and n in guide_order]
+    return tuple(n for i, n in enumerate(latents) if all(guide_order[b] < guide_order[n] for b in latents[:i]))
+
+
+def _analytic_kl_correction(pair: TracePair, sites: tuple) -> tuple[Optional[torch.Tensor], tuple]:
+    """``[P', B]``: closed-form KL minus the Monte-Carlo term log q - log p, summed over the ``sites`` (inside
+    the data plate) that torch has a closed form for (None where none has), and those sites."""
+    total, used = None, []
+    for name in sites:
+        gsite, msite = pair.guide_trace.nodes[name], pair.model_trace.nodes[name]
         try:
             exact = kl_divergence(gsite["fn"], msite["fn"])
         except NotImplementedError:
             continue
-        # swap this site's Monte-Carlo term log q - log p for its exact expectation; the site's log-densities
-        # carry its scale and mask (poutine.scale, subsampling), so the exact term must too
+        # the site's log-densities carry its scale and mask (poutine.scale, subsampling): the exact term must too
         exact = scale_and_mask(exact, gsite["scale"], gsite["mask"])
-        correction = exact - (gsite["log_prob"] - msite["log_prob"])
-        local, _ = lw.reduce(gsite, correction)
+        local, _ = pair.reduce(gsite, exact - (gsite["log_prob"] - msite["log_prob"]))
         if local is not None:
-            kl = kl + local
-    return kl
+            total = local if total is None else total + local
+            used.append(name)
+    return total, tuple(used)
 
 
-def _leave_one_out(signal: torch.Tensor) -> torch.Tensor:
-    """Detached ``signal`` minus the mean of the other particles (dim 0), an unbiased baseline."""
-    num = signal.shape[0]
-    if num == 1:
-        return signal.detach()
-    return (signal - (signal.sum(0, keepdim=True) - signal) / (num - 1)).detach()
+def _analytic_kl(lw: LogWeights) -> tuple[torch.Tensor, tuple]:
+    """Per-datum KL(q || p) summed over latent sites, closed form where it is exact (:func:`analytic_kl_sites`)
+    and torch registers one, the Monte-Carlo term elsewhere; and the sites taken in closed form."""
+    sites = analytic_kl_sites(lw.pairs[0].model_trace, lw.pairs[0].guide_trace)
+    corrections = [_analytic_kl_correction(pair, sites) for pair in lw.pairs]
+    if corrections[0][0] is None:
+        return lw.kl, ()
+    terms = [c for c, _ in corrections]
+    return lw.kl + (terms[0] if len(terms) == 1 else torch.cat(terms)), corrections[0][1]
 
 
 class ELBO(Objective):
@@ -53,27 +66,29 @@ class ELBO(Objective):
 
     Args:
         num_particles: samples per datum.
-        analytic_kl: use closed-form KL(q || p) where available (mean-field guides only).
+        analytic_kl: take KL(q || p) in closed form for the sites where that is exact and torch has one
+            (:func:`analytic_kl_sites`: not for a site whose prior depends on a latent the guide draws after
+            it); the other sites keep the Monte-Carlo term. :attr:`analytic_sites` names the closed-form sites
+            of the last evaluation.
+        **kwargs: :class:`~pyrovae.objectives.base.Objective`'s ``max_plate_nesting``, ``data_plate``,
+            ``vectorize_particles``.
     """
 
     def __init__(self, num_particles: int = 1, analytic_kl: bool = False, **kwargs):
         super().__init__(num_particles=num_particles, **kwargs)
         self.analytic_kl = bool(analytic_kl)
+        self.analytic_sites: tuple = ()
 
     def kl(self, lw: LogWeights) -> torch.Tensor:
-        return _analytic_kl(lw) if self.analytic_kl else lw.kl
+        if not self.analytic_kl:
+            return lw.kl
+        kl, self.analytic_sites = _analytic_kl(lw)
+        return kl
 
     def _bound_parts(self, model, guide, args, kwargs):
         lw = self.log_weights(model, guide, *args, **kwargs)
         recon, kl = lw.log_px, self.kl(lw)
         return lw, recon, kl
-
-    def _score_term(self, lw: LogWeights, log_w: torch.Tensor) -> torch.Tensor:
-        """Score-function surrogate, ``[P]``: per datum, each local non-reparameterised site is weighted by
-        its datum's log weight; a global one by the particle's whole log weight (every datum depends on it)."""
-        local = (_leave_one_out(log_w) * lw.score).sum(1)
-        total = log_w.sum(1) + lw.glob  # the glob part of the objective is never beta-weighted
-        return local + _leave_one_out(total) * lw.glob_score
 
     def _finish(self, lw, recon, kl, beta=1.0, **extra):
         log_w = recon - kl
@@ -87,7 +102,7 @@ class ELBO(Objective):
         loss = -objective
         if not lw.nonreparam_sites:
             return loss, loss
-        return loss, -(objective + self._score_term(lw, weighted).mean(0))
+        return loss, -(objective + score_function_term(lw, weighted, lw.glob).mean(0))
 
     def _loss_and_surrogate(self, model, guide, args, kwargs):
         return self._finish(*self._bound_parts(model, guide, args, kwargs))

@@ -4,17 +4,20 @@
 
 with the Lagrangian L = KL + lambda * C_t, where C_t carries the value of the moving average
 C_ma = alpha * C_ma + (1 - alpha) * C_hat and the gradient of the batch constraint C_hat, and
-lambda <- lambda * exp(nu * C_ma) after each step (kept in [lambda_min, lambda_max]).
+lambda <- lambda * exp(nu * C_ma) after each step (the paper's rule; kept in [lambda_min, lambda_max]).
 
-The moving average lags the constraint by about 1 / (1 - alpha) steps, so the step of log lambda is also
-limited to +-(1 - alpha): lambda then moves by at most a factor e over one lag. Without the limit a large
-early violation (C_ma many times the tolerance) drives lambda to lambda_max within tens of steps, and it
-stays there long after the constraint is met (the average still remembers the first batches), then
-overshoots the other way: an oscillation of several orders of magnitude instead of convergence.
+``multiplier_step="clamped"`` limits each step of log lambda to +-(1 - alpha), so that lambda moves by at most
+a factor e over the moving average's lag of about 1 / (1 - alpha) steps. Under the paper's rule a large early
+violation (C_ma many times the tolerance) can drive lambda up by orders of magnitude within tens of steps,
+and it stays high until the average forgets the first batches; the clamp trades that overshoot for a rule
+in which nu no longer matters once |nu C_ma| > 1 - alpha (the step is then sign-based). Use it when the
+constraint starts far from its tolerance (e.g. a small tolerance on an untrained decoder).
 
 g(z) is the mean of the model's observed site. For numerical stability the gradient is taken of
 L / (1 + lambda): the same direction as L, with bounded magnitude while lambda moves over orders of
 magnitude, so a fast-growing multiplier early in training cannot wreck the optimiser's moment estimates.
+Non-reparameterisable guide sites (discrete latents) get the score-function gradient of E_q[KL + lambda C],
+with the ELBO's leave-one-out baseline.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from pyro.distributions.torch_distribution import MaskedDistribution
 
-from pyrovae.objectives.base import LogWeights, Objective
+from pyrovae.objectives.base import LogWeights, Objective, TracePair, score_function_term
 
 ConstraintFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -47,6 +50,11 @@ class Constraint:
 
     def __call__(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def evaluate(self, x: torch.Tensor, x_hat: torch.Tensor, args: tuple) -> torch.Tensor:
+        """C for a batch whose program arguments are ``args`` (``x`` is the observed value); by default
+        ``self(x, x_hat)``. A constraint that needs more than the data (labels) reads it from ``args``."""
+        return self(x, x_hat)
 
 
 class RE(Constraint):
@@ -78,25 +86,53 @@ class FRE(Constraint):
 
 
 class CLA(Constraint):
-    """Classification constraint: cross-entropy of a user-given ``classifier`` on the reconstruction against the
-    class it assigns to the data, minus ``tolerance`` (nats). The constraint asks reconstructions to keep their
-    class: tolerance = -log(0.9) asks for probability >= 0.9 on the data's class on average."""
+    """Classification constraint: cross-entropy of a user-given ``classifier`` on the reconstruction, minus
+    ``tolerance`` (nats). tolerance = -log(0.9) asks for probability >= 0.9 on the right class on average.
+
+    Args:
+        tolerance: in nats.
+        classifier: maps a batch of data ``[N, *x_shape]`` to class logits ``[N, C]``.
+        target: ``label`` (the paper's: the true class, read from the program's argument ``label_arg``, as
+            class indices ``[B]`` or one-hot ``[B, C]``; the program is then ``model(x, y)``), or ``predicted``
+            (the class the classifier assigns to the data itself; for data without labels).
+        label_arg: the position of the labels among the program's arguments.
+    """
 
     name = "CLA"
+    TARGETS = ("label", "predicted")
 
-    def __init__(self, tolerance: float, classifier: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+    def __init__(self, tolerance: float, classifier: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, target: str = "label", label_arg: int = 1):
         super().__init__(tolerance)
         if classifier is None or not callable(classifier):
             raise ValueError("CLA needs classifier=callable mapping a batch of data [N, *x_shape] to class logits [N, C]")
-        self.classifier = classifier
+        if target not in self.TARGETS:
+            raise ValueError(f"target={target!r} is not known; choose one of {list(self.TARGETS)}")
+        self.classifier, self.target, self.label_arg = classifier, target, int(label_arg)
+
+    def _cross_entropy(self, x_hat: torch.Tensor, target: torch.Tensor, x_shape) -> torch.Tensor:
+        logits = self.classifier(x_hat.reshape(-1, *x_shape))
+        target = target.expand(x_hat.shape[0], *target.shape).reshape(-1, *target.shape[1:])
+        ce = F.cross_entropy(logits, target, reduction="none")
+        return ce.reshape(x_hat.shape[:2]) - self.tolerance
 
     def __call__(self, x, x_hat):
         with torch.no_grad():
             target = self.classifier(x).argmax(-1)
-        logits = self.classifier(x_hat.reshape(-1, *x.shape[1:]))
-        target = target.expand(x_hat.shape[0], -1).reshape(-1)
-        ce = F.cross_entropy(logits, target, reduction="none")
-        return ce.reshape(x_hat.shape[0], x.shape[0]) - self.tolerance
+        return self._cross_entropy(x_hat, target, x.shape[1:])
+
+    def evaluate(self, x, x_hat, args):
+        if self.target == "predicted":
+            return self(x, x_hat)
+        if len(args) <= self.label_arg or not torch.is_tensor(args[self.label_arg]):
+            raise ValueError(
+                f"CLA(target='label') reads the true labels from the program's argument {self.label_arg} (model(x, y)), "
+                f"but the program got {len(args)} argument(s); pass the labels (Trainer.fit((x, y))), or use "
+                "CLA(target='predicted') to take the classifier's own class for the data"
+            )
+        y = args[self.label_arg]
+        if y.dim() == 2:  # one-hot (or class probabilities): F.cross_entropy takes them as soft targets
+            y = y.to(x_hat.dtype)
+        return self._cross_entropy(x_hat, y, x.shape[1:])
 
 
 class PNCC(Constraint):
@@ -156,22 +192,36 @@ class _Callable(Constraint):
         return self.fn(x, x_hat) - self.tolerance
 
 
-def observed_mean(lw: LogWeights, site: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """g(z): the mean of the model's observed site (``[P, B, *event]``) and the observed value."""
-    observed = [n for n, s in lw.model_trace.nodes.items() if s["type"] == "sample" and s["is_observed"] and not n.startswith("_")]
+def observed_site(trace, site: Optional[str] = None) -> str:
+    """The model's observed site that GECO's constraint reads: ``site``, or the only one there is."""
+    observed = [n for n, s in trace.nodes.items() if s["type"] == "sample" and s["is_observed"] and not n.startswith("_")]
     if site is None:
         if len(observed) != 1:
             raise ValueError(f"GECO needs the observed site for its reconstruction constraint; the model has {observed}: pass obs_site=NAME")
-        site = observed[0]
-    elif site not in observed:
+        return observed[0]
+    if site not in observed:
         raise ValueError(f"obs_site={site!r} is not an observed site of the model; observed sites: {observed}")
-    s = lw.model_trace.nodes[site]
+    return site
+
+
+def _pair_mean(pair: TracePair, site: str) -> torch.Tensor:
+    s = pair.model_trace.nodes[site]
     fn = s["fn"]
     while isinstance(fn, MaskedDistribution):
         fn = fn.base_dist
     value = s["value"]
     mean = fn.mean.reshape(-1, *value.shape)  # [P or 1, B, *event]: drops singleton plate dims
-    return mean.expand(lw.num_particles, *value.shape), value
+    return mean.expand(pair.num_particles, *value.shape)
+
+
+def observed_mean(lw: LogWeights, site: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """g(z): the mean of the model's observed site (``[P, B, *event]``) and the observed value."""
+    site = observed_site(lw.pairs[0].model_trace, site)
+    return lw.per_pair(lambda pair: _pair_mean(pair, site)), lw.pairs[0].model_trace.nodes[site]["value"]
+
+
+MULTIPLIER_STEPS = ("paper", "clamped")
+_BASE_ARGS = ("max_plate_nesting", "data_plate", "vectorize_particles")
 
 
 class GECO(Objective):
@@ -182,14 +232,19 @@ class GECO(Objective):
         tolerance: the constraint's allowed level (kappa), >= 0.
         alpha: moving-average rate of the constraint (0.99 in the paper).
         lambda_init: initial Lagrange multiplier.
-        nu: multiplier rate: lambda <- lambda * exp(nu * C_ma), the step of log lambda limited to +-(1 - alpha).
+        nu: multiplier rate: lambda <- lambda * exp(nu * C_ma).
+        multiplier_step: ``paper`` (that rule) or ``clamped`` (each step of log lambda limited to +-(1 - alpha);
+            see the module docstring for when to use it).
         lambda_min, lambda_max: bounds that keep lambda finite and positive.
         num_particles: samples per datum.
         obs_site: the observed site giving g(z) (default: the model's only observed site).
-        **constraint_kwargs: ``features=`` (FRE), ``classifier=`` (CLA), ``patch=`` (pNCC).
+        **kwargs: :class:`~pyrovae.objectives.base.Objective`'s ``max_plate_nesting``, ``data_plate`` and
+            ``vectorize_particles``; the rest go to the constraint: ``features=`` (FRE), ``classifier=``,
+            ``target=``, ``label_arg=`` (CLA), ``patch=`` (pNCC).
 
-    The logged loss is the Lagrangian KL + lambda * C_ma per batch; ``metrics`` holds ``lambda``,
-    ``constraint`` (C_ma), ``constraint_batch`` and ``kl``.
+    The logged loss is the Lagrangian KL + lambda * C_ma per batch (KL of the local latents summed over the
+    batch, plus that of any global latents); ``metrics`` holds ``lambda``, ``constraint`` (C_ma),
+    ``constraint_batch`` and ``kl``.
     """
 
     capture_state = ("log_lambda", "c_ma")
@@ -206,18 +261,21 @@ class GECO(Objective):
         lambda_max: float = 1e6,
         num_particles: int = 1,
         obs_site: Optional[str] = None,
-        data_plate: str = "data",
-        **constraint_kwargs,
+        multiplier_step: str = "paper",
+        **kwargs,
     ):
-        super().__init__(num_particles=num_particles, data_plate=data_plate)
-        self.constraint = make_constraint(constraint, tolerance, **constraint_kwargs)
+        base = {k: kwargs.pop(k) for k in _BASE_ARGS if k in kwargs}
+        super().__init__(num_particles=num_particles, **base)
+        self.constraint = make_constraint(constraint, tolerance, **kwargs)
         if not 0 <= alpha < 1:
             raise ValueError(f"alpha={alpha!r} must be in [0, 1): it is the moving-average rate of the constraint")
         if not (0 < lambda_min <= lambda_init <= lambda_max):
             raise ValueError(f"need 0 < lambda_min <= lambda_init <= lambda_max; got {lambda_min}, {lambda_init}, {lambda_max}")
         if not nu > 0:
             raise ValueError(f"nu={nu!r} must be positive (the multiplier's rate)")
-        self.alpha, self.nu = float(alpha), float(nu)
+        if multiplier_step not in MULTIPLIER_STEPS:
+            raise ValueError(f"multiplier_step={multiplier_step!r} is not known; choose one of {list(MULTIPLIER_STEPS)}")
+        self.alpha, self.nu, self.multiplier_step = float(alpha), float(nu), multiplier_step
         self.log_lambda_min, self.log_lambda_max = math.log(lambda_min), math.log(lambda_max)
         self.log_lambda = torch.tensor(math.log(lambda_init))
         self.c_ma: Optional[torch.Tensor] = None  # moving average after the last training step
@@ -231,25 +289,32 @@ class GECO(Objective):
     def _loss_and_surrogate(self, model, guide, args, kwargs):
         lw = self.log_weights(model, guide, *args, **kwargs)
         x_hat, x = observed_mean(lw, self.obs_site)
-        c_hat = self.constraint(x, x_hat).mean()
-        kl = lw.kl.mean()
+        c = self.constraint.evaluate(x, x_hat, args)  # [P, B]
+        c_hat = c.mean()
+        glob_kl = lw.glob_qz - lw.glob_pz  # [P]: KL terms of global latents, shared by the batch
+        kl = lw.kl.mean(0).sum() + glob_kl.mean()
         prev = self.c_ma.to(c_hat.device) if self.c_ma is not None else None
         c_ma = c_hat.detach() if prev is None else self.alpha * prev + (1 - self.alpha) * c_hat.detach()
         c_t = c_hat + (c_ma - c_hat).detach()
         lam = self.log_lambda.to(c_hat).exp()
         batch = lw.batch_size
-        lagrangian = (kl + lam * c_t) * batch
+        lagrangian = kl + lam * c_t * batch
         self._pending = c_ma.detach()
-        self._record(lw, **{"lambda": lam, "constraint": c_ma, "constraint_batch": c_hat})
-        return lagrangian, lagrangian / (1 + lam)
+        self._record(lw, **{"kl": kl / batch, "lambda": lam, "constraint": c_ma, "constraint_batch": c_hat})
+        surrogate = lagrangian
+        if lw.nonreparam_sites:  # d/dphi E_q[KL + lambda C] through q's own density
+            surrogate = surrogate + score_function_term(lw, lw.kl + lam * c, glob_kl).mean(0)
+        return lagrangian, surrogate / (1 + lam)
 
     def step(self) -> None:
         if self._pending is None:
             return
         c_ma = self._pending
         self.c_ma = c_ma
-        rate = 1.0 - self.alpha
-        delta = (self.nu * c_ma).clamp(-rate, rate)
+        delta = self.nu * c_ma
+        if self.multiplier_step == "clamped":
+            rate = 1.0 - self.alpha
+            delta = delta.clamp(-rate, rate)
         self.log_lambda = (self.log_lambda.to(c_ma) + delta).clamp(self.log_lambda_min, self.log_lambda_max)
         self._pending = None
 
@@ -265,4 +330,7 @@ class GECO(Objective):
         self._pending = None
 
     def __repr__(self) -> str:
-        return f"GECO(constraint={self.constraint.name}, tolerance={self.constraint.tolerance}, alpha={self.alpha}, nu={self.nu})"
+        return (
+            f"GECO(constraint={self.constraint.name}, tolerance={self.constraint.tolerance}, alpha={self.alpha}, nu={self.nu}, "
+            f"multiplier_step={self.multiplier_step!r})"
+        )
