@@ -12,6 +12,7 @@ particle plate would widen, as in Pyro's ``examples/cvae``) runs its particles o
 """
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -364,10 +365,14 @@ class Objective(PyroELBO):
     # --- Pyro trace machinery -------------------------------------------------------------------
     def _guess_max_plate_nesting(self, model, guide, args, kwargs):
         rng = get_rng_state()  # the guess runs the program once: it must not shift the random stream
+        pyro_log = logging.getLogger("pyro.infer.elbo")
+        level = pyro_log.level
+        pyro_log.setLevel(max(level, logging.WARNING))  # Pyro's "Guessed max_plate_nesting" line: nothing to act on
         try:
             super()._guess_max_plate_nesting(model, guide, args, kwargs)
         finally:
             set_rng_state(rng)
+            pyro_log.setLevel(level)
         if self.num_particles == 1:
             self.max_plate_nesting += 1
 
