@@ -300,7 +300,8 @@ def _mean_estimates(guide, data: Data, args: tuple, kwargs: dict, batch_size: in
             except NotImplementedError:  # e.g. a flow: no closed-form mean, average the samples
                 runs = site["value"]
             runs = runs.reshape(num_samples, b, -1).to(torch.get_default_dtype() if not runs.is_floating_point() else runs.dtype)
-            exact = bool(torch.equal(runs, runs[:1].expand_as(runs)))  # a closed-form mean that no other draw moves
+            # a closed-form mean that no other draw moves is the same in every run (one run cannot tell)
+            exact = num_samples > 1 and bool(torch.equal(runs, runs[:1].expand_as(runs)))
             if exact:
                 mean, var = runs[0], torch.zeros_like(runs[0])
             elif num_samples == 1:
@@ -335,7 +336,8 @@ def unit_activity(guide, data: Data, *args, batch_size: int = 500, num_samples: 
         A_u ~= var_x(m_x) - mean_x(s_x^2 / S),   unbiased for Var_x(E_q[u | x]) over the N data points.
 
     Its Monte Carlo standard error (given the data; a Gaussian approximation for the run averages) is
-    sqrt([4 sum_x (m_x - m)^2 v_x + 2 sum_x v_x^2] / (N - 1)^2 + 2 sum_x v_x^2 / ((S - 1) N^2)), v_x = s_x^2 / S:
+    sqrt([4 max(sum_x ((m_x - m)^2 - v_x) v_x, 0) + 2 sum_x v_x^2] / (N - 1)^2 + 2 sum_x v_x^2 / ((S - 1) N^2)),
+    v_x = s_x^2 / S, where (m_x - m)^2 - v_x estimates (E_q[u | x] - its mean)^2 without the sampling noise of m_x:
     about v sqrt(2 / N) for a unit whose mean does not vary (0.01 sqrt(2 / N) for q = N(0, I) and S = 100:
     0.00045 for N = 1000, against the threshold 0.01), so the count of units above a threshold far from 0 is right unless a unit sits within a few standard
     errors of it. More samples shrink v_x in proportion.
@@ -344,18 +346,18 @@ def unit_activity(guide, data: Data, *args, batch_size: int = 500, num_samples: 
         guide: a Pyro program ``guide(*data, *args, **kwargs)``.
         data: a tensor ``[N, ...]`` or a tuple of tensors with first dimension N.
         batch_size: data points per vectorised pass.
-        num_samples: S, runs of the guide per data point (>= 2 unless every site is exact).
+        num_samples: S >= 2, runs of the guide per data point (two runs tell an exact mean from a sampled one).
     """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+        raise ValueError(f"num_samples={num_samples!r} must be an integer >= 2: the runs' spread is what tells an exact mean from a sampled one, and gives the sampling variance (100 is the default)")
     out = {}
     for name, (mean, var, exact) in _mean_estimates(guide, data, args, kwargs, batch_size, num_samples).items():
         n = mean.shape[0]
         if n < 2:
             raise ValueError(f"unit activity is a variance over data points: data has N={n}; pass at least 2 data points")
-        if not exact and num_samples < 2:
-            raise ValueError(f"site {name!r} has no closed-form mean, so its E_q[u | x] is a mean of samples whose variance is needed: num_samples={num_samples} must be >= 2 (100 is the default)")
         centred = mean - mean.mean(0)
         activity = mean.var(0) - var.mean(0)
-        se2 = (4 * (centred.pow(2) * var).sum(0) + 2 * var.pow(2).sum(0)) / (n - 1) ** 2
+        se2 = (4 * ((centred.pow(2) - var) * var).sum(0).clamp_min(0) + 2 * var.pow(2).sum(0)) / (n - 1) ** 2
         if not exact:
             se2 = se2 + 2 * var.pow(2).sum(0) / ((num_samples - 1) * n**2)
         out[name] = UnitActivity(activity, se2.sqrt(), exact, mean)
