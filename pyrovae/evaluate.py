@@ -393,11 +393,11 @@ def _extra_inputs(inputs: tuple, num: int, what: str) -> tuple:
 
 
 @torch.no_grad()
-def sample(model, num: int, x_shape, device=None, inputs: tuple = ()) -> torch.Tensor:
+def sample(model, num: int, x_shape, device=None, inputs: tuple = (), dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Mean of p(x | z) for ``num`` draws z ~ p(z): the model run without a guide (its latents come from the
-    prior; the placeholder observation only sets the batch size and is never used as data). ``inputs``: the
-    model's further inputs (``model(x, y)``: ``inputs=(y,)``), ``num`` rows each."""
-    dummy = torch.zeros(num, *x_shape, device=device)
+    prior; the placeholder observation, of ``dtype``, only sets the batch size and is never used as data).
+    ``inputs``: the model's further inputs (``model(x, y)``: ``inputs=(y,)``), ``num`` rows each."""
+    dummy = torch.zeros(num, *x_shape, device=device, dtype=dtype)
     trace = poutine.trace(model).get_trace(dummy, *_extra_inputs(inputs, num, "sample"))
     return _observed_mean(trace).reshape(num, *x_shape)
 
