@@ -208,7 +208,7 @@ class Trainer:
         build the optimiser over them in a fixed (name) order."""
         if self.optim is not None:
             return
-        batch = as_inputs(batch, "the batch")
+        batch = as_inputs(batch[0] if len(batch) == 1 else batch, "the batch")  # setup(x, y) or setup((x, y))
         check_data_shape(batch[0], self.model, self.guide)
         try:
             with poutine.trace(param_only=True) as capture:
@@ -409,6 +409,7 @@ class Trainer:
     def resume(self, path: Union[str, Path], *batch: torch.Tensor) -> None:
         """Continue from a checkpoint file (``checkpoints/last.pt`` of a run); ``batch``: a batch of the data's
         tensors (``x``, or ``x, y``), to set up the parameters."""
+        batch = as_inputs(batch[0] if len(batch) == 1 else batch, "the batch")  # resume(path, x, y) or resume(path, (x, y))
         state = load_checkpoint(path, map_location=batch[0].device)
         self.setup(*batch)
         self.load_state_dict(state)

@@ -350,3 +350,15 @@ def test_a_masked_sequence_model_trains_and_its_bound_equals_the_one_on_unpadded
         results[capture] = E.log_likelihood(vae.model, vae.guide, (tokens, lengths), num_samples=30, batch_size=40, max_elements=40 * MAX_LEN * 7, capture=capture)
     assert "plain" not in results["replay"].capture, results["replay"].capture
     assert torch.equal(results["off"].values, results["replay"].values)
+
+
+def test_setup_takes_a_batch_as_separate_tensors_or_as_one_tuple():
+    x, y = conditional_data(8)
+    names = []
+    for batch in ((x, y), ((x, y),)):
+        pyro.clear_param_store()
+        model, guide, _ = conditional_vae()
+        trainer = Trainer(model, guide, ELBO(), progress=False)
+        trainer.setup(*batch)
+        names.append(sorted(trainer.params))
+    assert names[0] == names[1] and "noise" in names[0]
