@@ -309,7 +309,8 @@ def render(args: argparse.Namespace, entries: dict, hw: dict, started: str, wall
         "(listed per configuration below).",
         "- active units: latent units u with Cov_x(E_q[u | x]) > 0.01 on the same test images (Burda et al.'s statistic). "
         f"Two layers: z1 (100 units) + z2 (50 units), with E_q[z2 | x] the mean of q(z2 | z1) averaged over {AU_SAMPLES} "
-        "samples z1 ~ q(z1 | x) (`pyrovae.evaluate.active_units`).",
+        "samples z1 ~ q(z1 | x), whose sampling variance is subtracted from the variance over x "
+        "(`pyrovae.evaluate.active_units`, `unit_activity`).",
         "- test ELBO: single-sample ELBO on the same test images (`elbo_terms`).",
         "- paper AU: the paper's active units; left out (—) for two layers, where they could not be checked.",
         "- For k = 1 the VAE and IWAE objectives are identical; the paper lists one row for both.",

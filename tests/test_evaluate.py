@@ -132,3 +132,116 @@ def test_default_chunking_follows_the_device():
     pyro.set_rng_seed(3)
     explicit = E.log_likelihood(model, guide, x, num_samples=50, max_elements=2**22).values
     assert torch.equal(default, explicit)
+
+
+# --------------------------------------------------------------------------------------------------
+# active units: exact for closed-form means, unbiased with a stated error for sample-based ones
+
+
+class _SampledGuide(torch.nn.Module):
+    """q(z|x) = N(c * x[:, :dim], 1) as a distribution without a closed-form mean (a flow with no layers), so that
+    E_q[z|x] must come from samples; true activity of unit j: c_j^2 Var_x(x_j), exactly, over the given data."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = torch.as_tensor(c)
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[0]):
+            base = dist.Normal(self.c * x[:, : len(self.c)], 1.0).to_event(1)
+            pyro.sample("z", dist.TransformedDistribution(base, []))
+
+
+class _TwoLayerGuide(torch.nn.Module):
+    """z1 ~ N(c x, 1), z2 | z1 ~ N(z1, 1): E_q[z2|x] = c x, but each run's mean of z2 given z1 carries z1's noise."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = torch.as_tensor(c)
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z1 = pyro.sample("z1", dist.Normal(self.c * x[:, : len(self.c)], 1.0).to_event(1))
+            pyro.sample("z2", dist.Normal(z1, 1.0).to_event(1))
+
+
+def _first_linear(guide):
+    return next(m for m in guide.trunk.modules() if isinstance(m, torch.nn.Linear))
+
+
+D_AU = 8
+
+
+def _guide_families():
+    from pyrovae.flows import FLOWS
+    from pyrovae.guides import BernoulliEncoder, FlowEncoder, GaussianEncoder
+
+    families = {
+        "gaussian-1-layer": lambda: GaussianEncoder((D_AU,), (4,), hidden=((16,),)),
+        "gaussian-2-layers": lambda: GaussianEncoder((D_AU,), (4, 3), hidden=((16,), (16,))),
+        "bernoulli": lambda: BernoulliEncoder((D_AU,), 4, hidden=(16,)),
+    }
+    families.update({f"flow-{f}": (lambda f=f: FlowEncoder((D_AU,), 4, hidden=(16,), flow=f, num_flows=2)) for f in FLOWS})
+    return families
+
+
+@pytest.mark.parametrize("family", sorted(_guide_families()))
+def test_a_guide_that_ignores_x_has_no_active_units_and_one_whose_mean_follows_x_has_all(family):
+    x = torch.randn(500, D_AU)
+    guide = _guide_families()[family]()
+    with torch.no_grad():  # the mean follows x strongly: a steeper trunk and head
+        _first_linear(guide).weight.mul_(3)
+        for head in (guide.heads if hasattr(guide, "heads") else [guide.head]):
+            for layer in head.modules():
+                if isinstance(layer, torch.nn.Linear):
+                    layer.weight.mul_(4)
+    strong = E.unit_activity(guide, x)
+    for name, a in strong.items():  # every unit far above the threshold, many standard errors away
+        assert (a.variance > 0.02).all() and (a.variance > 0.01 + 10 * a.stderr).all(), (name, a.variance, a.stderr)
+    assert E.active_units(guide, x) == {name: a.variance.numel() for name, a in strong.items()}
+
+    with torch.no_grad():  # now q(z|x) is the same for every x
+        _first_linear(guide).weight.zero_()
+    flat = E.unit_activity(guide, x)
+    assert E.active_units(guide, x) == {name: 0 for name in flat}
+    for name, a in flat.items():
+        if a.exact:  # a closed-form mean, the same for every x: zero up to the rounding of the variance's mean
+            assert (a.variance.abs() < 1e-10).all() and torch.equal(a.stderr, torch.zeros_like(a.stderr)), (name, a.variance)
+        else:  # sample-based: zero within its stated error
+            assert (a.variance.abs() < 5 * a.stderr).all(), (name, a.variance, a.stderr)
+    closed_form = {"gaussian-1-layer": {"z"}, "gaussian-2-layers": {"z1"}, "bernoulli": {"z"}}.get(family, set())
+    assert {name for name, a in flat.items() if a.exact} == closed_form
+
+
+def test_sample_based_means_of_a_guide_equal_to_the_prior_give_no_active_units():
+    # q(z|x) = N(0, I) for every x, E_q[z|x] from 100 samples: the sampling variance of each mean, 1/100, equals the
+    # threshold, so the variance over x of the sample means alone counts about half of the units (3 of 10, say)
+    x = torch.randn(1000, 10)
+    a = E.unit_activity(_SampledGuide(torch.zeros(10)), x, num_samples=100)["z"]
+    naive = a.means.var(0)
+    assert abs(float(naive.mean()) - 0.01) < 5 * 0.01 * math.sqrt(2 / (1000 * 10))  # the bias that is now subtracted
+    assert (a.variance.abs() < 5 * a.stderr).all() and not a.exact
+    assert E.active_units(_SampledGuide(torch.zeros(10)), x) == {"z": 0}
+
+
+@pytest.mark.parametrize("guide_cls, site", [(_SampledGuide, "z"), (_TwoLayerGuide, "z2")])
+def test_unit_activity_is_unbiased_and_its_standard_error_is_calibrated(guide_cls, site):
+    c = torch.tensor([0.0, 0.05, 0.08, 0.2, 1.0])
+    x = torch.randn(500, 5)
+    truth = c**2 * x.var(0)  # Var_x(E_q[z|x]) over these data points, exactly: about [0, 0.0025, 0.0064, 0.04, 1]
+    z_scores = []
+    for _ in range(20):
+        a = E.unit_activity(guide_cls(c), x, num_samples=50)[site]
+        z_scores.append((a.variance - truth) / a.stderr)
+    z = torch.stack(z_scores)  # 20 repeats x 5 units of (estimate - truth) / stated error
+    # unbiased: the mean z-score of each unit over 20 repeats is within 4 / sqrt(20) of 0
+    assert (z.mean(0).abs() < 4 / math.sqrt(20)).all(), z.mean(0)
+    # calibrated: the standard deviation of 100 z-scores is 1 within its sampling error (about 0.07), give or take the
+    # Gaussian approximation
+    assert 0.75 < float(z.std()) < 1.3, float(z.std())
+    assert E.active_units(guide_cls(c), x, num_samples=50)[site] == 2
+
+
+def test_active_units_need_two_samples():
+    with pytest.raises(ValueError, match="num_samples=1 must be an integer >= 2"):
+        E.active_units(_SampledGuide(torch.zeros(3)), torch.randn(20, 3), num_samples=1)
