@@ -159,11 +159,13 @@ def test_registry_names_list_the_valid_ones(build, cfg, names):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--objective", "elbo", "-k", "0"], "num_particles=0 must be an integer >= 1"),
-    (["--objective", "iwae", "-k", "-3"], "num_particles=-3 must be an integer >= 1"),
-    (["--objective", "variance", "-k", "1"], "num_particles=1 must be an integer >= 2: a variance needs at least two samples"),
-    (["--objective", "logvariance", "-k", "1"], "num_particles=1 must be an integer >= 2"),
-    (["--objective", "geco", "--tolerance", "-1"], "tolerance=-1.0 must be a finite number >= 0"),
+    (["--objective", "elbo", "-k", "0"], "--num-particles 0 must be an integer >= 1"),
+    (["--objective", "iwae", "-k", "-3"], "--num-particles -3 must be an integer >= 1"),
+    (["--objective", "variance", "-k", "1"], "--num-particles 1 must be an integer >= 2: a variance needs at least two samples"),
+    (["--objective", "logvariance", "-k", "1"], "--num-particles 1 must be an integer >= 2"),
+    (["--objective", "geco", "--tolerance", "-1"], "--tolerance -1.0 must be a finite number >= 0"),
+    # the CLI's flag, not the Python argument (GECO's alpha is --geco-alpha)
+    (["--objective", "geco", "--geco-alpha", "2"], "--geco-alpha 2.0"),
 ])
 def test_cli_refuses_bad_objective_settings_before_loading_data(extra, message, tmp_path, capsys):
     # the data folder does not exist: the objective is checked first, so its message is the one shown
