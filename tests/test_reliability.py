@@ -716,3 +716,57 @@ def test_config_is_read_as_data_not_code(data_dir, finished_run, tmp_path, capsy
     err = cli_error(capsys, ["evaluate", str(run), "--device", "cpu", "--data-dir", str(data_dir)])
     assert f"is not known; choose one of {sorted(registry.MODELS)}" in err
     assert not marker.exists()
+
+
+# ================================================================================================
+# 5. Second pass (issue 12): recovery that never crashes, run folders that cannot be corrupted, no tracebacks
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _files(run: Path) -> dict:
+    """Every file of a run folder (but the lock) and its bytes."""
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def _script(tmp_path: Path, extra: str = "") -> Path:
+    """The CLI in a process of its own (tiny-test registered), with ``extra`` code run before ``main``."""
+    script = tmp_path / "pyrovae_tiny.py"
+    script.write_text(CLI_SCRIPT.replace("from pyrovae.cli import main", extra + "\nfrom pyrovae.cli import main"))
+    return script
+
+
+# --- bug 1: the divergence report on NaN distribution parameters --------------------------------
+
+@nan_warnings
+@pytest.mark.parametrize("extra", [
+    ["--activation", "relu", "--lr", "1e20"],
+    ["--activation", "relu", "--lr", "1e20", "--on-divergence", "reduce_lr"],
+    ["--guide", "flow", "--flow", "planar", "--flow-length", "2", "--lr", "1e10"],
+])
+def test_divergence_with_nan_distribution_parameters_is_rolled_back_and_exits_3(extra, data_dir, tmp_path, capsys):
+    # validation is on (as in a user's Python): the diagnosis must not die building Normal(loc=nan)
+    assert pyro.infer.util.is_validation_enabled()
+    run = tmp_path / "run"
+    assert main(train_args(data_dir, run, "--epochs", "2", "--check-every", "2", *extra)) == 3
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "Expected parameter" not in err
+    assert "training diverged: non-finite" in err and "rolled back to step" in err
+    assert "non-finite parameters:" in err or "sites with non-finite log-densities" in err
+    if "reduce_lr" in extra:  # rolled back and halved five times before giving up
+        assert "halved the learning rate (reduction 5/5)" in out
+    if (run / "checkpoints" / "last.pt").exists():
+        assert all(torch.isfinite(v).all() for v in load_checkpoint(run / "checkpoints" / "last.pt")["params"].values())
+
+
+@nan_warnings
+def test_reduce_lr_recovers_from_nan_distribution_parameters_in_the_python_api(tmp_path):
+    # NaN loc after the first batch; the step is replayed, the report names the non-finite parameters, the lr halves
+    x = unit_data(64)
+    model, guide = VAE((D_X,), (2,), hidden=((16,),), activation="relu"), GaussianEncoder((D_X,), (2,), hidden=((16,),), activation="relu")
+    trainer = Trainer(model, guide, ELBO(), lr=1e20, check_every=2, on_divergence="reduce_lr", max_lr_reductions=2, progress=False)
+    with pytest.raises(DivergenceError, match=r"training diverged: non-finite (loss|gradient) at step \d+ .*rolled back"):
+        trainer.fit(x, epochs=2, batch_size=8)
+    assert trainer.lr_reductions == 2
+    assert all(torch.isfinite(v).all() for v in trainer.params.values())
