@@ -157,6 +157,12 @@ def check_fit_data(model, train, valid=None) -> None:
             raise
 
 
+def _dist_name(fn) -> str:
+    while hasattr(fn, "base_dist"):  # Independent, MaskedDistribution, ...: name what they wrap
+        fn = fn.base_dist
+    return type(fn).__name__
+
+
 def check_sites(model, guide, x: torch.Tensor) -> None:
     """Raise ``ValueError`` when a model/guide pair cannot be trained together: the model observes nothing,
     the guide samples a site the model lacks, or the guide's samples of a site do not fit the model's
@@ -195,8 +201,8 @@ def check_sites(model, guide, x: torch.Tensor) -> None:
                 inside = True  # a support that cannot check this value: let the objective decide
             if not inside:
                 raise ValueError(
-                    f"the guide's samples of site {name!r} ({type(ours).__name__}) lie outside the support of the model's "
-                    f"distribution there ({type(theirs).__name__}, support {support}): this guide cannot be paired with this "
+                    f"the guide's samples of site {name!r} ({_dist_name(ours)}) lie outside the support of the model's "
+                    f"distribution there ({_dist_name(theirs)}, support {support}): this guide cannot be paired with this "
                     "model; use a guide whose samples the model can score (e.g. --model discrete with --guide bernoulli)"
                 )
 

@@ -923,7 +923,7 @@ def test_run_dir_naming_a_file_and_an_absurd_lr_are_refused(data_dir, tmp_path, 
     assert f"--run-dir {path} is an existing file, not a folder" in err
     assert path.read_text() == "not a folder"
     err = cli_error(capsys, ["evaluate", str(path), "--device", "cpu"])
-    assert "is not a pyrovae run folder" in err
+    assert f"the run folder {path} does not exist or is not a folder" in err
     err = cli_error(capsys, train_args(data_dir, tmp_path / "run", "--epochs", "1", "--lr", "1e38"))
     assert "lr=1e+38 is too large" in err
 
