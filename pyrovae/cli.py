@@ -43,8 +43,21 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _load_data(cfg: dict, device: torch.device):
-    from pyrovae.data import load_dataset
+    from pyrovae.data import DataError, load_dataset, resolve
 
+    data_dir = cfg.get("data_dir")
+    if data_dir:  # an explicit --data-dir that lacks the dataset is a mistake, not a reason to take it from elsewhere
+        try:
+            found = resolve(cfg["dataset"], data_dir, download=False)
+        except DataError:
+            found = None  # found nowhere: load_dataset's message lists every folder it searched
+        root = Path(data_dir).expanduser().resolve()
+        if found is not None and root != found.resolve() and root not in found.resolve().parents:
+            raise UsageError(
+                f"--data-dir {data_dir} holds no {cfg['dataset']} files (in {data_dir}/{cfg['dataset']}/ or {data_dir}/); they are in "
+                f"{found}, but an explicit --data-dir is not silently replaced: pass --data-dir {found.parent if found.name == cfg['dataset'] else found}, "
+                "or drop --data-dir to use $PYROVAE_DATA"
+            )
     return load_dataset(cfg["dataset"], data_dir=cfg.get("data_dir"), binarize=cfg.get("binarize", "none"), valid_size=cfg.get("valid_size"), seed=cfg.get("seed", 0), device=device)
 
 

@@ -1135,3 +1135,11 @@ def test_metrics_are_not_appended_through_a_planted_symlink(tmp_path):
     with pytest.raises(ValueError, match="symbolic link"):
         runs.append_metrics(run, {"epoch": 2})
     assert target.read_text() == "precious\n"
+
+
+def test_an_empty_data_dir_does_not_fall_back_to_the_environment(monkeypatch, data_dir, tmp_path, capsys):
+    monkeypatch.setenv("PYROVAE_DATA", str(data_dir))  # the data is there, but --data-dir names an empty folder
+    (tmp_path / "empty").mkdir()
+    err = cli_error(capsys, train_args(tmp_path / "empty", tmp_path / "run", "--epochs", "1"))
+    assert f"--data-dir {tmp_path / 'empty'} holds no {TINY} files" in err and f"--data-dir {data_dir}" in err
+    assert not (tmp_path / "run").exists()
