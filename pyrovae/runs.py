@@ -191,8 +191,10 @@ def append_metrics(run_dir: PathLike, record: dict) -> None:
     try:
         line = json.dumps(record) + "\n"
         size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn last line: start a new one
-            line = "\n" + line
+        if size:
+            os.lseek(fd, size - 1, os.SEEK_SET)
+            if os.read(fd, 1) != b"\n":  # a torn last line: start a new one
+                line = "\n" + line
         os.write(fd, line.encode())
     finally:
         os.close(fd)

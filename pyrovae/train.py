@@ -10,6 +10,7 @@ non-finite log-densities. Ctrl-C / SIGTERM write a checkpoint at the next step b
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import signal
@@ -288,7 +289,7 @@ class Trainer:
         self._stop_signal: Optional[int] = None
         self._snapshot: Optional[Snapshot] = None
         self._sums: dict = {}  # the current epoch's running metric sums, checkpointed with a mid-epoch stop
-        self._lock: Optional[runs.RunLock] = None  # held on run_dir from resume() or fit() to the end of fit()
+        self._lock: Optional[runs.RunLock] = None  # held on run_dir while fit() runs
         self._owns_run = False  # run_dir holds this trainer's run (resumed, or started by fit)
 
     # --- parameters and optimiser ------------------------------------------------------------------
@@ -500,15 +501,14 @@ class Trainer:
 
     def resume(self, path: Union[str, Path], x: torch.Tensor) -> None:
         """Continue from a checkpoint file (``checkpoints/last.pt`` of a run)."""
-        if self.run_dir is not None and self._lock is None:  # held until fit() ends: no other process may write the run
-            self._lock = runs.RunLock(self.run_dir).acquire()
-        state = load_checkpoint(path, map_location=x.device)
-        self.setup(x)
-        self.load_state_dict(state)
-        self._owns_run = True
-        if self.run_dir is not None:
-            # records of epochs after the checkpoint (written just before a crash) are redone, torn lines dropped
-            self.history = runs.truncate_metrics(self.run_dir, self.cursor.epoch)
+        with runs.RunLock(self.run_dir) if self.run_dir is not None else contextlib.nullcontext():  # no other process writes the run
+            state = load_checkpoint(path, map_location=x.device)
+            self.setup(x)
+            self.load_state_dict(state)
+            self._owns_run = True
+            if self.run_dir is not None:
+                # records of epochs after the checkpoint (written just before a crash) are redone, torn lines dropped
+                self.history = runs.truncate_metrics(self.run_dir, self.cursor.epoch)
 
     # --- signals ------------------------------------------------------------------------------------
     def _install_signals(self):
