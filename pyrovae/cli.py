@@ -123,8 +123,6 @@ def _changed_by_resume(args: argparse.Namespace, saved: dict) -> list[str]:
 def _prepare_run_dir(run_dir: Path, args: argparse.Namespace) -> Optional[dict]:
     """Check ``--resume`` / ``--overwrite`` against what ``run_dir`` holds; returns the saved config when resuming.
     Nothing is deleted here: ``--overwrite`` moves the old run aside only once the new one is known to be valid."""
-    if os.path.lexists(run_dir) and not run_dir.is_dir():
-        raise UsageError(f"--run-dir {run_dir} is an existing file, not a folder; pass another --run-dir")
     last = run_dir / "checkpoints" / "last.pt"
     if args.resume:
         if args.overwrite:

@@ -167,11 +167,13 @@ def _dist_name(fn) -> str:
 def check_sites(model, guide, x: torch.Tensor) -> None:
     """Raise ``ValueError`` when a model/guide pair cannot be trained together: the model observes nothing,
     the guide samples a site the model lacks, or the guide's samples of a site do not fit the model's
-    distribution there (another shape, or values outside its support)."""
+    distribution there (another shape, or values outside its support). ``x`` is a batch, or a tuple of the
+    programs' arguments."""
+    args = tuple(x) if isinstance(x, (tuple, list)) else (x,)
     try:
         with torch.no_grad(), pyro.validation_enabled(False):
-            model_trace = prune_subsample_sites(poutine.trace(model).get_trace(x))
-            guide_trace = prune_subsample_sites(poutine.trace(guide).get_trace(x))
+            model_trace = prune_subsample_sites(poutine.trace(model).get_trace(*args))
+            guide_trace = prune_subsample_sites(poutine.trace(guide).get_trace(*args))
     except Exception:  # a program that does not run on this batch: the first evaluation says why, with the batch shape
         return
     model_sites = {n: s for n, s in model_trace.nodes.items() if s["type"] == "sample"}
