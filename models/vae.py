@@ -8,6 +8,7 @@ Generative model, top layer first (one layer: just ``z``)::
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import pyro
@@ -38,6 +39,9 @@ def check_layers(z_dims: Sequence[int], hidden: Optional[Sequence[Sequence[int]]
     hidden = default_hidden(len(z_dims)) if hidden is None else tuple(tuple(h) for h in hidden)
     if len(hidden) != len(z_dims):
         raise ValueError(f"hidden has {len(hidden)} entries but z_dims has {len(z_dims)}: give one hidden-size tuple per stochastic layer")
+    for sizes in hidden:
+        if any(isinstance(h, bool) or not isinstance(h, numbers.Integral) or h < 1 for h in sizes):
+            raise ValueError(f"hidden={[list(h) for h in hidden]}: every hidden size must be a positive integer, e.g. hidden=[(200, 200)]")
     return z_dims, hidden
 
 

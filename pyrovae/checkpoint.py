@@ -69,8 +69,15 @@ def atomic_write(path: Union[str, Path], write) -> Path:
 
 
 def save_checkpoint(state: dict, path: Union[str, Path]) -> Path:
-    """Atomically save ``state`` (tensors, numbers, strings, lists, dicts) with a format tag."""
-    return atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+    """Atomically save ``state`` (tensors, numbers, strings, lists, dicts) with a format tag.
+
+    torch's writer reports a failed write (a full disk) as ``RuntimeError: ... unexpected pos``; that becomes
+    an ``OSError`` naming the file, and the previous checkpoint stays as it was."""
+    try:
+        return atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OSError(f"could not write the checkpoint {path} ({first}): is the disk full or the folder not writable? The previous checkpoint is unchanged") from e
 
 
 def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> dict:
@@ -121,3 +128,46 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_state(state: dict, path: Union[str, Path, None] = None) -> None:
+    """Raise :class:`CheckpointError` when a checkpoint with the format tag does not hold what
+    ``Trainer.state_dict`` writes (a damaged or hand-made file): parameters that are not tensors of their
+    recorded shapes, a cursor that is not counters and a permutation, and so on."""
+    where = path if path is not None else "the checkpoint"
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{where} has the pyrovae format tag but {what}: it is damaged or was not written by pyrovae's Trainer")
+
+    signature, params = state.get("signature"), state.get("params")
+    if not isinstance(signature, dict) or not all(isinstance(v, (list, tuple)) and all(_is_int(d) for d in v) for v in signature.values()):
+        raise bad("its 'signature' is not a table of parameter shapes")
+    if not isinstance(params, dict) or set(params) != set(signature):
+        raise bad("its 'params' do not match its 'signature'")
+    for k, v in params.items():
+        if not torch.is_tensor(v) or list(v.shape) != list(signature[k]) or not torch.is_floating_point(v):
+            raise bad(f"its parameter {k!r} is not a floating-point tensor of shape {list(signature[k])}")
+    if not isinstance(state.get("modules", {}), dict):
+        raise bad("its 'modules' is not a table of module states")
+    cursor = state.get("cursor")
+    if cursor is not None:
+        if not isinstance(cursor, dict) or not all(_is_int(cursor.get(k)) and cursor[k] >= 0 for k in ("epoch", "pos", "step")):
+            raise bad("its 'cursor' is not a table of non-negative epoch, pos and step counters")
+        perm = cursor.get("perm")
+        if perm is not None and not (torch.is_tensor(perm) and perm.dim() == 1 and not torch.is_floating_point(perm)):
+            raise bad("its epoch permutation is not a 1-D integer tensor")
+    if "optimizer" in state and not (isinstance(state["optimizer"], dict) and isinstance(state["optimizer"].get("param_groups"), list)):
+        raise bad("its 'optimizer' is not an optimiser state")
+    if "best_valid" in state and not isinstance(state["best_valid"], (int, float)):
+        raise bad("its 'best_valid' is not a number")
+    if "lr_reductions" in state and not (_is_int(state["lr_reductions"]) and state["lr_reductions"] >= 0):
+        raise bad("its 'lr_reductions' is not a count")
+    sums = state.get("sums")
+    if sums is not None and not (isinstance(sums, dict) and all(torch.is_tensor(v) or isinstance(v, (int, float)) for v in sums.values())):
+        raise bad("its 'sums' are not running sums")
+    if "rng" in state and not isinstance(state["rng"], dict):
+        raise bad("its 'rng' is not a table of random-number-generator states")

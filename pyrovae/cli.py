@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -12,12 +14,13 @@ from typing import Optional, Sequence
 import pyro
 import torch
 
+from pyrovae import runs
 from pyrovae.capture import MODES as CAPTURE_MODES
-from pyrovae.checkpoint import CheckpointError, load_checkpoint, write_json
+from pyrovae.checkpoint import CheckpointError, check_state, load_checkpoint, write_json
 from pyrovae.flows import FLOWS
 from pyrovae.models.vae import PRIOR_FLOWS
 from pyrovae.objectives import ELBO, OBJECTIVES
-from pyrovae.registry import GUIDES, MODELS, build_guide, build_model, build_objective
+from pyrovae.registry import GUIDES, MODELS, OBJECTIVE_ARGS, build_guide, build_model, build_objective
 from pyrovae.train import SCHEDULES, DivergenceError, Trainer, TrainingInterrupted
 
 
@@ -40,8 +43,21 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _load_data(cfg: dict, device: torch.device):
-    from pyrovae.data import load_dataset
+    from pyrovae.data import DataError, load_dataset, resolve
 
+    data_dir = cfg.get("data_dir")
+    if data_dir:  # an explicit --data-dir that lacks the dataset is a mistake, not a reason to take it from elsewhere
+        try:
+            found = resolve(cfg["dataset"], data_dir, download=False)
+        except DataError:
+            found = None  # found nowhere: load_dataset's message lists every folder it searched
+        root = Path(data_dir).expanduser().resolve()
+        if found is not None and root != found.resolve() and root not in found.resolve().parents:
+            raise UsageError(
+                f"--data-dir {data_dir} holds no {cfg['dataset']} files (in {data_dir}/{cfg['dataset']}/ or {data_dir}/); they are in "
+                f"{found}, but an explicit --data-dir is not silently replaced: pass --data-dir {found.parent if found.name == cfg['dataset'] else found}, "
+                "or drop --data-dir to use $PYROVAE_DATA"
+            )
     return load_dataset(cfg["dataset"], data_dir=cfg.get("data_dir"), binarize=cfg.get("binarize", "none"), valid_size=cfg.get("valid_size"), seed=cfg.get("seed", 0), device=device)
 
 
@@ -78,8 +94,35 @@ def _config(args: argparse.Namespace) -> dict:
     return cfg
 
 
+def read_config(path: Path) -> dict:
+    """A run's ``config.json`` as a dict, or a :class:`UsageError` naming the file."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UsageError(f"{path} cannot be read as a run configuration ({type(e).__name__}: {e}); restore it, or start a new run") from e
+    if not isinstance(cfg, dict):
+        raise UsageError(f"{path} holds a JSON {type(cfg).__name__}, not a run configuration (a JSON object of options); restore it, or start a new run")
+    return cfg
+
+
+def _changed_by_resume(args: argparse.Namespace, saved: dict) -> list[str]:
+    """The options given to ``train --resume`` (told apart from the parser's defaults) that differ from the run's config."""
+    defaults = vars(parser().parse_args(["train"]))
+    changed = []
+    for key, given in vars(args).items():
+        if key in RESUME_OVERRIDES or key == "run_dir" or key not in saved or key not in defaults or given == defaults[key]:
+            continue
+        if key == "hidden" and given:
+            given = [given] * len(saved.get("z_dims") or [50])
+        if given != saved[key]:
+            shown = " ".join(map(str, given)) if isinstance(given, list) and key != "hidden" else given
+            changed.append(f"--{key.replace('_', '-')} {shown} (the run has {saved[key]})")
+    return changed
+
+
 def _prepare_run_dir(run_dir: Path, args: argparse.Namespace) -> Optional[dict]:
-    """Check ``--resume`` / ``--overwrite`` against what ``run_dir`` holds; returns the saved config when resuming."""
+    """Check ``--resume`` / ``--overwrite`` against what ``run_dir`` holds; returns the saved config when resuming.
+    Nothing is deleted here: ``--overwrite`` moves the old run aside only once the new one is known to be valid."""
     last = run_dir / "checkpoints" / "last.pt"
     if args.resume:
         if args.overwrite:
@@ -88,40 +131,70 @@ def _prepare_run_dir(run_dir: Path, args: argparse.Namespace) -> Optional[dict]:
             raise UsageError(f"--resume: {last} does not exist, so there is nothing to resume; drop --resume to start a new run")
         if not (run_dir / "config.json").is_file():
             raise UsageError(f"--resume: {run_dir / 'config.json'} is missing, so the run cannot be rebuilt; start a new run with --overwrite")
-        saved = json.loads((run_dir / "config.json").read_text())
-        if not isinstance(saved, dict):
-            raise UsageError(f"--resume: {run_dir / 'config.json'} does not hold a run configuration; start a new run with --overwrite")
+        saved = read_config(run_dir / "config.json")
         state = load_checkpoint(last)
-        done = int(state.get("cursor", {}).get("epoch", 0))
+        check_state(state, last)
+        done, pos = state["cursor"]["epoch"], state["cursor"]["pos"]
         epochs = args.epochs if args.epochs is not None else saved.get("epochs", done)
         if state.get("finished") and epochs <= done:
             raise UsageError(
                 f"--resume: the run in {run_dir} is finished ({done} of {saved.get('epochs', done)} epochs); "
                 f"pass --epochs N with N > {done} to train it further, or evaluate it with 'pyrovae evaluate {run_dir}'"
             )
+        if epochs < done or (epochs == done and pos > 0):
+            raise UsageError(
+                f"--resume --epochs {epochs}: the run in {run_dir} is already at epoch {done}"
+                + (f" and {pos} batches into epoch {done + 1}" if pos else "")
+                + f"; pass --epochs N with N >= {done + (1 if pos else 0)} (epochs count those already done), or drop --epochs"
+            )
+        changed = _changed_by_resume(args, saved)
+        if changed:
+            raise UsageError(
+                f"--resume continues the run with its own settings (in {run_dir / 'config.json'}), but these options would change it: "
+                + "; ".join(changed) + ". Drop them, or start a new run (another --run-dir, or --overwrite)"
+            )
         return saved
-    if last.exists():
+    if last.exists() and not args.overwrite:
         try:
             what = "a finished run" if load_checkpoint(last).get("finished") else "an unfinished run"
         except CheckpointError:
             what = "a run whose last checkpoint cannot be read"
-        if not args.overwrite:
-            raise UsageError(f"{run_dir} already holds {what}; pass --resume to continue it, --overwrite to replace it, or choose another --run-dir")
-        for f in (run_dir / "checkpoints").glob("*.pt"):
-            f.unlink()
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        raise UsageError(f"{run_dir} already holds {what}; pass --resume to continue it, --overwrite to replace it, or choose another --run-dir")
     return None
+
+
+def _build_objective(cfg: dict):
+    """``build_objective`` with the objective's argument names in its messages replaced by the CLI flags."""
+    try:
+        return build_objective(cfg)
+    except (ValueError, TypeError) as e:
+        message = str(e)
+        for arg, key in OBJECTIVE_ARGS.get(cfg.get("objective", "elbo"), {}).items():
+            message = re.sub(rf"\b{arg}=", f"--{key.replace('_', '-')} ", message)
+        raise UsageError(message) from e
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or f"runs/{args.dataset}-{args.model}-{args.guide}-{args.objective}-{time.strftime('%Y%m%d-%H%M%S')}")
+    lock = runs.RunLock(run_dir)
+    if os.path.lexists(run_dir):  # one writer at a time, from the first look at the folder (a new one is made later)
+        if not run_dir.is_dir():
+            raise UsageError(f"--run-dir {run_dir} is an existing file, not a folder; pass another --run-dir")
+        lock.acquire()
+    try:
+        return _train(run_dir, args, lock)
+    finally:
+        lock.release()
+
+
+def _train(run_dir: Path, args: argparse.Namespace, lock: runs.RunLock) -> int:
     saved = _prepare_run_dir(run_dir, args)
     cfg = _config(args)
     if saved is not None:
         saved.update({k: getattr(args, k) for k in RESUME_OVERRIDES if getattr(args, k) is not None})
         cfg = saved
     device = resolve_device(cfg["device"])
-    objective = build_objective(cfg)  # bad objective settings fail here, before the data is loaded
+    objective = _build_objective(cfg)  # bad objective settings fail here, before the data is loaded
     pyro.set_rng_seed(cfg["seed"])
     pyro.clear_param_store()
     splits = _load_data(cfg, device)
@@ -135,10 +208,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         capture=cfg.get("capture", "replay"),
     )
     print(f"pyrovae: training {cfg['model']}/{cfg['guide']} with {trainer.objective!r} on {cfg['dataset']} ({splits.train.shape[0]} examples) on {device}; run folder {run_dir}")
-    if args.resume:
-        trainer.resume(run_dir / "checkpoints" / "last.pt", splits.train[: cfg["batch_size"]])
-        print(f"pyrovae: resumed at epoch {trainer.cursor.epoch}, step {trainer.cursor.step}")
+    lock.acquire()
+    if args.overwrite:  # everything above is valid: move the old run aside; it comes back unless the new one writes a checkpoint
+        runs.set_aside(run_dir)
     try:
+        if args.resume:
+            trainer.resume(run_dir / "checkpoints" / "last.pt", splits.train[: cfg["batch_size"]])
+            print(f"pyrovae: resumed at epoch {trainer.cursor.epoch}, step {trainer.cursor.step}")
         trainer.fit(splits.train, cfg["epochs"], cfg["batch_size"], valid=splits.valid, dynamic_binarize=splits.binarize == "dynamic")
     except TrainingInterrupted as e:
         print(f"pyrovae: {e}", file=sys.stderr)
@@ -146,6 +222,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except DivergenceError as e:
         print(f"pyrovae: {e}", file=sys.stderr)
         return 3
+    finally:
+        if args.overwrite and runs.settle(run_dir) == "restored":
+            print(f"pyrovae: the new run failed before its first checkpoint; the old run in {run_dir} is back as it was", file=sys.stderr)
     print(f"pyrovae: training steps: {trainer.capture_report}")
     if cfg["eval_samples"] > 0:
         return _evaluate(run_dir, device, "best", cfg["eval_samples"], cfg["eval_limit"], splits, capture=cfg.get("eval_capture", "auto"))
@@ -158,7 +237,7 @@ def load_run(run_dir: Path, device: torch.device, checkpoint: str = "best", spli
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise UsageError(f"{run_dir} is not a pyrovae run folder (no config.json); pass the --run-dir of a training run")
-    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg = read_config(run_dir / "config.json")
     path = run_dir / "checkpoints" / f"{checkpoint}.pt"
     if not path.exists() and checkpoint == "best":
         path = run_dir / "checkpoints" / "last.pt"
@@ -190,6 +269,7 @@ def eval_capture_mode(choice: str, num_test: int, num_samples: int, device: torc
 def _evaluate(run_dir: Path, device, checkpoint: str, num_samples: int, limit: Optional[int], splits=None, data_dir: Optional[str] = None, capture: str = "auto") -> int:
     from pyrovae import evaluate as E
 
+    runs.check_writable(run_dir)  # before the log-likelihood, not after: evaluation.json and the pictures go there
     cfg, model, guide, splits, path = load_run(run_dir, device, checkpoint, splits, data_dir)
     test = splits.test if not limit else splits.test[:limit]
     if splits.binarize == "dynamic":  # evaluate on one fixed binarisation of the test set, as in the IWAE paper
@@ -241,8 +321,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.num < 1:
         raise UsageError(f"--num {args.num} must be at least 1")
-    cfg, model, guide, splits, _ = load_run(Path(args.run_dir), device, args.checkpoint)
     out = Path(args.out or Path(args.run_dir) / "samples.png")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: the folder {out.parent} does not exist; create it or write elsewhere")
+    runs.check_writable(out.parent, "the --out folder")
+    cfg, model, guide, splits, _ = load_run(Path(args.run_dir), device, args.checkpoint)
     E.save_image_grid(E.sample(model, args.num, splits.x_shape, device=device), out)
     print(f"pyrovae: wrote {args.num} samples to {out}")
     return 0
@@ -259,6 +342,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} must be a positive integer")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be an integer >= 0 (0: none)")
     return value
 
 
@@ -321,8 +411,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--run-dir", default=None, help="run folder (default runs/DATASET-MODEL-GUIDE-OBJECTIVE-TIME)")
     g.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
-    g.add_argument("--eval-samples", type=int, default=None, help="importance samples for the final test log-likelihood (0: skip evaluation; default 5000)")
-    g.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test examples only")
+    g.add_argument("--eval-samples", type=_count, default=None, help="importance samples for the final test log-likelihood (0: skip evaluation; default 5000)")
+    g.add_argument("--eval-limit", type=_positive_int, default=None, help="evaluate on the first N test examples only")
     g.add_argument("--eval-capture", default=None, choices=EVAL_CAPTURE_CHOICES, help=EVAL_CAPTURE_HELP + " (default auto)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     t.set_defaults(func=cmd_train)
@@ -331,7 +421,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--num-samples", "-k", type=_positive_int, default=5000)
     e.add_argument("--checkpoint", default="best", choices=["best", "last"])
-    e.add_argument("--limit", type=int, default=None, help="first N test examples only")
+    e.add_argument("--limit", type=_positive_int, default=None, help="first N test examples only")
     e.add_argument("--data-dir", default=None)
     e.add_argument("--device", default="auto")
     e.add_argument("--capture", default="auto", choices=EVAL_CAPTURE_CHOICES, help=EVAL_CAPTURE_HELP)
@@ -352,6 +442,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except ValueError as e:  # UsageError, CheckpointError, DataError and bad arguments: a message, no traceback
+        print(f"pyrovae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only or vanished folder: the system's message names the file
         print(f"pyrovae {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C while training, or one outside it (loading, evaluating)

@@ -10,8 +10,8 @@ non-finite log-densities. Ctrl-C / SIGTERM write a checkpoint at the next step b
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-import json
 import math
 import signal
 import threading
@@ -29,8 +29,9 @@ from tqdm.auto import tqdm
 
 from pyrovae.capture import MODES as CAPTURE_MODES
 from pyrovae.capture import StepCapture, grad_norm
-from pyrovae.data import Batches, as_inputs
-from pyrovae.checkpoint import CheckpointError, atomic_write, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state, write_json
+from pyrovae import runs
+from pyrovae.data import Batches, as_inputs, check_data
+from pyrovae.checkpoint import CheckpointError, check_state, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state, write_json
 
 SCHEDULES = ("constant", "exponential", "cosine", "iwae")
 
@@ -85,10 +86,15 @@ class Snapshot:
 
 
 def nonfinite_sites(model, guide, *args, **kwargs) -> list[str]:
-    """Names of the sites whose log-density (or sampled value) is not finite in one run of guide and model."""
-    with torch.no_grad():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    """Names of the sites whose log-density (or sampled value) is not finite in one run of guide and model.
+
+    Runs with validation off: a distribution built from non-finite parameters must be reported, not raise."""
+    try:
+        with torch.no_grad(), pyro.validation_enabled(False):
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    except Exception as e:  # a program that cannot run at all on the diverged state (e.g. validate_args=True on a site)
+        return [f"(the guide and model could not run: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"]
     bad = []
     for who, trace in (("guide", guide_trace), ("model", model_trace)):
         trace = prune_subsample_sites(trace)
@@ -96,7 +102,8 @@ def nonfinite_sites(model, guide, *args, **kwargs) -> list[str]:
             if site["type"] != "sample":
                 continue
             try:
-                lp = site["fn"].log_prob(site["value"])
+                with pyro.validation_enabled(False):
+                    lp = site["fn"].log_prob(site["value"])
             except Exception as e:  # a distribution that cannot even be built/scored counts as broken
                 bad.append(f"{who}:{name} ({type(e).__name__})")
                 continue
@@ -118,6 +125,91 @@ def check_data_shape(x: torch.Tensor, *programs) -> None:
                 f"built for x_shape={tuple(want)}: build the model and guide with x_shape={got}, or reshape the data to "
                 f"[N, {', '.join(map(str, want))}]"
             )
+
+
+def _first_tensor(data):
+    return data[0] if isinstance(data, (tuple, list)) and data else data
+
+
+def check_fit_data(model, train, valid=None) -> None:
+    """Raise ``TypeError``/``ValueError`` for training (or validation) data a model cannot learn from: not a
+    floating-point tensor, NaN/inf values, or values outside [0, 1] when the model's likelihood needs them
+    (``model.likelihood.needs_unit_interval``, as the library's models expose). ``train`` and ``valid`` are a
+    tensor or a tuple of tensors whose first one is the observed data."""
+    likelihood = getattr(model, "likelihood", None)
+    unit = bool(getattr(likelihood, "needs_unit_interval", False))
+    name = getattr(model, "likelihood_name", "Bernoulli")
+    for what, data in (("training", train), ("validation", valid)):
+        x = _first_tensor(data)
+        if x is None:
+            continue
+        if not torch.is_tensor(x):
+            raise TypeError(f"the {what} data is a {type(x).__name__}, not a tensor: pass a torch.Tensor (torch.as_tensor(...), or pyrovae.data.from_array)")
+        if not torch.is_floating_point(x):
+            if likelihood is None:  # a program of the user's, or one over indices (tokens): its own business
+                continue
+            raise TypeError(
+                f"the {what} data has dtype {x.dtype}; the models need floating-point data: convert it, e.g. x.float() / 255 "
+                "for uint8 pixels (pyrovae.data.from_array does this)"
+            )
+        try:
+            check_data(x, unit_interval=unit, what=f"the {what} data")
+        except ValueError as e:
+            if unit and "outside [0, 1]" in str(e):
+                raise ValueError(f"{e} (the model's likelihood is {name})") from None
+            raise
+
+
+def _dist_name(fn) -> str:
+    while hasattr(fn, "base_dist"):  # Independent, MaskedDistribution, ...: name what they wrap
+        fn = fn.base_dist
+    return type(fn).__name__
+
+
+def check_sites(model, guide, x: torch.Tensor) -> None:
+    """Raise ``ValueError`` when a model/guide pair cannot be trained together: the model observes nothing,
+    the guide samples a site the model lacks, or the guide's samples of a site do not fit the model's
+    distribution there (another shape, or values outside its support). ``x`` is a batch, or a tuple of the
+    programs' arguments."""
+    args = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    try:
+        with torch.no_grad(), pyro.validation_enabled(False):
+            model_trace = prune_subsample_sites(poutine.trace(model).get_trace(*args))
+            guide_trace = prune_subsample_sites(poutine.trace(guide).get_trace(*args))
+    except Exception:  # a program that does not run on this batch: the first evaluation says why, with the batch shape
+        return
+    model_sites = {n: s for n, s in model_trace.nodes.items() if s["type"] == "sample"}
+    if not any(s["is_observed"] for s in model_sites.values()):
+        raise ValueError(
+            f"the model has no observed site (sample sites: {sorted(model_sites) or 'none'}): an objective needs the data as "
+            "an observed site, pyro.sample('x', ..., obs=x)"
+        )
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or site["infer"].get("is_auxiliary"):
+            continue
+        if name not in model_sites:
+            raise ValueError(
+                f"the guide samples a site {name!r} that the model does not have (the model's sample sites: {sorted(model_sites)}): "
+                "name the guide's latent sites as the model's"
+            )
+        theirs, ours = model_sites[name]["fn"], site["fn"]
+        if tuple(theirs.event_shape) != tuple(ours.event_shape):
+            raise ValueError(
+                f"the guide's site {name!r} has event shape {tuple(ours.event_shape)} but the model's has {tuple(theirs.event_shape)}: "
+                "build the guide with the model's latent sizes"
+            )
+        support = getattr(theirs, "support", None)
+        if support is not None and not isinstance(support, type(torch.distributions.constraints.dependent)):
+            try:
+                inside = bool(support.check(site["value"]).all())
+            except Exception:
+                inside = True  # a support that cannot check this value: let the objective decide
+            if not inside:
+                raise ValueError(
+                    f"the guide's samples of site {name!r} ({_dist_name(ours)}) lie outside the support of the model's "
+                    f"distribution there ({_dist_name(theirs)}, support {support}): this guide cannot be paired with this "
+                    "model; use a guide whose samples the model can score (e.g. --model discrete with --guide bernoulli)"
+                )
 
 
 class Trainer:
@@ -170,6 +262,8 @@ class Trainer:
     ):
         if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
             raise ValueError(f"lr={lr!r} must be a positive number")
+        if lr >= 1e30:  # Adam's step size lr / (1 - beta1^t) overflows float32 (at 3.4e38) and torch raises mid-step
+            raise ValueError(f"lr={lr!r} is too large: float32 parameters overflow at 3.4e38; use a learning rate below 1e30")
         lr_factor(schedule, 0, 1, gamma)  # validates the name
         if clip_norm is not None and not clip_norm > 0:
             raise ValueError(f"clip_norm={clip_norm!r} must be positive, or None for no clipping")
@@ -200,6 +294,8 @@ class Trainer:
         self._stop_signal: Optional[int] = None
         self._snapshot: Optional[Snapshot] = None
         self._sums: dict = {}  # the current epoch's running metric sums, checkpointed with a mid-epoch stop
+        self._lock: Optional[runs.RunLock] = None  # held on run_dir while fit() runs
+        self._owns_run = False  # run_dir holds this trainer's run (resumed, or started by fit)
 
     # --- parameters and optimiser ------------------------------------------------------------------
     def setup(self, *batch: torch.Tensor) -> None:
@@ -210,6 +306,11 @@ class Trainer:
             return
         batch = as_inputs(batch[0] if len(batch) == 1 else batch, "the batch")  # setup(x, y) or setup((x, y))
         check_data_shape(batch[0], self.model, self.guide)
+        rng = get_rng_state()
+        try:
+            check_sites(self.model, self.guide, batch)
+        finally:
+            set_rng_state(rng)  # the check draws nothing from the run's random stream
         try:
             with poutine.trace(param_only=True) as capture:
                 self.objective.loss(self.model, self.guide, *batch)
@@ -364,6 +465,7 @@ class Trainer:
         missing_keys = [k for k in ("signature", "params", "modules") if k not in state]
         if missing_keys:
             raise CheckpointError(f"the checkpoint has no {missing_keys}: it was not written by Trainer.state_dict")
+        check_state(state)
         theirs, ours = state["signature"], {k: list(v.shape) for k, v in self.params.items()}
         if theirs != ours:
             missing = sorted(set(ours) - set(theirs))
@@ -394,7 +496,7 @@ class Trainer:
             c = state["cursor"]
             self.cursor = Cursor(c["epoch"], c["pos"], c["step"], c["perm"])
             self.best_valid, self.lr_reductions = state["best_valid"], state["lr_reductions"]
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(
                 f"the checkpoint does not fit this trainer ({type(e).__name__}: {e}): it was written with another objective "
                 f"or optimiser than {self.objective!r}; resume with the run's own config.json"
@@ -410,21 +512,14 @@ class Trainer:
         """Continue from a checkpoint file (``checkpoints/last.pt`` of a run); ``batch``: a batch of the data's
         tensors (``x``, or ``x, y``), to set up the parameters."""
         batch = as_inputs(batch[0] if len(batch) == 1 else batch, "the batch")  # resume(path, x, y) or resume(path, (x, y))
-        state = load_checkpoint(path, map_location=batch[0].device)
-        self.setup(*batch)
-        self.load_state_dict(state)
-        metrics = None if self.run_dir is None else self.run_dir / "metrics.jsonl"
-        if metrics is not None and metrics.exists():
-            self.history = []
-            for line in metrics.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:  # a line torn by a crash mid-write
-                    continue
-                if isinstance(record, dict) and record.get("epoch", math.inf) <= self.cursor.epoch:
-                    self.history.append(record)
-            # records of epochs after the checkpoint (written just before a crash) are redone: drop them from the file
-            atomic_write(metrics, lambda f: f.write("".join(json.dumps(r) + "\n" for r in self.history).encode()))
+        with runs.RunLock(self.run_dir) if self.run_dir is not None else contextlib.nullcontext():  # no other process writes the run
+            state = load_checkpoint(path, map_location=batch[0].device)
+            self.setup(*batch)
+            self.load_state_dict(state)
+            self._owns_run = True
+            if self.run_dir is not None:
+                # records of epochs after the checkpoint (written just before a crash) are redone, torn lines dropped
+                self.history = runs.truncate_metrics(self.run_dir, self.cursor.epoch)
 
     # --- signals ------------------------------------------------------------------------------------
     def _install_signals(self):
@@ -462,10 +557,17 @@ class Trainer:
         ``train`` and ``valid``: a tensor ``[N, ...]`` or a tuple of tensors with the same first dimension
         (``(x, y)``); each batch is sliced from all of them by the same permutation and passed as
         ``model(*batch)``, ``guide(*batch)``. ``dynamic_binarize`` resamples the first tensor only."""
+        check_fit_data(self.model, train, valid)
         if int(batch_size) < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
         if int(epochs) < 0:
             raise ValueError(f"epochs={epochs!r} must be >= 0")
+        if int(epochs) < self.cursor.epoch or (int(epochs) == self.cursor.epoch and self.cursor.pos > 0):
+            raise ValueError(
+                f"epochs={epochs!r}, but the run is already at epoch {self.cursor.epoch}"
+                + (f" and {self.cursor.pos} batches into epoch {self.cursor.epoch + 1}" if self.cursor.pos else "")
+                + f": pass epochs >= {self.cursor.epoch + (1 if self.cursor.pos else 0)} to continue it (epochs count those already done)"
+            )
         train = as_inputs(train, "train")
         valid = None if valid is None else as_inputs(valid, "valid")
         n = train[0].shape[0]
@@ -483,16 +585,25 @@ class Trainer:
             self.setup(*batch(Cursor(perm=torch.arange(min(n, batch_size), device=train[0].device))))
         else:
             check_data_shape(train[0][:1], self.model, self.guide)
-        if self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(self.run_dir / "config.json", self.config)
-        self._stop_signal = None
-        old_handlers = self._install_signals()
+        runs.check_cursor(self.cursor.perm, self.cursor.pos, n, num_batches)
+        old_handlers = {}
         try:
+            if self.run_dir is not None:
+                if self._lock is None:
+                    self._lock = runs.RunLock(self.run_dir).acquire()
+                if not self._owns_run:
+                    runs.start_fresh(self.run_dir)
+                    self._owns_run = True
+                write_json(self.run_dir / "config.json", self.config)
+            self._stop_signal = None
+            old_handlers = self._install_signals()
             self._loop(batch, num_batches, int(epochs), batch_size, valid)
         finally:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
         return self.history
 
     def _loop(self, batch, num_batches: int, epochs: int, batch_size: int, valid) -> None:
@@ -544,8 +655,7 @@ class Trainer:
         self.cursor = Cursor(self.cursor.epoch + 1, 0, self.cursor.step, None)
         self.history.append(record)
         if self.run_dir is not None:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            runs.append_metrics(self.run_dir, record)
         score = record.get("valid_elbo", -record["train_loss"])
         if score > self.best_valid:
             self.best_valid = score

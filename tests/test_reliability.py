@@ -159,11 +159,13 @@ def test_registry_names_list_the_valid_ones(build, cfg, names):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--objective", "elbo", "-k", "0"], "num_particles=0 must be an integer >= 1"),
-    (["--objective", "iwae", "-k", "-3"], "num_particles=-3 must be an integer >= 1"),
-    (["--objective", "variance", "-k", "1"], "num_particles=1 must be an integer >= 2: a variance needs at least two samples"),
-    (["--objective", "logvariance", "-k", "1"], "num_particles=1 must be an integer >= 2"),
-    (["--objective", "geco", "--tolerance", "-1"], "tolerance=-1.0 must be a finite number >= 0"),
+    (["--objective", "elbo", "-k", "0"], "--num-particles 0 must be an integer >= 1"),
+    (["--objective", "iwae", "-k", "-3"], "--num-particles -3 must be an integer >= 1"),
+    (["--objective", "variance", "-k", "1"], "--num-particles 1 must be an integer >= 2: a variance needs at least two samples"),
+    (["--objective", "logvariance", "-k", "1"], "--num-particles 1 must be an integer >= 2"),
+    (["--objective", "geco", "--tolerance", "-1"], "--tolerance -1.0 must be a finite number >= 0"),
+    # the CLI's flag, not the Python argument (GECO's alpha is --geco-alpha)
+    (["--objective", "geco", "--geco-alpha", "2"], "--geco-alpha 2.0"),
 ])
 def test_cli_refuses_bad_objective_settings_before_loading_data(extra, message, tmp_path, capsys):
     # the data folder does not exist: the objective is checked first, so its message is the one shown
@@ -714,3 +716,430 @@ def test_config_is_read_as_data_not_code(data_dir, finished_run, tmp_path, capsy
     err = cli_error(capsys, ["evaluate", str(run), "--device", "cpu", "--data-dir", str(data_dir)])
     assert f"is not known; choose one of {sorted(registry.MODELS)}" in err
     assert not marker.exists()
+
+
+# ================================================================================================
+# 5. Second pass (issue 12): recovery that never crashes, run folders that cannot be corrupted, no tracebacks
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _files(run: Path) -> dict:
+    """Every file of a run folder (but the lock) and its bytes."""
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def _script(tmp_path: Path, extra: str = "") -> Path:
+    """The CLI in a process of its own (tiny-test registered), with ``extra`` code run before ``main``."""
+    script = tmp_path / "pyrovae_tiny.py"
+    script.write_text(CLI_SCRIPT.replace("from pyrovae.cli import main", extra + "\nfrom pyrovae.cli import main"))
+    return script
+
+
+# --- bug 1: the divergence report on NaN distribution parameters --------------------------------
+
+@nan_warnings
+@pytest.mark.parametrize("extra", [
+    ["--activation", "relu", "--lr", "1e20"],
+    ["--activation", "relu", "--lr", "1e20", "--on-divergence", "reduce_lr"],
+    ["--guide", "flow", "--flow", "planar", "--flow-length", "2", "--lr", "1e10"],
+])
+def test_divergence_with_nan_distribution_parameters_is_rolled_back_and_exits_3(extra, data_dir, tmp_path, capsys):
+    # validation is on (as in a user's Python): the diagnosis must not die building Normal(loc=nan)
+    assert pyro.infer.util.is_validation_enabled()
+    run = tmp_path / "run"
+    assert main(train_args(data_dir, run, "--epochs", "2", "--check-every", "2", *extra)) == 3
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "Expected parameter" not in err
+    assert "training diverged: non-finite" in err and "rolled back to step" in err
+    assert "non-finite parameters:" in err or "sites with non-finite log-densities" in err
+    if "reduce_lr" in extra:  # rolled back and halved five times before giving up
+        assert "halved the learning rate (reduction 5/5)" in out
+    if (run / "checkpoints" / "last.pt").exists():
+        assert all(torch.isfinite(v).all() for v in load_checkpoint(run / "checkpoints" / "last.pt")["params"].values())
+
+
+@nan_warnings
+def test_reduce_lr_recovers_from_nan_distribution_parameters_in_the_python_api(tmp_path):
+    # NaN loc after the first batch; the step is replayed, the report names the non-finite parameters, the lr halves
+    x = unit_data(64)
+    model, guide = VAE((D_X,), (2,), hidden=((16,),), activation="relu"), GaussianEncoder((D_X,), (2,), hidden=((16,),), activation="relu")
+    trainer = Trainer(model, guide, ELBO(), lr=1e20, check_every=2, on_divergence="reduce_lr", max_lr_reductions=2, progress=False)
+    with pytest.raises(DivergenceError, match=r"training diverged: non-finite (loss|gradient) at step \d+ .*rolled back"):
+        trainer.fit(x, epochs=2, batch_size=8)
+    assert trainer.lr_reductions == 2
+    assert all(torch.isfinite(v).all() for v in trainer.params.values())
+
+
+# --- bug 2: --overwrite replaces the old run only once the new one is valid ------------------------
+
+@nan_warnings
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(data_dir, finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path)
+    (run / "evaluation.json").write_text('{"test_nll": 1.0}')
+    (run / "samples.png").write_bytes(b"old picture")
+    old = _files(run)
+    # an invalid objective argument, a corrupt data folder, a run that diverges before its first checkpoint
+    bad_data = tmp_path / "bad-data"
+    (bad_data / TINY).mkdir(parents=True)
+    (bad_data / TINY / "tiny.npz").write_bytes(b"not an npz file")
+    for argv, code in [
+        (train_args(data_dir, run, "--epochs", "1", "--overwrite", "--objective", "geco", "--tolerance", "-1"), 2),
+        (train_args(bad_data, run, "--epochs", "1", "--overwrite"), 2),
+        (train_args(data_dir, run, "--epochs", "1", "--overwrite", "--activation", "relu", "--lr", "1e20"), 3),
+    ]:
+        cli_error(capsys, argv, code=code)
+        assert _files(run) == old, argv
+    # a valid new run replaces everything, the old evaluation and pictures included
+    assert main(train_args(data_dir, run, "--epochs", "2", "--overwrite")) == 0
+    assert [r["epoch"] for r in _records(run)] == [1, 2]
+    assert not (run / "evaluation.json").exists() and not (run / "samples.png").exists()
+    assert not (run / ".replaced").exists()
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["cursor"]["epoch"] == 2
+
+
+# --- bug 3: metrics without last.pt, stale temporaries, torn lines -----------------------------------
+
+SIGKILL_AT_FIRST_CHECKPOINT = r"""
+import os, signal
+import pyrovae.train as T
+from pyrovae.checkpoint import atomic_write
+
+def killed_while_saving(state, path):  # the first checkpoint (best.pt, after epoch 1's metrics line): half written, then SIGKILL
+    def half(f):
+        f.write(b"\0" * 100_000)
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    atomic_write(path, half)
+
+T.save_checkpoint = killed_while_saving
+"""
+
+
+@posix_only
+def test_sigkill_before_the_first_checkpoint_leaves_a_folder_a_new_run_cleans(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    script = _script(tmp_path, SIGKILL_AT_FIRST_CHECKPOINT)
+    out = subprocess.run([sys.executable, str(script), *train_args(data_dir, run, "--epochs", "2")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    assert [r["epoch"] for r in _records(run)] == [1] and not (run / "checkpoints" / "last.pt").exists()
+    assert list((run / "checkpoints").glob(".best.pt.*.tmp"))  # what the kill left behind
+    # a new run in that folder: it holds no run (no last.pt), so it starts afresh without the stale metrics and temporary
+    assert main(train_args(data_dir, run, "--epochs", "2")) == 0
+    assert [r["epoch"] for r in _records(run)] == [1, 2]
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_torn_metrics_of_a_run_without_checkpoint_are_not_glued_to(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 4}) + "\n" + '{"epoch": 2, "st')
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / ".last.pt.abc123.tmp").write_bytes(b"\0" * 1000)
+    Trainer(*tiny_pair(), ELBO(), run_dir=run, progress=False).fit(unit_data(40), epochs=2, batch_size=10)
+    assert [r["epoch"] for r in _records(run)] == [1, 2]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+
+
+# --- bug 4: one writer per run folder --------------------------------------------------------------
+
+@posix_only
+def test_a_second_writer_is_refused_with_the_holders_process_id(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    script = _script(tmp_path)
+    first = subprocess.Popen([sys.executable, str(script), *train_args(data_dir, run, "--epochs", "100000")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run / "checkpoints" / "last.pt").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, first.communicate()[1]
+        before = _records(run)
+        holder = f"in use by process {first.pid}"
+        done = load_checkpoint(run / "checkpoints" / "last.pt")["cursor"]["epoch"]
+        for extra in (["--resume", "--epochs", str(done + 1)], ["--epochs", "1"], ["--epochs", "1", "--overwrite"]):
+            err = cli_error(capsys, train_args(data_dir, run, *extra))
+            assert holder in err, err
+        with pytest.raises(ValueError, match=holder):
+            Trainer(*tiny_pair(), ELBO(), run_dir=run, progress=False).fit(unit_data(40), epochs=1, batch_size=10)
+        assert not (run / ".replaced").exists() and _records(run)[: len(before)] == before
+    finally:
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=60)
+    assert first.returncode == 130, err
+    # the lock went with its holder: the run resumes (for a few more epochs) in this process
+    epoch = load_checkpoint(run / "checkpoints" / "last.pt")["cursor"]["epoch"]
+    assert main(train_args(data_dir, run, "--resume", "--epochs", str(epoch + 1))) == 0
+    epochs = [r["epoch"] for r in _records(run)]
+    assert epochs == list(range(1, epoch + 2))
+
+
+# --- bug 5: --resume --epochs N at or below the current epoch -------------------------------------
+
+def _cli_interrupted_at(monkeypatch, at_step, argv):
+    """Run the CLI in this process, sending it SIGINT during step ``at_step`` (it checkpoints mid-epoch and exits 130)."""
+    step = Trainer.step
+
+    def signalling_step(self, x):
+        if self.cursor.step + 1 == at_step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, x)
+
+    monkeypatch.setattr(Trainer, "step", signalling_step)
+    assert main(argv) == 130
+    monkeypatch.setattr(Trainer, "step", step)
+
+
+@posix_only
+def test_resume_to_an_epoch_the_run_is_already_past_is_refused_and_changes_nothing(monkeypatch, data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    _cli_interrupted_at(monkeypatch, 13, train_args(data_dir, run, "--epochs", "3"))  # 10 steps an epoch: 3 batches into epoch 2
+    last = run / "checkpoints" / "last.pt"
+    assert load_checkpoint(last)["cursor"]["pos"] == 3
+    before = _files(run)
+    for n in ("1", "0"):
+        err = cli_error(capsys, train_args(data_dir, run, "--resume", "--epochs", n))
+        assert "already at epoch 1 and 3 batches into epoch 2" in err and "--epochs N with N >= 2" in err
+    assert _files(run) == before
+    # the Python API refuses too
+    pyro.clear_param_store()
+    trainer = Trainer(*tiny_pair(), ELBO(), run_dir=run, progress=False)
+    trainer.resume(last, unit_data(10))
+    with pytest.raises(ValueError, match=r"epochs=1, but the run is already at epoch 1 and 3 batches into epoch 2: pass epochs >= 2"):
+        trainer.fit(unit_data(100), epochs=1, batch_size=10)
+    assert _files(run) == before
+    # and the epoch's running sums survived: resuming to 2 epochs logs what an uninterrupted run logs
+    assert main(train_args(data_dir, run, "--resume", "--epochs", "2")) == 0
+    assert main(train_args(data_dir, tmp_path / "ref", "--epochs", "2")) == 0
+    assert _metrics(_records(run)) == _metrics(_records(tmp_path / "ref"))
+
+
+# --- bug 6: messages and exit 2, not tracebacks ----------------------------------------------------
+
+def test_run_dir_naming_a_file_and_an_absurd_lr_are_refused(data_dir, tmp_path, capsys):
+    path = tmp_path / "a-file"
+    path.write_text("not a folder")
+    err = cli_error(capsys, train_args(data_dir, path, "--epochs", "1"))
+    assert f"--run-dir {path} is an existing file, not a folder" in err
+    assert path.read_text() == "not a folder"
+    err = cli_error(capsys, ["evaluate", str(path), "--device", "cpu"])
+    assert f"the run folder {path} does not exist or is not a folder" in err
+    err = cli_error(capsys, train_args(data_dir, tmp_path / "run", "--epochs", "1", "--lr", "1e38"))
+    assert "lr=1e+38 is too large" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["evaluate", "RUN", "--limit", "-9999"], ["evaluate", "RUN", "--limit", "0"],
+    ["train", "--eval-limit", "0"], ["train", "--eval-limit", "-5"], ["train", "--eval-samples", "-1"],
+])
+def test_counts_that_would_evaluate_everything_or_nothing_silently_are_refused(argv, finished_run, capsys):
+    argv = [str(finished_run) if a == "RUN" else a for a in argv]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {argv[-2]}" in err and "must be" in err
+
+
+@pytest.mark.parametrize("text, what", [("[1, 2]", "holds a JSON list, not a run configuration"), ('{"model": "vae",', "cannot be read as a run configuration")])
+def test_a_config_that_is_not_an_object_names_the_file(text, what, data_dir, finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path)
+    (run / "config.json").write_text(text)
+    for argv in (["evaluate", str(run), "--device", "cpu", "--data-dir", str(data_dir)], ["sample", str(run), "--device", "cpu"],
+                 train_args(data_dir, run, "--resume", "--epochs", "2")):
+        err = cli_error(capsys, argv)
+        assert f"{run / 'config.json'} {what}" in err, err
+
+
+def test_sample_into_a_missing_folder_says_so(finished_run, tmp_path, capsys):
+    out = tmp_path / "missing" / "s.png"
+    err = cli_error(capsys, ["sample", str(finished_run), "--device", "cpu", "--out", str(out)])
+    assert f"the folder {out.parent} does not exist" in err
+
+
+def _cursor_list(state):
+    state["cursor"] = [1, 0, 10]
+
+
+def _params_strings(state):
+    state["params"] = {k: "0.5" for k in state["params"]}
+
+
+def _perm_out_of_range(state):
+    state["cursor"] = {"epoch": 0, "pos": 3, "step": 3, "perm": torch.arange(100) + 1000}
+    state["finished"] = False
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_cursor_list, "its 'cursor' is not a table"), (_params_strings, "is not a floating-point tensor"),
+    (_perm_out_of_range, "not a permutation of the 100 training examples"),
+])
+def test_checkpoints_with_the_format_tag_but_wrong_contents_are_refused(damage, message, data_dir, finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path)
+    for name in ("last.pt", "best.pt"):
+        state = load_checkpoint(run / "checkpoints" / name)
+        damage(state)
+        save_checkpoint({k: v for k, v in state.items() if k != "format"}, run / "checkpoints" / name)
+    err = cli_error(capsys, train_args(data_dir, run, "--resume", "--epochs", "2"))
+    assert message in err, err
+    if damage is _params_strings:
+        err = cli_error(capsys, ["evaluate", str(run), "--device", "cpu", "--data-dir", str(data_dir)])
+        assert message in err, err
+
+
+needs_namespaces = pytest.mark.skipif(
+    shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0,
+    reason="needs unshare -rm (user and mount namespaces) to mount a read-only or a full file system",
+)
+
+
+@posix_only
+@needs_namespaces
+def test_evaluate_on_a_read_only_file_system_says_so_before_computing(data_dir, finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path)
+    script = _script(tmp_path)
+    command = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && exec "$2" "$3" evaluate "$1" --device cpu --data-dir "$4" -k 50000'
+    out = subprocess.run(["unshare", "-rm", "sh", "-c", command, "sh", str(run), sys.executable, str(script), str(data_dir)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and f"the run folder {run} is not writable (Read-only file system)" in out.stderr
+    assert "log-likelihood chunks" not in out.stdout  # refused before the (here 50,000-sample) log-likelihood
+
+
+@posix_only
+@needs_namespaces
+def test_a_full_disk_gives_a_message_and_keeps_no_temporary(data_dir, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = _script(tmp_path)
+    # 16 KiB: room for config.json and a metrics line, not for a checkpoint
+    command = 'd="$1"; shift; mount -t tmpfs -o size=16k tmpfs "$d" && "$@"; code=$?; ls -A "$d/run" "$d/run/checkpoints"; exit $code'
+    argv = train_args(data_dir, disk / "run", "--epochs", "1")
+    out = subprocess.run(["unshare", "-rm", "sh", "-c", command, "sh", str(disk), sys.executable, str(script), *argv], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "pyrovae train: error: " in out.stderr and ("No space left on device" in out.stderr or "could not write the checkpoint" in out.stderr)
+    assert ".tmp" not in out.stdout  # the listing of the run folder: no temporary left behind
+
+
+# --- bug 7: the Python API checks the data and the run folder --------------------------------------
+
+@pytest.mark.parametrize("value", [255.0, -3.0])
+def test_fit_refuses_data_a_bernoulli_model_cannot_have(value, tmp_path):
+    x = unit_data(1000)
+    x[517, 3] = value
+    with pytest.raises(ValueError, match=r"the training data has values in .*outside \[0, 1\].*\(the model's likelihood is bernoulli\)"):
+        Trainer(*tiny_pair(), ELBO(), run_dir=tmp_path / "run", progress=False).fit(x, epochs=1, batch_size=100)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match=r"the validation data has values"):
+        Trainer(*tiny_pair(), ELBO(), progress=False).fit(unit_data(100), epochs=1, batch_size=100, valid=x)
+    # a Gaussian likelihood takes any finite value; NaN is refused by every model
+    pyro.clear_param_store()
+    gaussian = VAE((D_X,), (2,), hidden=((16,),), likelihood="gaussian"), GaussianEncoder((D_X,), (2,), hidden=((16,),))
+    Trainer(*gaussian, ELBO(), progress=False).fit(x, epochs=1, batch_size=500)
+    x[3, 3] = float("nan")
+    with pytest.raises(ValueError, match="1 NaN"):
+        Trainer(*gaussian, ELBO(), progress=False).fit(x, epochs=1, batch_size=500)
+
+
+def test_fit_names_uint8_data_and_checks_the_first_tensor_of_a_tuple():
+    from pyrovae.train import check_fit_data
+
+    model, _ = tiny_pair()
+    with pytest.raises(TypeError, match=r"dtype torch.uint8; the models need floating-point data: convert it, e.g. x.float\(\) / 255"):
+        Trainer(*tiny_pair(), ELBO(), progress=False).fit((255 * unit_data(100)).to(torch.uint8), epochs=1, batch_size=10)
+    x, y = unit_data(100), torch.arange(100)
+    check_fit_data(model, (x, y))
+    x[0, 0] = 2.0
+    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+        check_fit_data(model, (x, y))
+
+
+def test_a_trainer_on_a_folder_with_a_finished_run_refuses_to_write_over_it(tmp_path):
+    x = unit_data(40)
+    Trainer(*tiny_pair(), ELBO(), run_dir=tmp_path / "run", progress=False).fit(x, epochs=2, batch_size=10)
+    before = _files(tmp_path / "run")
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match=r"already holds a finished run: continue it with Trainer.resume\(.*last.pt'?, x\) before fit"):
+        Trainer(*tiny_pair(), ELBO(), run_dir=tmp_path / "run", progress=False).fit(x, epochs=2, batch_size=10)
+    assert _files(tmp_path / "run") == before
+    # resuming it explicitly continues the same records
+    pyro.clear_param_store()
+    trainer = Trainer(*tiny_pair(), ELBO(), run_dir=tmp_path / "run", progress=False)
+    trainer.resume(tmp_path / "run" / "checkpoints" / "last.pt", x[:10])
+    trainer.fit(x, epochs=3, batch_size=10)
+    assert [r["epoch"] for r in _records(tmp_path / "run")] == [1, 2, 3]
+
+
+# --- weaker spots -----------------------------------------------------------------------------------
+
+def test_resume_refuses_options_that_would_change_the_run(data_dir, finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path)
+    before = _files(run)
+    err = cli_error(capsys, train_args(data_dir, run, "--resume", "--epochs", "2", "--lr", "0.5", "--objective", "iwae", "--batch-size", "7"))
+    assert "these options would change it" in err
+    assert "--lr 0.5 (the run has 0.001)" in err and "--objective iwae (the run has elbo)" in err and "--batch-size 7 (the run has 10)" in err
+    assert _files(run) == before
+
+
+def _guide_with_extra_site(x):
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], 2), 1.0).to_event(1))
+        pyro.sample("w", dist.Normal(x.new_zeros(x.shape[0]), 1.0))
+
+
+def _model_without_observation(x):
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], 2), 1.0).to_event(1))
+
+
+@pytest.mark.parametrize("model, guide, message", [
+    (VAE((D_X,), (2,), hidden=((16,),)), _guide_with_extra_site, r"the guide samples a site 'w' that the model does not have \(the model's sample sites: \['x', 'z'\]\)"),
+    (_model_without_observation, _guide_with_extra_site, r"the model has no observed site \(sample sites: \['z'\]\)"),
+    (VAE((D_X,), (2,), hidden=((16,),)), GaussianEncoder((D_X,), (3,), hidden=((16,),)), r"the guide's site 'z' has event shape \(3,\) but the model's has \(2,\)"),
+])
+def test_model_guide_pairs_that_cannot_train_are_named(model, guide, message):
+    with pytest.raises(ValueError, match=message):
+        Trainer(model, guide, ELBO(), progress=False).fit(unit_data(20), epochs=1, batch_size=10)
+
+
+def test_cli_discrete_model_with_a_gaussian_guide_is_an_invalid_pairing(data_dir, tmp_path, capsys):
+    err = cli_error(capsys, train_args(data_dir, tmp_path / "run", "--epochs", "1", "--model", "discrete", "--guide", "gaussian"))
+    assert "the guide's samples of site 'z' (Normal) lie outside the support of the model's distribution there" in err
+    assert "cannot be paired" in err and "tensor(" not in err
+
+
+@pytest.mark.parametrize("hidden", [[(0,)], [(-3,)]])
+def test_vae_refuses_hidden_sizes_that_are_not_positive(hidden):
+    with pytest.raises(ValueError, match="every hidden size must be a positive integer"):
+        VAE((D_X,), (2,), hidden=hidden)
+    with pytest.raises(ValueError, match="every hidden size must be a positive integer"):
+        GaussianEncoder((D_X,), (2,), hidden=hidden)
+
+
+def test_metrics_are_not_appended_through_a_planted_symlink(tmp_path):
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("precious\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").symlink_to(target)
+    with pytest.raises(ValueError, match="metrics.jsonl is a symbolic link; pyrovae does not follow links"):
+        Trainer(*tiny_pair(), ELBO(), run_dir=run, progress=False).fit(unit_data(40), epochs=1, batch_size=10)
+    assert target.read_text() == "precious\n"
+    # planted after the start (between two epochs): the append refuses it too
+    (run / "metrics.jsonl").unlink()
+    from pyrovae import runs
+
+    runs.append_metrics(run, {"epoch": 1})
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").symlink_to(target)
+    with pytest.raises(ValueError, match="symbolic link"):
+        runs.append_metrics(run, {"epoch": 2})
+    assert target.read_text() == "precious\n"
+
+
+def test_an_empty_data_dir_does_not_fall_back_to_the_environment(monkeypatch, data_dir, tmp_path, capsys):
+    monkeypatch.setenv("PYROVAE_DATA", str(data_dir))  # the data is there, but --data-dir names an empty folder
+    (tmp_path / "empty").mkdir()
+    err = cli_error(capsys, train_args(tmp_path / "empty", tmp_path / "run", "--epochs", "1"))
+    assert f"--data-dir {tmp_path / 'empty'} holds no {TINY} files" in err and f"--data-dir {data_dir}" in err
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,273 @@
+"""Run folders that a crash, a second process or a failed ``--overwrite`` cannot corrupt.
+
+- One writer at a time: :class:`RunLock` holds an exclusive ``flock`` on ``RUN/.lock`` (released by the
+  kernel when the holder dies, so a lock is never stale) and refuses a second writer by its process id.
+- ``metrics.jsonl`` follows the checkpoint: :func:`truncate_metrics` keeps the records of the epochs the
+  resumed checkpoint holds (none for a new run) and drops torn lines; :func:`append_metrics` never follows
+  a symbolic link and never glues a record onto a torn line.
+- Temporaries of writes killed half-way (``.last.pt.*.tmp``) are removed when a writer takes the folder.
+- ``--overwrite`` moves the old run aside (:func:`set_aside`) and :func:`settle` brings it back unless the
+  new run has written its first checkpoint; a process killed in between is settled by the next writer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from pyrovae.checkpoint import CheckpointError, atomic_write
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; the folder is not protected against a second writer
+    fcntl = None
+
+LOCK = ".lock"
+REPLACED = ".replaced"
+#: what a run writes into its folder (all of it is moved aside by --overwrite)
+RUN_FILES = ("config.json", "metrics.jsonl", "evaluation.json", "samples.png", "reconstructions.png", "latent.png", "manifold.png", "checkpoints")
+
+PathLike = Union[str, Path]
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be used: taken by another process, not writable, or holding another run."""
+
+
+# --- one writer at a time ---------------------------------------------------------------------------
+_HELD: dict = {}  # real path -> [file descriptor, count]: the lock is re-entrant within a process
+
+
+def make_run_dir(run_dir: PathLike) -> Path:
+    """Create ``run_dir`` (and its parents), with a message naming the problem when it cannot be one."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"run folder {run_dir} is an existing file, not a folder; pass another --run-dir (run_dir=)")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunFolderError(f"cannot create the run folder {run_dir}: {e.strerror or e}; pass a writable --run-dir (run_dir=)") from e
+    return run_dir
+
+
+def check_writable(folder: PathLike, what: str = "the run folder") -> None:
+    """Raise :class:`RunFolderError` unless a file can be created in ``folder`` (checked by creating one)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RunFolderError(f"{what} {folder} does not exist or is not a folder")
+    try:
+        fd = os.open(folder / f".write-test.{os.getpid()}.tmp", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        os.unlink(folder / f".write-test.{os.getpid()}.tmp")
+    except OSError as e:
+        raise RunFolderError(f"{what} {folder} is not writable ({e.strerror or e}); make it writable or pass another folder") from e
+
+
+class RunLock:
+    """Exclusive lock on a run folder: ``with RunLock(run_dir): ...`` or :meth:`acquire` / :meth:`release`.
+
+    The first acquisition in a process creates the folder, removes temporaries left by killed writes and
+    settles an interrupted ``--overwrite``; a second process gets :class:`RunFolderError` naming the holder."""
+
+    def __init__(self, run_dir: PathLike):
+        self.run_dir = Path(run_dir)
+        self.held = False
+
+    def acquire(self) -> "RunLock":
+        if self.held:
+            return self
+        make_run_dir(self.run_dir)
+        key = os.path.realpath(self.run_dir)
+        if key in _HELD:
+            _HELD[key][1] += 1
+            self.held = True
+            return self
+        try:
+            fd = os.open(self.run_dir / LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as e:
+            raise RunFolderError(f"cannot lock the run folder {self.run_dir} ({e.strerror or e}): it must be a writable folder; pass another --run-dir (run_dir=)") from e
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.read(fd, 64).decode(errors="replace").strip()
+                os.close(fd)
+                who = f"process {holder}" if holder.isdigit() else "another process"
+                raise RunFolderError(
+                    f"run folder {self.run_dir} is in use by {who} (pyrovae writes one run folder from one process at a time); "
+                    "wait for it to finish, stop it, or pass another --run-dir (run_dir=)"
+                ) from e
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD[key] = [fd, 1]
+        self.held = True
+        try:
+            settle(self.run_dir)
+            remove_temporaries(self.run_dir)
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        key = os.path.realpath(self.run_dir)
+        entry = _HELD.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _HELD[key]
+            os.close(entry[0])  # drops the flock; the file stays (unlinking it would race with a waiting process)
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def remove_temporaries(run_dir: PathLike) -> list[Path]:
+    """Remove the ``.NAME.*.tmp`` files of writes that were killed half-way (call it holding the lock)."""
+    removed = []
+    for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        if folder.is_dir():
+            for f in folder.glob(".*.tmp"):
+                if f.is_file() and not f.is_symlink():
+                    f.unlink()
+                    removed.append(f)
+    return removed
+
+
+# --- metrics.jsonl follows the checkpoint -----------------------------------------------------------
+def read_metrics(path: PathLike) -> list[dict]:
+    """The records of a ``metrics.jsonl``; lines torn by a crash mid-write are skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+            records.append(record)
+    return records
+
+
+def truncate_metrics(run_dir: PathLike, epoch: int) -> list[dict]:
+    """Keep the records of epochs ``1..epoch`` (those the checkpoint being resumed holds; 0 for a new run) and
+    drop torn lines; the file is rewritten atomically, or removed when nothing is left. Returns the records."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.is_symlink():
+        raise RunFolderError(f"{path} is a symbolic link; pyrovae does not follow links in a run folder: remove it")
+    if not path.exists():
+        return []
+    keep = [r for r in read_metrics(path) if r["epoch"] <= epoch]
+    text = "".join(json.dumps(r) + "\n" for r in keep)
+    if not keep:
+        path.unlink()
+    elif path.read_text(errors="replace") != text:
+        atomic_write(path, lambda f: f.write(text.encode()))
+    return keep
+
+
+def append_metrics(run_dir: PathLike, record: dict) -> None:
+    """Append one record to ``run_dir/metrics.jsonl``, refusing to follow a symbolic link, on a line of its own."""
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as e:
+        if path.is_symlink():
+            raise RunFolderError(f"{path} is a symbolic link; pyrovae does not follow links in a run folder: remove it") from e
+        raise
+    try:
+        line = json.dumps(record) + "\n"
+        size = os.fstat(fd).st_size
+        if size:
+            os.lseek(fd, size - 1, os.SEEK_SET)
+            if os.read(fd, 1) != b"\n":  # a torn last line: start a new one
+                line = "\n" + line
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def start_fresh(run_dir: PathLike) -> None:
+    """Make ``run_dir`` ready for a new run: refuse one that holds a run (its ``checkpoints/last.pt``), and drop
+    what a run killed before its first checkpoint left (metrics, a ``best.pt`` without ``last.pt``)."""
+    run_dir = Path(run_dir)
+    last = run_dir / "checkpoints" / "last.pt"
+    if last.exists():
+        from pyrovae.checkpoint import load_checkpoint
+
+        try:
+            what = "a finished run" if load_checkpoint(last).get("finished") else "an unfinished run"
+        except CheckpointError:
+            what = "a run whose last checkpoint cannot be read"
+        raise RunFolderError(
+            f"{run_dir} already holds {what}: continue it with Trainer.resume({str(last)!r}, x) before fit (--resume on the "
+            "command line), or choose another run_dir (--overwrite replaces it)"
+        )
+    truncate_metrics(run_dir, 0)
+    (run_dir / "checkpoints" / "best.pt").unlink(missing_ok=True)
+
+
+# --- --overwrite: the old run comes back unless the new one got going -------------------------------
+def set_aside(run_dir: PathLike) -> Optional[Path]:
+    """Move the run in ``run_dir`` into ``run_dir/.replaced`` (call it holding the lock); :func:`settle` later
+    deletes it once the new run has a checkpoint, or restores it."""
+    run_dir = Path(run_dir)
+    aside = run_dir / REPLACED
+    if aside.exists():  # left by an earlier failed attempt and not settled (settle runs when the lock is taken)
+        shutil.rmtree(aside)
+    names = [n for n in RUN_FILES if os.path.lexists(run_dir / n)]
+    if not names:
+        return None
+    aside.mkdir()
+    for name in names:
+        os.replace(run_dir / name, aside / name)
+    return aside
+
+
+def settle(run_dir: PathLike) -> Optional[str]:
+    """Finish an ``--overwrite``: delete the old run set aside when the new one has ``checkpoints/last.pt``,
+    else remove what the new one wrote and put the old run back. Returns ``"replaced"``, ``"restored"`` or None."""
+    run_dir = Path(run_dir)
+    aside = run_dir / REPLACED
+    if not aside.is_dir():
+        return None
+    if (run_dir / "checkpoints" / "last.pt").exists():
+        shutil.rmtree(aside)
+        return "replaced"
+    for name in RUN_FILES:
+        new = run_dir / name
+        if new.is_dir() and not new.is_symlink():
+            shutil.rmtree(new)
+        elif os.path.lexists(new):
+            new.unlink()
+        if os.path.lexists(aside / name):
+            os.replace(aside / name, new)
+    aside.rmdir()
+    return "restored"
+
+
+# --- checkpoint contents ----------------------------------------------------------------------------
+def check_cursor(perm: Optional[torch.Tensor], pos: int, n: int, num_batches: int, path: str = "the checkpoint") -> None:
+    """Raise :class:`CheckpointError` unless a resumed epoch's permutation is one of ``range(n)`` and ``pos`` lies in it."""
+    if perm is None:
+        return
+    if perm.dim() != 1 or perm.numel() != n or torch.is_floating_point(perm) or not torch.equal(perm.sort().values.cpu(), torch.arange(n)):
+        raise CheckpointError(
+            f"{path} holds an epoch permutation that is not a permutation of the {n} training examples: it was written "
+            "for other data, or it is damaged; resume with the run's own data, or start a new run"
+        )
+    if not 0 <= pos <= num_batches:
+        raise CheckpointError(f"{path} is at batch {pos} of an epoch of {num_batches} batches: it was written for other data or batch size")
