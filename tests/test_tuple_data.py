@@ -231,7 +231,7 @@ def test_mid_epoch_resume_with_tuple_data_gives_the_same_parameters(tmp_path):
 @pytest.mark.filterwarnings("ignore:Encountered NaN")
 def test_divergence_with_tuple_data_is_diagnosed_and_rolled_back_like_a_single_tensor(tmp_path):
     x, y = conditional_data(64)
-    x[45] = float("nan")  # poisons whichever step draws example 45
+    y[45] = float("nan")  # poisons whichever step draws example 45 (the trainer refuses NaN in x, the observed data)
     pyro.enable_validation(False)
     reports, params = {}, {}
     for capture in ("off", "replay"):
