@@ -163,15 +163,28 @@ def _prepare_run_dir(run_dir: Path, args: argparse.Namespace) -> Optional[dict]:
     return None
 
 
+#: Python argument names of the trainer, model and guide that are CLI options of another name
+_ARG_FLAGS = {"schedule": "lr_schedule", "num_flows": "flow_length", "flow": "flow"}
+
+
+def _in_flags(message: str, names: dict) -> str:
+    """``message`` with ``arg=value`` of each Python argument in ``names`` (argument -> config key) written as ``--flag value``."""
+    for arg, key in names.items():
+        message = re.sub(rf"(?<![\w.-]){arg}=", f"--{key.replace('_', '-')} ", message)
+    return message
+
+
+def _flagged(build, names: dict):
+    """``build()``, with the Python argument names in a ``ValueError``'s message replaced by the CLI's flags."""
+    try:
+        return build()
+    except ValueError as e:
+        raise UsageError(_in_flags(str(e), names)) from e
+
+
 def _build_objective(cfg: dict):
     """``build_objective`` with the objective's argument names in its messages replaced by the CLI flags."""
-    try:
-        return build_objective(cfg)
-    except (ValueError, TypeError) as e:
-        message = str(e)
-        for arg, key in OBJECTIVE_ARGS.get(cfg.get("objective", "elbo"), {}).items():
-            message = re.sub(rf"\b{arg}=", f"--{key.replace('_', '-')} ", message)
-        raise UsageError(message) from e
+    return _flagged(lambda: build_objective(cfg), OBJECTIVE_ARGS.get(cfg.get("objective", "elbo"), {}))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -201,12 +214,13 @@ def _train(run_dir: Path, args: argparse.Namespace, lock: runs.RunLock) -> int:
     if cfg.get("train_limit"):
         splits.train = splits.train[: cfg["train_limit"]]
     _check_likelihood(cfg, splits)
-    model, guide = _build(cfg, splits.x_shape, device)
-    trainer = Trainer(
+    names = {**{k: k for k in cfg}, **_ARG_FLAGS}
+    model, guide = _flagged(lambda: _build(cfg, splits.x_shape, device), names)
+    trainer = _flagged(lambda: Trainer(
         model, guide, objective, lr=cfg["lr"], schedule=cfg["lr_schedule"], clip_norm=cfg["clip_norm"], run_dir=run_dir,
         config=cfg, check_every=cfg["check_every"], on_divergence=cfg["on_divergence"], progress=cfg["progress"],
         capture=cfg.get("capture", "replay"),
-    )
+    ), names)
     print(f"pyrovae: training {cfg['model']}/{cfg['guide']} with {trainer.objective!r} on {cfg['dataset']} ({splits.train.shape[0]} examples) on {device}; run folder {run_dir}")
     lock.acquire()
     if args.overwrite:  # everything above is valid: move the old run aside; it comes back unless the new one writes a checkpoint

@@ -925,7 +925,9 @@ def test_run_dir_naming_a_file_and_an_absurd_lr_are_refused(data_dir, tmp_path, 
     err = cli_error(capsys, ["evaluate", str(path), "--device", "cpu"])
     assert f"the run folder {path} does not exist or is not a folder" in err
     err = cli_error(capsys, train_args(data_dir, tmp_path / "run", "--epochs", "1", "--lr", "1e38"))
-    assert "lr=1e+38 is too large" in err
+    assert "--lr 1e+38 is too large" in err  # the CLI's flag, not the Python argument lr=
+    err = cli_error(capsys, train_args(data_dir, tmp_path / "run", "--epochs", "1", "--likelihood", "gaussian", "--scale", "-1"))
+    assert "--scale -1.0 must be positive" in err
 
 
 @pytest.mark.parametrize("argv", [
