@@ -10,7 +10,8 @@ same RNG stream, without the Python. With ``mode="compile"`` the graph is also c
 
 What keeps it honest:
 
-- one graph per input signature: batch shape, dtype and device, the modules' train/eval flags, and which
+- one graph per input signature: the shape, dtype and device of each batch tensor (a batch may be several
+  tensors, ``model(x, y)``), the modules' train/eval flags, and which
   of the objective's per-step state tensors are set;
 - an objective's per-step state (BetaELBO's beta_t, GECO's multiplier) is fed to the graph as inputs; the
   objective names it in ``capture_state``. An objective with state it does not name is not captured;
@@ -41,8 +42,18 @@ log = logging.getLogger(__name__)
 
 MODES = ("off", "replay", "compile")
 
-#: x -> (loss per datum, gradient norm), both detached; leaves the gradients in each parameter's ``.grad``.
-GradStep = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+#: *batch -> (loss per datum, gradient norm), both detached; leaves the gradients in each parameter's ``.grad``.
+GradStep = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def _signature(tensors) -> tuple:
+    """Shape, dtype and device of each tensor: what a recorded graph is specialised to."""
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
+
+
+def _shapes(signature: tuple) -> str:
+    """``[8, 12]`` for one tensor, ``[8, 12] + [8, 3]`` for several (reports)."""
+    return " + ".join(str(list(shape)) for shape, _, _ in signature)
 
 
 def grad_norm(grads) -> torch.Tensor:
@@ -159,7 +170,7 @@ class StepCapture:
     Args:
         objective, model, guide: as given to the trainer.
         params: the trainable tensors, in the optimiser's order; their gradients are the graph's outputs.
-        plain: the ordinary step (``x -> (loss per datum, grad norm)``, gradients left in ``.grad``).
+        plain: the ordinary step (``*batch -> (loss per datum, grad norm)``, gradients left in ``.grad``).
         mode: ``replay`` (the recorded aten graph) or ``compile`` (that graph through ``torch.compile``).
         max_graphs: signatures to capture before running any further ones plainly.
         verify_every: after this many replays of a graph the step runs both ways, and the graph is dropped if they
@@ -195,10 +206,10 @@ class StepCapture:
     def _state(self) -> list[Optional[torch.Tensor]]:
         return [getattr(self.objective, n) for n in self.state_names]
 
-    def _key(self, x: torch.Tensor, state) -> tuple:
+    def _key(self, batch: tuple, state) -> tuple:
         flags = tuple(m.training for m in self._submodules)
         sig = tuple(None if s is None else (tuple(s.shape), s.dtype, s.device) for s in state)
-        return (tuple(x.shape), x.dtype, x.device, flags, sig)
+        return (_signature(batch), flags, sig)
 
     @property
     def captured(self) -> int:
@@ -209,13 +220,14 @@ class StepCapture:
         if self.refused:
             return f"plain steps: {self.refused}"
         parts = [f"{self.captured} captured step graph(s) ({self.mode})"]
-        parts += [f"batch {list(k[0])} plain: {g}" for k, g in self.graphs.items() if isinstance(g, str)]
+        parts += [f"batch {_shapes(k[0])} plain: {g}" for k, g in self.graphs.items() if isinstance(g, str)]
         return "; ".join(parts)
 
     # --- the step -----------------------------------------------------------------------------------
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, *x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step on the batch ``x`` (one tensor, or several: ``model(*x)``)."""
         if self.refused:
-            return self.plain(x)
+            return self.plain(*x)
         state = self._state()
         key = self._key(x, state)
         graph = self.graphs.get(key)
@@ -227,15 +239,15 @@ class StepCapture:
             graph.next_check += graph.interval
             return self._checked(key, graph, x, state, None)
         if graph is not None:  # refused earlier, for the reason stored
-            return self.plain(x)
+            return self.plain(*x)
         if self.captured >= self.max_graphs:
-            self._refuse(key, x, f"more than {self.max_graphs} input signatures")
-            return self.plain(x)
+            self._refuse(key, f"more than {self.max_graphs} input signatures")
+            return self.plain(*x)
         return self._capture(key, x, state)
 
-    def _run(self, graph: _Graph, x: torch.Tensor, state) -> tuple:
+    def _run(self, graph: _Graph, x: tuple, state) -> tuple:
         with torch.no_grad():
-            return graph.fn(x, *[s for s in state if s is not None], *self.params)
+            return graph.fn(*x, *[s for s in state if s is not None], *self.params)
 
     def _apply(self, out: tuple, clone_grads: bool) -> tuple[torch.Tensor, torch.Tensor]:
         loss, norm, grads, metrics, outputs = out
@@ -247,19 +259,20 @@ class StepCapture:
             setattr(self.objective, name, value)
         return loss, norm
 
-    def _refuse(self, key: tuple, x: torch.Tensor, reason: str) -> None:
+    def _refuse(self, key: tuple, reason: str) -> None:
         self.graphs[key] = reason
-        self._event(f"batch {list(x.shape)}: plain steps: {reason}")
+        self._event(f"batch {_shapes(key[0])}: plain steps: {reason}")
 
     # --- capture --------------------------------------------------------------------------------------
-    def _trace(self, x: torch.Tensor, state) -> torch.fx.GraphModule:
+    def _trace(self, x: tuple, state) -> torch.fx.GraphModule:
         obj, params = self.objective, self.params
         names = [n for n, s in zip(self.state_names, state) if s is not None]
 
-        def step(x, *live):
+        def step(*inputs):
+            batch, live = inputs[: len(x)], inputs[len(x):]
             for n, v in zip(names, live):
                 setattr(obj, n, v)
-            loss = obj.differentiable_loss(self.model, self.guide, x) / x.shape[0]
+            loss = obj.differentiable_loss(self.model, self.guide, *batch) / batch[0].shape[0]
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             metrics = {k: v for k, v in getattr(obj, "metrics", {}).items() if torch.is_tensor(v)}
             outputs = {n: getattr(obj, n) for n in self.output_names}
@@ -269,7 +282,7 @@ class StepCapture:
         rng = get_rng_state()
         try:
             with pyro.validation_enabled(False):
-                gm = make_fx(step)(x, *[s for s in state if s is not None])
+                gm = make_fx(step)(*x, *[s for s in state if s is not None])
         finally:
             for n, v in saved.items():
                 setattr(obj, n, v)
@@ -278,7 +291,7 @@ class StepCapture:
             raise _Refuse("the step draws from Python's or NumPy's random generator, which a graph cannot replay")
         return lift_params(gm, self.params)[0]
 
-    def _capture(self, key: tuple, x: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor]:
+    def _capture(self, key: tuple, x: tuple, state) -> tuple[torch.Tensor, torch.Tensor]:
         """Trace (and compile), then check against the plain step; this step's results are the plain step's."""
         rng, buffers = get_rng_state(), self._buffers()
         t0 = time.perf_counter()
@@ -287,14 +300,16 @@ class StepCapture:
             fn = _build(gm, self.mode)
             graph = _Graph(fn, sum(n.op == "call_function" for n in gm.graph.nodes), interval=self.verify_every, next_check=self.verify_every)
         except Exception as e:  # tracing failed or was refused: keep the plain step, and say why
-            reason = str(e) if isinstance(e, _Refuse) else f"capture failed ({_first_line(e)})"
+            reason = str(e) if isinstance(e, _Refuse) else f"capture failed ({_why_not_traced(e)})"
+            if not isinstance(e, _Refuse) and not hasattr(self.objective, "capture_state"):
+                reason += f"; {type(self.objective).__name__} is Pyro's own ELBO, which tests the loss for NaN on the host every step: pyrovae.objectives.ELBO can be captured"
             _restore(rng, buffers)
-            self._refuse(key, x, reason)
-            return self.plain(x)
+            self._refuse(key, reason)
+            return self.plain(*x)
         _restore(rng, buffers)
         return self._checked(key, graph, x, state, t0)
 
-    def _checked(self, key: tuple, graph: _Graph, x: torch.Tensor, state, t0: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _checked(self, key: tuple, graph: _Graph, x: tuple, state, t0: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
         """Run ``graph`` and the plain step from the same RNG state and keep the graph only if they agree. The
         step's results are the plain step's. ``t0``: capture start (None for a periodic re-check)."""
         rng, buffers = get_rng_state(), self._buffers()
@@ -309,7 +324,7 @@ class StepCapture:
         _restore(rng, buffers)
         for p in self.params:
             p.grad = None
-        loss, norm = self.plain(x)
+        loss, norm = self.plain(*x)
         if reason is None:
             want = (
                 loss, norm, tuple(p.grad for p in self.params),
@@ -321,11 +336,11 @@ class StepCapture:
                 reason = "the captured step drew a different number of random values"
         if reason is not None:
             when = "when captured" if t0 is not None else f"at re-check after {graph.replays} steps"
-            self._refuse(key, x, f"the captured step disagreed with the plain step {when} ({reason}); the program's "
+            self._refuse(key, f"the captured step disagreed with the plain step {when} ({reason}); the program's "
                          "Python may change between steps")
         elif t0 is not None:
             self.graphs[key] = graph
-            self._event(f"batch {list(x.shape)}: captured {graph.ops} ops ({self.mode}) in {time.perf_counter() - t0:.2f} s, checked against the plain step")
+            self._event(f"batch {_shapes(key[0])}: captured {graph.ops} ops ({self.mode}) in {time.perf_counter() - t0:.2f} s, checked against the plain step")
         return loss, norm
 
     def _buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -334,7 +349,8 @@ class StepCapture:
 
 class FunctionCapture:
     """Replays a captured no-grad function ``fn(x, *static)`` (evaluation: one chunk of importance weights),
-    one graph per signature: ``x``'s shape, dtype and device and the hashable ``static`` arguments.
+    one graph per signature: the shape, dtype and device of ``x`` (a tensor, or a tuple of tensors such as
+    ``(x, y)``) and the hashable ``static`` arguments.
 
     The first call of a signature runs ``fn`` itself and returns its result; the graph is recorded from the same
     RNG state and kept only if it gives the same values (to 1e-6 of the largest magnitude with ``replay``, 1e-4
@@ -345,7 +361,8 @@ class FunctionCapture:
     runs, and :meth:`summary` says why.
 
     Args:
-        fn: ``(x, *static) -> tensor or pytree of tensors``, run under ``torch.no_grad()``.
+        fn: ``(x, *static) -> tensor or pytree of tensors``, run under ``torch.no_grad()``; ``x`` is passed as given
+            (a tensor or a tuple of tensors), and each of its tensors is a graph input.
         mode: ``replay`` or ``compile``.
         max_graphs: signatures to capture before running any further ones plainly.
         modules: ``() -> modules`` whose buffers ``fn`` may write; they are restored after the trial runs, so that
@@ -364,21 +381,22 @@ class FunctionCapture:
         """One line: how many signatures run captured (and how), which run plainly and why."""
         done = sorted({g[2] for g in self.graphs.values() if isinstance(g, tuple)})
         parts = [f"{sum(isinstance(g, tuple) for g in self.graphs.values())} captured graph(s) ({', '.join(done) or self.mode})"]
-        parts += [f"{list(k[0])} {k[3]} plain: {g}" for k, g in self.graphs.items() if isinstance(g, str)]
+        parts += [f"{_describe(k)} plain: {g}" for k, g in self.graphs.items() if isinstance(g, str)]
         return "; ".join(parts)
 
     def recheck(self) -> None:
         """Check each graph against ``fn`` again on its next call (a new evaluation: the program may have changed)."""
         self._unchecked = {k for k, g in self.graphs.items() if isinstance(g, tuple)}
 
-    def __call__(self, x: torch.Tensor, *static):
-        key = (tuple(x.shape), x.dtype, x.device, static)
+    def __call__(self, x: Union[torch.Tensor, tuple], *static):
+        inputs = (x,) if torch.is_tensor(x) else tuple(x)
+        key = (_signature(inputs), static)
         graph = self.graphs.get(key)
         if isinstance(graph, tuple):
             if key not in self._unchecked:
-                return graph[0](x, *graph[1])
+                return graph[0](*inputs, *graph[1])
             self._unchecked.discard(key)
-            return self._against_plain(key, x, static, lambda: (graph, graph[0](x, *graph[1])))
+            return self._against_plain(key, x, static, lambda: (graph, graph[0](*inputs, *graph[1])))
         if graph is None and sum(isinstance(g, tuple) for g in self.graphs.values()) >= self.max_graphs:
             graph = self.graphs[key] = f"more than {self.max_graphs} input signatures"
             self._note(key, f"plain: {graph}")
@@ -387,14 +405,16 @@ class FunctionCapture:
         return self._against_plain(key, x, static, lambda: self._record(x, static))
 
     def _note(self, key: tuple, message: str) -> None:
-        self.events.append(f"{list(key[0])} {key[3]}: {message}")
+        self.events.append(f"{_describe(key)}: {message}")
         log.info("pyrovae capture: %s", self.events[-1])
 
-    def _record(self, x: torch.Tensor, static: tuple) -> tuple[tuple, object]:
+    def _record(self, x, static: tuple) -> tuple[tuple, object]:
         """Trace ``fn`` (from the current RNG state), build its graph and run it: ``((run, params, mode), result)``."""
         rng = get_rng_state()
+        single = torch.is_tensor(x)
+        inputs = (x,) if single else tuple(x)
         with pyro.validation_enabled(False):
-            gm = make_fx(lambda x: self.fn(x, *static))(x)
+            gm = make_fx(lambda *xs: self.fn(xs[0] if single else xs, *static))(*inputs)
         if not _same_draws(rng, get_rng_state(), ("python", "numpy")):
             raise _Refuse("the function draws from Python's or NumPy's random generator, which a graph cannot replay")
         gm, params = lift_params(gm)
@@ -402,14 +422,14 @@ class FunctionCapture:
             run = _build(gm, mode)
             set_rng_state(rng)
             try:
-                return (run, params, mode), run(x, *params)  # compiles here, in mode "compile"
+                return (run, params, mode), run(*inputs, *params)  # compiles here, in mode "compile"
             except Exception as e:
                 if mode == "replay":
                     raise
-                self._note((tuple(x.shape), x.dtype, x.device, static), f"torch.compile failed ({_first_line(e)}); replaying the recorded graph")
+                self._note((_signature(inputs), static), f"torch.compile failed ({_first_line(e)}); replaying the recorded graph")
         raise AssertionError("unreachable")
 
-    def _against_plain(self, key: tuple, x: torch.Tensor, static: tuple, attempt: Callable[[], tuple]):
+    def _against_plain(self, key: tuple, x, static: tuple, attempt: Callable[[], tuple]):
         """Run ``fn`` and ``attempt`` (-> (graph, result)) from the same RNG state; keep the graph if they agree.
         Returns ``fn``'s result, with the RNG where ``fn`` left it."""
         rng = get_rng_state()
@@ -424,7 +444,7 @@ class FunctionCapture:
             if reason is None and not _same_draws(after, get_rng_state(), ("torch", "cuda")):
                 reason = "the captured function drew a different number of random values"
         except Exception as e:
-            reason = str(e) if isinstance(e, _Refuse) else f"capture failed ({_first_line(e)})"
+            reason = str(e) if isinstance(e, _Refuse) else f"capture failed ({_why_not_traced(e)})"
         _restore(after, buffers)
         if reason is not None:
             self.graphs[key] = reason if not checked else f"disagreed with the plain call at a re-check ({reason})"
@@ -576,6 +596,38 @@ def _direct_calls(gm: torch.fx.GraphModule) -> Callable:
 
 def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+
+
+def _describe(key: tuple) -> str:
+    """A :class:`FunctionCapture` signature for reports: the input shapes and the scalar static arguments."""
+    scalars = [repr(s) for s in key[1] if isinstance(s, (int, float, str))]
+    return _shapes(key[0]) + (f" ({', '.join(scalars)})" if scalars else "")
+
+
+#: what tracing errors mean, in the words of a program's author: (pattern in torch's message, explanation)
+_TRACE_ERRORS = (
+    (
+        re.compile(r"_local_scalar_dense|data-dependent|GuardOnDataDependent|value out of a tracing tensor", re.I),
+        "the program reads a tensor's value in Python (float(), int(), bool(), .item(), or an `if` on a tensor), "
+        "and a recorded graph cannot repeat a decision that depends on the data",
+    ),
+    (
+        re.compile(r"nonzero|masked_select|dynamic shape|unbacked", re.I),
+        "the program makes a tensor whose shape depends on the data (nonzero, boolean-mask indexing), which a "
+        "graph of fixed shapes cannot record",
+    ),
+)
+
+
+def _why_not_traced(e: Exception, limit: int = 200) -> str:
+    """One readable line on why ``make_fx`` could not record a program: a known cause in plain words, else the
+    exception's first line, cut at ``limit`` characters."""
+    text = str(e)
+    for pattern, meaning in _TRACE_ERRORS:
+        if pattern.search(text):
+            return meaning
+    line = _first_line(e)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 class _Refuse(Exception):

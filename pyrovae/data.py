@@ -595,35 +595,63 @@ def from_array(
 # Batching
 
 
-class Batches:
-    """Minibatches of one on-device tensor, drawn by an on-device index permutation per epoch.
+def as_inputs(data, name: str = "data") -> tuple[torch.Tensor, ...]:
+    """``data`` as a tuple of per-datum tensors: a tensor ``x`` becomes ``(x,)``; a tuple or list of tensors
+    (``(x, y)``, ``(tokens, lengths)``) is checked to share its first dimension N. A model and guide receive a
+    batch of it as ``model(*batch)``, ``guide(*batch)``.
 
-    ``for x in Batches(data, 100): ...`` runs one epoch. By default the permutation comes from the
+    Raises ``TypeError`` for anything else and ``ValueError`` naming the shapes when first dimensions differ."""
+    if isinstance(data, torch.Tensor):
+        parts = (data,)
+    elif isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        parts = tuple(data)
+    else:
+        kinds = [type(t).__name__ for t in data] if isinstance(data, (tuple, list)) else type(data).__name__
+        raise TypeError(f"{name} must be a tensor [N, ...] or a non-empty tuple of tensors with the same first dimension N, got {kinds}")
+    if any(t.ndim < 1 for t in parts):
+        raise ValueError(f"{name} has a 0-dimensional tensor (shapes {[tuple(t.shape) for t in parts]}): every tensor needs a first dimension N of data points")
+    if len({t.shape[0] for t in parts}) > 1:
+        raise ValueError(
+            f"the tensors of {name} have different first dimensions (shapes {[tuple(t.shape) for t in parts]}): each "
+            "must hold one row per data point, N rows in all; index or reshape them to a common N"
+        )
+    return parts
+
+
+class Batches:
+    """Minibatches of one on-device tensor (or a tuple of them), drawn by an on-device index permutation per epoch.
+
+    ``for x in Batches(data, 100): ...`` runs one epoch; for a tuple ``data = (x, y)`` every batch is a tuple
+    ``(x[idx], y[idx])`` sliced by the same indices. By default the permutation comes from the
     global torch RNG of ``data``'s device, so a checkpoint of the RNG state makes the order reproducible.
     To resume mid-epoch, keep ``perm = batches.permutation()`` and the position reached
     (``start + k * batch_size`` after ``k`` batches), then call ``batches.epoch(perm, start=position)``.
 
     Args:
-        data: ``[N, ...]`` tensor, already on its device.
+        data: ``[N, ...]`` tensor, or a tuple of such tensors (see :func:`as_inputs`), already on their device.
         batch_size: examples per batch (>= 1).
         shuffle: permute each epoch; False gives ``0, 1, ..., N-1``.
         drop_last: drop the final batch when it is smaller than ``batch_size``.
-        dynamic_binarize: yield ``torch.bernoulli(batch)`` (a fresh {0,1} sample per use of an example).
+        dynamic_binarize: yield ``torch.bernoulli(batch)`` (a fresh {0,1} sample per use of an example); for a
+            tuple, of its first tensor only.
         generator: a ``torch.Generator`` on ``data``'s device for the permutation and the Bernoulli
             samples; None uses the global RNG.
     """
 
     def __init__(
         self,
-        data: torch.Tensor,
+        data: Union[torch.Tensor, tuple],
         batch_size: int,
         shuffle: bool = True,
         drop_last: bool = False,
         dynamic_binarize: bool = False,
         generator: Optional[torch.Generator] = None,
     ):
-        if not isinstance(data, torch.Tensor) or data.ndim < 1:
-            raise TypeError(f"data must be a torch.Tensor of shape [N, ...], got {type(data).__name__}")
+        if isinstance(data, torch.Tensor) and data.ndim < 1:
+            raise TypeError(f"data must be a torch.Tensor of shape [N, ...], got a 0-dimensional tensor")
+        self._parts = as_inputs(data)
+        self._tuple = not isinstance(data, torch.Tensor)
+        data = self._parts[0]
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be an int >= 1, e.g. batch_size=100")
         n = len(data)
@@ -651,8 +679,8 @@ class Batches:
         g = generator if generator is not None else self.generator
         return torch.randperm(n, device=device, generator=g)
 
-    def epoch(self, perm: Optional[torch.Tensor] = None, start: int = 0) -> Iterator[torch.Tensor]:
-        """Yield ``data[perm[i : i + batch_size]]`` for ``i = start, start + batch_size, ...``.
+    def epoch(self, perm: Optional[torch.Tensor] = None, start: int = 0) -> Iterator[Union[torch.Tensor, tuple]]:
+        """Yield ``data[perm[i : i + batch_size]]`` (a tuple of such slices for tuple data) for ``i = start, start + batch_size, ...``.
 
         Args:
             perm: the epoch's index order (a new :meth:`permutation` when None).
@@ -667,16 +695,17 @@ class Batches:
         for i in range(start, self._stop(), self.batch_size):
             yield self._take(perm[i : min(i + self.batch_size, self._stop())])
 
-    def batch(self, perm: torch.Tensor, index: int) -> torch.Tensor:
+    def batch(self, perm: torch.Tensor, index: int) -> Union[torch.Tensor, tuple]:
         """Batch number ``index`` of the epoch with order ``perm`` (random access, for resuming)."""
         return self._take(perm[index * self.batch_size : min((index + 1) * self.batch_size, self._stop())])
 
     def _stop(self) -> int:
         return len(self) * self.batch_size if self.drop_last else len(self.data)
 
-    def _take(self, idx: torch.Tensor) -> torch.Tensor:
+    def _take(self, idx: torch.Tensor) -> Union[torch.Tensor, tuple]:
         x = self.data[idx]
-        return torch.bernoulli(x, generator=self.generator) if self.dynamic_binarize else x
+        x = torch.bernoulli(x, generator=self.generator) if self.dynamic_binarize else x
+        return (x, *(t[idx] for t in self._parts[1:])) if self._tuple else x
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self.epoch()

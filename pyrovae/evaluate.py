@@ -1,6 +1,11 @@
 """Evaluation of a trained model/guide pair: importance-sampled log-likelihood, ELBO, KL, active units,
 samples, reconstructions and latent-space plots. Everything is generic over Pyro programs that keep the
 library's contract (``model(x)``, ``guide(x)``, per-example sites in ``pyro.plate("data", batch)``).
+
+``data`` is a tensor ``[N, ...]`` or a tuple of tensors with the same first dimension (``(x, y)``,
+``(tokens, lengths)``), passed to the programs as positional arguments: ``model(*data)``. Extra arguments
+(``*args``, ``**kwargs``) that are tensors with first dimension N are per-datum too: every function here
+slices them in chunks together with the data.
 """
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import math
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import pyro
 import torch
@@ -19,7 +24,64 @@ from pyro.poutine.util import prune_subsample_sites
 
 from pyrovae.capture import MODES as CAPTURE_MODES
 from pyrovae.capture import FunctionCapture
+from pyrovae.data import as_inputs
 from pyrovae.objectives import ELBO, Objective
+
+#: a tensor ``[N, ...]`` or a tuple of tensors with first dimension N
+Data = Union[torch.Tensor, tuple]
+
+
+class _Inputs:
+    """A program's inputs over N data points, split into per-datum tensors (sliced in chunks) and constants.
+
+    The data's tensors come first, then ``args``, then ``kwargs``. A tensor argument with a first dimension is
+    per-datum and must have N rows; non-tensors and 0-d tensors are passed whole to every chunk. ``layout`` is a
+    hashable description of where each tensor and constant goes (slot ``i >= 0``: the chunk's ``i``-th tensor;
+    ``i < 0``: constant ``-i - 1``)."""
+
+    def __init__(self, data: Data, args: tuple = (), kwargs: Optional[dict] = None):
+        parts = as_inputs(data)
+        self.n = parts[0].shape[0]
+        self.tensors: list[torch.Tensor] = []
+        self.constants: list = []
+        positional = tuple(self._slot(v, f"positional argument {i}", parts) for i, v in enumerate((*parts, *args)))
+        keywords = tuple((k, self._slot(v, f"keyword argument {k!r}", parts)) for k, v in (kwargs or {}).items())
+        self.layout = (positional, keywords)
+
+    def _slot(self, value, what: str, parts: tuple) -> int:
+        if torch.is_tensor(value) and value.ndim >= 1:
+            if value.shape[0] != self.n:
+                raise ValueError(
+                    f"the extra {what} has shape {tuple(value.shape)} but the data has N={self.n} rows (shapes "
+                    f"{[tuple(t.shape) for t in parts]}): tensor arguments are per-datum inputs, sliced in chunks with the "
+                    "data, so their first dimension must be N. Pass other tensors through functools.partial(model, ...)"
+                )
+            self.tensors.append(value)
+            return len(self.tensors) - 1
+        self.constants.append(value)
+        return -len(self.constants)
+
+    @property
+    def first(self) -> torch.Tensor:
+        """The data's first tensor (``x``)."""
+        return self.tensors[0]
+
+    def chunk(self, start: int, stop: int) -> tuple:
+        return tuple(t[start:stop] for t in self.tensors)
+
+    def call(self, chunk: tuple) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` of the programs for a chunk of the per-datum tensors."""
+        return _call_args(self.layout, chunk, self.constants)
+
+    def chunks(self, batch_size: int) -> Iterator[tuple[tuple, dict]]:
+        for start in range(0, self.n, batch_size):
+            yield self.call(self.chunk(start, start + batch_size))
+
+
+def _call_args(layout: tuple, tensors: tuple, constants) -> tuple[tuple, dict]:
+    positional, keywords = layout
+    get = lambda i: tensors[i] if i >= 0 else constants[-i - 1]  # noqa: E731
+    return tuple(get(i) for i in positional), {k: get(i) for k, i in keywords}
 
 
 @dataclass
@@ -46,7 +108,7 @@ def _particle_chunk(batch: int, numel: int, budget: int) -> int:
 def log_likelihood(
     model,
     guide,
-    data: torch.Tensor,
+    data: Data,
     num_samples: int = 5000,
     batch_size: int = 100,
     max_elements: Optional[int] = None,
@@ -62,8 +124,9 @@ def log_likelihood(
     values of the size of the data fit in memory at once, and combined with a streaming log-sum-exp.
 
     Args:
-        model, guide: Pyro programs taking ``x`` (and ``*args``/``**kwargs``).
-        data: ``[N, *x_shape]`` on the model's device.
+        model, guide: Pyro programs taking ``x`` (and ``*args``/``**kwargs``), or ``*data`` for tuple data.
+        data: ``[N, *x_shape]`` on the model's device, or a tuple of tensors with first dimension N (``(x, y)``),
+            sliced together; tensor ``args``/``kwargs`` with first dimension N are sliced with it.
         num_samples: K.
         batch_size: data points per pass.
         max_elements: memory budget, in floats of decoder output, for one pass (default:
@@ -83,22 +146,23 @@ def log_likelihood(
         raise ValueError(f"num_samples={num_samples!r} must be a positive integer (5000 is the IWAE protocol)")
     if capture not in CAPTURE_MODES:
         raise ValueError(f"capture={capture!r} is not known; choose one of {list(CAPTURE_MODES)}")
-    numel = math.prod(data.shape[1:])
+    inputs = _Inputs(data, args, kwargs)
+    numel = math.prod(inputs.first.shape[1:])
     if max_elements is None:
-        max_elements = default_max_elements(data.device)
+        max_elements = default_max_elements(inputs.first.device)
     values, errors = [], []
-    run = _chunk_log_weights(model, guide, capture, args, kwargs)
+    run = _chunk_log_weights(model, guide, capture, inputs)
     flags = _train_flags(model, guide)  # part of each graph's signature
     validate = is_validation_enabled()
-    for start in range(0, data.shape[0], batch_size):
-        x = data[start : start + batch_size]
-        chunk = min(num_samples, _particle_chunk(x.shape[0], numel, max_elements))
+    for start in range(0, inputs.n, batch_size):
+        x = inputs.chunk(start, start + batch_size)
+        chunk = min(num_samples, _particle_chunk(x[0].shape[0], numel, max_elements))
         m = s1 = s2 = None  # running max, sum of w/e^m and of (w/e^m)^2
         done = 0
         while done < num_samples:
             k = min(chunk, num_samples - done)
             with pyro.validation_enabled(validate):  # checks once, not per chunk (each check is a host read)
-                log_w = run(x, k, flags)
+                log_w = run(x, k, flags, inputs.layout)
             validate = False
             new_m = log_w.max(0).values if m is None else torch.maximum(m, log_w.max(0).values)
             scale = torch.zeros_like(new_m) if m is None else torch.exp(m - new_m)
@@ -140,19 +204,22 @@ def _train_flags(*programs) -> tuple:
 _CHUNK_CAPTURES: dict[tuple, tuple] = {}
 
 
-def _chunk_log_weights(model, guide, capture: str, args: tuple, kwargs: dict) -> Callable:
-    """``(x, k, flags) -> log w [k, B]`` for ``k`` samples per datum. With a capture mode this is a
-    :class:`FunctionCapture`, kept between calls for the same (model, guide) pair (so graphs are recorded and
-    compiled once) and re-checked against Pyro on the first chunk of each shape of every call."""
+def _chunk_log_weights(model, guide, capture: str, inputs: _Inputs) -> Callable:
+    """``(tensors, k, flags, layout) -> log w [k, B]`` for ``k`` samples per datum of a chunk of the per-datum
+    tensors (each a graph input). With a capture mode this is a :class:`FunctionCapture`, kept between calls for
+    the same (model, guide) pair (so graphs are recorded and compiled once) when no constant argument is
+    involved, and re-checked against Pyro on the first chunk of each shape of every call."""
     refs = (_weak(model), _weak(guide))
-    cacheable = capture != "off" and None not in refs and not args and not kwargs
+    constants = inputs.constants
+    cacheable = capture != "off" and None not in refs and not constants
     programs = (lambda: (refs[0](), refs[1]())) if cacheable else (lambda: (model, guide))  # no strong references in the cache
     objectives: dict[int, Objective] = {}
 
-    def chunk_log_w(x: torch.Tensor, k: int, flags: tuple) -> torch.Tensor:
+    def chunk_log_w(x: tuple, k: int, flags: tuple, layout: tuple) -> torch.Tensor:
         if k not in objectives:
             objectives[k] = Objective(num_particles=k)
-        lw = objectives[k].log_weights(*programs(), x, *args, **kwargs)
+        args, kwargs = _call_args(layout, x, constants)
+        lw = objectives[k].log_weights(*programs(), *args, **kwargs)
         return lw.log_w + lw.glob[:, None]  # the traces (the chunk's decoder outputs) are freed on return
 
     if capture == "off":
@@ -174,20 +241,21 @@ def _chunk_log_weights(model, guide, capture: str, args: tuple, kwargs: dict) ->
 
 
 @torch.no_grad()
-def elbo_terms(model, guide, data: torch.Tensor, num_particles: int = 1, batch_size: int = 500, *args, objective: Optional[ELBO] = None, **kwargs) -> dict[str, float]:
-    """Mean per-datum ELBO, reconstruction term E_q[log p(x|z)] and KL estimate over ``data``.
+def elbo_terms(model, guide, data: Data, num_particles: int = 1, batch_size: int = 500, *args, objective: Optional[ELBO] = None, **kwargs) -> dict[str, float]:
+    """Mean per-datum ELBO, reconstruction term E_q[log p(x|z)] and KL estimate over ``data`` (a tensor or a
+    tuple of tensors, sliced in chunks together with the per-datum tensors of ``args``/``kwargs``).
 
     ``objective``: an :class:`~pyrovae.objectives.ELBO` to reuse across calls (it keeps the plate nesting it
     guessed on its first call); by default a new ``ELBO(num_particles)``."""
     objective = ELBO(num_particles=num_particles) if objective is None else objective
+    inputs = _Inputs(data, args, kwargs)
     sums = {"elbo": 0.0, "recon": 0.0, "kl": 0.0}
-    for start in range(0, data.shape[0], batch_size):
-        x = data[start : start + batch_size]
-        lw = objective.log_weights(model, guide, x, *args, **kwargs)
+    for call_args, call_kwargs in inputs.chunks(batch_size):
+        lw = objective.log_weights(model, guide, *call_args, **call_kwargs)
         sums["elbo"] = sums["elbo"] + lw.log_w.mean(0).sum() + lw.glob.mean()
         sums["recon"] = sums["recon"] + lw.log_px.mean(0).sum()
         sums["kl"] = sums["kl"] + lw.kl.mean(0).sum()
-    return {k: float(v) / data.shape[0] for k, v in sums.items()}  # one host read per term
+    return {k: float(v) / inputs.n for k, v in sums.items()}  # one host read per term
 
 
 def _latent_sites(trace) -> list[str]:
@@ -195,38 +263,111 @@ def _latent_sites(trace) -> list[str]:
     return [n for n, s in trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]]
 
 
+@dataclass
+class UnitActivity:
+    """Activity of the units of one latent site over a data set (Burda et al. 2016): A_u = Var_x(E_q[u | x]).
+
+    ``variance`` and ``stderr`` are ``[dim]``: the estimate of A_u for each unit and its Monte Carlo standard
+    error (0 where ``exact``: the site's distribution has a closed-form mean that no other random draw moves).
+    ``means``: the estimates of E_q[u | x], ``[N, dim]``."""
+
+    variance: torch.Tensor
+    stderr: torch.Tensor
+    exact: bool
+    means: torch.Tensor
+
+
+def _mean_estimates(guide, data: Data, args: tuple, kwargs: dict, batch_size: int, num_samples: int) -> dict[str, tuple]:
+    """Per latent site: ``(mean [N, dim], sampling variance of that mean [N, dim], exact)`` from ``num_samples``
+    vectorised runs of the guide (see :func:`posterior_means`)."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples={num_samples!r} must be a positive integer")
+    inputs = _Inputs(data, args, kwargs)
+    out: dict[str, list] = {}
+    nesting = None
+    for call_args, call_kwargs in inputs.chunks(batch_size):
+        b = call_args[0].shape[0]
+        if nesting is None:
+            first = poutine.trace(guide).get_trace(*call_args, **call_kwargs)
+            dims = [-f.dim for s in first.nodes.values() if s["type"] == "sample" for f in s["cond_indep_stack"] if f.vectorized]
+            nesting = max(dims, default=0)
+        with pyro.plate("_posterior_mean_runs", num_samples, dim=-nesting - 1):
+            trace = poutine.trace(guide).get_trace(*call_args, **call_kwargs)
+        for name in _latent_sites(trace):
+            site = trace.nodes[name]
+            try:
+                runs = site["fn"].mean.expand_as(site["value"])
+            except NotImplementedError:  # e.g. a flow: no closed-form mean, average the samples
+                runs = site["value"]
+            runs = runs.reshape(num_samples, b, -1).to(torch.get_default_dtype() if not runs.is_floating_point() else runs.dtype)
+            exact = bool(torch.equal(runs, runs[:1].expand_as(runs)))  # a closed-form mean that no other draw moves
+            if exact:
+                mean, var = runs[0], torch.zeros_like(runs[0])
+            elif num_samples == 1:
+                mean, var = runs[0], torch.full_like(runs[0], math.nan)
+            else:
+                mean, var = runs.mean(0), runs.var(0) / num_samples  # s^2 / S: the sampling variance of the mean
+            out.setdefault(name, []).append((mean, var, exact))
+    return {k: (torch.cat([m for m, _, _ in v]), torch.cat([w for _, w, _ in v]), all(e for _, _, e in v)) for k, v in out.items()}
+
+
 @torch.no_grad()
-def posterior_means(guide, data: torch.Tensor, batch_size: int = 500, num_samples: int = 100) -> dict[str, torch.Tensor]:
+def posterior_means(guide, data: Data, *args, batch_size: int = 500, num_samples: int = 100, **kwargs) -> dict[str, torch.Tensor]:
     """E_q[z | x] per latent site, ``[N, dim]``, averaged over ``num_samples`` vectorised runs of the guide.
 
     A site's own randomness is integrated out by its distribution's mean (or its samples, for a flow), and the
     average over runs integrates out the layers below it: for a two-layer guide E_q[z2 | x] =
-    E_{q(z1|x)}[E_q[z2 | z1]], not the mean at one sample of z1, whose noise would count as activity."""
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples={num_samples!r} must be a positive integer")
-    out: dict[str, list] = {}
-    nesting = None
-    for start in range(0, data.shape[0], batch_size):
-        x = data[start : start + batch_size]
-        if nesting is None:
-            first = poutine.trace(guide).get_trace(x)
-            dims = [-f.dim for s in first.nodes.values() if s["type"] == "sample" for f in s["cond_indep_stack"] if f.vectorized]
-            nesting = max(dims, default=0)
-        with pyro.plate("_posterior_mean_runs", num_samples, dim=-nesting - 1):
-            trace = poutine.trace(guide).get_trace(x)
-        for name in _latent_sites(trace):
-            site = trace.nodes[name]
-            try:
-                mean = site["fn"].mean.expand_as(site["value"])
-            except NotImplementedError:  # e.g. a flow: no closed-form mean, average the samples
-                mean = site["value"]
-            out.setdefault(name, []).append(mean.reshape(num_samples, x.shape[0], -1).mean(0))
-    return {k: torch.cat(v) for k, v in out.items()}
+    E_{q(z1|x)}[E_q[z2 | z1]], not the mean at one sample of z1, whose noise would count as activity.
+    ``data`` and the per-datum tensors of ``args``/``kwargs`` are passed to the guide as for :func:`log_likelihood`."""
+    return {k: m for k, (m, _, _) in _mean_estimates(guide, data, args, kwargs, batch_size, num_samples).items()}
 
 
-def active_units(guide, data: torch.Tensor, threshold: float = 1e-2, **kwargs) -> dict[str, int]:
-    """Number of active latent units per site (Burda et al. 2016): units u with Cov_x(E_q[u | x]) > threshold."""
-    return {name: int((m.var(0) > threshold).sum()) for name, m in posterior_means(guide, data, **kwargs).items()}
+@torch.no_grad()
+def unit_activity(guide, data: Data, *args, batch_size: int = 500, num_samples: int = 100, **kwargs) -> dict[str, UnitActivity]:
+    """Unbiased estimates of each latent unit's activity A_u = Var_x(E_q[u | x]) over ``data``, with standard errors.
+
+    Where a site has a closed-form mean that no other random draw moves (a diagonal Gaussian or Bernoulli
+    encoder's first layer) E_q[u | x] is exact and so is A_u. Otherwise (a flow's samples; an upper layer,
+    whose mean given the layer below is averaged over runs) each m_x is a mean of S = ``num_samples`` runs, with
+    sampling variance s_x^2 / S (s_x^2: the variance over runs), which would add mean_x(sigma_x^2) / S to the
+    variance over x (Var 0.01 for q = N(0, I) and S = 100, the threshold itself). It is subtracted:
+
+        A_u ~= var_x(m_x) - mean_x(s_x^2 / S),   unbiased for Var_x(E_q[u | x]) over the N data points.
+
+    Its Monte Carlo standard error (given the data; a Gaussian approximation for the run averages) is
+    sqrt([4 sum_x (m_x - m)^2 v_x + 2 sum_x v_x^2] / (N - 1)^2 + 2 sum_x v_x^2 / ((S - 1) N^2)), v_x = s_x^2 / S:
+    about v sqrt(2 / N) for a unit whose mean does not vary (0.01 sqrt(2 / N) for q = N(0, I) and S = 100:
+    0.00045 for N = 1000, against the threshold 0.01), so the count of units above a threshold far from 0 is right unless a unit sits within a few standard
+    errors of it. More samples shrink v_x in proportion.
+
+    Args:
+        guide: a Pyro program ``guide(*data, *args, **kwargs)``.
+        data: a tensor ``[N, ...]`` or a tuple of tensors with first dimension N.
+        batch_size: data points per vectorised pass.
+        num_samples: S, runs of the guide per data point (>= 2 unless every site is exact).
+    """
+    out = {}
+    for name, (mean, var, exact) in _mean_estimates(guide, data, args, kwargs, batch_size, num_samples).items():
+        n = mean.shape[0]
+        if n < 2:
+            raise ValueError(f"unit activity is a variance over data points: data has N={n}; pass at least 2 data points")
+        if not exact and num_samples < 2:
+            raise ValueError(f"site {name!r} has no closed-form mean, so its E_q[u | x] is a mean of samples whose variance is needed: num_samples={num_samples} must be >= 2 (100 is the default)")
+        centred = mean - mean.mean(0)
+        activity = mean.var(0) - var.mean(0)
+        se2 = (4 * (centred.pow(2) * var).sum(0) + 2 * var.pow(2).sum(0)) / (n - 1) ** 2
+        if not exact:
+            se2 = se2 + 2 * var.pow(2).sum(0) / ((num_samples - 1) * n**2)
+        out[name] = UnitActivity(activity, se2.sqrt(), exact, mean)
+    return out
+
+
+def active_units(guide, data: Data, threshold: float = 1e-2, *args, batch_size: int = 500, num_samples: int = 100, **kwargs) -> dict[str, int]:
+    """Number of active latent units per site (Burda et al. 2016): units u with Cov_x(E_q[u | x]) > threshold,
+    from :func:`unit_activity`'s unbiased estimates (exact for closed-form means). ``data``, ``args`` and
+    ``kwargs`` go to the guide as in :func:`log_likelihood`; ``num_samples`` runs of the guide per data point."""
+    activity = unit_activity(guide, data, *args, batch_size=batch_size, num_samples=num_samples, **kwargs)
+    return {name: int((a.variance > threshold).sum()) for name, a in activity.items()}
 
 
 def _observed_mean(trace) -> torch.Tensor:
@@ -240,34 +381,47 @@ def _observed_mean(trace) -> torch.Tensor:
         return site["value"]
 
 
+def _extra_inputs(inputs: tuple, num: int, what: str) -> tuple:
+    inputs = tuple(inputs)
+    if inputs:
+        as_inputs(inputs, "inputs")
+        if inputs[0].shape[0] != num:
+            raise ValueError(f"{what} needs inputs with one row per image, {num} in all; got shapes {[tuple(t.shape) for t in inputs]}")
+    return inputs
+
+
 @torch.no_grad()
-def sample(model, num: int, x_shape, device=None) -> torch.Tensor:
+def sample(model, num: int, x_shape, device=None, inputs: tuple = ()) -> torch.Tensor:
     """Mean of p(x | z) for ``num`` draws z ~ p(z): the model run without a guide (its latents come from the
-    prior; the placeholder observation only sets the batch size and is never used as data)."""
+    prior; the placeholder observation only sets the batch size and is never used as data). ``inputs``: the
+    model's further inputs (``model(x, y)``: ``inputs=(y,)``), ``num`` rows each."""
     dummy = torch.zeros(num, *x_shape, device=device)
-    trace = poutine.trace(model).get_trace(dummy)
+    trace = poutine.trace(model).get_trace(dummy, *_extra_inputs(inputs, num, "sample"))
     return _observed_mean(trace).reshape(num, *x_shape)
 
 
 @torch.no_grad()
-def reconstruct(model, guide, x: torch.Tensor) -> torch.Tensor:
-    """Mean of p(x | z) at z ~ q(z | x)."""
-    guide_trace = poutine.trace(guide).get_trace(x)
-    trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
-    return _observed_mean(trace).reshape(x.shape)
+def reconstruct(model, guide, x: Data) -> torch.Tensor:
+    """Mean of p(x | z) at z ~ q(z | x); ``x`` may be a tuple ``(x, y)`` (reconstructs its first tensor)."""
+    x = as_inputs(x, "x")
+    guide_trace = poutine.trace(guide).get_trace(*x)
+    trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*x)
+    return _observed_mean(trace).reshape(x[0].shape)
 
 
 @torch.no_grad()
-def decode_grid(model, x_shape, site: str = "z", steps: int = 20, span: float = 2.5, device=None) -> torch.Tensor:
-    """Decoder means over a ``steps x steps`` grid of a 2-D latent site (a latent-manifold plot)."""
+def decode_grid(model, x_shape, site: str = "z", steps: int = 20, span: float = 2.5, device=None, inputs: tuple = ()) -> torch.Tensor:
+    """Decoder means over a ``steps x steps`` grid of a 2-D latent site (a latent-manifold plot); ``inputs``: the
+    model's further inputs, ``steps**2`` rows each (as for :func:`sample`)."""
     axis = torch.linspace(-span, span, steps, device=device)
     grid = torch.stack(torch.meshgrid(axis, -axis, indexing="xy"), -1).reshape(-1, 2)
     dummy = torch.zeros(grid.shape[0], *x_shape, device=device)
-    prior = poutine.trace(model).get_trace(dummy[:1]).nodes.get(site)
+    inputs = _extra_inputs(inputs, grid.shape[0], "decode_grid")
+    prior = poutine.trace(model).get_trace(dummy[:1], *(t[:1] for t in inputs)).nodes.get(site)
     if prior is None or prior["fn"].event_shape != (2,) or prior["fn"].support.is_discrete:
         raise ValueError(f"decode_grid needs a continuous 2-D latent site {site!r}; the model's is {None if prior is None else prior['fn']}")
     conditioned = poutine.condition(model, data={site: grid})
-    return _observed_mean(poutine.trace(conditioned).get_trace(dummy)).reshape(-1, *x_shape)
+    return _observed_mean(poutine.trace(conditioned).get_trace(dummy, *inputs)).reshape(-1, *x_shape)
 
 
 def save_image_grid(images: torch.Tensor, path, nrow: int = 8) -> Path:
@@ -284,8 +438,9 @@ def save_image_grid(images: torch.Tensor, path, nrow: int = 8) -> Path:
     return path
 
 
-def latent_scatter(guide, data: torch.Tensor, labels: Optional[torch.Tensor], path, site: Optional[str] = None) -> Path:
-    """Scatter plot of the posterior means of a latent site (first two principal directions if dim > 2)."""
+def latent_scatter(guide, data: Data, labels: Optional[torch.Tensor], path, site: Optional[str] = None) -> Path:
+    """Scatter plot of the posterior means of a latent site (first two principal directions if dim > 2);
+    ``data``: a tensor or a tuple of tensors, as for :func:`posterior_means`."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from pyrovae.capture import MODES as CAPTURE_MODES
 from pyrovae.capture import StepCapture, grad_norm
-from pyrovae.data import Batches
+from pyrovae.data import Batches, as_inputs
 from pyrovae.checkpoint import CheckpointError, atomic_write, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state, write_json
 
 SCHEDULES = ("constant", "exponential", "cosine", "iwae")
@@ -124,7 +124,8 @@ class Trainer:
     """Fits ``model``/``guide`` with ``objective`` using Adam (or any ``torch.optim`` class).
 
     Args:
-        model, guide: Pyro programs ``model(x)``, ``guide(x)`` (usually ``nn.Module`` instances).
+        model, guide: Pyro programs ``model(x)``, ``guide(x)`` (usually ``nn.Module`` instances), or ``model(*batch)``,
+            ``guide(*batch)`` for data given as a tuple of tensors (``(x, y)``, ``(tokens, lengths)``).
         objective: a :mod:`pyrovae.objectives` objective or any ``pyro.infer.ELBO`` with ``differentiable_loss``.
         lr: learning rate; ``schedule``: ``constant``, ``exponential`` (``gamma`` per epoch), ``cosine``, ``iwae``.
         clip_norm: clip the global gradient norm to this value (None: no clipping).
@@ -201,18 +202,21 @@ class Trainer:
         self._sums: dict = {}  # the current epoch's running metric sums, checkpointed with a mid-epoch stop
 
     # --- parameters and optimiser ------------------------------------------------------------------
-    def setup(self, x: torch.Tensor) -> None:
+    def setup(self, *batch: torch.Tensor) -> None:
         """Collect every parameter the model, guide and objective touch (``pyro.module`` and ``pyro.param``
-        sites) by tracing one evaluation, and build the optimiser over them in a fixed (name) order."""
+        sites) by tracing one evaluation on ``batch`` (the model's positional inputs: ``x``, or ``x, y``), and
+        build the optimiser over them in a fixed (name) order."""
         if self.optim is not None:
             return
-        check_data_shape(x, self.model, self.guide)
+        batch = as_inputs(batch, "the batch")
+        check_data_shape(batch[0], self.model, self.guide)
         try:
             with poutine.trace(param_only=True) as capture:
-                self.objective.loss(self.model, self.guide, x)
+                self.objective.loss(self.model, self.guide, *batch)
         except RuntimeError as e:  # torch's shape errors (e.g. "mat1 and mat2 shapes cannot be multiplied") carry no context
+            shapes = " and ".join(str(tuple(t.shape)) for t in batch)
             raise ValueError(
-                f"the first evaluation of {self.objective!r} on a batch of shape {tuple(x.shape)} failed: {str(e).splitlines()[0]}. "
+                f"the first evaluation of {self.objective!r} on a batch of shape {shapes} failed: {str(e).splitlines()[0]}. "
                 "Check that the data's example shape matches the shape the model and guide were built for."
             ) from e
         params = {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
@@ -250,8 +254,9 @@ class Trainer:
             group["lr"] = group["initial_lr"] * factor
 
     # --- one step ---------------------------------------------------------------------------------
-    def step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimiser step on batch ``x``; returns (loss per datum, gradient norm), both on the device.
+    def step(self, *batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimiser step on ``batch`` (``x``, or ``x, y, ...``: passed as ``model(*batch)``); returns (loss per
+        datum, gradient norm), both on the device.
 
         Pyro's and torch.distributions' argument/support validation runs on the first step only (unless
         ``validate_every_step``): each check is a host read, and non-finite values are caught anyway by the
@@ -260,9 +265,9 @@ class Trainer:
         validate = self._validate_next and is_validation_enabled()
         self._validate_next = self.validate_every_step
         if validate or self._capture is None:
-            loss, norm = self._plain_step(x, validate)
+            loss, norm = self._plain_step(*batch, validate=validate)
         else:
-            loss, norm = self._capture(x)
+            loss, norm = self._capture(*batch)
         if self.clip_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(list(self.params.values()), self.clip_norm, norm)
         self.optim.step()
@@ -270,10 +275,10 @@ class Trainer:
             self.objective.step()
         return loss, norm
 
-    def _plain_step(self, x: torch.Tensor, validate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def _plain_step(self, *batch: torch.Tensor, validate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss per datum and gradient norm of the objective through Pyro, gradients left in ``.grad``."""
         with pyro.validation_enabled(validate):
-            loss = self.objective.differentiable_loss(self.model, self.guide, x) / x.shape[0]
+            loss = self.objective.differentiable_loss(self.model, self.guide, *batch) / batch[0].shape[0]
         loss.backward()
         return loss.detach(), grad_norm([p.grad for p in self.params.values()])
 
@@ -300,7 +305,7 @@ class Trainer:
         self.cursor = Cursor(c.epoch, c.pos, c.step, c.perm)
         return _copy_sums(snap.sums)
 
-    def _diagnose(self, batch: Callable[[Cursor], torch.Tensor], upto: int) -> str:
+    def _diagnose(self, batch: Callable[[Cursor], tuple], upto: int) -> str:
         """Replay from the snapshot one step at a time until the loss or gradient is non-finite, and name the
         sites and parameters that were non-finite just before that step."""
         self._restore_snapshot()
@@ -308,7 +313,7 @@ class Trainer:
         while self.cursor.step < upto:
             x = batch(self.cursor)
             before = {k: v.detach().clone() for k, v in self.params.items()}
-            loss, norm = self.step(x)
+            loss, norm = self.step(*x)
             if bool(torch.isfinite(loss)) and bool(torch.isfinite(norm)):
                 self._advance()
                 continue
@@ -316,7 +321,7 @@ class Trainer:
             with torch.no_grad():
                 for k, v in before.items():
                     self.params[k].copy_(v)
-            sites = nonfinite_sites(self.model, self.guide, x)
+            sites = nonfinite_sites(self.model, self.guide, *x)
             params = [k for k, v in before.items() if not bool(torch.isfinite(v).all())]
             where = f"sites with non-finite log-densities: {', '.join(sites)}" if sites else "every site's log-density was finite"
             if params:
@@ -401,10 +406,11 @@ class Trainer:
             return None
         return save_checkpoint(self.state_dict(finished), self.run_dir / "checkpoints" / name)
 
-    def resume(self, path: Union[str, Path], x: torch.Tensor) -> None:
-        """Continue from a checkpoint file (``checkpoints/last.pt`` of a run)."""
-        state = load_checkpoint(path, map_location=x.device)
-        self.setup(x)
+    def resume(self, path: Union[str, Path], *batch: torch.Tensor) -> None:
+        """Continue from a checkpoint file (``checkpoints/last.pt`` of a run); ``batch``: a batch of the data's
+        tensors (``x``, or ``x, y``), to set up the parameters."""
+        state = load_checkpoint(path, map_location=batch[0].device)
+        self.setup(*batch)
         self.load_state_dict(state)
         metrics = None if self.run_dir is None else self.run_dir / "metrics.jsonl"
         if metrics is not None and metrics.exists():
@@ -433,7 +439,7 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def validate(self, valid: torch.Tensor, batch_size: int) -> float:
+    def validate(self, valid: Union[torch.Tensor, tuple], batch_size: int) -> float:
         from pyrovae.evaluate import elbo_terms
         from pyrovae.objectives import ELBO
 
@@ -443,33 +449,39 @@ class Trainer:
 
     def fit(
         self,
-        train: torch.Tensor,
+        train: Union[torch.Tensor, tuple],
         epochs: int,
         batch_size: int = 100,
-        valid: Optional[torch.Tensor] = None,
+        valid: Optional[Union[torch.Tensor, tuple]] = None,
         dynamic_binarize: bool = False,
     ) -> list[dict]:
         """Train for ``epochs`` epochs (counting epochs already done when resumed); returns the per-epoch
-        history, also written to ``run_dir/metrics.jsonl``."""
+        history, also written to ``run_dir/metrics.jsonl``.
+
+        ``train`` and ``valid``: a tensor ``[N, ...]`` or a tuple of tensors with the same first dimension
+        (``(x, y)``); each batch is sliced from all of them by the same permutation and passed as
+        ``model(*batch)``, ``guide(*batch)``. ``dynamic_binarize`` resamples the first tensor only."""
         if int(batch_size) < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
         if int(epochs) < 0:
             raise ValueError(f"epochs={epochs!r} must be >= 0")
-        n = train.shape[0]
+        train = as_inputs(train, "train")
+        valid = None if valid is None else as_inputs(valid, "valid")
+        n = train[0].shape[0]
         if n == 0:
             raise ValueError("the training set is empty")
         batches = Batches(train, batch_size, dynamic_binarize=dynamic_binarize)
         num_batches = len(batches)
 
-        def batch(cursor: Cursor) -> torch.Tensor:
+        def batch(cursor: Cursor) -> tuple:
             if cursor.perm is None:
                 cursor.perm = batches.permutation()
             return batches.batch(cursor.perm, cursor.pos)
 
         if self.optim is None:  # after resume() the RNG state is the checkpoint's: draw nothing (dynamic binarization would)
-            self.setup(batch(Cursor(perm=torch.arange(min(n, batch_size), device=train.device))))
+            self.setup(*batch(Cursor(perm=torch.arange(min(n, batch_size), device=train[0].device))))
         else:
-            check_data_shape(train[:1], self.model, self.guide)
+            check_data_shape(train[0][:1], self.model, self.guide)
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.run_dir / "config.json", self.config)
@@ -497,14 +509,14 @@ class Trainer:
             if self._stop_signal is not None:
                 self._interrupt(sums, finite)
             x = batch(self.cursor)
-            loss, norm = self.step(x)
+            loss, norm = self.step(*x)
             ok = torch.isfinite(loss) & torch.isfinite(norm)
             finite = ok if finite is None else finite & ok
             for k, v in {"loss": loss, **getattr(self.objective, "metrics", {})}.items():
                 sums[k] = sums.get(k, 0) + v.detach().float()
             sums["count"] = sums.get("count", 0) + 1
             self._advance()
-            bar.update(x.shape[0])
+            bar.update(x[0].shape[0])
             end_of_epoch = self.cursor.pos >= num_batches
             if self.cursor.step % self.check_every == 0 or end_of_epoch:
                 if not bool(finite):
@@ -526,7 +538,7 @@ class Trainer:
         count = float(sums.pop("count"))
         record = {"epoch": self.cursor.epoch + 1, "step": self.cursor.step, "lr": self.optim.param_groups[0]["lr"], "seconds": round(seconds, 3), "examples_per_s": round(examples / max(seconds, 1e-9), 1)}
         record.update({f"train_{k}": float(v) / count for k, v in sums.items()})
-        if valid is not None and valid.shape[0] > 0:
+        if valid is not None and valid[0].shape[0] > 0:
             record["valid_elbo"] = self.validate(valid, batch_size=max(batch_size, 500))
         self.cursor = Cursor(self.cursor.epoch + 1, 0, self.cursor.step, None)
         self.history.append(record)
