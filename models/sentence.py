@@ -148,6 +148,33 @@ class _TextModel(nn.Module):
     def generate(self, z: Optional[torch.Tensor], num: int, max_length: int = 50, greedy: bool = True, temperature: float = 1.0) -> torch.Tensor:
         return self.decoder.generate(z, num, max_length, greedy, temperature)
 
+    # --- hooks of the command line (``pyrovae evaluate`` / ``pyrovae sample``) ----------------------
+    def evaluate_run(self, guide, splits, test, run_dir, num_samples: int) -> dict:
+        """Test metrics by length bucket (:func:`pyrovae.text.evaluate_text`: NLL with ``num_samples`` importance
+        samples, perplexity, KL, active units) and the text outputs in ``run_dir``
+        (:func:`pyrovae.text.write_text_outputs`)."""
+        from pyrovae.text import evaluate_text, write_text_outputs
+
+        r = evaluate_text(self, guide, test, num_samples=num_samples)
+        write_text_outputs(self, guide, test, splits.vocab, run_dir)
+        return {
+            "num_test": r["num_sentences"], "num_tokens": r["num_tokens"], "num_samples": num_samples, "test_nll": r["nll"],
+            "test_nll_stderr_over_data": r["nll_stderr_over_data"], "test_nll_importance_stderr": r["nll_importance_stderr"],
+            "test_perplexity": r["perplexity"], "perplexity_note": "exp(total NLL / predicted tokens), <eos> included",
+            "test_elbo": r["elbo"], "test_recon": r["recon"], "test_kl": r["kl"], "active_units": r["active_units"],
+            "outputs": ["samples.txt"] + (["reconstructions.txt", "homotopies.txt"] if getattr(self, "z_dim", None) else []),
+        }
+
+    def sample_run(self, splits, num: int, max_length: int = 40) -> list[str]:
+        """``num`` sentences from the model: greedy and sampled decodings of z ~ p(z) (sampled only without z)."""
+        z_dim = getattr(self, "z_dim", None)
+        z = None if z_dim is None else torch.randn(num, z_dim, device=self.decoder.out.weight.device)
+        lines = splits.vocab.decode_batch(self.generate(z, num, max_length, greedy=False))
+        if z is None:
+            return lines
+        greedy = splits.vocab.decode_batch(self.generate(z, num, max_length, greedy=True))
+        return [f"greedy:  {g}\nsampled: {s}" for g, s in zip(greedy, lines)]
+
 
 class SentenceVAE(_TextModel):
     """Bowman et al. (2016)'s generative model: z ~ N(0, I), an RNN decoder initialised from z.

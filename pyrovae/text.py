@@ -122,10 +122,13 @@ def pad_sentences(sentences: Sequence[Sequence[int]], vocab: Vocab, device: Unio
     n, width = len(sentences), max((len(s) for s in sentences), default=0) + 1
     tokens = torch.full((n, width + 1), vocab.pad, dtype=torch.long)
     tokens[:, 0] = vocab.sos
-    for i, s in enumerate(sentences):
-        tokens[i, 1 : len(s) + 1] = torch.as_tensor(list(s), dtype=torch.long)
-        tokens[i, len(s) + 1] = vocab.eos
-    lengths = torch.as_tensor([len(s) + 1 for s in sentences], dtype=torch.long)
+    words = torch.as_tensor([len(s) for s in sentences], dtype=torch.long)
+    flat = torch.as_tensor([i for s in sentences for i in s], dtype=torch.long)
+    rows = torch.repeat_interleave(torch.arange(n), words)
+    starts = torch.repeat_interleave(torch.cumsum(words, 0) - words, words)
+    tokens[rows, torch.arange(len(flat)) - starts + 1] = flat
+    tokens[torch.arange(n), words + 1] = vocab.eos
+    lengths = words + 1
     return Sentences(tokens.to(device), lengths.to(device))
 
 
@@ -180,7 +183,7 @@ class BucketBatches:
             raise ValueError("data has no sentences; load a non-empty corpus")
         self.data, self.batch_size, self.pad_multiple, self.shuffle, self.generator = data, batch_size, pad_multiple, shuffle, generator
         self._lengths_cpu = data.lengths.cpu()
-        self._perm_key: Optional[tuple] = None
+        self._perm: Optional[torch.Tensor] = None  # the epoch order whose batch widths are in _widths (held: no id reuse)
         self._widths: list[int] = []
 
     def __len__(self) -> int:
@@ -199,11 +202,10 @@ class BucketBatches:
         return torch.cat([blocks, order[full * self.batch_size :]])
 
     def _width(self, perm: torch.Tensor, index: int) -> int:
-        key = (id(perm), perm.data_ptr())
-        if key != self._perm_key:  # one host read per epoch for all the batch widths
+        if perm is not self._perm:  # one host read per epoch for all the batch widths
             lengths = self._lengths_cpu[perm.cpu()]
             self._widths = [int(lengths[i : i + self.batch_size].max()) for i in range(0, len(lengths), self.batch_size)]
-            self._perm_key = key
+            self._perm = perm
         return min(_round_up(self._widths[index], self.pad_multiple), self.data.tokens.shape[1] - 1)
 
     def batch(self, perm: torch.Tensor, index: int) -> Sentences:
@@ -272,6 +274,10 @@ class TextSplits:
     def x_shape(self) -> tuple:
         """Not a fixed shape: sentences have their own lengths. ``(len(vocab),)`` for code that wants one."""
         return (len(self.vocab),)
+
+    def batches(self, batch_size: int, pad_multiple: int = 8) -> BucketBatches:
+        """The training sentences in length buckets, for ``Trainer.fit`` (which takes any such batch source)."""
+        return BucketBatches(self.train, batch_size, pad_multiple)
 
     def describe(self) -> str:
         """One line for logs: sizes, vocabulary and what happened to sentences over the length limit."""
@@ -357,10 +363,10 @@ def evaluate_text(model, guide, data: Sentences, num_samples: int = 100, batch_s
     try:
         nll, err, terms, means = [], [], {"elbo": 0.0, "recon": 0.0, "kl": 0.0}, {}
         for b in buckets(data, batch_size):
-            ll = E.log_likelihood(model, guide, b.tokens, num_samples, b.num_sentences, max(1, max_elements // vocab_size), b.lengths)
+            ll = E.log_likelihood(model, guide, tuple(b), num_samples, b.num_sentences, max(1, max_elements // vocab_size))
             nll.append(-ll.values)
             err.append(ll.stderr)
-            t = E.elbo_terms(model, guide, b.tokens, 1, b.num_sentences, b.lengths)
+            t = E.elbo_terms(model, guide, tuple(b), 1, b.num_sentences)
             for k in terms:
                 terms[k] += t[k] * b.num_sentences
             for name, m in _posterior_means(guide, b).items():

@@ -460,17 +460,22 @@ class Trainer:
 
         ``train`` and ``valid``: a tensor ``[N, ...]`` or a tuple of tensors with the same first dimension
         (``(x, y)``); each batch is sliced from all of them by the same permutation and passed as
-        ``model(*batch)``, ``guide(*batch)``. ``dynamic_binarize`` resamples the first tensor only."""
+        ``model(*batch)``, ``guide(*batch)``. ``dynamic_binarize`` resamples the first tensor only.
+
+        ``train`` may also be a batch source with :class:`~pyrovae.data.Batches`'s ``__len__``, ``permutation()``,
+        ``batch(perm, index)`` and ``data`` (e.g. :class:`pyrovae.text.BucketBatches`, batches of sentences of
+        similar length): its batches are used as they come (``batch_size`` then only sizes validation)."""
         if int(batch_size) < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
         if int(epochs) < 0:
             raise ValueError(f"epochs={epochs!r} must be >= 0")
-        train = as_inputs(train, "train")
+        source = train if all(hasattr(train, a) for a in ("permutation", "batch", "data", "__len__")) else None
+        train = as_inputs(train if source is None else source.data, "train")
         valid = None if valid is None else as_inputs(valid, "valid")
         n = train[0].shape[0]
         if n == 0:
             raise ValueError("the training set is empty")
-        batches = Batches(train, batch_size, dynamic_binarize=dynamic_binarize)
+        batches = source if source is not None else Batches(train, batch_size, dynamic_binarize=dynamic_binarize)
         num_batches = len(batches)
 
         def batch(cursor: Cursor) -> tuple:
