@@ -162,6 +162,7 @@ class _TextModel(nn.Module):
             "test_nll_stderr_over_data": r["nll_stderr_over_data"], "test_nll_importance_stderr": r["nll_importance_stderr"],
             "test_perplexity": r["perplexity"], "perplexity_note": "exp(total NLL / predicted tokens), <eos> included",
             "test_elbo": r["elbo"], "test_recon": r["recon"], "test_kl": r["kl"], "active_units": r["active_units"],
+            "data": splits.describe() if hasattr(splits, "describe") else None,  # states the length limit and what it did
             "outputs": ["samples.txt"] + (["reconstructions.txt", "homotopies.txt"] if getattr(self, "z_dim", None) else []),
         }
 

@@ -92,6 +92,18 @@ class Sentences(NamedTuple):
     tokens: torch.Tensor
     lengths: torch.Tensor
 
+    def __getitem__(self, index):
+        """An int gives a field (tuple semantics: ``tokens, lengths = sentences``); a slice, an index tensor or a
+        mask gives those sentences, so that code written for a data tensor (``data[:n]``) works unchanged."""
+        if isinstance(index, int):
+            return tuple.__getitem__(self, index)
+        return Sentences(self.tokens[index], self.lengths[index])
+
+    @property
+    def shape(self) -> torch.Size:
+        """The tokens' shape ``[N, T + 1]`` (``shape[0]``: the number of sentences, as for a data tensor)."""
+        return self.tokens.shape
+
     @property
     def num_sentences(self) -> int:
         return self.tokens.shape[0]
