@@ -2,5 +2,6 @@
 from pyrovae.guides.discrete import BernoulliEncoder
 from pyrovae.guides.flow import FlowEncoder
 from pyrovae.guides.gaussian import GaussianEncoder
+from pyrovae.guides.sentence import NoLatentGuide, SentenceEncoder
 
-__all__ = ["GaussianEncoder", "FlowEncoder", "BernoulliEncoder"]
+__all__ = ["GaussianEncoder", "FlowEncoder", "BernoulliEncoder", "SentenceEncoder", "NoLatentGuide"]

@@ -1,9 +1,10 @@
 """Generative models, each a plain Pyro program ``model(x)`` (installed as ``pyrovae.models``)."""
 from pyrovae.models.discrete import BinaryCodeCategorical, DiscreteVAE, EnumeratedPosteriorGuide
 from pyrovae.models.linear_gaussian import ExactPosteriorGuide, LinearGaussian, LinearGaussianGuide
+from pyrovae.models.sentence import RNNLM, SentenceDecoder, SentenceVAE
 from pyrovae.models.vae import VAE
 
 __all__ = [
-    "VAE", "DiscreteVAE", "EnumeratedPosteriorGuide", "BinaryCodeCategorical",
+    "VAE", "SentenceVAE", "RNNLM", "SentenceDecoder", "DiscreteVAE", "EnumeratedPosteriorGuide", "BinaryCodeCategorical",
     "LinearGaussian", "ExactPosteriorGuide", "LinearGaussianGuide",
 ]

@@ -17,15 +17,20 @@ import torch
 from pyrovae import runs
 from pyrovae.capture import MODES as CAPTURE_MODES
 from pyrovae.checkpoint import CheckpointError, check_state, load_checkpoint, write_json
+from pyrovae.data import as_inputs
 from pyrovae.flows import FLOWS
 from pyrovae.models.vae import PRIOR_FLOWS
-from pyrovae.objectives import ELBO, OBJECTIVES
-from pyrovae.registry import GUIDES, MODELS, OBJECTIVE_ARGS, build_guide, build_model, build_objective
+from pyrovae.objectives import ELBO
+from pyrovae.registry import ALL_OBJECTIVES, GUIDES, MODELS, OBJECTIVE_ARGS, build_guide, build_model, build_objective, default_guide
 from pyrovae.train import SCHEDULES, DivergenceError, Trainer, TrainingInterrupted
 
 
 class UsageError(ValueError):
     """A command-line mistake; printed without a traceback."""
+
+
+#: options of ``train`` passed to the loader of a dataset that has its own (text)
+TEXT_DATA_OPTIONS = ("max_length", "overlong")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,7 +63,8 @@ def _load_data(cfg: dict, device: torch.device):
                 f"{found}, but an explicit --data-dir is not silently replaced: pass --data-dir {found.parent if found.name == cfg['dataset'] else found}, "
                 "or drop --data-dir to use $PYROVAE_DATA"
             )
-    return load_dataset(cfg["dataset"], data_dir=cfg.get("data_dir"), binarize=cfg.get("binarize", "none"), valid_size=cfg.get("valid_size"), seed=cfg.get("seed", 0), device=device)
+    options = {k: cfg[k] for k in TEXT_DATA_OPTIONS if cfg.get(k) is not None}  # datasets with their own loader (ptb)
+    return load_dataset(cfg["dataset"], data_dir=cfg.get("data_dir"), binarize=cfg.get("binarize", "none"), valid_size=cfg.get("valid_size"), seed=cfg.get("seed", 0), device=device, **options)
 
 
 def _check_likelihood(cfg: dict, splits) -> None:
@@ -68,7 +74,7 @@ def _check_likelihood(cfg: dict, splits) -> None:
     unit = get_likelihood(cfg.get("likelihood", "bernoulli")).needs_unit_interval
     for name in ("train", "valid", "test"):
         x = getattr(splits, name)
-        if x is not None:
+        if isinstance(x, torch.Tensor):  # text (word indices) has no likelihood range to check
             check_data(x, unit_interval=unit, what=f"{cfg['dataset']} {name} data")
 
 
@@ -89,8 +95,9 @@ def _config(args: argparse.Namespace) -> dict:
     for k, default in RESUME_OVERRIDES.items():
         if cfg.get(k) is None:
             cfg[k] = default
+    cfg["guide"] = cfg.get("guide") or default_guide(cfg["model"])
     if cfg.get("hidden"):
-        cfg["hidden"] = [cfg["hidden"]] * len(cfg["z_dims"])
+        cfg["hidden"] = [cfg["hidden"]] * len(cfg["z_dims"] or [None])
     return cfg
 
 
@@ -188,7 +195,7 @@ def _build_objective(cfg: dict):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir or f"runs/{args.dataset}-{args.model}-{args.guide}-{args.objective}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(args.run_dir or f"runs/{args.dataset}-{args.model}-{args.guide or default_guide(args.model)}-{args.objective}-{time.strftime('%Y%m%d-%H%M%S')}")
     lock = runs.RunLock(run_dir)
     if os.path.lexists(run_dir):  # one writer at a time, from the first look at the folder (a new one is made later)
         if not run_dir.is_dir():
@@ -227,9 +234,10 @@ def _train(run_dir: Path, args: argparse.Namespace, lock: runs.RunLock) -> int:
         runs.set_aside(run_dir)
     try:
         if args.resume:
-            trainer.resume(run_dir / "checkpoints" / "last.pt", splits.train[: cfg["batch_size"]])
+            trainer.resume(run_dir / "checkpoints" / "last.pt", *as_inputs(splits.train[: cfg["batch_size"]]))
             print(f"pyrovae: resumed at epoch {trainer.cursor.epoch}, step {trainer.cursor.step}")
-        trainer.fit(splits.train, cfg["epochs"], cfg["batch_size"], valid=splits.valid, dynamic_binarize=splits.binarize == "dynamic")
+        train = splits.batches(cfg["batch_size"]) if hasattr(splits, "batches") else splits.train  # text: length buckets
+        trainer.fit(train, cfg["epochs"], cfg["batch_size"], valid=splits.valid, dynamic_binarize=splits.binarize == "dynamic")
     except TrainingInterrupted as e:
         print(f"pyrovae: {e}", file=sys.stderr)
         return 130
@@ -261,7 +269,7 @@ def load_run(run_dir: Path, device: torch.device, checkpoint: str = "best", spli
     pyro.clear_param_store()
     model, guide = _build(cfg, splits.x_shape, device)
     loader = Trainer(model, guide, ELBO(), progress=False)
-    loader.setup(splits.test[: min(10, splits.test.shape[0])])
+    loader.setup(*as_inputs(splits.test[: min(10, splits.test.shape[0])]))
     loader.load_weights(state)
     return cfg, model, guide, splits, path
 
@@ -286,6 +294,12 @@ def _evaluate(run_dir: Path, device, checkpoint: str, num_samples: int, limit: O
     runs.check_writable(run_dir)  # before the log-likelihood, not after: evaluation.json and the pictures go there
     cfg, model, guide, splits, path = load_run(run_dir, device, checkpoint, splits, data_dir)
     test = splits.test if not limit else splits.test[:limit]
+    if hasattr(model, "evaluate_run"):  # a model with its own metrics and outputs (text: perplexity, sentences)
+        result = {"checkpoint": str(path), **model.evaluate_run(guide, splits, test, run_dir, num_samples)}
+        write_json(run_dir / "evaluation.json", result)
+        print(json.dumps(result, indent=2))
+        print(f"pyrovae: wrote evaluation.json and {', '.join(result.get('outputs', []))} to {run_dir}")
+        return 0
     if splits.binarize == "dynamic":  # evaluate on one fixed binarisation of the test set, as in the IWAE paper
         gen = torch.Generator(device=test.device).manual_seed(cfg.get("seed", 0) + 1)
         test = torch.bernoulli(test, generator=gen)
@@ -335,11 +349,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.num < 1:
         raise UsageError(f"--num {args.num} must be at least 1")
+    cfg, model, guide, splits, _ = load_run(Path(args.run_dir), device, args.checkpoint)
+    if hasattr(model, "sample_run"):  # a model that samples something other than images (text: sentences, printed)
+        print("\n".join(model.sample_run(splits, args.num)))
+        return 0
     out = Path(args.out or Path(args.run_dir) / "samples.png")
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: the folder {out.parent} does not exist; create it or write elsewhere")
     runs.check_writable(out.parent, "the --out folder")
-    cfg, model, guide, splits, _ = load_run(Path(args.run_dir), device, args.checkpoint)
     E.save_image_grid(E.sample(model, args.num, splits.x_shape, device=device), out)
     print(f"pyrovae: wrote {args.num} samples to {out}")
     return 0
@@ -381,9 +398,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--train-limit", type=_positive_int, default=None, help="train on the first N training examples only (quick runs)")
     g = t.add_argument_group("model and guide")
     g.add_argument("--model", default="vae", choices=sorted(MODELS))
-    g.add_argument("--guide", default="gaussian", choices=sorted(GUIDES))
+    g.add_argument("--guide", default=None, choices=sorted(GUIDES), help="default: gaussian; rnn for --model sentence, none for --model lm")
     g.add_argument("--arch", default="mlp", choices=["mlp", "conv"])
-    g.add_argument("--z-dims", type=_positive_int, nargs="+", default=[50], help="stochastic layer sizes, nearest x first: 50, or 100 50")
+    g.add_argument("--z-dims", type=_positive_int, nargs="+", default=None, help="stochastic layer sizes, nearest x first: 50, or 100 50 (default 50; 16 for text models)")
     g.add_argument("--hidden", type=_positive_int, nargs="+", default=None, help="hidden sizes (default: the IWAE paper's)")
     g.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian", "continuous_bernoulli"])
     g.add_argument("--scale", type=float, default=None, help="fixed Gaussian observation scale (default: learned)")
@@ -392,14 +409,23 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--flow-length", type=_positive_int, default=10, help="number of flow transforms")
     g.add_argument("--prior-flow", default=None, choices=list(PRIOR_FLOWS), help="learned flow prior p(z) of --model vae")
     g.add_argument("--prior-flow-length", type=_positive_int, default=2, help="number of prior flow layers")
+    g = t.add_argument_group("text (--dataset ptb, --model sentence or lm)")
+    g.add_argument("--max-length", type=_positive_int, default=None, help="words per sentence at most (default: no limit)")
+    g.add_argument("--overlong", default=None, choices=["cut", "drop"], help="sentences over --max-length: cut them (default) or drop them")
+    g.add_argument("--embed-dim", type=_positive_int, default=None, help="word embedding size (default 353; --hidden sets the RNN size, default 191)")
+    g.add_argument("--rnn", default=None, choices=["lstm", "gru"], help="recurrent cell of encoder and decoder (default lstm)")
+    g.add_argument("--rnn-layers", type=_positive_int, default=None, help="stacked RNN layers (default 1)")
+    g.add_argument("--bidirectional", action="store_true", help="bidirectional encoder (--guide rnn)")
+    g.add_argument("--word-dropout", type=float, default=None, help="probability of replacing a decoder input word by <unk> while training")
+    g.add_argument("--free-bits", type=float, default=None, help="free bits per latent dimension, nats (--objective annealed)")
     g = t.add_argument_group("objective")
-    g.add_argument("--objective", default="elbo", choices=sorted(OBJECTIVES))
+    g.add_argument("--objective", default="elbo", choices=sorted(ALL_OBJECTIVES))
     g.add_argument("--num-particles", "-k", type=int, default=None, help="samples per data point (objective's default if omitted)")
     g.add_argument("--estimator", default=None, choices=["standard", "dreg", "vimco", "score"], help="IWAE/Renyi gradient estimator (vimco: discrete latents; default standard)")
     g.add_argument("--analytic-kl", action="store_true", help="closed-form KL in the ELBO (mean-field guides)")
     g.add_argument("--alpha", type=float, default=None, help="Renyi alpha")
     g.add_argument("--beta", type=float, default=None, help="beta-ELBO weight")
-    g.add_argument("--beta-schedule", default=None, choices=["constant", "linear", "cyclical"])
+    g.add_argument("--beta-schedule", default=None, choices=["constant", "linear", "cyclical", "logistic"], help="logistic: --objective annealed")
     g.add_argument("--warmup-steps", type=int, default=None)
     g.add_argument("--cycle-steps", type=int, default=None)
     g.add_argument("--constraint", default=None, choices=["RE", "pNCC"], help="GECO constraint (FRE/CLA need Python callables)")

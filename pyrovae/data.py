@@ -121,6 +121,27 @@ def register_dataset(
     return decorate
 
 
+#: name -> ``fn(data_dir=, device=, download=, **options)`` for datasets that build their own splits (text:
+#: :mod:`pyrovae.text`); :func:`load_dataset` hands such names over to their loader.
+LOADERS: dict[str, Callable] = {}
+
+
+def register_loader(name: str, files: Sequence[str], subdirs: Sequence[str] = ("",), hint: str = "") -> Callable:
+    """Decorator: register a dataset whose loader returns its own splits object (not float tensors in [0, 1]).
+
+    :func:`resolve` finds its folder as for :func:`register_dataset` (``files`` must all be there); the loader
+    calls it itself. ``load_dataset(name, **options)`` returns ``fn(data_dir=, device=, download=, **options)``.
+    """
+
+    def decorate(fn: Callable) -> Callable:
+        _SPECS[name] = _Spec(tuple(files), tuple(subdirs), None, hint)
+        DATASETS[name] = fn
+        LOADERS[name] = fn
+        return fn
+
+    return decorate
+
+
 def _check_name(name: str) -> _Spec:
     if name not in DATASETS:
         raise ValueError(f"unknown dataset name={name!r}; choose one of {sorted(DATASETS)} or use from_array(...) for your own tensors")
@@ -463,6 +484,7 @@ def load_dataset(
     seed: int = 0,
     device: Union[str, torch.device] = "cpu",
     download: bool = True,
+    **options,
 ) -> DataSplits:
     """Load a registered dataset as float32 tensors in [0, 1] on ``device``.
 
@@ -476,8 +498,14 @@ def load_dataset(
         seed: seed of the static binarization.
         device: where the tensors live.
         download: allow a torchvision download into the cache when the files are not found.
+        options: settings of a dataset with its own loader (:data:`LOADERS`), e.g. ``max_length`` for
+            ``ptb`` (:func:`pyrovae.text.load_ptb`), which returns its own splits object.
     """
     _check_name(name)
+    if name in LOADERS:
+        return LOADERS[name](data_dir=data_dir, device=device, download=download, binarize=binarize, valid_size=valid_size, seed=seed, **options)
+    if options:
+        raise TypeError(f"load_dataset({name!r}) got unexpected options {sorted(options)}; they apply to datasets with their own loader ({sorted(LOADERS)})")
     _check_binarize(binarize)
     _check_valid_size(valid_size)
     raw = DATASETS[name](resolve(name, data_dir, download=download))
@@ -681,3 +709,6 @@ class Batches:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self.epoch()
+
+
+from pyrovae import text as _text  # noqa: E402,F401  (registers "ptb"; it imports this module)

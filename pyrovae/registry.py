@@ -68,8 +68,64 @@ def _bernoulli(cfg: dict, x_shape) -> nn.Module:
     return BernoulliEncoder(x_shape, z_dim, hidden, cfg.get("arch", "mlp"), cfg.get("activation", "tanh"))
 
 
-MODELS: dict[str, Callable[[dict, tuple], nn.Module]] = {"vae": _vae, "discrete": _discrete}
-GUIDES: dict[str, Callable[[dict, tuple], nn.Module]] = {"gaussian": _gaussian, "flow": _flow, "bernoulli": _bernoulli}
+def _text_sizes(cfg: dict, x_shape) -> dict:
+    """Sizes of the text models: ``x_shape`` is ``(vocab size,)`` (:class:`pyrovae.text.TextSplits`)."""
+    hidden = _hidden(cfg)
+    return {
+        "vocab_size": x_shape[0], "embed_dim": cfg.get("embed_dim") or 353, "hidden_dim": hidden[0][0] if hidden else 191,
+        "num_layers": cfg.get("rnn_layers") or 1, "rnn": cfg.get("rnn") or "lstm",
+    }
+
+
+def _text_z_dim(cfg: dict, what: str) -> int:
+    z_dims = cfg.get("z_dims") or [16]
+    if len(z_dims) != 1:
+        raise ValueError(f"{what} has one latent variable; got z_dims={list(z_dims)}. Pass one --z-dims value (default 16)")
+    return z_dims[0]
+
+
+def _sentence(cfg: dict, x_shape) -> nn.Module:
+    from pyrovae.models import SentenceVAE
+
+    return SentenceVAE(z_dim=_text_z_dim(cfg, "model='sentence'"), word_dropout=cfg.get("word_dropout") or 0.0, **_text_sizes(cfg, x_shape))
+
+
+def _lm(cfg: dict, x_shape) -> nn.Module:
+    from pyrovae.models import RNNLM
+
+    return RNNLM(word_dropout=cfg.get("word_dropout") or 0.0, **_text_sizes(cfg, x_shape))
+
+
+def _rnn_encoder(cfg: dict, x_shape) -> nn.Module:
+    from pyrovae.guides import SentenceEncoder
+
+    return SentenceEncoder(z_dim=_text_z_dim(cfg, "guide='rnn'"), bidirectional=bool(cfg.get("bidirectional")), **_text_sizes(cfg, x_shape))
+
+
+def _no_latents(cfg: dict, x_shape) -> nn.Module:
+    from pyrovae.guides import NoLatentGuide
+
+    return NoLatentGuide()
+
+
+MODELS: dict[str, Callable[[dict, tuple], nn.Module]] = {"vae": _vae, "discrete": _discrete, "sentence": _sentence, "lm": _lm}
+GUIDES: dict[str, Callable[[dict, tuple], nn.Module]] = {"gaussian": _gaussian, "flow": _flow, "bernoulli": _bernoulli, "rnn": _rnn_encoder, "none": _no_latents}
+#: the guide a model gets when none is named (``gaussian`` otherwise)
+DEFAULT_GUIDES: dict[str, str] = {"sentence": "rnn", "lm": "none"}
+
+
+def default_guide(model: str) -> str:
+    return DEFAULT_GUIDES.get(model, "gaussian")
+
+
+def _objectives() -> dict[str, type]:
+    from pyrovae.sequence_objectives import AnnealedELBO, TokenGECO
+
+    return {**OBJECTIVES, "annealed": AnnealedELBO, "token-geco": TokenGECO}
+
+
+#: objective name -> class: :data:`pyrovae.objectives.OBJECTIVES` and the sequence objectives (:mod:`pyrovae.sequence_objectives`)
+ALL_OBJECTIVES: dict[str, type] = _objectives()
 
 #: objective name -> {constructor argument: config key}
 OBJECTIVE_ARGS: dict[str, dict[str, str]] = {
@@ -80,6 +136,11 @@ OBJECTIVE_ARGS: dict[str, dict[str, str]] = {
     "logvariance": {"num_particles": "num_particles"},
     "beta": {"num_particles": "num_particles", "beta": "beta", "schedule": "beta_schedule", "warmup_steps": "warmup_steps", "cycle_steps": "cycle_steps"},
     "geco": {"num_particles": "num_particles", "constraint": "constraint", "tolerance": "tolerance", "alpha": "geco_alpha", "nu": "geco_nu", "multiplier_step": "geco_multiplier_step"},
+    "annealed": {
+        "num_particles": "num_particles", "beta": "beta", "schedule": "beta_schedule", "warmup_steps": "warmup_steps", "cycle_steps": "cycle_steps",
+        "free_bits": "free_bits",
+    },
+    "token-geco": {"num_particles": "num_particles", "tolerance": "tolerance", "alpha": "geco_alpha", "nu": "geco_nu"},
 }
 
 
@@ -94,11 +155,11 @@ def build_model(cfg: dict, x_shape) -> nn.Module:
 
 
 def build_guide(cfg: dict, x_shape) -> nn.Module:
-    return _pick(GUIDES, "guide", cfg.get("guide", "gaussian"))(cfg, tuple(x_shape))
+    return _pick(GUIDES, "guide", cfg.get("guide") or default_guide(cfg.get("model", "vae")))(cfg, tuple(x_shape))
 
 
 def build_objective(cfg: dict) -> Objective:
     name = cfg.get("objective", "elbo")
-    cls = _pick(OBJECTIVES, "objective", name)
+    cls = _pick(ALL_OBJECTIVES, "objective", name)
     kwargs = {arg: cfg[key] for arg, key in OBJECTIVE_ARGS[name].items() if cfg.get(key) is not None}
     return cls(**kwargs)

@@ -556,8 +556,11 @@ class Trainer:
 
         ``train`` and ``valid``: a tensor ``[N, ...]`` or a tuple of tensors with the same first dimension
         (``(x, y)``); each batch is sliced from all of them by the same permutation and passed as
-        ``model(*batch)``, ``guide(*batch)``. ``dynamic_binarize`` resamples the first tensor only."""
-        check_fit_data(self.model, train, valid)
+        ``model(*batch)``, ``guide(*batch)``. ``dynamic_binarize`` resamples the first tensor only.
+
+        ``train`` may also be a batch source with :class:`~pyrovae.data.Batches`'s ``__len__``, ``permutation()``,
+        ``batch(perm, index)`` and ``data`` (e.g. :class:`pyrovae.text.BucketBatches`, batches of sentences of
+        similar length): its batches are used as they come (``batch_size`` then only sizes validation)."""
         if int(batch_size) < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
         if int(epochs) < 0:
@@ -568,12 +571,14 @@ class Trainer:
                 + (f" and {self.cursor.pos} batches into epoch {self.cursor.epoch + 1}" if self.cursor.pos else "")
                 + f": pass epochs >= {self.cursor.epoch + (1 if self.cursor.pos else 0)} to continue it (epochs count those already done)"
             )
-        train = as_inputs(train, "train")
+        source = train if all(hasattr(train, a) for a in ("permutation", "batch", "data", "__len__")) else None
+        train = as_inputs(train if source is None else source.data, "train")
         valid = None if valid is None else as_inputs(valid, "valid")
+        check_fit_data(self.model, train, valid)
         n = train[0].shape[0]
         if n == 0:
             raise ValueError("the training set is empty")
-        batches = Batches(train, batch_size, dynamic_binarize=dynamic_binarize)
+        batches = source if source is not None else Batches(train, batch_size, dynamic_binarize=dynamic_binarize)
         num_batches = len(batches)
 
         def batch(cursor: Cursor) -> tuple:

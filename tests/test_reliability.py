@@ -150,7 +150,7 @@ def test_unknown_names_list_the_valid_ones(option, bad, valid, capsys):
     (registry.build_model, {"model": "vea"}, lambda: registry.MODELS),
     (registry.build_guide, {"guide": "gausian"}, lambda: registry.GUIDES),
     (registry.build_guide, {"guide": "flow", "flow": "plannar", "z_dims": [2]}, lambda: FLOWS),
-    (lambda cfg, _: registry.build_objective(cfg), {"objective": "elbow"}, lambda: OBJECTIVES),
+    (lambda cfg, _: registry.build_objective(cfg), {"objective": "elbow"}, lambda: registry.ALL_OBJECTIVES),
 ])
 def test_registry_names_list_the_valid_ones(build, cfg, names):
     with pytest.raises(ValueError, match="is not known; choose one of") as e:

@@ -1,0 +1,225 @@
+"""Sentence VAE (Bowman et al. 2016) and its RNN language-model baseline, as Pyro programs on padded text.
+
+Both take a batch of :class:`pyrovae.text.Sentences`, ``model(tokens, lengths)``: ``tokens`` ``[B, T + 1]`` =
+``<sos> w_1 .. w_L <eos> <pad>..``, ``lengths`` ``[B]`` = ``L + 1``. The decoder is teacher-forced on
+``tokens[:, :-1]`` and scores ``tokens[:, 1:]`` with a Categorical per position, masked at ``t >= lengths``::
+
+    z ~ N(0, I)                                      (SentenceVAE only; none in RNNLM)
+    h_0 = tanh(W z + b)                              (RNNLM: h_0 = 0)
+    h_t = RNN(embed(x_{t-1}), h_{t-1}),  x_t ~ Categorical(softmax(V h_t)),  t < L + 1
+
+Word dropout (Bowman et al. 2016, section 3.2) replaces decoder inputs (never ``<sos>``, never the targets)
+by ``<unk>`` with probability ``word_dropout`` while training: in train mode with gradients on, so that an
+evaluation under ``torch.no_grad`` (log-likelihood, validation ELBO) scores the model without it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import pyro
+import pyro.distributions as dist
+from pyro.infer.util import is_validation_enabled
+import torch
+from torch import nn
+
+
+RNNS = {"lstm": nn.LSTM, "gru": nn.GRU}
+#: indices fixed by :class:`pyrovae.text.Vocab`
+PAD, SOS, EOS, UNK = 0, 1, 2, 3
+
+
+def _check(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
+    return value
+
+
+def _rnn(rnn: str, input_size: int, hidden_size: int, num_layers: int) -> nn.RNNBase:
+    if rnn not in RNNS:
+        raise ValueError(f"rnn={rnn!r} is not known; choose one of {sorted(RNNS)}")
+    return RNNS[rnn](input_size, hidden_size, num_layers, batch_first=True)
+
+
+def token_mask(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` bool: True at the predicted positions ``t < lengths`` of ``tokens`` ``[B, T + 1]``."""
+    return torch.arange(tokens.shape[1] - 1, device=tokens.device) < lengths[:, None]
+
+
+def check_batch(tokens: torch.Tensor, lengths: torch.Tensor, vocab_size: int) -> None:
+    """Shape and range checks of a batch (only while Pyro validation is on: each is a host read)."""
+    if tokens.dim() != 2 or lengths.shape != tokens.shape[:1]:
+        raise ValueError(
+            f"tokens has shape {tuple(tokens.shape)} and lengths {tuple(lengths.shape)}; expected [B, T + 1] and [B] "
+            "(pyrovae.text.Sentences: <sos> words <eos> padding, lengths = words + 1)"
+        )
+    if tokens.dtype != torch.long:
+        raise TypeError(f"tokens has dtype {tokens.dtype}; pass word indices as torch.long")
+    if is_validation_enabled() and tokens.numel():
+        if int(lengths.min()) < 1 or int(lengths.max()) > tokens.shape[1] - 1:
+            raise ValueError(f"lengths must be in [1, {tokens.shape[1] - 1}] for tokens of width {tokens.shape[1]}; got [{int(lengths.min())}, {int(lengths.max())}]")
+        if int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size:
+            raise ValueError(f"token indices must be in [0, {vocab_size}) for vocab_size={vocab_size}; got [{int(tokens.min())}, {int(tokens.max())}]")
+
+
+class SentenceDecoder(nn.Module):
+    """Embedding, RNN (``lstm`` or ``gru``) and a softmax layer; the initial state is a function of ``z`` or zero.
+
+    Args:
+        vocab_size: V, including ``<pad> <sos> <eos> <unk>``.
+        z_dim: size of the code that initialises the state (None: zero initial state, a language model).
+        embed_dim, hidden_dim, num_layers, rnn: the network.
+        word_dropout: probability of replacing a decoder input (after ``<sos>``) by ``<unk>`` while training.
+    """
+
+    def __init__(self, vocab_size: int, z_dim: Optional[int] = None, embed_dim: int = 353, hidden_dim: int = 191, num_layers: int = 1, rnn: str = "lstm", word_dropout: float = 0.0):
+        super().__init__()
+        self.vocab_size, self.z_dim = _check("vocab_size", vocab_size, 5), z_dim
+        self.hidden_dim, self.num_layers, self.rnn_type = _check("hidden_dim", hidden_dim), _check("num_layers", num_layers), rnn
+        if not (isinstance(word_dropout, (int, float)) and 0.0 <= word_dropout <= 1.0):
+            raise ValueError(f"word_dropout={word_dropout!r} must be a probability in [0, 1] (Bowman et al. use 0.25 to 0.5; 1.0 hides every input word)")
+        self.word_dropout = float(word_dropout)
+        self.embed = nn.Embedding(vocab_size, _check("embed_dim", embed_dim))
+        self.rnn = _rnn(rnn, embed_dim, hidden_dim, num_layers)
+        self.out = nn.Linear(hidden_dim, vocab_size)
+        states = 2 if rnn == "lstm" else 1
+        self.init = None if z_dim is None else nn.Linear(_check("z_dim", z_dim), states * num_layers * hidden_dim)
+
+    def initial_state(self, z: Optional[torch.Tensor], batch: int, like: torch.Tensor):
+        """RNN state ``[layers, N, H]`` (a pair for an LSTM) from ``z`` ``[N, D]``, or zeros when ``z`` is None."""
+        if z is None or self.init is None:
+            h = like.new_zeros(self.num_layers, batch, self.hidden_dim, dtype=self.out.weight.dtype)
+            return (h, h) if self.rnn_type == "lstm" else h
+        s = torch.tanh(self.init(z)).reshape(batch, -1, self.num_layers, self.hidden_dim).permute(1, 2, 0, 3).contiguous()
+        return (s[0], s[1]) if self.rnn_type == "lstm" else s[0]
+
+    def drop_words(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs`` with each position after the first replaced by ``<unk>`` with probability ``word_dropout``
+        (only in train mode with gradients on)."""
+        if self.word_dropout == 0.0 or not (self.training and torch.is_grad_enabled()):
+            return inputs
+        drop = torch.rand(inputs.shape, device=inputs.device) < self.word_dropout
+        drop[..., 0] = False  # <sos> stays
+        return inputs.masked_fill(drop, UNK)
+
+    def forward(self, inputs: torch.Tensor, z: Optional[torch.Tensor] = None, state=None):
+        """Logits ``[*batch, T, V]`` for ``inputs`` ``[B, T]`` and ``z`` ``[*batch, D]`` (particles may lead: the
+        inputs are repeated for each), and the final state."""
+        lead = inputs.shape[:-1] if z is None else z.shape[:-1]
+        n = lead.numel()
+        x = self.drop_words(inputs.expand(*lead, inputs.shape[-1]).reshape(n, -1))
+        if state is None:
+            state = self.initial_state(None if z is None else z.reshape(n, -1), n, inputs)
+        h, state = self.rnn(self.embed(x), state)
+        return self.out(h).reshape(*lead, inputs.shape[-1], self.vocab_size), state
+
+    @torch.no_grad()
+    def generate(self, z: Optional[torch.Tensor], num: int, max_length: int = 50, greedy: bool = True, temperature: float = 1.0) -> torch.Tensor:
+        """Decode ``num`` sentences (``z`` ``[num, D]`` or None): argmax (``greedy``) or sampled words, fed back
+        one at a time, up to ``<eos>`` or ``max_length`` words. Returns ``[num, max_length + 1]`` word indices
+        (``<eos>`` then ``<pad>`` after each sentence's end)."""
+        device = self.out.weight.device
+        word = torch.full((num, 1), SOS, dtype=torch.long, device=device)
+        state = self.initial_state(z, num, word)
+        out, done = [], torch.zeros(num, dtype=torch.bool, device=device)
+        for _ in range(max_length + 1):
+            h, state = self.rnn(self.embed(word), state)
+            logits = self.out(h[:, -1])
+            logits[:, [PAD, SOS]] = -float("inf")  # never targets
+            word = logits.argmax(-1) if greedy else torch.distributions.Categorical(logits=logits / temperature).sample()
+            word = word.masked_fill(done, PAD)
+            out.append(word)
+            done |= word == EOS
+            word = word[:, None]
+            if bool(done.all()):
+                break
+        return torch.stack(out, 1)
+
+
+class _TextModel(nn.Module):
+    """The observation site shared by the VAE and the language model."""
+
+    decoder: SentenceDecoder
+
+    def observe(self, tokens: torch.Tensor, lengths: torch.Tensor, z: Optional[torch.Tensor]) -> None:
+        logits, _ = self.decoder(tokens[:, :-1], z)
+        mask = token_mask(tokens, lengths)
+        pyro.sample("x", dist.Categorical(logits=logits).mask(mask).to_event(1), obs=tokens[:, 1:])
+
+    def generate(self, z: Optional[torch.Tensor], num: int, max_length: int = 50, greedy: bool = True, temperature: float = 1.0) -> torch.Tensor:
+        return self.decoder.generate(z, num, max_length, greedy, temperature)
+
+    # --- hooks of the command line (``pyrovae evaluate`` / ``pyrovae sample``) ----------------------
+    def evaluate_run(self, guide, splits, test, run_dir, num_samples: int) -> dict:
+        """Test metrics by length bucket (:func:`pyrovae.text.evaluate_text`: NLL with ``num_samples`` importance
+        samples, perplexity, KL, active units) and the text outputs in ``run_dir``
+        (:func:`pyrovae.text.write_text_outputs`)."""
+        from pyrovae.text import evaluate_text, write_text_outputs
+
+        r = evaluate_text(self, guide, test, num_samples=num_samples)
+        write_text_outputs(self, guide, test, splits.vocab, run_dir)
+        return {
+            "num_test": r["num_sentences"], "num_tokens": r["num_tokens"], "num_samples": num_samples, "test_nll": r["nll"],
+            "test_nll_stderr_over_data": r["nll_stderr_over_data"], "test_nll_importance_stderr": r["nll_importance_stderr"],
+            "test_perplexity": r["perplexity"], "perplexity_note": "exp(total NLL / predicted tokens), <eos> included",
+            "test_elbo": r["elbo"], "test_recon": r["recon"], "test_kl": r["kl"], "active_units": r["active_units"],
+            "data": splits.describe() if hasattr(splits, "describe") else None,  # states the length limit and what it did
+            "outputs": ["samples.txt"] + (["reconstructions.txt", "homotopies.txt"] if getattr(self, "z_dim", None) else []),
+        }
+
+    def sample_run(self, splits, num: int, max_length: int = 40) -> list[str]:
+        """``num`` sentences from the model: greedy and sampled decodings of z ~ p(z) (sampled only without z)."""
+        z_dim = getattr(self, "z_dim", None)
+        z = None if z_dim is None else torch.randn(num, z_dim, device=self.decoder.out.weight.device)
+        lines = splits.vocab.decode_batch(self.generate(z, num, max_length, greedy=False))
+        if z is None:
+            return lines
+        greedy = splits.vocab.decode_batch(self.generate(z, num, max_length, greedy=True))
+        return [f"greedy:  {g}\nsampled: {s}" for g, s in zip(greedy, lines)]
+
+
+class SentenceVAE(_TextModel):
+    """Bowman et al. (2016)'s generative model: z ~ N(0, I), an RNN decoder initialised from z.
+
+    Args:
+        vocab_size: V (``len(vocab)``).
+        z_dim: size of z (16 by default; Bowman et al. report 13).
+        embed_dim, hidden_dim, num_layers, rnn: the decoder (their LSTM: 353 / 191 / 1).
+        word_dropout: decoder input dropout to ``<unk>`` while training, the probability p.
+    """
+
+    def __init__(self, vocab_size: int, z_dim: int = 16, embed_dim: int = 353, hidden_dim: int = 191, num_layers: int = 1, rnn: str = "lstm", word_dropout: float = 0.0):
+        super().__init__()
+        self.z_dim = _check("z_dim", z_dim)
+        self.decoder = SentenceDecoder(vocab_size, z_dim, embed_dim, hidden_dim, num_layers, rnn, word_dropout)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> None:
+        check_batch(tokens, lengths, self.decoder.vocab_size)
+        pyro.module("sentence_decoder", self)
+        batch = tokens.shape[0]
+        with pyro.plate("data", batch):
+            z = pyro.sample("z", dist.Normal(tokens.new_zeros(batch, self.z_dim, dtype=self.decoder.out.weight.dtype), 1.0).to_event(1))
+            self.observe(tokens, lengths, z)
+
+    @torch.no_grad()
+    def sample_prior(self, num: int, max_length: int = 50, greedy: bool = True) -> torch.Tensor:
+        z = torch.randn(num, self.z_dim, device=self.decoder.out.weight.device)
+        return self.generate(z, num, max_length, greedy)
+
+
+class RNNLM(_TextModel):
+    """The baseline: the same decoder with a zero initial state and no latent variable. Every objective's
+    loss is then -log p(x) (the guide has no sites); pair it with :class:`NoLatentGuide`."""
+
+    def __init__(self, vocab_size: int, embed_dim: int = 353, hidden_dim: int = 191, num_layers: int = 1, rnn: str = "lstm", word_dropout: float = 0.0):
+        super().__init__()
+        self.decoder = SentenceDecoder(vocab_size, None, embed_dim, hidden_dim, num_layers, rnn, word_dropout)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> None:
+        check_batch(tokens, lengths, self.decoder.vocab_size)
+        pyro.module("lm_decoder", self)
+        with pyro.plate("data", tokens.shape[0]):
+            self.observe(tokens, lengths, None)
+
+    @torch.no_grad()
+    def sample_prior(self, num: int, max_length: int = 50, greedy: bool = True) -> torch.Tensor:
+        return self.generate(None, num, max_length, greedy)

@@ -1,0 +1,478 @@
+"""Text as data: a vocabulary, sentences as padded index tensors with lengths, length buckets, PTB.
+
+A corpus of sentences becomes :class:`Sentences`, a named tuple ``(tokens, lengths)`` of two tensors on
+the device, so that a batch is passed to a model as ``model(tokens, lengths)``:
+
+- ``tokens`` ``[N, T + 1]`` (long): ``<sos> w_1 ... w_L <eos> <pad> ...``;
+- ``lengths`` ``[N]`` (long): ``L + 1``, the number of tokens a language model predicts (the words and
+  ``<eos>``). A decoder reads ``tokens[:, :-1]`` and predicts ``tokens[:, 1:]`` at the positions
+  ``t < lengths``; everything beyond is padding that no loss may read.
+
+:class:`BucketBatches` draws batches of sentences of similar length, each cut to its longest sentence
+rounded up to a multiple of ``pad_multiple`` (little padding, and few distinct shapes for the trainer's
+captured step). Perplexity is ``exp(total NLL / total predicted tokens)``, ``<eos>`` included.
+
+Penn Treebank: Mikolov's split (``ptb.train.txt``, ``ptb.valid.txt``, ``ptb.test.txt``, one sentence per
+line, 10k words with ``<unk>``), loaded by ``load_dataset("ptb")`` (:func:`load_ptb`).
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, NamedTuple, Optional, Sequence, Union
+
+import torch
+
+from pyrovae.data import DataError, PathLike, register_loader, resolve
+
+PAD, SOS, EOS, UNK = "<pad>", "<sos>", "<eos>", "<unk>"
+SPECIALS = (PAD, SOS, EOS, UNK)
+#: what to do with a sentence of more than ``max_length`` words
+OVERLONG = ("cut", "drop")
+
+
+class Vocab:
+    """Word <-> index maps with the special tokens ``<pad>`` (0), ``<sos>`` (1), ``<eos>`` (2), ``<unk>`` (3).
+
+    Args:
+        words: the other words, in index order (specials among them are skipped).
+    """
+
+    def __init__(self, words: Iterable[str]):
+        self.itos: list[str] = list(SPECIALS) + [w for w in dict.fromkeys(words) if w not in SPECIALS]
+        self.stoi: dict[str, int] = {w: i for i, w in enumerate(self.itos)}
+        self.pad, self.sos, self.eos, self.unk = (self.stoi[s] for s in SPECIALS)
+
+    @classmethod
+    def build(cls, sentences: Iterable[Sequence[str]], max_size: Optional[int] = None, min_count: int = 1) -> "Vocab":
+        """The words of ``sentences`` by decreasing count (ties alphabetical), at most ``max_size`` of them
+        (specials included), each seen at least ``min_count`` times; the rest become ``<unk>``."""
+        counts = Counter(w for s in sentences for w in s if w not in SPECIALS)
+        words = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+        if max_size is not None:
+            if max_size <= len(SPECIALS):
+                raise ValueError(f"max_size={max_size} leaves no room for words beside the {len(SPECIALS)} specials; pass max_size > {len(SPECIALS)} or None")
+            words = words[: max_size - len(SPECIALS)]
+        return cls(words)
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, words: Sequence[str]) -> list[int]:
+        return [self.stoi.get(w, self.unk) for w in words]
+
+    def decode(self, ids: Iterable[int], stop_at_eos: bool = True) -> str:
+        """Words of ``ids`` joined by spaces, without ``<sos>``/``<pad>``, up to the first ``<eos>``."""
+        out = []
+        for i in (int(i) for i in ids):
+            if i == self.eos and stop_at_eos:
+                break
+            if i in (self.sos, self.pad):
+                continue
+            out.append(self.itos[i] if 0 <= i < len(self.itos) else UNK)
+        return " ".join(out)
+
+    def decode_batch(self, tokens: torch.Tensor) -> list[str]:
+        return [self.decode(row) for row in tokens.tolist()]
+
+    def state_dict(self) -> dict:
+        return {"itos": self.itos}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "Vocab":
+        return cls(state["itos"][len(SPECIALS):])
+
+
+class Sentences(NamedTuple):
+    """Padded sentences: ``tokens`` ``[N, T + 1]`` = ``<sos> words <eos> <pad>...`` and ``lengths`` ``[N]`` =
+    words + 1 (the predicted tokens). A tuple of tensors: ``model(*sentences)`` runs a model on them."""
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+
+    def __getitem__(self, index):
+        """An int gives a field (tuple semantics: ``tokens, lengths = sentences``); a slice, an index tensor or a
+        mask gives those sentences, so that code written for a data tensor (``data[:n]``) works unchanged."""
+        if isinstance(index, int):
+            return tuple.__getitem__(self, index)
+        return Sentences(self.tokens[index], self.lengths[index])
+
+    @property
+    def shape(self) -> torch.Size:
+        """The tokens' shape ``[N, T + 1]`` (``shape[0]``: the number of sentences, as for a data tensor)."""
+        return self.tokens.shape
+
+    @property
+    def num_sentences(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """Predicted tokens in all (``<eos>`` included), the denominator of perplexity."""
+        return int(self.lengths.sum())
+
+    def take(self, index) -> "Sentences":
+        return Sentences(self.tokens[index], self.lengths[index])
+
+    def trim(self, multiple: int = 1) -> "Sentences":
+        """The same sentences with the padding beyond the longest one (rounded up to ``multiple``) cut off."""
+        width = min(self.tokens.shape[1] - 1, _round_up(int(self.lengths.max()), multiple)) if self.num_sentences else 0
+        return Sentences(self.tokens[:, : width + 1], self.lengths)
+
+    def to(self, device) -> "Sentences":
+        return Sentences(self.tokens.to(device), self.lengths.to(device))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def pad_sentences(sentences: Sequence[Sequence[int]], vocab: Vocab, device: Union[str, torch.device] = "cpu") -> Sentences:
+    """Index lists (without ``<sos>``/``<eos>``) -> :class:`Sentences` padded to the longest one."""
+    n, width = len(sentences), max((len(s) for s in sentences), default=0) + 1
+    tokens = torch.full((n, width + 1), vocab.pad, dtype=torch.long)
+    tokens[:, 0] = vocab.sos
+    words = torch.as_tensor([len(s) for s in sentences], dtype=torch.long)
+    flat = torch.as_tensor([i for s in sentences for i in s], dtype=torch.long)
+    rows = torch.repeat_interleave(torch.arange(n), words)
+    starts = torch.repeat_interleave(torch.cumsum(words, 0) - words, words)
+    tokens[rows, torch.arange(len(flat)) - starts + 1] = flat
+    tokens[torch.arange(n), words + 1] = vocab.eos
+    lengths = words + 1
+    return Sentences(tokens.to(device), lengths.to(device))
+
+
+def encode_corpus(texts: Sequence[Sequence[str]], vocab: Vocab, device: Union[str, torch.device] = "cpu") -> Sentences:
+    """Word lists -> :class:`Sentences` (unknown words become ``<unk>``)."""
+    return pad_sentences([vocab.encode(s) for s in texts], vocab, device)
+
+
+def limit_length(texts: list, max_length: Optional[int], overlong: str) -> tuple[list, int]:
+    """Apply ``max_length`` (words) to ``texts``: ``cut`` keeps the first words, ``drop`` leaves the sentence
+    out. Returns the texts and how many sentences were over the limit."""
+    if overlong not in OVERLONG:
+        raise ValueError(f"overlong={overlong!r} is not known; choose 'cut' (keep the first max_length words) or 'drop' (leave such sentences out)")
+    if max_length is None:
+        return texts, 0
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length={max_length!r} must be a positive number of words, or None for no limit")
+    over = sum(len(s) > max_length for s in texts)
+    if overlong == "cut":
+        return [s[:max_length] for s in texts], over
+    return [s for s in texts if len(s) <= max_length], over
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batching
+
+
+class BucketBatches:
+    """Batches of sentences of similar length, each cut to its longest sentence rounded up to ``pad_multiple``.
+
+    Each epoch sorts the sentences by length with ties in random order, cuts the order into batches of
+    ``batch_size`` and shuffles the full batches (a smaller remainder comes last). The interface is
+    :class:`pyrovae.data.Batches`'s: ``permutation()`` gives an epoch's order of sentences and
+    ``batch(perm, i)`` its ``i``-th batch, so an epoch can be resumed from the same ``perm``.
+
+    Args:
+        data: the sentences, on their device.
+        batch_size: sentences per batch.
+        pad_multiple: batch widths are multiples of this (fewer distinct shapes, a little more padding).
+        shuffle: False gives the sentences sorted by length, batches in that order.
+        generator: a ``torch.Generator`` on the data's device (None: the global RNG).
+    """
+
+    def __init__(self, data: Sentences, batch_size: int, pad_multiple: int = 8, shuffle: bool = True, generator: Optional[torch.Generator] = None):
+        if not isinstance(data, Sentences):
+            raise TypeError(f"data is a {type(data).__name__}; pass Sentences(tokens, lengths), e.g. load_dataset('ptb').train")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be an int >= 1, e.g. batch_size=32")
+        if isinstance(pad_multiple, bool) or not isinstance(pad_multiple, int) or pad_multiple < 1:
+            raise ValueError(f"pad_multiple={pad_multiple!r} must be an int >= 1 (1: cut each batch exactly to its longest sentence)")
+        if data.num_sentences == 0:
+            raise ValueError("data has no sentences; load a non-empty corpus")
+        self.data, self.batch_size, self.pad_multiple, self.shuffle, self.generator = data, batch_size, pad_multiple, shuffle, generator
+        self._lengths_cpu = data.lengths.cpu()
+        self._perm: Optional[torch.Tensor] = None  # the epoch order whose batch widths are in _widths (held: no id reuse)
+        self._widths: list[int] = []
+
+    def __len__(self) -> int:
+        return -(-self.data.num_sentences // self.batch_size)
+
+    def permutation(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        n, device = self.data.num_sentences, self.data.lengths.device
+        g = generator if generator is not None else self.generator
+        if not self.shuffle:
+            return torch.sort(self.data.lengths, stable=True).indices
+        ties = torch.randperm(n, device=device, generator=g)
+        order = ties[torch.sort(self.data.lengths[ties], stable=True).indices]
+        full = n // self.batch_size
+        blocks = order[: full * self.batch_size].view(full, self.batch_size)
+        blocks = blocks[torch.randperm(full, device=device, generator=g)].reshape(-1)
+        return torch.cat([blocks, order[full * self.batch_size :]])
+
+    def _width(self, perm: torch.Tensor, index: int) -> int:
+        if perm is not self._perm:  # one host read per epoch for all the batch widths
+            lengths = self._lengths_cpu[perm.cpu()]
+            self._widths = [int(lengths[i : i + self.batch_size].max()) for i in range(0, len(lengths), self.batch_size)]
+            self._perm = perm
+        return min(_round_up(self._widths[index], self.pad_multiple), self.data.tokens.shape[1] - 1)
+
+    def batch(self, perm: torch.Tensor, index: int) -> Sentences:
+        idx = perm[index * self.batch_size : (index + 1) * self.batch_size]
+        width = self._width(perm, index)
+        return Sentences(self.data.tokens[idx, : width + 1], self.data.lengths[idx])
+
+    def epoch(self, perm: Optional[torch.Tensor] = None, start: int = 0) -> Iterator[Sentences]:
+        perm = self.permutation() if perm is None else perm
+        for i in range(start // self.batch_size, len(self)):
+            yield self.batch(perm, i)
+
+    def __iter__(self) -> Iterator[Sentences]:
+        return self.epoch()
+
+
+def buckets(data: Sentences, batch_size: int, pad_multiple: int = 8) -> list[Sentences]:
+    """``data`` sorted by length, in batches cut to their width (for evaluation); with :func:`unsort` the
+    per-sentence results come back in ``data``'s order."""
+    b = BucketBatches(data, batch_size, pad_multiple, shuffle=False)
+    perm = b.permutation()
+    return [b.batch(perm, i) for i in range(len(b))]
+
+
+def bucket_order(data: Sentences) -> torch.Tensor:
+    """The order of :func:`buckets` (sentences sorted by length, stable)."""
+    return torch.sort(data.lengths, stable=True).indices
+
+
+def unsort(values: torch.Tensor, data: Sentences) -> torch.Tensor:
+    """Per-sentence ``values`` computed in :func:`buckets` order, put back in ``data``'s order."""
+    out = torch.empty_like(values)
+    out[bucket_order(data).to(values.device)] = values
+    return out
+
+
+def perplexity(nll_per_sentence: torch.Tensor, lengths: torch.Tensor) -> float:
+    """``exp(sum NLL / sum lengths)``: per-token perplexity over all predicted tokens, ``<eos>`` included."""
+    return math.exp(float(nll_per_sentence.sum()) / float(lengths.sum()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Penn Treebank
+
+PTB_FILES = ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt")
+
+
+@dataclass
+class TextSplits:
+    """Train / validation / test :class:`Sentences` on one device, with their :class:`Vocab`.
+
+    ``max_length`` and ``overlong`` say what was done with long sentences; ``over_limit`` counts them per split.
+    """
+
+    train: Sentences
+    valid: Optional[Sentences]
+    test: Optional[Sentences]
+    vocab: Vocab
+    name: str
+    max_length: Optional[int] = None
+    overlong: str = "cut"
+    over_limit: dict = field(default_factory=dict)
+    binarize: str = "none"  # text has no binarization; kept so that code written for DataSplits runs unchanged
+
+    @property
+    def x_shape(self) -> tuple:
+        """Not a fixed shape: sentences have their own lengths. ``(len(vocab),)`` for code that wants one."""
+        return (len(self.vocab),)
+
+    def batches(self, batch_size: int, pad_multiple: int = 8) -> BucketBatches:
+        """The training sentences in length buckets, for ``Trainer.fit`` (which takes any such batch source)."""
+        return BucketBatches(self.train, batch_size, pad_multiple)
+
+    def describe(self) -> str:
+        """One line for logs: sizes, vocabulary and what happened to sentences over the length limit."""
+        sizes = ", ".join(f"{k} {getattr(self, k).num_sentences}" for k in ("train", "valid", "test") if getattr(self, k) is not None)
+        if self.max_length is None:
+            limit = "no length limit"
+        else:
+            verb = "cut to" if self.overlong == "cut" else "dropped above"
+            counts = ", ".join(f"{k} {v}" for k, v in self.over_limit.items())
+            limit = f"sentences longer than {self.max_length} words {verb} {self.max_length} words ({counts})" if self.overlong == "cut" else f"sentences longer than {self.max_length} words dropped ({counts})"
+        return f"{self.name}: {sizes} sentences; vocabulary {len(self.vocab)} (with <pad> <sos> <eos> <unk>); {limit}"
+
+
+def read_lines(path: Path) -> list[list[str]]:
+    """One sentence per line, words separated by white space; empty lines are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read as UTF-8 text ({type(e).__name__}: {e}); point --data-dir / PYROVAE_DATA at a good copy") from e
+    return [line.split() for line in text.splitlines() if line.strip()]
+
+
+def load_ptb(
+    data_dir: Optional[PathLike] = None,
+    device: Union[str, torch.device] = "cpu",
+    max_length: Optional[int] = None,
+    overlong: str = "cut",
+    vocab_size: Optional[int] = None,
+    download: bool = True,
+    **unused,
+) -> TextSplits:
+    """Penn Treebank, Mikolov's split, as :class:`TextSplits` (also ``load_dataset("ptb", ...)``).
+
+    Args:
+        data_dir: folder searched first (see :func:`pyrovae.data.resolve`; files in ``ptb/`` or the folder itself).
+        device: where the tensors live.
+        max_length: words per sentence at most (None: no limit; PTB's longest has 82). Applies to every split.
+        overlong: ``cut`` (keep the first ``max_length`` words; the sentence still ends with ``<eos>``) or ``drop``.
+        vocab_size: keep the most frequent words only (None: every training word, 10k for PTB).
+        unused: options of image datasets (``binarize``, ``valid_size``, ``seed``), ignored.
+    """
+    limit_length([], max_length, overlong)  # validates both before reading anything
+    folder = resolve("ptb", data_dir, download=download)
+    texts = {split: read_lines(folder / f"ptb.{split}.txt") for split in ("train", "valid", "test")}
+    vocab = Vocab.build(texts["train"], max_size=vocab_size)
+    over, out = {}, {}
+    for split, t in texts.items():
+        t, over[split] = limit_length(t, max_length, overlong)
+        if not t:
+            raise DataError(f"{folder / f'ptb.{split}.txt'} has no sentences within max_length={max_length}; pass a larger max_length")
+        out[split] = encode_corpus(t, vocab, device)
+    return TextSplits(out["train"], out["valid"], out["test"], vocab, "ptb", max_length, overlong, over)
+
+
+register_loader("ptb", PTB_FILES, hint="Mikolov's PTB split (simple-examples/data/ptb.{train,valid,test}.txt)")(load_ptb)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation and text outputs
+
+#: decoder outputs (floats) of one importance-sampling pass: the chunk budget of log_likelihood, in tokens x words
+TEXT_MAX_ELEMENTS = 2**24
+
+
+@torch.no_grad()
+def evaluate_text(model, guide, data: Sentences, num_samples: int = 100, batch_size: int = 100, max_elements: int = TEXT_MAX_ELEMENTS, vocab_size: Optional[int] = None) -> dict:
+    """Test metrics of a model of :class:`Sentences`, by length bucket (little padding):
+
+    - ``nll``: -log p(x) per sentence, importance sampled with ``num_samples`` samples of the guide
+      (:func:`pyrovae.evaluate.log_likelihood`; exact for a model without latent variables), mean over sentences;
+    - ``perplexity``: exp(sum of NLL / number of predicted tokens), ``<eos>`` included;
+    - ``elbo``, ``recon``, ``kl`` (one sample per sentence) and ``active_units`` (Burda et al. 2016).
+
+    The programs run in eval mode (no word dropout), then go back to the mode they were in.
+    """
+    from pyrovae import evaluate as E
+
+    programs = [p for p in (model, guide) if isinstance(p, torch.nn.Module)]
+    modes = [p.training for p in programs]
+    for p in programs:
+        p.eval()
+    vocab_size = vocab_size or getattr(getattr(model, "decoder", None), "vocab_size", 1)
+    try:
+        nll, err, terms, means = [], [], {"elbo": 0.0, "recon": 0.0, "kl": 0.0}, {}
+        for b in buckets(data, batch_size):
+            ll = E.log_likelihood(model, guide, tuple(b), num_samples, b.num_sentences, max(1, max_elements // vocab_size))
+            nll.append(-ll.values)
+            err.append(ll.stderr)
+            t = E.elbo_terms(model, guide, tuple(b), 1, b.num_sentences)
+            for k in terms:
+                terms[k] += t[k] * b.num_sentences
+            for name, m in _posterior_means(guide, b).items():
+                means.setdefault(name, []).append(m)
+    finally:
+        for p, mode in zip(programs, modes):
+            p.train(mode)
+    nll = unsort(torch.cat(nll), data)
+    n = data.num_sentences
+    return {
+        "num_sentences": n,
+        "num_tokens": data.num_tokens,
+        "num_samples": num_samples,
+        "nll": float(nll.mean()),
+        "nll_stderr_over_data": float(nll.std() / math.sqrt(n)) if n > 1 else float("nan"),
+        "nll_importance_stderr": float(torch.cat(err).pow(2).mean().sqrt() / math.sqrt(n)),
+        "perplexity": perplexity(nll, data.lengths),
+        "nll_per_token": float(nll.sum()) / data.num_tokens,
+        **{k: v / n for k, v in terms.items()},
+        "active_units": {k: int((torch.cat(v).var(0) > 1e-2).sum()) for k, v in means.items()},
+        "nll_values": nll,
+    }
+
+
+def _posterior_means(guide, batch: Sentences) -> dict:
+    """E_q[z | x] per latent site from one run of the guide (the distribution's mean: one stochastic layer)."""
+    from pyro import poutine
+
+    from pyro.poutine.util import prune_subsample_sites
+
+    trace = prune_subsample_sites(poutine.trace(guide).get_trace(*batch))
+    out = {}
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and not site["is_observed"]:
+            out[name] = site["fn"].mean.reshape(batch.num_sentences, -1)
+    return out
+
+
+@torch.no_grad()
+def posterior_mean_codes(guide, data: Sentences, site: str = "z", batch_size: int = 500) -> torch.Tensor:
+    """The guide's mean of latent ``site`` for every sentence, ``[N, D]`` in ``data``'s order."""
+    codes = [_posterior_means(guide, b)[site] for b in buckets(data, batch_size)]
+    return unsort(torch.cat(codes), data) if codes else torch.empty(0)
+
+
+def homotopy(z0: torch.Tensor, z1: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """``steps`` codes on the segment from ``z0`` to ``z1``, ends included (Bowman et al. 2016, section 4.2)."""
+    t = torch.linspace(0, 1, steps, device=z0.device, dtype=z0.dtype)[:, None]
+    return (1 - t) * z0 + t * z1
+
+
+@torch.no_grad()
+def write_text_outputs(model, guide, data: Sentences, vocab: Vocab, run_dir: PathLike, num: int = 10, max_length: int = 40, seed: int = 0) -> dict:
+    """Write the text outputs of a sentence model into ``run_dir`` and return them:
+
+    - ``reconstructions.txt``: ``num`` test sentences and their greedy decoding from the posterior mean;
+    - ``samples.txt``: decodings of ``num`` codes z ~ p(z), greedy and sampled (one per code);
+    - ``homotopies.txt``: 5-step linear interpolations between the codes of pairs of test sentences, greedy.
+
+    ``model.generate(z, num, max_length, greedy)`` decodes (``z`` None for a model without latents, which gets
+    samples only). Uses its own seeded generator state, restoring the global one afterwards.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = data.tokens.device
+    programs = [p for p in (model, guide) if isinstance(p, torch.nn.Module)]
+    modes = [p.training for p in programs]
+    for p in programs:
+        p.eval()
+    rng = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    out: dict[str, list] = {}
+    try:
+        z_dim = getattr(model, "z_dim", None)
+        z = None if z_dim is None else torch.randn(num, z_dim, device=device)
+        greedy = vocab.decode_batch(model.generate(z, num, max_length, greedy=True))
+        sampled = vocab.decode_batch(model.generate(z, num, max_length, greedy=False))
+        out["samples"] = [f"greedy:  {g}\nsampled: {s}" for g, s in zip(greedy, sampled)]
+        if z_dim is not None:
+            chosen = torch.randperm(data.num_sentences)[: 2 * num].tolist()
+            test = data.take(torch.as_tensor(chosen[:num], device=device)).trim()
+            codes = posterior_mean_codes(guide, test)
+            recon = vocab.decode_batch(model.generate(codes, len(codes), max_length, greedy=True))
+            out["reconstructions"] = [f"input:  {vocab.decode(x)}\noutput: {r}" for x, r in zip(test.tokens.tolist(), recon)]
+            pairs = data.take(torch.as_tensor(chosen[num : 2 * num], device=device)).trim()
+            ends = posterior_mean_codes(guide, pairs)
+            out["homotopies"] = []
+            for i in range(0, len(ends) - 1, 2):
+                path = vocab.decode_batch(model.generate(homotopy(ends[i], ends[i + 1]), 5, max_length, greedy=True))
+                out["homotopies"].append("\n".join(f"  {s}" for s in path))
+    finally:
+        torch.random.set_rng_state(rng)
+        for p, mode in zip(programs, modes):
+            p.train(mode)
+    for name, items in out.items():
+        (run_dir / f"{name}.txt").write_text("\n\n".join(items) + "\n", encoding="utf-8")
+    return out
