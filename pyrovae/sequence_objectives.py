@@ -16,7 +16,7 @@ import torch
 from pyro.distributions import MaskedDistribution
 from pyro.distributions.kl import kl_divergence
 
-from pyrovae.objectives.base import LogWeights
+from pyrovae.objectives.base import LogWeights, TracePair, score_function_term
 from pyrovae.objectives.elbo import BetaELBO
 from pyrovae.objectives.geco import GECO
 
@@ -92,16 +92,18 @@ class AnnealedELBO(BetaELBO):
         objective = (recon - beta * kl_fb).mean(0).sum() + lw.glob.mean()
         elbo = lw.log_w.mean(0).sum() + lw.glob.mean()
         self._record(lw, elbo=elbo / lw.batch_size, beta_t=beta, free_bits_kl=kl_fb.mean())
-        return -objective, -objective
+        if not lw.nonreparam_sites:
+            return -objective, -objective
+        return -objective, -(objective + score_function_term(lw, recon - beta * kl_fb, lw.glob).mean(0))
 
     def __repr__(self) -> str:
         return f"AnnealedELBO(beta={self.beta}, schedule={self.schedule!r}, free_bits={self.free_bits}, warmup_steps={self.warmup_steps}, num_particles={self.num_particles})"
 
 
-def observed_counts(lw: LogWeights) -> torch.Tensor:
-    """Unmasked observed elements per datum, ``[B]`` (tokens of a masked sequence; all elements otherwise)."""
+def observed_counts(pair: TracePair) -> torch.Tensor:
+    """Unmasked observed elements per datum, ``[1, B]`` (tokens of a masked sequence; all elements otherwise)."""
     total = None
-    for site in lw.model_trace.nodes.values():
+    for site in pair.model_trace.nodes.values():
         if site["type"] != "sample" or not site["is_observed"]:
             continue
         fn, mask = site["fn"], None
@@ -113,9 +115,10 @@ def observed_counts(lw: LogWeights) -> torch.Tensor:
             fn = fn.base_dist
         d = site["fn"]
         shape = d.batch_shape + d.event_shape
-        ones = torch.ones(shape, device=lw.log_px.device)
+        ones = torch.ones(shape, device=site["value"].device)
         counted = ones if mask is None or isinstance(mask, bool) and mask else ones * mask
-        n = counted.reshape(*d.batch_shape, -1).sum(-1).reshape(-1, lw.batch_size)[0]
+        n, _ = pair.reduce(site, counted.reshape(*d.batch_shape, -1).sum(-1))  # summed within each datum, as a log-density
+        n = n[:1]
         total = n if total is None else total + n
     if total is None:
         raise ValueError("the model has no observed site, so there is no reconstruction to constrain")
@@ -134,18 +137,8 @@ class TokenGECO(GECO):
         super().__init__(constraint=lambda x, x_hat: x_hat, tolerance=tolerance, **kwargs)  # placeholder: C comes from log p(x|z)
         self.constraint.name = "token-NLL"
 
-    def _loss_and_surrogate(self, model, guide, args, kwargs):
-        lw = self.log_weights(model, guide, *args, **kwargs)
-        c_hat = (-lw.log_px / observed_counts(lw).clamp_min(1)).mean() - self.constraint.tolerance
-        kl = lw.kl.mean()
-        prev = self.c_ma.to(c_hat.device) if self.c_ma is not None else None
-        c_ma = c_hat.detach() if prev is None else self.alpha * prev + (1 - self.alpha) * c_hat.detach()
-        c_t = c_hat + (c_ma - c_hat).detach()
-        lam = self.log_lambda.to(c_hat).exp()
-        lagrangian = (kl + lam * c_t) * lw.batch_size
-        self._pending = c_ma.detach()
-        self._record(lw, **{"lambda": lam, "constraint": c_ma, "constraint_batch": c_hat})
-        return lagrangian, lagrangian / (1 + lam)
+    def constraint_values(self, lw: LogWeights, args: tuple) -> torch.Tensor:
+        return -lw.log_px / lw.per_pair(observed_counts).clamp_min(1) - self.constraint.tolerance
 
     def __repr__(self) -> str:
         return f"TokenGECO(tolerance={self.constraint.tolerance}, alpha={self.alpha}, nu={self.nu})"

@@ -262,7 +262,7 @@ def test_token_geco_counts_unmasked_tokens_only():
     vocab, data = corpus()
     model, guide = small_vae(vocab), small_encoder(vocab)
     lw = ELBO(num_particles=2).log_weights(model, guide, *data)
-    assert torch.equal(observed_counts(lw), data.lengths.float())
+    assert torch.equal(observed_counts(lw.pairs[0])[0], data.lengths.float())
     with pytest.raises(ValueError, match="tolerance"):
         TokenGECO(tolerance=-1.0)
     assert isinstance(TokenGECO(), GECO)

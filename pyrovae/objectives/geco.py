@@ -286,10 +286,15 @@ class GECO(Objective):
     def lagrange_multiplier(self) -> torch.Tensor:
         return self.log_lambda.exp()
 
+    def constraint_values(self, lw: LogWeights, args: tuple) -> torch.Tensor:
+        """C per particle and datum, ``[P, B]``: the constraint on g(z), the mean of the observed site. A
+        subclass may constrain another function of the log weights (e.g. the reconstruction NLL per token)."""
+        x_hat, x = observed_mean(lw, self.obs_site)
+        return self.constraint.evaluate(x, x_hat, args)
+
     def _loss_and_surrogate(self, model, guide, args, kwargs):
         lw = self.log_weights(model, guide, *args, **kwargs)
-        x_hat, x = observed_mean(lw, self.obs_site)
-        c = self.constraint.evaluate(x, x_hat, args)  # [P, B]
+        c = self.constraint_values(lw, args)  # [P, B]
         c_hat = c.mean()
         glob_kl = lw.glob_qz - lw.glob_pz  # [P]: KL terms of global latents, shared by the batch
         kl = lw.kl.mean(0).sum() + glob_kl.mean()
