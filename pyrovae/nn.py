@@ -376,6 +376,6 @@ def add_dropout_kl(name: str, module: nn.Module, in_guide: bool = False) -> None
     if kl is None:
         return
     if in_guide:
-        pyro.sample(name, dist.Delta(kl.new_zeros(()), log_density=kl))
+        pyro.sample(name, dist.Delta(kl.new_zeros(()), log_density=kl), infer={"is_auxiliary": True})
     else:
         pyro.factor(name, -kl)

@@ -68,8 +68,26 @@ def _bernoulli(cfg: dict, x_shape) -> nn.Module:
     return BernoulliEncoder(x_shape, z_dim, hidden, cfg.get("arch", "mlp"), cfg.get("activation", "tanh"))
 
 
-MODELS: dict[str, Callable[[dict, tuple], nn.Module]] = {"vae": _vae, "discrete": _discrete}
-GUIDES: dict[str, Callable[[dict, tuple], nn.Module]] = {"gaussian": _gaussian, "flow": _flow, "bernoulli": _bernoulli}
+def _bayes_vae(cfg: dict, x_shape) -> nn.Module:
+    from pyrovae.models.bayesian import BayesVAE
+
+    z_dim, hidden = _one_layer(cfg, "model='bayes_vae'")
+    return BayesVAE(
+        x_shape, z_dim, hidden, cfg.get("likelihood", "bernoulli"), cfg.get("scale"), cfg.get("activation", "tanh"),
+        bool(cfg.get("bayesian_decoder")), cfg.get("prior_scale") or 1.0, cfg.get("decoder_dropout"), cfg.get("num_data"),
+    )
+
+
+def _bayes_gaussian(cfg: dict, x_shape) -> nn.Module:
+    from pyrovae.guides.bayesian import BayesEncoder
+
+    z_dim, hidden = _one_layer(cfg, "guide='bayes_gaussian'")
+    model = _bayes_vae(cfg, x_shape) if cfg.get("bayesian_decoder") else None  # names and shapes of the weight sites
+    return BayesEncoder(x_shape, z_dim, hidden, cfg.get("activation", "tanh"), cfg.get("encoder_dropout"), model, cfg.get("num_data"))
+
+
+MODELS: dict[str, Callable[[dict, tuple], nn.Module]] = {"vae": _vae, "discrete": _discrete, "bayes_vae": _bayes_vae}
+GUIDES: dict[str, Callable[[dict, tuple], nn.Module]] = {"gaussian": _gaussian, "flow": _flow, "bernoulli": _bernoulli, "bayes_gaussian": _bayes_gaussian}
 
 #: objective name -> {constructor argument: config key}
 OBJECTIVE_ARGS: dict[str, dict[str, str]] = {

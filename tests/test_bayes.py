@@ -249,3 +249,75 @@ def test_bayesian_mlp_sites_are_global_latents():
     names = [n for n, s in trace.nodes.items() if s["type"] == "sample"]
     assert names == ["dec.0.weight", "dec.0.bias", "dec.2.weight", "dec.2.bias"]
     assert trace.nodes["dec.0.weight"]["value"].shape == (4, 3)
+
+
+# --- models, guides, trainer, CLI --------------------------------------------------------------------------
+def _binary_data(n=256, d=(1, 8, 8)):
+    torch.manual_seed(5)
+    protos = (torch.rand(4, *d) > 0.5).float()
+    return protos[torch.randint(0, 4, (n,))].clone()
+
+
+@pytest.mark.parametrize("kw,gkw", [
+    (dict(bayesian_decoder=True), {}),
+    (dict(bayesian_decoder=False, decoder_dropout="A"), dict(encoder_dropout="A")),
+    (dict(bayesian_decoder=False, decoder_dropout="B"), dict(encoder_dropout="B")),
+])
+def test_bayes_vae_trains_with_the_trainer(kw, gkw):
+    from pyrovae.guides.bayesian import BayesEncoder
+    from pyrovae.models.bayesian import BayesVAE
+    from pyrovae.train import Trainer
+
+    x = _binary_data()
+    model = BayesVAE((1, 8, 8), 4, (32,), num_data=x.shape[0], **kw)
+    guide = BayesEncoder((1, 8, 8), 4, (32,), model=model, num_data=x.shape[0], **gkw)
+    history = Trainer(model, guide, ELBO(), lr=1e-2, progress=False).fit(x, epochs=6, batch_size=64)
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 1.0, [h["train_loss"] for h in history]
+
+
+def test_eval_mode_is_the_posterior_mean_network():
+    from pyrovae.guides.bayesian import BayesEncoder
+    from pyrovae.models.bayesian import BayesVAE
+
+    x = _binary_data(8)
+    model = BayesVAE((1, 8, 8), 4, (16,), bayesian_decoder=True)
+    guide = BayesEncoder((1, 8, 8), 4, (16,), model=model)
+    guide(x)  # registers the guide's parameters, as any training step does
+    model.eval(), guide.eval()
+    trace = pp.trace(model).get_trace(x)
+    for name, key in guide.weights.sites:
+        assert torch.equal(trace.nodes[name]["value"], guide.weights.locs[key].detach())
+    assert float(trace.log_prob_sum(lambda name, site: name.startswith("decoder."))) == 0.0
+    assert not [n for n, s in pp.trace(guide).get_trace(x).nodes.items() if s["type"] == "sample" and n.startswith("decoder.")]
+
+
+def test_natural_gradient_trains_a_vae_with_the_trainer():
+    from pyrovae.guides import GaussianEncoder
+    from pyrovae.models import VAE
+    from pyrovae.optim import NaturalGradient
+    from pyrovae.train import Trainer
+
+    x = _binary_data()
+    model, guide = VAE((1, 8, 8), (4,), ((32,),)), GaussianEncoder((1, 8, 8), (4,), ((32,),))
+    trainer = Trainer(model, guide, ELBO(), lr=0.1, optimizer=NaturalGradient, optimizer_kwargs={"modules": [model, guide]},
+                      capture="off", progress=False)
+    history = trainer.fit(x, epochs=6, batch_size=64)
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 1.0, [h["train_loss"] for h in history]
+    assert len(trainer.optim.blocks) == 4  # decoder 4-32-64, encoder 64-32 and its head
+
+
+def test_cli_flags(data_root, tmp_path):
+    from pyrovae.cli import main
+
+    common = ["train", "--dataset", "mnist", "--data-dir", str(data_root), "--train-limit", "200", "--valid-size", "100",
+              "--epochs", "1", "--eval-samples", "4", "--eval-limit", "20", "--no-progress", "--hidden", "20", "--z-dims", "4"]
+    import json
+    rc = main(common + ["--model", "bayes_vae", "--guide", "bayes_gaussian", "--decoder-dropout", "A", "--encoder-dropout", "B",
+                        "--optimizer", "natural", "--run-dir", str(tmp_path / "a")])
+    assert rc == 0
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["optimizer"] == "natural" and cfg["num_data"] == 200
+    rc = main(common + ["--model", "bayes_vae", "--guide", "bayes_gaussian", "--bayesian-decoder", "--run-dir", str(tmp_path / "b")])
+    assert rc == 0
+    assert json.loads((tmp_path / "b" / "evaluation.json").read_text())["test_nll"] > 0
+    assert main(common + ["--encoder-dropout", "A", "--run-dir", str(tmp_path / "c")]) == 2  # needs --guide bayes_gaussian
