@@ -13,7 +13,7 @@ from pyro import poutine
 from torch import nn
 
 from pyrovae.models.bayesian import BayesVAE, global_scale
-from pyrovae.nn import BayesianLinear, Flatten, activation, add_dropout_kl, diag_normal, dropout_mlp, mlp
+from pyrovae.nn import BayesianLinear, Flatten, VariationalDropoutLinear, activation, add_dropout_kl, diag_normal, dropout_mlp, mlp
 
 
 class NormalWeights(nn.Module):
@@ -56,8 +56,9 @@ class NormalWeights(nn.Module):
 
 
 class BayesEncoder(nn.Module):
-    """Amortised diagonal-Gaussian q(z | x) (MLP), optionally with variational Gaussian dropout on its hidden
-    activations (``encoder_dropout``: ``A`` or ``B``, :class:`pyrovae.nn.VariationalDropoutLinear`), and the
+    """Amortised diagonal-Gaussian q(z | x) (MLP), optionally with variational Gaussian dropout on all its hidden
+    activations (``encoder_dropout``: ``A`` or ``B``, :class:`pyrovae.nn.VariationalDropoutLinear` for every layer
+    after the first, the head included), and the
     weight posterior of a Bayesian-decoder model (``model``), drawn first.
 
     The dropout layers' KL enters the ELBO from the guide, as a guide-only site whose log-density is +KL
@@ -86,7 +87,8 @@ class BayesEncoder(nn.Module):
         sizes = [math.prod(self.x_shape), *hidden]
         body = dropout_mlp(sizes, activation_name, variant=encoder_dropout) if encoder_dropout else mlp(sizes, activation_name)
         self.trunk = nn.Sequential(Flatten(self.x_shape), body, activation(activation_name))
-        self.head = nn.Linear(sizes[-1], 2 * self.z_dim)
+        # with dropout, the head too sees noisy activations: every hidden activation of the encoder is dropped
+        self.head = VariationalDropoutLinear(sizes[-1], 2 * self.z_dim, variant=encoder_dropout) if encoder_dropout else nn.Linear(sizes[-1], 2 * self.z_dim)
         self.weights = NormalWeights(model, init_scale) if model is not None and getattr(model, "bayesian_decoder", False) else None
 
     def forward(self, x: torch.Tensor) -> None:
@@ -97,6 +99,6 @@ class BayesEncoder(nn.Module):
             self.weights(scale)
         if self.encoder_dropout is not None and self.training:
             with poutine.scale(scale=scale):
-                add_dropout_kl("encoder.dropout_kl", self.trunk, in_guide=True)
+                add_dropout_kl("encoder.dropout_kl", self, in_guide=True)
         with pyro.plate("data", batch):
             pyro.sample("z", diag_normal(self.head(self.trunk(x))))
