@@ -127,6 +127,7 @@ def plot(results: dict, path: Path) -> None:
                 ax.set_ylim(lo - 5, None)
             if row == 1:
                 ax.set_xscale("symlog", linthresh=1.0)
+                ax.set_xlim(left=0)
     axes[0][0].legend()
     fig.suptitle("MNIST VAE: Adam vs natural gradient (K-FAC) vs variational dropout (encoder), validation images")
     fig.tight_layout()
