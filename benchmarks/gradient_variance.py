@@ -58,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-size", type=int, default=None, help="training images of part 1 (default 5000)")
     p.add_argument("--vae-train-size", type=int, default=None, help="training images of part 2 (default 1000)")
     p.add_argument("--vae-epochs", default=None, help="checkpoints of part 2 in epochs (default 2,10)")
+    p.add_argument("--vae-init-scale", type=float, default=0.05, help="initial posterior standard deviation of the decoder weights")
     p.add_argument("--vae-reps", type=int, default=None, help="gradient draws per estimator in part 2 (default 100)")
     p.add_argument("--hidden", type=int, default=100)
     p.add_argument("--reps", type=int, default=None, help="gradient draws per estimator (default 200)")
@@ -157,7 +158,7 @@ def part2(args, x) -> dict:
     pyro.set_rng_seed(args.seed)
     n = x.shape[0]
     model = BayesVAE((1, 28, 28), 20, (args.hidden,), bayesian_decoder=True, num_data=n)
-    guide = BayesEncoder((1, 28, 28), 20, (args.hidden,), model=model, num_data=n)
+    guide = BayesEncoder((1, 28, 28), 20, (args.hidden,), model=model, num_data=n, init_scale=args.vae_init_scale)
     elbo = ELBO()
     with local_reparameterization():
         elbo.loss(model, guide, x[: args.batch_size])  # registers the parameters
@@ -262,7 +263,7 @@ def render(args, p1, p2, hw, started, wall) -> str:
         "",
         "ELBO per datum (weights' KL term weighted batch/N, as in training) on 1000 training images: "
         + ", ".join(f"epoch {k}: {r2[k]['train_elbo']:.1f}" for k in e2)
-        + ". Mean posterior standard deviation of the top / bottom weights (initial 0.001): "
+        + f". Mean posterior standard deviation of the top / bottom weights (initial {args.vae_init_scale}): "
         + ", ".join(f"epoch {k}: {r2[k]['scale_top']:.3g} / {r2[k]['scale_bottom']:.3g}" for k in e2)
         + ". Training time to each checkpoint: " + ", ".join(f"{p2['seconds'][k]:.0f} s" for k in e2) + ".",
         "",
