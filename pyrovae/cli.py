@@ -194,6 +194,25 @@ def _build_objective(cfg: dict):
     return _flagged(lambda: build_objective(cfg), OBJECTIVE_ARGS.get(cfg.get("objective", "elbo"), {}))
 
 
+def _check_bayes(cfg: dict) -> None:
+    if (cfg.get("bayesian_decoder") or cfg.get("decoder_dropout")) and cfg.get("model") != "bayes_vae":
+        raise UsageError("--bayesian-decoder and --decoder-dropout belong to --model bayes_vae (with --guide bayes_gaussian)")
+    if (cfg.get("bayesian_decoder") or cfg.get("encoder_dropout")) and cfg.get("guide") != "bayes_gaussian":
+        raise UsageError("--bayesian-decoder and --encoder-dropout need --guide bayes_gaussian (it holds the weight posterior and the encoder's dropout)")
+    if cfg.get("optimizer", "adam") == "natural" and cfg.get("capture") not in (None, "off", "replay"):
+        raise UsageError(f"--optimizer natural reads each step's layer inputs and gradients through hooks, which a {cfg['capture']} graph does not run: use --capture off")
+
+
+def _optimizer(cfg: dict, model, guide) -> dict:
+    """Trainer arguments for ``--optimizer``: Adam with the captured step, or NaturalGradient with plain steps."""
+    if cfg.get("optimizer", "adam") == "adam":
+        return {"capture": cfg.get("capture", "replay")}
+    from pyrovae.optim import NaturalGradient
+
+    kwargs = {"modules": [model, guide], "damping": cfg.get("damping", 1.0), "kl_clip": cfg.get("kl_clip", 10.0), "fisher": cfg.get("fisher", "kfac")}
+    return {"optimizer": NaturalGradient, "optimizer_kwargs": kwargs, "capture": "off"}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or f"runs/{args.dataset}-{args.model}-{args.guide or default_guide(args.model)}-{args.objective}-{time.strftime('%Y%m%d-%H%M%S')}")
     lock = runs.RunLock(run_dir)
@@ -221,12 +240,15 @@ def _train(run_dir: Path, args: argparse.Namespace, lock: runs.RunLock) -> int:
     if cfg.get("train_limit"):
         splits.train = splits.train[: cfg["train_limit"]]
     _check_likelihood(cfg, splits)
+    _check_bayes(cfg)
+    if cfg.get("num_data") is None:
+        cfg["num_data"] = int(as_inputs(splits.train, "train")[0].shape[0])  # weighs global latents' terms batch/N (models that have them)
     names = {**{k: k for k in cfg}, **_ARG_FLAGS}
     model, guide = _flagged(lambda: _build(cfg, splits.x_shape, device), names)
     trainer = _flagged(lambda: Trainer(
         model, guide, objective, lr=cfg["lr"], schedule=cfg["lr_schedule"], clip_norm=cfg["clip_norm"], run_dir=run_dir,
         config=cfg, check_every=cfg["check_every"], on_divergence=cfg["on_divergence"], progress=cfg["progress"],
-        capture=cfg.get("capture", "replay"),
+        **_optimizer(cfg, model, guide),
     ), names)
     print(f"pyrovae: training {cfg['model']}/{cfg['guide']} with {trainer.objective!r} on {cfg['dataset']} ({splits.train.shape[0]} examples) on {device}; run folder {run_dir}")
     lock.acquire()
@@ -268,6 +290,7 @@ def load_run(run_dir: Path, device: torch.device, checkpoint: str = "best", spli
         splits = _load_data({**cfg, "data_dir": data_dir} if data_dir else cfg, device)
     pyro.clear_param_store()
     model, guide = _build(cfg, splits.x_shape, device)
+    model.eval(), guide.eval()  # dropout layers deterministic, Bayesian weights at their posterior means
     loader = Trainer(model, guide, ELBO(), progress=False)
     loader.setup(*as_inputs(splits.test[: min(10, splits.test.shape[0])]))
     loader.load_weights(state)
@@ -445,6 +468,16 @@ def parser() -> argparse.ArgumentParser:
         "--capture", default=None, choices=list(CAPTURE_MODES),
         help="training-step fast path: replay a recorded graph (default), also compile it with torch.compile, or off",
     )
+    g = t.add_argument_group("Bayesian layers and natural gradient (--model bayes_vae --guide bayes_gaussian)")
+    g.add_argument("--optimizer", default="adam", choices=["adam", "natural"],
+                   help="natural: pyrovae.optim.NaturalGradient (runs with --capture off); give it --lr 1, its plain natural-gradient step")
+    g.add_argument("--fisher", default="kfac", choices=["kfac", "diagonal"], help="Fisher blocks of --optimizer natural")
+    g.add_argument("--damping", type=float, default=1.0, help="damping of --optimizer natural (1 was best for an MNIST VAE, benchmarks/aevb_extensions.py)")
+    g.add_argument("--kl-clip", type=float, default=10.0, help="trust-region bound of --optimizer natural")
+    g.add_argument("--bayesian-decoder", action="store_true", help="decoder weights are Normal latents (full-Bayes AEVB)")
+    g.add_argument("--prior-scale", type=float, default=None, help="prior standard deviation of --bayesian-decoder weights (default 1)")
+    g.add_argument("--decoder-dropout", default=None, choices=["A", "B"], help="variational Gaussian dropout in the decoder (KSW15 variant A or B)")
+    g.add_argument("--encoder-dropout", default=None, choices=["A", "B"], help="variational Gaussian dropout on the encoder's hidden activations")
     g = t.add_argument_group("run")
     g.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto; with --resume, the run's)")
     g.add_argument("--seed", type=int, default=0)

@@ -108,8 +108,26 @@ def _no_latents(cfg: dict, x_shape) -> nn.Module:
     return NoLatentGuide()
 
 
-MODELS: dict[str, Callable[[dict, tuple], nn.Module]] = {"vae": _vae, "discrete": _discrete, "sentence": _sentence, "lm": _lm}
-GUIDES: dict[str, Callable[[dict, tuple], nn.Module]] = {"gaussian": _gaussian, "flow": _flow, "bernoulli": _bernoulli, "rnn": _rnn_encoder, "none": _no_latents}
+def _bayes_vae(cfg: dict, x_shape) -> nn.Module:
+    from pyrovae.models.bayesian import BayesVAE
+
+    z_dim, hidden = _one_layer(cfg, "model='bayes_vae'")
+    return BayesVAE(
+        x_shape, z_dim, hidden, cfg.get("likelihood", "bernoulli"), cfg.get("scale"), cfg.get("activation", "tanh"),
+        bool(cfg.get("bayesian_decoder")), cfg.get("prior_scale") or 1.0, cfg.get("decoder_dropout"), cfg.get("num_data"),
+    )
+
+
+def _bayes_gaussian(cfg: dict, x_shape) -> nn.Module:
+    from pyrovae.guides.bayesian import BayesEncoder
+
+    z_dim, hidden = _one_layer(cfg, "guide='bayes_gaussian'")
+    model = _bayes_vae(cfg, x_shape) if cfg.get("bayesian_decoder") else None  # names and shapes of the weight sites
+    return BayesEncoder(x_shape, z_dim, hidden, cfg.get("activation", "tanh"), cfg.get("encoder_dropout"), model, cfg.get("num_data"))
+
+
+MODELS: dict[str, Callable[[dict, tuple], nn.Module]] = {"vae": _vae, "discrete": _discrete, "sentence": _sentence, "lm": _lm, "bayes_vae": _bayes_vae}
+GUIDES: dict[str, Callable[[dict, tuple], nn.Module]] = {"gaussian": _gaussian, "flow": _flow, "bernoulli": _bernoulli, "rnn": _rnn_encoder, "none": _no_latents, "bayes_gaussian": _bayes_gaussian}
 #: the guide a model gets when none is named (``gaussian`` otherwise)
 DEFAULT_GUIDES: dict[str, str] = {"sentence": "rnn", "lm": "none"}
 

@@ -1,0 +1,137 @@
+"""A VAE with a Bayesian and/or variational-dropout decoder: the full-Bayes AEVB of Kingma & Welling (2014,
+appendix F) and the variational Gaussian dropout of Kingma, Salimans & Welling (2015).
+
+Generative model (one stochastic layer, MLP decoder ``f_W``)::
+
+    W ~ N(0, prior_scale^2)                  (Bayesian decoder: global latents, one per weight and bias)
+    z ~ N(0, I),   x | z, W ~ likelihood(f_W(z))
+
+With ``decoder_dropout`` the decoder's hidden layers are :class:`pyrovae.nn.VariationalDropoutLinear` and the
+model adds ``-KL`` of their weights to its log-density (a ``pyro.factor`` outside the data plate).
+In eval mode (``model.eval()``) the dropout layers are deterministic and their KL is left out, and the
+Bayesian weights are fixed at the guide's posterior means (read from Pyro's parameter store, log-densities
+masked): a plain VAE, which is what ``pyrovae evaluate`` measures and ``pyrovae sample`` draws from.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import nn
+
+from pyrovae.likelihoods import likelihood_head
+from pyrovae.nn import BayesianLinear, Unflatten, add_dropout_kl, bayesian_mlp, dropout_mlp, mlp
+
+
+def global_scale(batch: int, num_data: Optional[int]) -> float:
+    """Weight of the global sites' log-densities in a minibatch ELBO: ``batch / num_data`` (1 without
+    ``num_data``), so that a pass over the data counts log p(W) - log q(W) once (Kingma & Welling 2014, eq. 8)."""
+    return 1.0 if num_data is None else batch / num_data
+
+
+#: where :class:`pyrovae.guides.bayesian.NormalWeights` keeps the posterior mean of a weight site in Pyro's
+#: parameter store (the guide registers itself as ``pyro.module("encoder", ...)``)
+POSTERIOR_MEAN_PARAM = "encoder$$$weights.locs.{}"
+
+
+def posterior_means(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{weight site: posterior mean} of ``model``'s Bayesian layers, as far as the parameter store has them."""
+    store = pyro.get_param_store()
+    out = {}
+    for m in model.modules():
+        if isinstance(m, BayesianLinear):
+            for what in ("weight", "bias") if m.bias is not None else ("weight",):
+                site = f"{m._pyro_name}.{what}"
+                key = POSTERIOR_MEAN_PARAM.format(site.replace(".", "__"))
+                if key in store:
+                    out[site] = store.get_param(key).detach()
+    return out
+
+
+class BayesVAE(nn.Module):
+    """VAE whose MLP decoder has Bayesian weights (``bayesian_decoder``), variational-dropout layers
+    (``decoder_dropout``), or neither (a plain VAE with this module's MLP decoder).
+
+    Args:
+        x_shape: shape of one data point.
+        z_dim: latent size.
+        hidden: decoder hidden sizes, nearest z first.
+        likelihood, scale: as in :class:`pyrovae.models.VAE`.
+        activation: nonlinearity.
+        bayesian_decoder: decoder weights are :class:`pyrovae.nn.BayesianLinear` latents ``decoder.{i}.weight``.
+        prior_scale: standard deviation of their Normal prior.
+        decoder_dropout: ``None``, ``A`` (Gaussian dropout on the hidden activations) or ``B`` (independent
+            weight noise); not together with ``bayesian_decoder``.
+        num_data: training-set size, which scales the global terms by ``batch / num_data`` (None: 1).
+    """
+
+    def __init__(
+        self,
+        x_shape: Sequence[int] = (1, 28, 28),
+        z_dim: int = 50,
+        hidden: Sequence[int] = (200, 200),
+        likelihood: str = "bernoulli",
+        scale: Optional[float] = None,
+        activation: str = "tanh",
+        bayesian_decoder: bool = True,
+        prior_scale: float = 1.0,
+        decoder_dropout: Optional[str] = None,
+        num_data: Optional[int] = None,
+    ):
+        super().__init__()
+        if bayesian_decoder and decoder_dropout is not None:
+            raise ValueError("bayesian_decoder=True and decoder_dropout are two posteriors over the same weights: choose one")
+        if decoder_dropout not in (None, "A", "B"):
+            raise ValueError(f"decoder_dropout={decoder_dropout!r}: choose None, 'A' (noise on activations) or 'B' (noise per weight)")
+        if num_data is not None and int(num_data) < 1:
+            raise ValueError(f"num_data={num_data!r} must be the (positive) number of training examples, or None")
+        self.x_shape, self.z_dim = tuple(x_shape), int(z_dim)
+        self.names = ["z"]
+        self.num_data = None if num_data is None else int(num_data)
+        self.likelihood_name = likelihood
+        self.likelihood, self.scale, factor = likelihood_head(likelihood, scale)
+        sizes = [self.z_dim, *hidden, math.prod(self.x_shape) * factor]
+        self.bayesian_decoder, self.decoder_dropout = bool(bayesian_decoder), decoder_dropout
+        if bayesian_decoder:
+            net = bayesian_mlp(sizes, activation, prior_scale, name="decoder")
+        elif decoder_dropout is not None:
+            net = dropout_mlp(sizes, activation, variant=decoder_dropout)
+        else:
+            net = mlp(sizes, activation)
+        self.decoder = net
+        self.unflatten = Unflatten((self.x_shape[0] * factor, *self.x_shape[1:]))
+
+    def bayesian_layers(self) -> list[tuple[str, BayesianLinear]]:
+        """(site-name prefix, layer) of the decoder's Bayesian layers."""
+        return [(m._pyro_name, m) for m in self.decoder.modules() if isinstance(m, BayesianLinear)]
+
+    def decode(self, z: torch.Tensor, batch: int) -> dist.Distribution:
+        if self.bayesian_decoder and self.training:
+            # the weights are global: drawn outside the data plate, their log-densities weighted batch/num_data
+            with poutine.scale(scale=global_scale(batch, self.num_data)):
+                out = self.decoder(z)
+        elif self.bayesian_decoder:
+            # eval mode: the posterior-mean network, with the means of :class:`pyrovae.guides.bayesian.NormalWeights`
+            # from Pyro's parameter store (the prior's draws if the guide never ran); log-densities masked
+            with poutine.condition(data=posterior_means(self)), poutine.mask(mask=False):
+                out = self.decoder(z)
+        else:
+            out = self.decoder(z)
+        return self.likelihood.build(self.unflatten(out), len(self.x_shape), self.scale)
+
+    def forward(self, x: torch.Tensor) -> None:
+        pyro.module("decoder", self)
+        batch = x.shape[0]
+        if self.decoder_dropout is not None and self.training:
+            with poutine.scale(scale=global_scale(batch, self.num_data)):
+                add_dropout_kl("decoder.dropout_kl", self.decoder)
+        data = pyro.plate("data", batch)  # entered twice: the decoder's weights are drawn outside it
+        with data:
+            z = pyro.sample("z", dist.Normal(x.new_zeros(batch, self.z_dim), 1.0).to_event(1))
+        px = self.decode(z, batch)
+        with data:
+            pyro.sample("x", px, obs=x)
