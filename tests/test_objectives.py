@@ -340,7 +340,7 @@ def test_elbo_score_function_gradient_is_unbiased(build):
 
 
 # --- no latent variables: every objective is Trace_ELBO --------------------------------------------------------
-def _no_latent(global_factor: bool):
+def _no_latent(global_factor: bool, guide_factor: bool = False):
     def model(x):
         mu = pyro.param("mu", torch.tensor(0.2, dtype=DT))
         if global_factor:  # an observed term outside the data plate
@@ -349,7 +349,8 @@ def _no_latent(global_factor: bool):
             pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
 
     def guide(x):
-        pass
+        if guide_factor:  # a factor in the guide: Pyro's ELBOs subtract it as part of log q
+            pyro.factor("guide_term", 0.3 * pyro.param("mu", torch.tensor(0.2, dtype=DT)) ** 2, has_rsample=True)
 
     return model, guide
 
@@ -366,15 +367,19 @@ NO_LATENT = [
 ]
 
 
-@pytest.mark.parametrize("global_factor", [False, True], ids=["plain", "global-factor"])
+@pytest.mark.parametrize("global_factor,guide_factor", [(False, False), (True, False), (True, True)], ids=["plain", "global-factor", "guide-factor"])
 @pytest.mark.parametrize("make,expect", NO_LATENT)
-def test_no_latents_every_objective_is_trace_elbo(make, expect, global_factor):
-    model, guide = _no_latent(global_factor)
+def test_no_latents_every_objective_is_trace_elbo(make, expect, global_factor, guide_factor):
+    model, guide = _no_latent(global_factor, guide_factor)
     x = torch.tensor([0.3, 1.2, -0.4, 0.9, 2.0], dtype=DT)
     ref_loss = Trace_ELBO().differentiable_loss(model, guide, x)
     mu = pyro.param("mu").unconstrained()
     (ref_grad,) = torch.autograd.grad(ref_loss, mu)
     obj = make()
+    if guide_factor and expect != "elbo":  # the guide's factor: no density of z, invisible to a variance over z
+        with pytest.raises(ValueError, match="guide has observed sites"):
+            obj.loss(model, guide, x)
+        return
     loss = obj.differentiable_loss(model, guide, x)
     (grad,) = torch.autograd.grad(loss, mu)
     if expect == "elbo":

@@ -262,16 +262,17 @@ def log_weights_from_traces(
         else:
             add("log_px" if observed else "log_pz", local)
     for site_name, site in guide_trace.nodes.items():
-        if site["type"] != "sample" or site["is_observed"]:
+        if site["type"] != "sample":
             continue
-        local, g = reduce(site)
+        local, g = reduce(site)  # an observed guide site (a pyro.factor) counts as log q, as in Pyro's ELBOs
         if local is None:
             add("glob_qz", g)
-            global_latents.append(site_name)
             global_sites.append(site_name)
+            if not site["is_observed"]:
+                global_latents.append(site_name)
         else:
             add("log_qz", local)
-        if not site["fn"].has_rsample:
+        if not site["is_observed"] and not site["fn"].has_rsample:
             nonreparam.append(site_name)
             add("score" if local is not None else "glob_score", local if local is not None else g)
     for part, value in parts.items():
