@@ -1,6 +1,7 @@
 """Variational families q(z | x), each a plain Pyro program ``guide(x)`` (installed as ``pyrovae.guides``)."""
 from pyrovae.guides.discrete import BernoulliEncoder
+from pyrovae.guides.draw import ConvDRAWGuide, DRAWGuide
 from pyrovae.guides.flow import FlowEncoder
 from pyrovae.guides.gaussian import GaussianEncoder
 
-__all__ = ["GaussianEncoder", "FlowEncoder", "BernoulliEncoder"]
+__all__ = ["GaussianEncoder", "FlowEncoder", "BernoulliEncoder", "DRAWGuide", "ConvDRAWGuide"]

@@ -17,7 +17,7 @@ from pyrovae.checkpoint import CheckpointError, load_checkpoint, write_json
 from pyrovae.flows import FLOWS
 from pyrovae.models.vae import PRIOR_FLOWS
 from pyrovae.objectives import ELBO, OBJECTIVES
-from pyrovae.registry import GUIDES, MODELS, build_guide, build_model, build_objective
+from pyrovae.registry import GUIDES, MODEL_GUIDES, MODELS, build_guide, build_model, build_objective
 from pyrovae.train import SCHEDULES, DivergenceError, Trainer, TrainingInterrupted
 
 
@@ -58,7 +58,7 @@ def _check_likelihood(cfg: dict, splits) -> None:
 
 def _build(cfg: dict, x_shape, device):
     model = build_model(cfg, x_shape).to(device)
-    guide = build_guide(cfg, x_shape).to(device)
+    guide = build_guide(cfg, x_shape, model).to(device)
     return model, guide
 
 
@@ -226,6 +226,8 @@ def _evaluate(run_dir: Path, device, checkpoint: str, num_samples: int, limit: O
             E.save_image_grid(E.decode_grid(model, x_shape, device=device), run_dir / "manifold.png", nrow=20)
         except ValueError as e:  # a discrete 2-D code has no manifold to draw
             print(f"pyrovae: no manifold.png: {e}")
+    if hasattr(model, "write_pictures"):  # models that draw over steps (DRAW): canvases, attention, GIF
+        model.write_pictures(run_dir, guide=guide, data=test)
     print(json.dumps(result, indent=2))
     print(f"pyrovae: wrote evaluation.json, samples.png, reconstructions.png, latent.png to {run_dir}")
     return 0
@@ -244,6 +246,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     cfg, model, guide, splits, _ = load_run(Path(args.run_dir), device, args.checkpoint)
     out = Path(args.out or Path(args.run_dir) / "samples.png")
     E.save_image_grid(E.sample(model, args.num, splits.x_shape, device=device), out)
+    if hasattr(model, "write_pictures"):  # models that draw over steps (DRAW): canvases per step and a GIF
+        model.write_pictures(out.parent, num=min(args.num, 16))
     print(f"pyrovae: wrote {args.num} samples to {out}")
     return 0
 
@@ -277,7 +281,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--train-limit", type=_positive_int, default=None, help="train on the first N training examples only (quick runs)")
     g = t.add_argument_group("model and guide")
     g.add_argument("--model", default="vae", choices=sorted(MODELS))
-    g.add_argument("--guide", default="gaussian", choices=sorted(GUIDES))
+    g.add_argument("--guide", default="gaussian", choices=sorted({*GUIDES, *MODEL_GUIDES}))
     g.add_argument("--arch", default="mlp", choices=["mlp", "conv"])
     g.add_argument("--z-dims", type=_positive_int, nargs="+", default=[50], help="stochastic layer sizes, nearest x first: 50, or 100 50")
     g.add_argument("--hidden", type=_positive_int, nargs="+", default=None, help="hidden sizes (default: the IWAE paper's)")
@@ -288,6 +292,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--flow-length", type=_positive_int, default=10, help="number of flow transforms")
     g.add_argument("--prior-flow", default=None, choices=list(PRIOR_FLOWS), help="learned flow prior p(z) of --model vae")
     g.add_argument("--prior-flow-length", type=_positive_int, default=2, help="number of prior flow layers")
+    g = t.add_argument_group("DRAW and ConvDRAW (--model draw / convdraw; their guide is chosen with them)")
+    g.add_argument("--draw-steps", type=_positive_int, default=None, help="steps T (default 64 for draw, 8 for convdraw)")
+    g.add_argument("--attention", action="store_true", help="DRAW reads and writes through selective attention windows")
+    g.add_argument("--read-size", type=_positive_int, default=None, help="N of DRAW's N x N read grid (default 2)")
+    g.add_argument("--write-size", type=_positive_int, default=None, help="N of DRAW's N x N write grid (default 5)")
+    g.add_argument("--draw-z", type=_positive_int, default=None, help="size of each z_t (default 100); ConvDRAW: its channels (default 4)")
+    g.add_argument("--lstm-size", type=_positive_int, default=None, help="LSTM units (default 256); ConvDRAW: ConvLSTM channels (default 32)")
     g = t.add_argument_group("objective")
     g.add_argument("--objective", default="elbo", choices=sorted(OBJECTIVES))
     g.add_argument("--num-particles", "-k", type=int, default=None, help="samples per data point (objective's default if omitted)")
