@@ -77,7 +77,7 @@ def attention_figure(trajectory: dict, path, data: Optional[torch.Tensor] = None
 def write_draw_pictures(model, guide, data: Optional[torch.Tensor], run_dir, num: int = 8) -> list[Path]:
     """The DRAW pictures of a trained model into ``run_dir``: ``draw_generation.png`` / ``.gif`` (from the prior;
     skipped for a conditional model, which needs contexts) and, given the guide and data, ``draw_reconstruction.png``
-    and ``draw_attention.png``."""
+    and, for a model with attention, ``draw_attention.png``."""
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
     written = []
@@ -89,7 +89,8 @@ def write_draw_pictures(model, guide, data: Optional[torch.Tensor], run_dir, num
         x = data[:num]
         recon = guide.trajectory(x)
         written.append(step_grid(recon["canvas"], run_dir / "draw_reconstruction.png"))
-        written.append(attention_figure(recon, run_dir / "draw_attention.png", data=x))
+        if "read" in recon or "write" in recon:
+            written.append(attention_figure(recon, run_dir / "draw_attention.png", data=x))
     return written
 
 
