@@ -328,3 +328,48 @@ def test_pictures_are_written(tmp_path):
     assert gif.n_frames == 3
     record = guide.trajectory(_images(5))
     assert record["canvas"].shape == (3, 5, 1, SIDE, SIDE) and record["read"].shape == record["write"].shape == (3, 5, 4)
+
+
+# --------------------------------------------------------------------------------------------------
+# the hand-written reference of benchmarks/speed.py computes the same bound
+
+
+@pytest.mark.parametrize("attention", [False, True], ids=["no-attention", "attention"])
+def test_hand_written_reference_draws_the_same_noise_and_bound(attention):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from draw_reference import HandDRAW
+
+    model, guide = _draw(attention, steps=4)
+    x = _images(6)
+    objective = ELBO()
+    objective.log_weights(model, guide, x)  # guesses the plate nesting once
+    pyro.set_rng_seed(5)
+    want = objective.log_weights(model, guide, x).log_w[0]
+    pyro.set_rng_seed(5)
+    got = HandDRAW(model, guide).log_weights(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.slow  # recording 64 unrolled steps: minutes on the shared 2-core machine
+def test_a_64_step_unrolled_step_replays_exactly():
+    # the paper's 64 steps (tiny networks): one graph of 64 steps x (read, encoder, sample, decoder, write)
+    build = lambda: (lambda m: (m, DRAWGuide(m)))(DRAW((1, SIDE, SIDE), steps=64, z_dim=2, hidden=4, attention=True, write_size=3))
+    plain, plain_losses, _ = _train(build, "off", steps=3)
+    fast, fast_losses, _ = _train(build, "replay", steps=3)
+    assert fast._capture.captured == 1, fast.capture_report
+    assert all(torch.equal(a, b) for a, b in zip(plain_losses, fast_losses))
+    assert all(torch.equal(p0, p1) for p0, p1 in zip(plain.params.values(), fast.params.values()))
+
+
+@pytest.mark.parametrize("x_shape", [(1, 28, 28), (3, 32, 32)], ids=["28x28", "32x32x3"])
+def test_convdraw_image_sizes(x_shape):
+    model = ConvDRAW(x_shape, steps=2, z_channels=2, hidden=4, kernel=3, likelihood="gaussian" if x_shape[0] == 3 else "bernoulli")
+    guide = ConvDRAWGuide(model)
+    x = torch.rand(3, *x_shape) if x_shape[0] == 3 else torch.bernoulli(torch.rand(3, *x_shape))
+    lw = ELBO().log_weights(model, guide, x)
+    assert lw.log_w.shape == (1, 3) and torch.isfinite(lw.log_w).all()
+    assert lw.guide_trace.nodes["z_1"]["value"].shape[-3:] == (x_shape[1] // 4, x_shape[2] // 4, 2)
+    assert model.trajectory(2)["canvas"].shape == (2, 2, *x_shape)
