@@ -44,6 +44,7 @@ from pyro.infer import SVI, RenyiELBO, Trace_ELBO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, cpu_model  # noqa: E402
+from draw_reference import HandDRAW  # noqa: E402
 from reference import HandTrainer, HandVAE  # noqa: E402
 
 from pyrovae.checkpoint import atomic_write  # noqa: E402
@@ -52,7 +53,8 @@ from pyrovae.models import VAE  # noqa: E402
 from pyrovae.objectives import ELBO, IWAE  # noqa: E402
 from pyrovae.train import Trainer  # noqa: E402
 
-from pyrovae.guides import GaussianEncoder  # noqa: E402
+from pyrovae.guides import DRAWGuide, GaussianEncoder  # noqa: E402
+from pyrovae.models import DRAW  # noqa: E402
 
 try:
     from pyrovae.guides import FlowEncoder
@@ -70,6 +72,12 @@ ARCHS: dict[str, tuple[dict, str]] = {
     "kw": (dict(z_dims=(20,), hidden=[(400,)], activation="relu"), "784-400-20 relu (Kingma & Welling; Pyro's VAE example)"),
     "iwae1": (dict(z_dims=(50,), hidden=[(200, 200)], activation="tanh"), "784-200-200-50 tanh (IWAE paper, 1 layer)"),
     "iwae2": (dict(z_dims=(100, 50), hidden=[(200, 200), (100, 100)], activation="tanh"), "784-200-200-100-100-100-50 tanh (IWAE paper, 2 layers)"),
+}
+
+#: DRAW at the paper's MNIST settings (64 steps, 256-unit LSTMs, 100-d z_t): name -> (DRAW keyword arguments, description)
+DRAW_ARCHS: dict[str, tuple[dict, str]] = {
+    "draw": (dict(attention=False), "DRAW 64 steps, no attention"),
+    "draw-attention": (dict(attention=True), "DRAW 64 steps, attention (read 2x2, write 5x5)"),
 }
 
 CPU_TRAIN_TARGET = 0.9
@@ -139,6 +147,7 @@ def configs(quick: bool, eval_k: int) -> list[Config]:
     out += [Config("iwae1", "iwae", 128, 5), Config("iwae1", "iwae", 1024, 5), Config("iwae1", "iwae", 128, 50)]
     out += [Config("iwae1", "elbo", 128, guide="planar"), Config("iwae1", "elbo", 1024, guide="planar")]
     out += [Config("iwae1", "eval", 100, eval_k)]
+    out += [Config(arch, "elbo", 100) for arch in DRAW_ARCHS]
     return out
 
 
@@ -168,8 +177,11 @@ def load_data(data_dir: Optional[str], device: torch.device) -> tuple[torch.Tens
 
 
 def build(cfg: Config, device: torch.device, seed: int = 0):
-    kwargs, _ = ARCHS[cfg.arch]
     torch.manual_seed(seed)
+    if cfg.arch in DRAW_ARCHS:
+        model = DRAW(X_SHAPE, **DRAW_ARCHS[cfg.arch][0])
+        return model.to(device), DRAWGuide(model).to(device)
+    kwargs, _ = ARCHS[cfg.arch]
     model = VAE(x_shape=X_SHAPE, **kwargs)
     if cfg.guide == "planar":
         (hidden,) = kwargs["hidden"]
@@ -202,12 +214,12 @@ def _evaluate(model, guide, k: int, batch: int, budget: int, capture: str, x: to
 
 def make_impls(cfg: Config, device: torch.device, names: tuple = IMPLS) -> dict[str, Impl]:
     model, guide = build(cfg, device)
-    copies = {name: (copy.deepcopy(model), copy.deepcopy(guide)) for name in IMPLS}
+    copies = {name: copy.deepcopy((model, guide)) for name in IMPLS}  # together: a DRAW guide holds its model
     impls: dict[str, Impl] = {}
     K = cfg.particles
 
     m, g = copies["hand"]
-    hand = HandVAE(m, g)
+    hand = HandDRAW(m, g) if cfg.arch in DRAW_ARCHS else HandVAE(m, g)
     if cfg.objective == "eval":  # pyrovae's default (capture off) and capture="compile" (the CLI picks it for whole test sets on CPU)
         budget = default_max_elements(device)  # the same chunking for all
         impls["hand"] = Impl("hand", lambda x: hand.log_likelihood(x, num_samples=K, batch_size=cfg.batch, max_elements=budget))
@@ -340,7 +352,7 @@ def format_progress(row: Row, seconds: float) -> str:
 
 
 def short_arch(arch: str) -> str:
-    return ARCHS[arch][1].split(" (")[0]
+    return {**ARCHS, **DRAW_ARCHS}[arch][1].split(" (")[0]
 
 
 def table(rows: list[Row]) -> str:

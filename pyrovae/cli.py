@@ -21,7 +21,7 @@ from pyrovae.data import as_inputs
 from pyrovae.flows import FLOWS
 from pyrovae.models.vae import PRIOR_FLOWS
 from pyrovae.objectives import ELBO
-from pyrovae.registry import ALL_OBJECTIVES, GUIDES, MODELS, OBJECTIVE_ARGS, build_guide, build_model, build_objective, default_guide
+from pyrovae.registry import ALL_OBJECTIVES, GUIDES, MODEL_GUIDES, MODELS, OBJECTIVE_ARGS, build_guide, build_model, build_objective, default_guide
 from pyrovae.train import SCHEDULES, DivergenceError, Trainer, TrainingInterrupted
 
 
@@ -80,7 +80,7 @@ def _check_likelihood(cfg: dict, splits) -> None:
 
 def _build(cfg: dict, x_shape, device):
     model = build_model(cfg, x_shape).to(device)
-    guide = build_guide(cfg, x_shape).to(device)
+    guide = build_guide(cfg, x_shape, model).to(device)
     return model, guide
 
 
@@ -357,6 +357,8 @@ def _evaluate(run_dir: Path, device, checkpoint: str, num_samples: int, limit: O
             E.save_image_grid(E.decode_grid(model, x_shape, device=device), run_dir / "manifold.png", nrow=20)
         except ValueError as e:  # a discrete 2-D code has no manifold to draw
             print(f"pyrovae: no manifold.png: {e}")
+    if hasattr(model, "write_pictures"):  # models that draw over steps (DRAW): canvases, attention, GIF
+        model.write_pictures(run_dir, guide=guide, data=test)
     print(json.dumps(result, indent=2))
     print(f"pyrovae: wrote evaluation.json, samples.png, reconstructions.png, latent.png to {run_dir}")
     return 0
@@ -381,6 +383,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out}: the folder {out.parent} does not exist; create it or write elsewhere")
     runs.check_writable(out.parent, "the --out folder")
     E.save_image_grid(E.sample(model, args.num, splits.x_shape, device=device), out)
+    if hasattr(model, "write_pictures"):  # models that draw over steps (DRAW): canvases per step and a GIF
+        model.write_pictures(out.parent, num=min(args.num, 16))
     print(f"pyrovae: wrote {args.num} samples to {out}")
     return 0
 
@@ -421,7 +425,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--train-limit", type=_positive_int, default=None, help="train on the first N training examples only (quick runs)")
     g = t.add_argument_group("model and guide")
     g.add_argument("--model", default="vae", choices=sorted(MODELS))
-    g.add_argument("--guide", default=None, choices=sorted(GUIDES), help="default: gaussian; rnn for --model sentence, none for --model lm")
+    g.add_argument("--guide", default=None, choices=sorted({*GUIDES, *MODEL_GUIDES}), help="default: gaussian; rnn for --model sentence, none for --model lm, the model's own for draw and convdraw")
     g.add_argument("--arch", default="mlp", choices=["mlp", "conv"])
     g.add_argument("--z-dims", type=_positive_int, nargs="+", default=None, help="stochastic layer sizes, nearest x first: 50, or 100 50 (default 50; 16 for text models)")
     g.add_argument("--hidden", type=_positive_int, nargs="+", default=None, help="hidden sizes (default: the IWAE paper's)")
@@ -441,6 +445,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--bidirectional", action="store_true", help="bidirectional encoder (--guide rnn)")
     g.add_argument("--word-dropout", type=float, default=None, help="probability of replacing a decoder input word by <unk> while training")
     g.add_argument("--free-bits", type=float, default=None, help="free bits per latent dimension, nats (--objective annealed)")
+    g = t.add_argument_group("DRAW and ConvDRAW (--model draw / convdraw; their guide is chosen with them)")
+    g.add_argument("--draw-steps", type=_positive_int, default=None, help="steps T (default 64 for draw, 8 for convdraw)")
+    g.add_argument("--attention", action="store_true", help="DRAW reads and writes through selective attention windows")
+    g.add_argument("--read-size", type=_positive_int, default=None, help="N of DRAW's N x N read grid (default 2)")
+    g.add_argument("--write-size", type=_positive_int, default=None, help="N of DRAW's N x N write grid (default 5)")
+    g.add_argument("--draw-z", type=_positive_int, default=None, help="size of each z_t (default 100); ConvDRAW: its channels (default 4)")
+    g.add_argument("--lstm-size", type=_positive_int, default=None, help="LSTM units (default 256); ConvDRAW: ConvLSTM channels (default 32)")
     g = t.add_argument_group("objective")
     g.add_argument("--objective", default="elbo", choices=sorted(ALL_OBJECTIVES))
     g.add_argument("--num-particles", "-k", type=int, default=None, help="samples per data point (objective's default if omitted)")

@@ -5,7 +5,7 @@ means adding one entry, never an ``if name == ...`` in the trainer or the object
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 from torch import nn
 
@@ -126,10 +126,40 @@ def _bayes_gaussian(cfg: dict, x_shape) -> nn.Module:
     return BayesEncoder(x_shape, z_dim, hidden, cfg.get("activation", "tanh"), cfg.get("encoder_dropout"), model, cfg.get("num_data"))
 
 
-MODELS: dict[str, Callable[[dict, tuple], nn.Module]] = {"vae": _vae, "discrete": _discrete, "sentence": _sentence, "lm": _lm, "bayes_vae": _bayes_vae}
+def _draw(cfg: dict, x_shape) -> nn.Module:
+    from pyrovae.models import DRAW
+
+    return DRAW(
+        x_shape, cfg.get("draw_steps") or 64, cfg.get("draw_z") or 100, cfg.get("lstm_size") or 256, bool(cfg.get("attention")),
+        cfg.get("read_size") or 2, cfg.get("write_size") or 5, cfg.get("likelihood", "bernoulli"), cfg.get("scale"),
+    )
+
+
+def _convdraw(cfg: dict, x_shape) -> nn.Module:
+    from pyrovae.models import ConvDRAW
+
+    return ConvDRAW(x_shape, cfg.get("draw_steps") or 8, cfg.get("draw_z") or 4, cfg.get("lstm_size") or 32, likelihood=cfg.get("likelihood", "bernoulli"), scale=cfg.get("scale"))
+
+
+def _draw_guide(cfg: dict, x_shape, model: nn.Module) -> nn.Module:
+    from pyrovae.guides import DRAWGuide
+
+    return DRAWGuide(model)
+
+
+def _convdraw_guide(cfg: dict, x_shape, model: nn.Module) -> nn.Module:
+    from pyrovae.guides import ConvDRAWGuide
+
+    return ConvDRAWGuide(model)
+
+
+MODELS: dict[str, Callable[[dict, tuple], nn.Module]] = {"vae": _vae, "discrete": _discrete, "sentence": _sentence, "lm": _lm, "bayes_vae": _bayes_vae, "draw": _draw, "convdraw": _convdraw}
 GUIDES: dict[str, Callable[[dict, tuple], nn.Module]] = {"gaussian": _gaussian, "flow": _flow, "bernoulli": _bernoulli, "rnn": _rnn_encoder, "none": _no_latents, "bayes_gaussian": _bayes_gaussian}
+#: guides built from their model, because they run its networks (DRAW's decoder recurrence): (cfg, x_shape, model) -> guide.
+#: A model with a ``guide_name`` is paired with that guide.
+MODEL_GUIDES: dict[str, Callable[[dict, tuple, nn.Module], nn.Module]] = {"draw": _draw_guide, "convdraw": _convdraw_guide}
 #: the guide a model gets when none is named (``gaussian`` otherwise)
-DEFAULT_GUIDES: dict[str, str] = {"sentence": "rnn", "lm": "none"}
+DEFAULT_GUIDES: dict[str, str] = {"sentence": "rnn", "lm": "none", "draw": "draw", "convdraw": "convdraw"}
 
 
 def default_guide(model: str) -> str:
@@ -172,8 +202,20 @@ def build_model(cfg: dict, x_shape) -> nn.Module:
     return _pick(MODELS, "model", cfg.get("model", "vae"))(cfg, tuple(x_shape))
 
 
-def build_guide(cfg: dict, x_shape) -> nn.Module:
-    return _pick(GUIDES, "guide", cfg.get("guide") or default_guide(cfg.get("model", "vae")))(cfg, tuple(x_shape))
+def build_guide(cfg: dict, x_shape, model: Optional[nn.Module] = None) -> nn.Module:
+    """The guide ``cfg["guide"]``; for a model that names its own guide (``model.guide_name``, e.g. DRAW's, which runs
+    the model's decoder) that guide, built from ``model``: the default ``gaussian`` is replaced by it (and
+    ``cfg["guide"]`` updated), any other choice is refused."""
+    name = cfg.get("guide") or default_guide(cfg.get("model", "vae"))
+    paired = getattr(model, "guide_name", None)
+    if paired:
+        if name not in (paired, "gaussian"):
+            raise ValueError(f"model={cfg.get('model')!r} runs with its own guide {paired!r}, which shares the model's decoder; got guide={name!r}: pass --guide {paired} (or leave --guide out)")
+        cfg["guide"] = paired
+        return MODEL_GUIDES[paired](cfg, tuple(x_shape), model)
+    if name in MODEL_GUIDES:
+        raise ValueError(f"guide={name!r} is built from its own model ({name!r}); got model={cfg.get('model', 'vae')!r}: pass --model {name}")
+    return _pick(GUIDES, "guide", name)(cfg, tuple(x_shape))
 
 
 def build_objective(cfg: dict) -> Objective:

@@ -1,0 +1,254 @@
+"""DRAW on binarized MNIST (Gregor et al. 2015, Table 2): without and with attention, against a one-layer VAE
+trained for the same compute budget.
+
+Reported per model: the test variational bound (ELBO, one sample per image), the importance-sampled NLL with
+k samples (the IWAE estimator), the curve of the test bound against training time, and the paired difference
+between DRAW with and without attention in standard errors. Paper (64 steps, 256-unit LSTMs, 100-d z_t, read
+2 x 2 and write 5 x 5 with attention): NLL <= 87.40 without attention, <= 80.97 with.
+
+The budget is CPU time of the training process (``time.process_time``, one torch thread), not wall time: the
+development machine is shared, and CPU time is what each model actually got. Evaluations along the curve are
+not counted in it. The three models run as three processes at once (``--jobs``).
+
+Usage::
+
+    # the committed CPU run: 16 steps, the paper's layer sizes, 2 CPU-minutes per model
+    python benchmarks/draw_table.py
+    # a smoke run (seconds; writes results/draw_table_quick.md, never the committed table)
+    python benchmarks/draw_table.py --quick
+    # the paper's settings, for a GPU
+    python benchmarks/draw_table.py --full --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import torch
+
+from common import command_line, hardware_info, now
+from pyrovae.checkpoint import atomic_write
+from pyrovae.data import load_dataset
+from pyrovae.evaluate import elbo_terms, log_likelihood
+from pyrovae.guides import DRAWGuide, GaussianEncoder
+from pyrovae.models import DRAW, VAE
+from pyrovae.objectives import ELBO
+from pyrovae.train import Trainer
+
+PAPER = {"draw": 87.40, "draw-attention": 80.97, "vae": None}
+MODELS = ("draw", "draw-attention", "vae")
+
+#: protocol -> settings; "cpu" is the committed run
+PROTOCOLS = {
+    "cpu": {"steps": 16, "hidden": 256, "z_dim": 100, "budget_s": 120.0, "curve_every_s": 20.0, "batch_size": 100, "lr": 1e-3,
+            "bound_test": 1000, "nll_test": 200, "eval_samples": 50},
+    "quick": {"steps": 3, "hidden": 32, "z_dim": 10, "budget_s": 10.0, "curve_every_s": 5.0, "batch_size": 100, "lr": 1e-3,
+              "bound_test": 100, "nll_test": 50, "eval_samples": 10},
+    "full": {"steps": 64, "hidden": 256, "z_dim": 100, "budget_s": 6 * 3600.0, "curve_every_s": 600.0, "batch_size": 100, "lr": 1e-3,
+             "bound_test": 10000, "nll_test": 10000, "eval_samples": 5000},
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="smoke run; writes results/draw_table_quick.md")
+    g.add_argument("--full", action="store_true", help="the paper's 64 steps, whole test set, k = 5000 (a GPU)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=3, help="models trained at once, one process each")
+    p.add_argument("--work-dir", default="runs/draw_table", help="per-model JSON results")
+    p.add_argument("--out", default=None)
+    p.add_argument("--only", default=None, choices=MODELS, help="(internal) train and evaluate one model, write its JSON")
+    return p.parse_args(argv)
+
+
+def protocol_name(args) -> str:
+    return "quick" if args.quick else "full" if args.full else "cpu"
+
+
+def build(name: str, s: dict, x_shape):
+    if name == "vae":
+        return VAE(x_shape, (50,)), GaussianEncoder(x_shape, (50,))
+    model = DRAW(x_shape, steps=s["steps"], z_dim=s["z_dim"], hidden=s["hidden"], attention=name == "draw-attention")
+    return model, DRAWGuide(model)
+
+
+def run_one(name: str, args) -> dict:
+    """Train ``name`` for the CPU budget, evaluating the test bound along the way; then the test bound and NLL."""
+    s = PROTOCOLS[protocol_name(args)]
+    torch.set_num_threads(1)
+    device = torch.device(args.device)
+    pyro.set_rng_seed(args.seed)
+    pyro.clear_param_store()
+    data = load_dataset("binarized-mnist", data_dir=args.data_dir, device=device)
+    train, test = data.train, data.test
+    model, guide = build(name, s, data.x_shape)
+    model, guide = model.to(device), guide.to(device)
+    trainer = Trainer(model, guide, ELBO(), lr=s["lr"], progress=False)
+    trainer.setup(train[: s["batch_size"]])
+    curve_test = test[: min(500, s["bound_test"])]
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+
+    def bound(x):
+        model.eval(), guide.eval()
+        out = elbo_terms(model, guide, x, batch_size=100)["elbo"]
+        model.train(), guide.train()
+        return out
+
+    used, steps, images, next_point = 0.0, 0, 0, 0.0
+    curve = []
+    wall0 = time.perf_counter()
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    perm, pos = torch.randperm(train.shape[0], generator=gen), 0
+    while used < s["budget_s"]:
+        if used >= next_point:
+            curve.append({"train_cpu_s": round(used, 1), "steps": steps, "epochs": round(images / train.shape[0], 3), "test_bound": bound(curve_test)})
+            print(f"[{name}] {curve[-1]}", flush=True)
+            next_point += s["curve_every_s"]
+        if pos + s["batch_size"] > train.shape[0]:
+            perm, pos = torch.randperm(train.shape[0], generator=gen), 0
+        x = train[perm[pos : pos + s["batch_size"]].to(device)]
+        pos += s["batch_size"]
+        t0 = clock()
+        loss, _ = trainer.step(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        used += clock() - t0
+        steps += 1
+        images += x.shape[0]
+    train_wall = time.perf_counter() - wall0
+    curve.append({"train_cpu_s": round(used, 1), "steps": steps, "epochs": round(images / train.shape[0], 3), "test_bound": bound(curve_test)})
+    print(f"[{name}] {curve[-1]}", flush=True)
+    model.eval(), guide.eval()
+    t0 = time.perf_counter()
+    pyro.set_rng_seed(args.seed + 1)
+    terms = elbo_terms(model, guide, test[: s["bound_test"]], batch_size=100)
+    ll = log_likelihood(model, guide, test[: s["nll_test"]], num_samples=s["eval_samples"])
+    return {
+        "model": name,
+        "settings": s,
+        "train_cpu_s": round(used, 1),
+        "train_wall_s": round(train_wall, 1),
+        "steps": steps,
+        "epochs": images / train.shape[0],
+        "test_bound": terms["elbo"],
+        "test_kl": terms["kl"],
+        "nll": float(-ll.values.mean()),
+        "nll_stderr": float(ll.values.std() / math.sqrt(ll.values.numel())),
+        "nll_per_image": (-ll.values).tolist(),
+        "eval_wall_s": round(time.perf_counter() - t0, 1),
+        "curve": curve,
+        "capture": trainer.capture_report,
+    }
+
+
+def fmt(v, digits=2) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def report(results: dict, args, wall: float) -> str:
+    s = PROTOCOLS[protocol_name(args)]
+    hw = hardware_info(torch.device(args.device))
+    lines = [
+        "# DRAW on binarized MNIST (Gregor et al. 2015, Table 2)",
+        "",
+        f"- Command: `{command_line()}`",
+        f"- Date: {now()}; wall time {wall / 60:.1f} min in all ({args.jobs} models at once)",
+        f"- Hardware: {hw['cpu']} ({hw['cpu_cores']} cores, shared with other jobs), device {hw['device']}; torch {hw['torch']}, pyro {hw['pyro']}",
+        f"- Data: the fixed Larochelle binarisation, 50,000 training images; test bound on the first {s['bound_test']} test images "
+        f"(one sample each), NLL on the first {s['nll_test']} with k = {s['eval_samples']} importance samples.",
+        f"- Models: DRAW with T = {s['steps']} steps (paper: 64), {s['hidden']}-unit LSTMs, {s['z_dim']}-d z_t, read 2 x 2 / write 5 x 5 "
+        "with attention; the VAE is the IWAE paper's one-layer x-200-200-z50. ELBO, Adam lr "
+        f"{s['lr']}, batch {s['batch_size']}, captured training step (replay).",
+        f"- Budget: {s['budget_s'] / 60:.1f} CPU-minutes of training per model on one torch thread (process CPU time; the "
+        "test-bound evaluations along the curve are not counted).",
+        "",
+        "| model | steps (epochs) | test bound | NLL (k = %d) ± s.e. | paper NLL (64 steps) |" % s["eval_samples"],
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in MODELS:
+        r = results.get(name)
+        if r is None:
+            continue
+        lines.append(f"| {name} | {r['steps']} ({r['epochs']:.2f}) | {r['test_bound']:.2f} | {r['nll']:.2f} ± {r['nll_stderr']:.2f} | {'<= ' + fmt(PAPER[name]) if PAPER[name] else '—'} |")
+    lines += ["", "Test bound (first %d test images) against training CPU time:" % min(500, s["bound_test"]), ""]
+    names = [n for n in MODELS if n in results]
+    points = max(len(results[n]["curve"]) for n in names)
+    lines.append("| CPU s | " + " | ".join(names) + " |")
+    lines.append("|---:|" + "---:|" * len(names))
+    for i in range(points):
+        row = []
+        t = None
+        for n in names:
+            c = results[n]["curve"]
+            if i < len(c):
+                row.append(f"{c[i]['test_bound']:.1f}")
+                t = c[i]["train_cpu_s"] if t is None else t
+            else:
+                row.append("")
+        lines.append(f"| {t} | " + " | ".join(row) + " |")
+    if "draw" in results and "draw-attention" in results:
+        a = torch.tensor(results["draw-attention"]["nll_per_image"])
+        b = torch.tensor(results["draw"]["nll_per_image"])
+        d = b - a
+        se = float(d.std() / math.sqrt(d.numel()))
+        lines += [
+            "",
+            f"Attention against no attention at equal budget, paired over the same {d.numel()} test images: NLL(no attention) - "
+            f"NLL(attention) = {float(d.mean()):.2f} ± {se:.2f} nats ({float(d.mean()) / se:.1f} standard errors).",
+        ]
+    for name in names:
+        r = results[name]
+        gap = "" if PAPER[name] is None else f"; {r['nll'] - PAPER[name]:.1f} nats above the paper's {PAPER[name]}"
+        lines.append(f"- {name}: {r['train_cpu_s']} CPU-s ({r['train_wall_s']} s wall) of training{gap}; evaluation {r['eval_wall_s']} s wall; {r['capture']}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    work = Path(args.work_dir) / protocol_name(args)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.only:
+        result = run_one(args.only, args)
+        atomic_write(work / f"{args.only}.json", lambda f: f.write(json.dumps(result).encode()))
+        return 0
+    t0 = time.perf_counter()
+    pending = list(MODELS)
+    running: list[tuple[str, subprocess.Popen]] = []
+    passthrough = [a for a in sys.argv[1:] if a not in ("--jobs",)]
+    failed = []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            name = pending.pop(0)
+            cmd = [sys.executable, __file__, *passthrough, "--only", name]
+            running.append((name, subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})))
+        time.sleep(1.0)
+        for item in list(running):
+            if item[1].poll() is not None:
+                running.remove(item)
+                if item[1].returncode != 0:
+                    failed.append(item[0])
+    if failed:
+        print(f"draw_table: {failed} failed; no table written", file=sys.stderr)
+        return 1
+    results = {n: json.loads((work / f"{n}.json").read_text()) for n in MODELS}
+    text = report(results, args, time.perf_counter() - t0)
+    out = Path(args.out or f"benchmarks/results/draw_table{'_quick' if args.quick else '_full' if args.full else ''}.md")
+    if args.quick and out.name == "draw_table.md":
+        raise SystemExit("--quick never overwrites the committed draw_table.md; pass another --out")
+    atomic_write(out, lambda f: f.write(text.encode()))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""DRAW's selective attention: an N x N grid of Gaussian filters laid over an image (Gregor et al. 2015, sec. 3.2).
+
+A window has a centre (g_X, g_Y), a stride delta between filter centres, an isotropic variance sigma^2 and an
+intensity gamma. Filter i of the X-filterbank is centred at mu_X^i = g_X + (i - (N - 1) / 2) delta and
+
+    F_X[i, a] = exp(-(a - mu_X^i)^2 / (2 sigma^2)) / Z_X^i,     sum_a F_X[i, a] = 1,
+
+in 0-based pixel coordinates a = 0 .. W - 1 (likewise F_Y over rows). Reading is gamma F_Y x F_X^T (an N x N
+glimpse per channel), writing a patch w is (1 / gamma) F_Y^T w F_X (an image-sized canvas update).
+
+Used by the DRAW model (write) and its guide (read); both own an :class:`Attention` head.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class Window(NamedTuple):
+    """Filterbanks and parameters of one attention window per batch element: ``fy`` ``[*, N, H]``, ``fx``
+    ``[*, N, W]``, and ``[*]``-shaped centre, stride, variance and intensity."""
+
+    fy: torch.Tensor
+    fx: torch.Tensor
+    gx: torch.Tensor
+    gy: torch.Tensor
+    delta: torch.Tensor
+    sigma2: torch.Tensor
+    gamma: torch.Tensor
+
+
+def filterbank(centre: torch.Tensor, delta: torch.Tensor, sigma2: torch.Tensor, size: int, length: int, eps: float = 1e-8) -> torch.Tensor:
+    """Row-normalised Gaussian filters ``[*, size, length]`` along one image axis of ``length`` pixels.
+
+    Args:
+        centre, delta, sigma2: ``[*]`` grid centre g, stride delta and variance sigma^2, in pixels.
+        size: N, the number of filters.
+        length: pixels along the axis (W for F_X, H for F_Y).
+        eps: keeps the normaliser Z positive for a filter far outside the image (its row is then ~0).
+    """
+    i = torch.arange(size, dtype=centre.dtype, device=centre.device)
+    mu = centre[..., None] + (i - (size - 1) / 2) * delta[..., None]  # [*, N]
+    a = torch.arange(length, dtype=centre.dtype, device=centre.device)
+    f = torch.exp(-(a - mu[..., None]).pow(2) / (2 * sigma2[..., None, None]))
+    return f / (f.sum(-1, keepdim=True) + eps)
+
+
+def window(raw: torch.Tensor, height: int, width: int, size: int) -> Window:
+    """The window of a linear layer's 5 outputs ``[*, 5]`` = (g~X, g~Y, log sigma^2, log delta~, log gamma).
+
+    g = (L - 1) / 2 (g~ + 1) maps g~ in [-1, 1] onto the image, delta = (max(H, W) - 1) / (N - 1) delta~ so
+    that delta~ = 1 spans the image (the paper's scalings, in 0-based pixel coordinates)."""
+    gx_, gy_, log_sigma2, log_delta, log_gamma = raw.unbind(-1)
+    gx = (width - 1) / 2 * (gx_ + 1)
+    gy = (height - 1) / 2 * (gy_ + 1)
+    delta = (max(height, width) - 1) / max(size - 1, 1) * torch.exp(log_delta)
+    sigma2 = torch.exp(log_sigma2)
+    gamma = torch.exp(log_gamma)
+    return Window(filterbank(gy, delta, sigma2, size, height), filterbank(gx, delta, sigma2, size, width), gx, gy, delta, sigma2, gamma)
+
+
+def read(images: torch.Tensor, w: Window) -> torch.Tensor:
+    """gamma F_Y x F_X^T: ``images`` ``[*, C, H, W]`` -> glimpses ``[*, C, N, N]`` (batch dims broadcast)."""
+    glimpse = w.fy[..., None, :, :] @ images @ w.fx[..., None, :, :].transpose(-1, -2)
+    return w.gamma[..., None, None, None] * glimpse
+
+
+def write(patch: torch.Tensor, w: Window) -> torch.Tensor:
+    """(1 / gamma) F_Y^T w F_X: ``patch`` ``[*, C, N, N]`` -> canvas update ``[*, C, H, W]``."""
+    canvas = w.fy[..., None, :, :].transpose(-1, -2) @ patch @ w.fx[..., None, :, :]
+    return canvas / w.gamma[..., None, None, None]
+
+
+class Attention(nn.Module):
+    """A linear map from a recurrent state to an N x N attention window over ``height x width`` images."""
+
+    def __init__(self, state_dim: int, height: int, width: int, size: int):
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"attention grid size={size} must be a positive number of filters per axis, e.g. 2 (read) or 5 (write)")
+        self.height, self.width, self.size = int(height), int(width), int(size)
+        self.params = nn.Linear(state_dim, 5)
+
+    def forward(self, h: torch.Tensor) -> Window:
+        return window(self.params(h), self.height, self.width, self.size)
+
+
+def box(w: Window) -> torch.Tensor:
+    """The window's extent for drawing, ``[*, 4]`` = (x0, y0, x1, y1): the outermost filter centres."""
+    half = (w.fx.shape[-2] - 1) / 2 * w.delta
+    return torch.stack([w.gx - half, w.gy - half, w.gx + half, w.gy + half], -1)
