@@ -147,7 +147,7 @@ def test_log_weight_is_the_sum_of_the_steps_terms(attention, share_steps):
     model, guide = _draw(attention, steps=steps, share_steps=share_steps)
     x = _images(6)
     lw = ELBO().log_weights(model, guide, x)
-    zs = [lw.guide_trace.nodes[f"z_{t + 1}"]["value"][0] for t in range(steps)]
+    zs = [lw.guide_trace.nodes[f"z_{t + 1}"]["value"].reshape(x.shape[0], -1) for t in range(steps)]  # one particle: no particle dimension
     assert sorted(n for n, s in lw.model_trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]) == sorted(f"z_{t + 1}" for t in range(steps))
     with torch.no_grad():
         want = _by_hand(model, guide, x, zs)
