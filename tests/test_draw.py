@@ -373,3 +373,27 @@ def test_convdraw_image_sizes(x_shape):
     assert lw.log_w.shape == (1, 3) and torch.isfinite(lw.log_w).all()
     assert lw.guide_trace.nodes["z_1"]["value"].shape[-3:] == (x_shape[1] // 4, x_shape[2] // 4, 2)
     assert model.trajectory(2)["canvas"].shape == (2, 2, *x_shape)
+
+
+def test_cli_trains_evaluates_and_samples_draw_with_pictures(data_root, tmp_path):
+    import json
+
+    from pyrovae.cli import main
+
+    run = tmp_path / "run"
+    common = ["--no-progress", "--data-dir", str(data_root), "--device", "cpu"]
+    code = main([
+        "train", "--dataset", "binarized-mnist", "--model", "draw", "--attention", "--draw-steps", "3", "--draw-z", "4",
+        "--lstm-size", "16", "--read-size", "3", "--write-size", "4", "--train-limit", "500", "--epochs", "1",
+        "--run-dir", str(run), "--eval-samples", "5", "--eval-limit", "10", *common,
+    ])
+    assert code == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["guide"] == "draw" and config["attention"] and config["draw_steps"] == 3
+    result = json.loads((run / "evaluation.json").read_text())
+    assert math.isfinite(result["test_nll"]) and set(result["active_units"]) == {"z_1", "z_2", "z_3"}
+    for name in ("draw_generation.png", "draw_generation.gif", "draw_reconstruction.png", "draw_attention.png"):
+        assert (run / name).stat().st_size > 0, name
+    (run / "draw_generation.gif").unlink()
+    assert main(["sample", str(run), "-n", "4", "--device", "cpu"]) == 0
+    assert (run / "draw_generation.gif").exists()
