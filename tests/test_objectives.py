@@ -377,7 +377,7 @@ def test_no_latents_every_objective_is_trace_elbo(make, expect, global_factor, g
     (ref_grad,) = torch.autograd.grad(ref_loss, mu)
     obj = make()
     if guide_factor and expect != "elbo":  # the guide's factor: no density of z, invisible to a variance over z
-        with pytest.raises(ValueError, match="guide has observed sites"):
+        with pytest.raises(ValueError, match="guide has observed or auxiliary sites"):
             obj.loss(model, guide, x)
         return
     loss = obj.differentiable_loss(model, guide, x)

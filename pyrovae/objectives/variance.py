@@ -48,12 +48,15 @@ class VarianceLoss(Objective):
 
     def _loss_and_surrogate(self, model, guide, args, kwargs):
         lw = self.detached_log_weights(model, guide, *args, **kwargs)
-        factors = [n for n, s in lw.pairs[0].guide_trace.nodes.items() if s["type"] == "sample" and s["is_observed"]]
+        factors = [
+            n for n, s in lw.pairs[0].guide_trace.nodes.items()
+            if s["type"] == "sample" and (s["is_observed"] or s["infer"].get("is_auxiliary"))
+        ]
         if factors:  # constant over the samples: the variance cannot see them, and they are no density of z
             raise ValueError(
                 f"{type(self).__name__} takes gradients through the variance of log w over samples of z, but the guide has "
-                f"observed sites (pyro.factor) {factors}, terms that do not depend on z and would get no gradient; "
-                "move them into the model, or use an ELBO-type objective"
+                f"observed or auxiliary sites (pyro.factor, a fixed log-density such as a dropout KL) {factors}, terms that "
+                "do not vary with z and would get no gradient; move them into the model, or use an ELBO-type objective"
             )
         loss = self.factor * batch_variance(lw, lw.log_w, lw.glob)
         self._record(lw, variance=loss / (self.factor * lw.batch_size))
