@@ -61,10 +61,7 @@ def test_one_kfac_step_is_the_inverse_kronecker_fisher_times_the_gradient(with_b
     step = torch.cat([before[0] - layer.weight.detach(), (before[1] - layer.bias.detach())[:, None]], 1) if with_bias else before[0] - layer.weight.detach()
     n = x.shape[0]
     a = torch.cat([x, torch.ones(n, 1)], 1) if with_bias else x
-    with torch.no_grad():
-        d = layer(x) - y if not with_bias else (x @ before[0].T + before[1]) - y  # per-example dloss/ds, times n
-    if not with_bias:
-        d = x @ before[0].T - y
+    d = x @ before[0].T + (before[1] if with_bias else 0) - y  # per-example d loss_n / d s at the old weights
     A, G = a.T @ a / n, d.T @ d / n
     F = torch.kron(G, A).double()  # row-major vec(g) of a [out, in] matrix
     expected = torch.linalg.solve(F, grad.double().reshape(-1)).reshape(grad.shape).float()
