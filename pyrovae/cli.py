@@ -459,7 +459,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--analytic-kl", action="store_true", help="closed-form KL in the ELBO (mean-field guides)")
     g.add_argument("--alpha", type=float, default=None, help="Renyi alpha")
     g.add_argument("--beta", type=float, default=None, help="beta-ELBO weight")
-    g.add_argument("--beta-schedule", default=None, choices=["constant", "linear", "cyclical", "logistic"], help="logistic: --objective annealed")
+    g.add_argument("--beta-schedule", default=None, choices=["constant", "linear", "cyclical", "logistic"], help="beta-ELBO / annealed schedule (default constant for beta, logistic for annealed)")
     g.add_argument("--warmup-steps", type=int, default=None)
     g.add_argument("--cycle-steps", type=int, default=None)
     g.add_argument("--constraint", default=None, choices=["RE", "pNCC"], help="GECO constraint (FRE/CLA need Python callables)")

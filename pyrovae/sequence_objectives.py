@@ -20,9 +20,6 @@ from pyrovae.objectives.base import LogWeights, TracePair, score_function_term
 from pyrovae.objectives.elbo import BetaELBO
 from pyrovae.objectives.geco import GECO
 
-ANNEAL_SCHEDULES = ("constant", "linear", "cyclical", "logistic")
-
-
 def per_dimension_kl(lw: LogWeights) -> torch.Tensor:
     """Closed-form KL(q || p) of every latent dimension, ``[P, B, D]`` (all sites' last dims concatenated).
 
@@ -50,13 +47,11 @@ def per_dimension_kl(lw: LogWeights) -> torch.Tensor:
 
 
 class AnnealedELBO(BetaELBO):
-    """BetaELBO with a logistic schedule and free bits.
+    """BetaELBO (logistic schedule by default) with free bits.
 
     Args:
         beta: the final weight of the KL term.
-        schedule: ``logistic`` (beta_t = beta / (1 + exp(-10 (t - warmup_steps / 2) / warmup_steps)), which rises
-            from 0.7% to 99.3% of beta over ``warmup_steps``; Bowman et al. 2016), or BetaELBO's ``constant``,
-            ``linear``, ``cyclical``.
+        schedule: any of :class:`~pyrovae.objectives.BetaELBO`'s; ``logistic`` (Bowman et al. 2016) by default.
         free_bits: lambda >= 0, nats per latent dimension: the KL term is sum_j max(lambda, mean_batch KL_j)
             (0: none). Dimensions under the floor get no gradient from the KL.
         warmup_steps, cycle_steps, ratio, num_particles, analytic_kl: as :class:`BetaELBO`.
@@ -65,19 +60,10 @@ class AnnealedELBO(BetaELBO):
     """
 
     def __init__(self, beta: float = 1.0, schedule: str = "logistic", free_bits: float = 0.0, warmup_steps: int = 10000, cycle_steps: int = 10000, ratio: float = 0.5, num_particles: int = 1, analytic_kl: bool = False, **kwargs):
-        if schedule not in ANNEAL_SCHEDULES:
-            raise ValueError(f"schedule={schedule!r} is not known; choose one of {list(ANNEAL_SCHEDULES)}")
         if not (isinstance(free_bits, (int, float)) and math.isfinite(free_bits) and free_bits >= 0):
             raise ValueError(f"free_bits={free_bits!r} must be a finite number of nats >= 0 per latent dimension (0: no free bits)")
-        super().__init__(beta, "constant" if schedule == "logistic" else schedule, warmup_steps, cycle_steps, ratio, num_particles, analytic_kl, **kwargs)
-        self.schedule, self.free_bits = schedule, float(free_bits)
-        self.num_steps = 0  # beta_t under the chosen schedule
-
-    @property
-    def current_beta(self) -> float:
-        if self.schedule == "logistic":
-            return self.beta / (1.0 + math.exp(-10.0 * (self.num_steps - self.warmup_steps / 2) / self.warmup_steps))
-        return super().current_beta
+        super().__init__(beta, schedule, warmup_steps, cycle_steps, ratio, num_particles, analytic_kl, **kwargs)
+        self.free_bits = float(free_bits)
 
     def _loss_and_surrogate(self, model, guide, args, kwargs):
         lw, recon, kl = self._bound_parts(model, guide, args, kwargs)

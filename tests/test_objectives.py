@@ -599,8 +599,9 @@ def test_every_registered_objective_is_covered():
         (dict(beta=2.0, schedule="constant"), {0: 2.0, 5: 2.0, 1000: 2.0}),
         (dict(beta=2.0, schedule="linear", warmup_steps=10), {0: 0.0, 1: 0.2, 5: 1.0, 10: 2.0, 25: 2.0}),
         (dict(beta=1.0, schedule="cyclical", cycle_steps=10, ratio=0.5), {0: 0.0, 2: 0.4, 5: 1.0, 9: 1.0, 10: 0.0, 13: 0.6, 25: 1.0}),
+        (dict(beta=2.0, schedule="logistic", warmup_steps=10), {0: 2.0 / (1 + math.exp(5.0)), 5: 1.0, 10: 2.0 / (1 + math.exp(-5.0))}),
     ],
-    ids=["constant", "linear", "cyclical"],
+    ids=["constant", "linear", "cyclical", "logistic"],
 )
 def test_beta_schedules(kwargs, expected):
     obj = BetaELBO(**kwargs)
@@ -695,7 +696,7 @@ def test_bad_settings_are_rejected():
     with pytest.raises(ValueError, match="estimator"):
         IWAE(estimator="reinforce")
     with pytest.raises(ValueError, match="schedule"):
-        BetaELBO(schedule="sigmoid")
+        BetaELBO(schedule="sigmoid")  # unknown (logistic is the name)
     with pytest.raises(ValueError, match="beta"):
         BetaELBO(beta=-1.0)
 

@@ -2,7 +2,7 @@
 
 ELBO(x) = E_q[log p(x, z) - log q(z | x)]   (Kingma & Welling 2014)
 beta-ELBO(x) = E_q[log p(x | z)] - beta_t KL(q(z | x) || p(z))   (Higgins et al. 2017; Bowman et al. 2016;
-cyclical: Fu et al. 2019)
+cyclical: Fu et al. 2019; logistic: Bowman et al. 2016)
 """
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ class ELBO(Objective):
         return f"ELBO(num_particles={self.num_particles}, analytic_kl={self.analytic_kl})"
 
 
-SCHEDULES = ("constant", "linear", "cyclical")
+SCHEDULES = ("constant", "linear", "cyclical", "logistic")
 
 
 class BetaELBO(ELBO):
@@ -120,6 +120,8 @@ class BetaELBO(ELBO):
     Args:
         beta: the target weight of the KL term (beta-VAE: beta > 1; beta = 1 is the ELBO).
         schedule: ``constant`` (beta_t = beta), ``linear`` (warm-up from 0 to beta over ``warmup_steps``),
+            ``logistic`` (Bowman et al. 2016: beta / (1 + exp(-10 (t - warmup_steps / 2) / warmup_steps)), from 0.7% to
+            99.3% of beta over ``warmup_steps``),
             ``cyclical`` (Fu et al. 2019: cycles of ``cycle_steps``, rising linearly over the first
             ``ratio`` of each cycle, then held at beta).
         warmup_steps, cycle_steps, ratio: schedule settings.
@@ -160,6 +162,8 @@ class BetaELBO(ELBO):
         if self.schedule == "cyclical":
             phase = (t % self.cycle_steps) / self.cycle_steps
             return self.beta * min(1.0, phase / self.ratio)
+        if self.schedule == "logistic":
+            return self.beta / (1.0 + math.exp(-10.0 * (t - self.warmup_steps / 2) / self.warmup_steps))
         return self.beta
 
     def _loss_and_surrogate(self, model, guide, args, kwargs):
