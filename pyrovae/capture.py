@@ -36,7 +36,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten
 
-from pyrovae.checkpoint import get_rng_state, set_rng_state
+from pyrovae.rng import get_rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 

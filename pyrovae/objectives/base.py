@@ -28,7 +28,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, check_site_shape
 
-from pyrovae.checkpoint import get_rng_state, set_rng_state
+from pyrovae.rng import get_rng_state, set_rng_state
 
 PARTICLE_PLATE = "num_particles_vectorized"
 
