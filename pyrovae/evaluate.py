@@ -9,9 +9,7 @@ slices them in chunks together with the data.
 """
 from __future__ import annotations
 
-import inspect
 import math
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
@@ -23,9 +21,9 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
 
 from pyrovae.capture import MODES as CAPTURE_MODES
-from pyrovae.capture import FunctionCapture
+from pyrovae.capture import GraphCache, owner, shared_cache
 from pyrovae.data import as_inputs
-from pyrovae.objectives import ELBO, Objective
+from pyrovae.engine import LogWeightEngine, observed_site, site_mean
 
 #: a tensor ``[N, ...]`` or a tuple of tensors with first dimension N
 Data = Union[torch.Tensor, tuple]
@@ -152,7 +150,6 @@ def log_likelihood(
         max_elements = default_max_elements(inputs.first.device)
     values, errors = [], []
     run = _chunk_log_weights(model, guide, capture, inputs)
-    flags = _train_flags(model, guide)  # part of each graph's signature
     validate = is_validation_enabled()
     for start in range(0, inputs.n, batch_size):
         x = inputs.chunk(start, start + batch_size)
@@ -162,7 +159,7 @@ def log_likelihood(
         while done < num_samples:
             k = min(chunk, num_samples - done)
             with pyro.validation_enabled(validate):  # checks once, not per chunk (each check is a host read)
-                log_w = run(x, k, flags, inputs.layout)
+                log_w = run(x, k, inputs.layout)
             validate = False
             new_m = log_w.max(0).values if m is None else torch.maximum(m, log_w.max(0).values)
             scale = torch.zeros_like(new_m) if m is None else torch.exp(m - new_m)
@@ -175,83 +172,54 @@ def log_likelihood(
         values.append(m + torch.log(mean_w))
         var_mean = (s2 / num_samples - mean_w.pow(2)).clamp_min(0) / num_samples
         errors.append(torch.sqrt(var_mean) / mean_w)
-    report = run.summary() if isinstance(run, FunctionCapture) else "plain Pyro chunks (capture='off')"
+    report = run.summary() if isinstance(run, GraphCache) else "plain Pyro chunks (capture='off')"
     return LogLikelihood(torch.cat(values), torch.cat(errors), report)
 
 
-def _weak(obj) -> Optional[Callable]:
-    """A weak reference to ``obj`` (a bound method through ``WeakMethod``), or None where it cannot have one."""
-    try:
-        return weakref.WeakMethod(obj) if inspect.ismethod(obj) else weakref.ref(obj)
-    except TypeError:
-        return None
-
-
-def _identity(obj) -> tuple:
-    return (id(obj.__self__), id(obj.__func__)) if inspect.ismethod(obj) else (id(obj),)
-
-
-def _owner(program):
-    """The object behind a program: a bound method's instance (a module's ``model`` method, say), else itself."""
-    return getattr(program, "__self__", program)
-
-
-def _train_flags(*programs) -> tuple:
-    return tuple(m.training for p in programs if isinstance(_owner(p), torch.nn.Module) for m in _owner(p).modules())
-
-
-#: captured evaluation chunks kept between calls: (model, guide, mode) -> (weak model, weak guide, FunctionCapture)
-_CHUNK_CAPTURES: dict[tuple, tuple] = {}
-
-
 def _chunk_log_weights(model, guide, capture: str, inputs: _Inputs) -> Callable:
-    """``(tensors, k, flags, layout) -> log w [k, B]`` for ``k`` samples per datum of a chunk of the per-datum
-    tensors (each a graph input). With a capture mode this is a :class:`FunctionCapture`, kept between calls for
-    the same (model, guide) pair (so graphs are recorded and compiled once) when no constant argument is
-    involved, and re-checked against Pyro on the first chunk of each shape of every call."""
-    refs = (_weak(model), _weak(guide))
+    """``(tensors, k, layout) -> log w [k, B]`` for ``k`` samples per datum of a chunk of the per-datum tensors. With
+    a capture mode this is a :class:`~pyrovae.capture.GraphCache`, kept between calls for the same (model, guide)
+    pair (so graphs are recorded and compiled once) when no constant argument is involved, and re-checked against
+    Pyro on the first chunk of each shape of every call."""
     constants = inputs.constants
-    cacheable = capture != "off" and None not in refs and not constants
-    programs = (lambda: (refs[0](), refs[1]())) if cacheable else (lambda: (model, guide))  # no strong references in the cache
-    objectives: dict[int, Objective] = {}
+    engines: dict[int, LogWeightEngine] = {}
 
-    def chunk_log_w(x: tuple, k: int, flags: tuple, layout: tuple) -> torch.Tensor:
-        if k not in objectives:
-            objectives[k] = Objective(num_particles=k)
-        args, kwargs = _call_args(layout, x, constants)
-        lw = objectives[k].log_weights(*programs(), *args, **kwargs)
-        return lw.log_w + lw.glob[:, None]  # the traces (the chunk's decoder outputs) are freed on return
+    def make(programs: Callable[[], tuple]) -> Callable:
+        def chunk_log_w(x: tuple, k: int, layout: tuple) -> torch.Tensor:
+            if k not in engines:
+                engines[k] = LogWeightEngine(num_particles=k)
+            args, kwargs = _call_args(layout, x, constants)
+            lw = engines[k].log_weights(*programs(), *args, who="log_likelihood", **kwargs)
+            return lw.log_w + lw.glob[:, None]  # the traces (the chunk's decoder outputs) are freed on return
 
-    if capture == "off":
         return chunk_log_w
 
-    def modules() -> list[torch.nn.Module]:
-        return [_owner(p) for p in programs() if isinstance(_owner(p), torch.nn.Module)]
+    if capture == "off":
+        return make(lambda: (model, guide))
 
-    if not cacheable:
-        return FunctionCapture(chunk_log_w, capture, modules=modules)
-    key = (_identity(model), _identity(guide), capture)
-    entry = _CHUNK_CAPTURES.get(key)
-    if entry is None or entry[0]() != model or entry[1]() != guide:
-        entry = _CHUNK_CAPTURES[key] = (refs[0], refs[1], FunctionCapture(chunk_log_w, capture, modules=modules))
-        for owner in {id(_owner(p)): _owner(p) for p in (model, guide)}.values():
-            weakref.finalize(owner, _CHUNK_CAPTURES.pop, key, None)  # the graphs (and the parameters they hold) go with the model
-    entry[2].recheck()
-    return entry[2]
+    def cache(programs: Callable[[], tuple]) -> GraphCache:
+        modules = lambda: [owner(p) for p in programs() if isinstance(owner(p), torch.nn.Module)]  # noqa: E731
+        return GraphCache(make(programs), capture, modules=modules)
+
+    run = shared_cache((model, guide), ("log_likelihood", capture), cache) if not constants else None
+    if run is None:  # constants (or programs without weak references) are not kept between calls
+        return cache(lambda: (model, guide))
+    run.recheck()
+    return run
 
 
 @torch.no_grad()
-def elbo_terms(model, guide, data: Data, num_particles: int = 1, batch_size: int = 500, *args, objective: Optional[ELBO] = None, **kwargs) -> dict[str, float]:
+def elbo_terms(model, guide, data: Data, num_particles: int = 1, batch_size: int = 500, *args, engine: Optional[LogWeightEngine] = None, **kwargs) -> dict[str, float]:
     """Mean per-datum ELBO, reconstruction term E_q[log p(x|z)] and KL estimate over ``data`` (a tensor or a
     tuple of tensors, sliced in chunks together with the per-datum tensors of ``args``/``kwargs``).
 
-    ``objective``: an :class:`~pyrovae.objectives.ELBO` to reuse across calls (it keeps the plate nesting it
-    guessed on its first call); by default a new ``ELBO(num_particles)``."""
-    objective = ELBO(num_particles=num_particles) if objective is None else objective
+    ``engine``: a :class:`~pyrovae.engine.LogWeightEngine` to reuse across calls (it keeps the plate nesting it
+    guessed on its first call); by default a new one with ``num_particles``."""
+    engine = LogWeightEngine(num_particles) if engine is None else engine
     inputs = _Inputs(data, args, kwargs)
     sums = {"elbo": 0.0, "recon": 0.0, "kl": 0.0}
     for call_args, call_kwargs in inputs.chunks(batch_size):
-        lw = objective.log_weights(model, guide, *call_args, **call_kwargs)
+        lw = engine.log_weights(model, guide, *call_args, who="elbo_terms", **call_kwargs)
         sums["elbo"] = sums["elbo"] + lw.log_w.mean(0).sum() + lw.glob.mean()
         sums["recon"] = sums["recon"] + lw.log_px.mean(0).sum()
         sums["kl"] = sums["kl"] + lw.kl.mean(0).sum()
@@ -372,15 +340,13 @@ def active_units(guide, data: Data, threshold: float = 1e-2, *args, batch_size: 
     return {name: int((a.variance > threshold).sum()) for name, a in activity.items()}
 
 
-def _observed_mean(trace) -> torch.Tensor:
-    names = [n for n, s in trace.nodes.items() if s["type"] == "sample" and s["is_observed"]]
-    if not names:
-        raise ValueError("the model has no observed site to draw images from")
-    site = trace.nodes[names[-1]]
+def _observed_mean(trace, data: torch.Tensor) -> torch.Tensor:
+    """The mean of the model's observed site holding ``data`` (its value where the distribution has no mean)."""
+    site = observed_site(trace, data=data)
     try:
-        return site["fn"].mean
+        return site_mean(trace, site)
     except NotImplementedError:
-        return site["value"]
+        return trace.nodes[site]["value"]
 
 
 def _extra_inputs(inputs: tuple, num: int, what: str) -> tuple:
@@ -399,7 +365,7 @@ def sample(model, num: int, x_shape, device=None, inputs: tuple = (), dtype: Opt
     ``inputs``: the model's further inputs (``model(x, y)``: ``inputs=(y,)``), ``num`` rows each."""
     dummy = torch.zeros(num, *x_shape, device=device, dtype=dtype)
     trace = poutine.trace(model).get_trace(dummy, *_extra_inputs(inputs, num, "sample"))
-    return _observed_mean(trace).reshape(num, *x_shape)
+    return _observed_mean(trace, dummy).reshape(num, *x_shape)
 
 
 @torch.no_grad()
@@ -408,7 +374,7 @@ def reconstruct(model, guide, x: Data) -> torch.Tensor:
     x = as_inputs(x, "x")
     guide_trace = poutine.trace(guide).get_trace(*x)
     trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*x)
-    return _observed_mean(trace).reshape(x[0].shape)
+    return _observed_mean(trace, x[0]).reshape(x[0].shape)
 
 
 @torch.no_grad()
@@ -423,7 +389,7 @@ def decode_grid(model, x_shape, site: str = "z", steps: int = 20, span: float = 
     if prior is None or prior["fn"].event_shape != (2,) or prior["fn"].support.is_discrete:
         raise ValueError(f"decode_grid needs a continuous 2-D latent site {site!r}; the model's is {None if prior is None else prior['fn']}")
     conditioned = poutine.condition(model, data={site: grid})
-    return _observed_mean(poutine.trace(conditioned).get_trace(dummy, *inputs)).reshape(-1, *x_shape)
+    return _observed_mean(poutine.trace(conditioned).get_trace(dummy, *inputs), dummy).reshape(-1, *x_shape)
 
 
 def save_image_grid(images: torch.Tensor, path, nrow: int = 8) -> Path:

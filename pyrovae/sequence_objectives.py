@@ -16,7 +16,7 @@ import torch
 from pyro.distributions import MaskedDistribution
 from pyro.distributions.kl import kl_divergence
 
-from pyrovae.objectives.base import LogWeights, TracePair, score_function_term
+from pyrovae.objectives.base import Estimate, LogWeights, TracePair, score_function_term
 from pyrovae.objectives.elbo import BetaELBO
 from pyrovae.objectives.geco import GECO
 
@@ -25,11 +25,15 @@ def per_dimension_kl(lw: LogWeights) -> torch.Tensor:
 
     Needs each latent site to be a distribution with one event dimension whose base has a registered KL
     (diagonal Gaussians, say)."""
+    return lw.per_pair(lambda pair: _pair_per_dimension_kl(pair, lw))
+
+
+def _pair_per_dimension_kl(pair: TracePair, lw: LogWeights) -> torch.Tensor:
     parts = []
-    for name, gsite in lw.guide_trace.nodes.items():
+    for name, gsite in pair.guide_trace.nodes.items():
         if gsite["type"] != "sample" or gsite["is_observed"]:
             continue
-        q, p = gsite["fn"], lw.model_trace.nodes[name]["fn"]
+        q, p = gsite["fn"], pair.model_trace.nodes[name]["fn"]
         q, p = getattr(q, "base_dist", q), getattr(p, "base_dist", p)
         try:
             kl = kl_divergence(q, p)
@@ -40,9 +44,9 @@ def per_dimension_kl(lw: LogWeights) -> torch.Tensor:
             ) from e
         if kl.dim() < 1:
             raise ValueError(f"latent site {name!r} has no dimension to apply free bits to; use free_bits=0")
-        parts.append(kl.reshape(lw.num_particles, lw.batch_size, -1))
+        parts.append(kl.reshape(pair.num_particles, lw.batch_size, -1))
     if not parts:
-        return lw.log_qz.new_zeros(lw.num_particles, lw.batch_size, 0)
+        return lw.log_qz.new_zeros(pair.num_particles, lw.batch_size, 0)
     return torch.cat(parts, -1)
 
 
@@ -65,11 +69,12 @@ class AnnealedELBO(BetaELBO):
         super().__init__(beta, schedule, warmup_steps, cycle_steps, ratio, num_particles, analytic_kl, **kwargs)
         self.free_bits = float(free_bits)
 
-    def _loss_and_surrogate(self, model, guide, args, kwargs):
+    def estimate(self, model, guide, args, kwargs, state):
         lw, recon, kl = self._bound_parts(model, guide, args, kwargs)
-        beta = self.beta_t.to(recon)
+        beta = self.beta_at(state["num_steps"]).to(recon)
+        next_state = {"num_steps": state["num_steps"] + 1}
         if self.free_bits == 0.0:
-            return self._finish(lw, recon, kl, beta=beta, beta_t=beta)
+            return self._finish(lw, recon, kl, next_state, beta=beta, beta_t=beta)
         per_dim = per_dimension_kl(lw)  # [P, B, D]
         floor = torch.full_like(per_dim, self.free_bits)
         above = per_dim.mean((0, 1), keepdim=True) > self.free_bits
@@ -77,10 +82,10 @@ class AnnealedELBO(BetaELBO):
         kl_fb = torch.where(above, per_dim, floor).sum(-1)
         objective = (recon - beta * kl_fb).mean(0).sum() + lw.glob.mean()
         elbo = lw.log_w.mean(0).sum() + lw.glob.mean()
-        self._record(lw, elbo=elbo / lw.batch_size, beta_t=beta, free_bits_kl=kl_fb.mean())
+        metrics = self._record(lw, elbo=elbo / lw.batch_size, beta_t=beta, free_bits_kl=kl_fb.mean())
         if not lw.nonreparam_sites:
-            return -objective, -objective
-        return -objective, -(objective + score_function_term(lw, recon - beta * kl_fb, lw.glob).mean(0))
+            return Estimate(-objective, -objective, metrics, next_state)
+        return Estimate(-objective, -(objective + score_function_term(lw, recon - beta * kl_fb, lw.glob).mean(0)), metrics, next_state)
 
     def __repr__(self) -> str:
         return f"AnnealedELBO(beta={self.beta}, schedule={self.schedule!r}, free_bits={self.free_bits}, warmup_steps={self.warmup_steps}, num_particles={self.num_particles})"

@@ -28,7 +28,9 @@ from pyro.poutine.util import prune_subsample_sites
 from tqdm.auto import tqdm
 
 from pyrovae.capture import MODES as CAPTURE_MODES
-from pyrovae.capture import StepCapture, grad_norm
+from pyrovae.capture import GraphCache, grad_norm
+from pyrovae.engine import LogWeightEngine
+from pyrovae.objectives.base import Objective
 from pyrovae import runs
 from pyrovae.data import Batches, as_inputs, check_data
 from pyrovae.checkpoint import CheckpointError, check_state, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state, write_json
@@ -212,6 +214,19 @@ def check_sites(model, guide, x: torch.Tensor) -> None:
                 )
 
 
+def _capture_refusal(objective) -> Optional[str]:
+    """Why the fast path cannot take an objective's steps (None if it can): state kept outside ``Objective.state``
+    would be frozen into a recorded graph."""
+    if isinstance(objective, Objective):
+        held, declared = set(objective.state_dict()), set(objective.initial_state())
+        if held != declared:
+            return (
+                f"{type(objective).__name__} keeps state between steps outside its state dict ({sorted(held - declared)}), "
+                "which a captured graph would freeze: keep it in Objective.state (initial_state, and estimate's returned state)"
+            )
+    return None
+
+
 class Trainer:
     """Fits ``model``/``guide`` with ``objective`` using Adam (or any ``torch.optim`` class).
 
@@ -284,7 +299,7 @@ class Trainer:
         self.valid_particles, self.progress = int(valid_particles), progress
         self.validate_every_step, self._validate_next = bool(validate_every_step), True
         self.capture_mode, self._capture = capture, None
-        self._valid_objective = None
+        self._valid_engine: Optional[LogWeightEngine] = None
         self.params: dict[str, torch.Tensor] = {}
         self.optim: Optional[torch.optim.Optimizer] = None
         self.cursor = Cursor()
@@ -338,9 +353,12 @@ class Trainer:
         for group in self.optim.param_groups:
             group.setdefault("initial_lr", group["lr"])
         if self.capture_mode != "off":
-            self._capture = StepCapture(
-                self.objective, self.model, self.guide, list(self.params.values()), self._plain_step, self.capture_mode, verify_every=self.check_every
+            modules = [m for m in (self.model, self.guide) if isinstance(m, torch.nn.Module)]
+            self._capture = GraphCache(
+                self._gradients, self.capture_mode, params=lambda: list(self.params.values()), modules=lambda: modules,
+                verify_every=self.check_every, what="step", no_grad=False,
             )
+            self._capture.refused = _capture_refusal(self.objective)
 
     @property
     def capture_report(self) -> str:
@@ -365,23 +383,50 @@ class Trainer:
         self.optim.zero_grad(set_to_none=True)
         validate = self._validate_next and is_validation_enabled()
         self._validate_next = self.validate_every_step
+        inputs, static = self._step_inputs(batch)
         if validate or self._capture is None:
-            loss, norm = self._plain_step(*batch, validate=validate)
+            out = self._gradients(inputs, *static, validate=validate)
         else:
-            loss, norm = self._capture(*batch)
+            out = self._capture(inputs, *static)
+        loss, norm, grads, metrics, state = out
+        for p, g in zip(self.params.values(), grads):
+            p.grad = g
         if self.clip_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(list(self.params.values()), self.clip_norm, norm)
         self.optim.step()
-        if hasattr(self.objective, "step"):
-            self.objective.step()
+        if isinstance(self.objective, Objective):
+            self.objective.metrics = dict(metrics)
+            self.objective.step(state)
         return loss, norm
 
-    def _plain_step(self, *batch: torch.Tensor, validate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss per datum and gradient norm of the objective through Pyro, gradients left in ``.grad``."""
+    def _step_inputs(self, batch: tuple) -> tuple[tuple, tuple]:
+        """The step's tensor inputs (the batch, then the objective's state) and its static arguments."""
+        state = self.objective.state if isinstance(self.objective, Objective) else {}
+        return (*batch, *state.values()), (len(batch), tuple(state))
+
+    def _gradients(self, inputs: tuple, num_batch: int, state_keys: tuple, validate: bool = False):
+        """``(loss per datum, gradient norm, gradients, metrics, next objective state)`` of the objective on a batch
+        from a state: the step as a function of its inputs, which the fast path records and replays."""
+        batch, state = inputs[:num_batch], dict(zip(state_keys, inputs[num_batch:]))
         with pyro.validation_enabled(validate):
-            loss = self.objective.differentiable_loss(self.model, self.guide, *batch) / batch[0].shape[0]
-        loss.backward()
-        return loss.detach(), grad_norm([p.grad for p in self.params.values()])
+            if isinstance(self.objective, Objective):
+                est = self.objective.estimate(self.model, self.guide, batch, {}, state)
+                loss, metrics, state = est.differentiable(), est.metrics, est.state
+            else:  # Pyro's own ELBOs keep no state
+                loss, metrics, state = self.objective.differentiable_loss(self.model, self.guide, *batch), {}, {}
+            loss = loss / batch[0].shape[0]
+        grads = torch.autograd.grad(loss, list(self.params.values()), allow_unused=True)
+        metrics = {k: v.detach() for k, v in metrics.items() if torch.is_tensor(v)}
+        return loss.detach(), grad_norm(grads), grads, metrics, {k: v.detach() for k, v in state.items()}
+
+    def _plain_step(self, *batch: torch.Tensor, validate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss per datum and gradient norm of the objective through Pyro, gradients left in ``.grad`` (the
+        objective's state is not advanced)."""
+        inputs, static = self._step_inputs(batch)
+        loss, norm, grads, _, _ = self._gradients(inputs, *static, validate=validate)
+        for p, g in zip(self.params.values(), grads):
+            p.grad = g
+        return loss, norm
 
     # --- snapshots, divergence --------------------------------------------------------------------
     def _take_snapshot(self, sums: dict) -> None:
@@ -537,11 +582,10 @@ class Trainer:
     @torch.no_grad()
     def validate(self, valid: Union[torch.Tensor, tuple], batch_size: int) -> float:
         from pyrovae.evaluate import elbo_terms
-        from pyrovae.objectives import ELBO
 
-        if self._valid_objective is None:  # one objective for every epoch: it guesses the plate nesting once
-            self._valid_objective = ELBO(num_particles=self.valid_particles)
-        return elbo_terms(self.model, self.guide, valid, batch_size=batch_size, objective=self._valid_objective)["elbo"]
+        if self._valid_engine is None:  # one engine for every epoch: it guesses the plate nesting once
+            self._valid_engine = LogWeightEngine(num_particles=self.valid_particles)
+        return elbo_terms(self.model, self.guide, valid, batch_size=batch_size, engine=self._valid_engine)["elbo"]
 
     def fit(
         self,

@@ -197,16 +197,17 @@ class TemperedVAE(VAE):
 
 
 class CountingELBO(ELBO):
-    """An objective with state between steps that it does not declare in capture_state."""
+    """An objective with state between steps that it keeps in an attribute, not in its state dict."""
 
     def __init__(self):
         super().__init__()
         self.calls = 0
 
-    def _loss_and_surrogate(self, model, guide, args, kwargs):
+    def estimate(self, model, guide, args, kwargs, state):
         self.calls += 1
-        loss, surrogate = super()._loss_and_surrogate(model, guide, args, kwargs)
-        return loss * (1 + 1 / self.calls), surrogate
+        est = super().estimate(model, guide, args, kwargs, state)
+        est.loss = est.loss * (1 + 1 / self.calls)
+        return est
 
     def state_dict(self):
         return {"calls": self.calls}
@@ -221,7 +222,7 @@ class CountingELBO(ELBO):
         (ItemVAE, ELBO, "capture failed"),
         (PythonRandomVAE, ELBO, "Python's or NumPy's random generator"),
         (StatefulVAE, ELBO, "writes into tensors it did not create"),
-        (VAE, CountingELBO, "names none in capture_state"),
+        (VAE, CountingELBO, "keeps state between steps outside its state dict"),
         (VAE, Trace_ELBO, "capture failed"),  # Pyro's ELBOs test the loss for NaN on the host every step
     ],
 )
@@ -253,7 +254,7 @@ def test_a_program_whose_python_changes_is_caught_at_the_next_recheck():
     for _ in range(4):
         trainer.step(x)
     # ... until the re-check, which drops the graph: from then on the plain step runs
-    assert trainer._capture.captured == 0 and "disagreed with the plain step at re-check" in trainer.capture_report
+    assert trainer._capture.captured == 0 and "disagreed with the plain step at a re-check" in trainer.capture_report
     pyro.set_rng_seed(3)
     expected, _ = trainer._plain_step(x)  # the tempered program, run by Pyro
     pyro.set_rng_seed(3)
@@ -328,11 +329,19 @@ def test_replay_on_cuda_matches_the_plain_step(name):
         assert torch.allclose(p0, p1, rtol=1e-4, atol=1e-6)
 
 
-def test_objective_without_declared_outputs_is_documented():
-    # the contract the fast path relies on is part of the objective's interface
-    assert Objective.capture_state == () and Objective.capture_outputs == ()
-    assert GECO.capture_state == ("log_lambda", "c_ma") and GECO.capture_outputs == ("_pending",)
-    assert BetaELBO.capture_state == ("beta_t",)
+def test_objective_state_is_an_explicit_input_and_output_of_the_estimate():
+    # the contract the fast path relies on: estimate(state) returns the next state and leaves the objective as it was
+    pyro.clear_param_store()
+    model, guide = _vae()
+    x = _data(8)
+    for objective in (BetaELBO(beta=1.0, schedule="linear", warmup_steps=5), GECO(tolerance=0.05, nu=5.0)):
+        before = objective.state_dict()
+        est = objective.estimate(model, guide, (x,), {}, objective.state)
+        assert set(est.state) == set(objective.initial_state()) == set(before)
+        after = objective.state_dict()
+        assert all(torch.equal(torch.as_tensor(before[k]), torch.as_tensor(after[k])) or torch.isnan(torch.as_tensor(after[k])).all() for k in before)
+        assert any(not torch.equal(est.state[k], objective.state[k]) for k in est.state)  # the next state moved
+    assert Objective().initial_state() == {}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -454,12 +463,14 @@ def test_the_evaluation_cache_does_not_keep_models_alive():
     model, guide = _vae()
     _ll(model, guide, _data(8), "replay")
     refs = weakref.ref(model), weakref.ref(guide)
-    key = (E._identity(model), E._identity(guide), "replay")
-    assert key in E._CHUNK_CAPTURES
+    from pyrovae import capture as C
+
+    key = (C.identity(model), C.identity(guide), "log_likelihood", "replay")
+    assert key in C._SHARED
     del model, guide
     gc.collect()
     assert refs[0]() is None and refs[1]() is None
-    assert key not in E._CHUNK_CAPTURES  # nor their graphs and parameters
+    assert key not in C._SHARED  # nor their graphs and parameters
 
 
 def test_bad_evaluation_capture_mode_is_refused():

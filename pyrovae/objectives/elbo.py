@@ -13,7 +13,7 @@ import torch
 from pyro.distributions.kl import kl_divergence
 from pyro.distributions.util import scale_and_mask
 
-from pyrovae.objectives.base import LogWeights, Objective, TracePair, score_function_term
+from pyrovae.objectives.base import Estimate, LogWeights, Objective, TracePair, score_function_term
 
 
 def analytic_kl_sites(model_trace, guide_trace) -> tuple[str, ...]:
@@ -87,10 +87,9 @@ class ELBO(Objective):
 
     def _bound_parts(self, model, guide, args, kwargs):
         lw = self.log_weights(model, guide, *args, **kwargs)
-        recon, kl = lw.log_px, self.kl(lw)
-        return lw, recon, kl
+        return lw, lw.log_px, self.kl(lw)
 
-    def _finish(self, lw, recon, kl, beta=1.0, **extra):
+    def _finish(self, lw, recon, kl, state: dict, beta=1.0, **extra) -> Estimate:
         log_w = recon - kl
         elbo = log_w.mean(0).sum() + lw.glob.mean()
         if isinstance(beta, float) and beta == 1.0:
@@ -98,14 +97,13 @@ class ELBO(Objective):
         else:
             weighted = recon - beta * kl
             objective = weighted.mean(0).sum() + lw.glob.mean()
-        self._record(lw, elbo=elbo / lw.batch_size, kl=kl.mean(), **extra)
+        metrics = self._record(lw, elbo=elbo / lw.batch_size, kl=kl.mean(), **extra)
         loss = -objective
-        if not lw.nonreparam_sites:
-            return loss, loss
-        return loss, -(objective + score_function_term(lw, weighted, lw.glob).mean(0))
+        surrogate = loss if not lw.nonreparam_sites else -(objective + score_function_term(lw, weighted, lw.glob).mean(0))
+        return Estimate(loss, surrogate, metrics, state)
 
-    def _loss_and_surrogate(self, model, guide, args, kwargs):
-        return self._finish(*self._bound_parts(model, guide, args, kwargs))
+    def estimate(self, model, guide, args, kwargs, state):
+        return self._finish(*self._bound_parts(model, guide, args, kwargs), state)
 
     def __repr__(self) -> str:
         return f"ELBO(num_particles={self.num_particles}, analytic_kl={self.analytic_kl})"
@@ -128,8 +126,6 @@ class BetaELBO(ELBO):
     The logged loss is -(recon - beta_t KL) (what is optimised); ``metrics['elbo']`` is the true ELBO.
     """
 
-    capture_state = ("beta_t",)
-
     def __init__(self, beta: float = 1.0, schedule: str = "constant", warmup_steps: int = 10000, cycle_steps: int = 10000, ratio: float = 0.5, num_particles: int = 1, analytic_kl: bool = False, **kwargs):
         super().__init__(num_particles=num_particles, analytic_kl=analytic_kl, **kwargs)
         if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
@@ -143,41 +139,58 @@ class BetaELBO(ELBO):
             raise ValueError(f"ratio={ratio!r} must be in (0, 1]")
         self.beta, self.schedule = float(beta), schedule
         self.warmup_steps, self.cycle_steps, self.ratio = int(warmup_steps), int(cycle_steps), float(ratio)
-        self.num_steps = 0
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        return {"num_steps": torch.zeros((), dtype=torch.int64)}
+
+    def beta_at(self, num_steps: torch.Tensor) -> torch.Tensor:
+        """beta_t at step ``num_steps`` (a tensor, so that a captured step computes it from its state input), in
+        float64."""
+        t = num_steps.to(torch.float64)
+        if self.schedule == "linear":
+            return self.beta * (t / self.warmup_steps).clamp(max=1.0)
+        if self.schedule == "cyclical":
+            phase = torch.remainder(t, self.cycle_steps) / self.cycle_steps
+            return self.beta * (phase / self.ratio).clamp(max=1.0)
+        if self.schedule == "logistic":
+            return self.beta * torch.sigmoid(10.0 * (t - self.warmup_steps / 2) / self.warmup_steps)
+        return torch.full_like(t, self.beta)
 
     @property
     def num_steps(self) -> int:
-        return self._num_steps
+        return int(self.state["num_steps"])
 
     @num_steps.setter
     def num_steps(self, value: int) -> None:
-        self._num_steps = int(value)
-        self.beta_t = torch.tensor(self.current_beta)  # a tensor, so that a captured step reads it as an input
+        self.state = {"num_steps": torch.tensor(int(value), dtype=torch.int64)}
+
+    @property
+    def beta_t(self) -> torch.Tensor:
+        """The KL weight of the current step."""
+        return self.beta_at(self.state["num_steps"]).float()
 
     @property
     def current_beta(self) -> float:
-        t = self.num_steps
-        if self.schedule == "linear":
-            return self.beta * min(1.0, t / self.warmup_steps)
-        if self.schedule == "cyclical":
-            phase = (t % self.cycle_steps) / self.cycle_steps
-            return self.beta * min(1.0, phase / self.ratio)
-        if self.schedule == "logistic":
-            return self.beta / (1.0 + math.exp(-10.0 * (t - self.warmup_steps / 2) / self.warmup_steps))
-        return self.beta
+        return float(self.beta_at(self.state["num_steps"]))
 
-    def _loss_and_surrogate(self, model, guide, args, kwargs):
+    def estimate(self, model, guide, args, kwargs, state):
         lw, recon, kl = self._bound_parts(model, guide, args, kwargs)
-        beta = self.beta_t.to(recon)
-        return self._finish(lw, recon, kl, beta=beta, beta_t=beta)
+        beta = self.beta_at(state["num_steps"]).to(recon)
+        return self._finish(lw, recon, kl, {"num_steps": state["num_steps"] + 1}, beta=beta, beta_t=beta)
 
-    def step(self) -> None:
-        self.num_steps += 1
+    def step(self, state=None) -> None:
+        """Advance the schedule by one step (also without an evaluation since the last step)."""
+        if state is None and self._next_state is None:
+            self.num_steps += 1
+        else:
+            super().step(state)
 
     def state_dict(self) -> dict:
         return {"num_steps": self.num_steps}
 
     def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"num_steps"}:
+            raise ValueError(f"{type(self).__name__} keeps state ['num_steps'], but the checkpoint holds {sorted(state)}")
         self.num_steps = int(state["num_steps"])
 
     def __repr__(self) -> str:

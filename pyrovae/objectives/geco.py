@@ -26,9 +26,8 @@ from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from pyro.distributions.torch_distribution import MaskedDistribution
-
-from pyrovae.objectives.base import LogWeights, Objective, TracePair, score_function_term
+from pyrovae.engine import observed_mean, observed_site  # noqa: F401  (observed_site: re-exported)
+from pyrovae.objectives.base import Estimate, LogWeights, Objective, score_function_term
 
 ConstraintFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -192,34 +191,6 @@ class _Callable(Constraint):
         return self.fn(x, x_hat) - self.tolerance
 
 
-def observed_site(trace, site: Optional[str] = None) -> str:
-    """The model's observed site that GECO's constraint reads: ``site``, or the only one there is."""
-    observed = [n for n, s in trace.nodes.items() if s["type"] == "sample" and s["is_observed"] and not n.startswith("_")]
-    if site is None:
-        if len(observed) != 1:
-            raise ValueError(f"GECO needs the observed site for its reconstruction constraint; the model has {observed}: pass obs_site=NAME")
-        return observed[0]
-    if site not in observed:
-        raise ValueError(f"obs_site={site!r} is not an observed site of the model; observed sites: {observed}")
-    return site
-
-
-def _pair_mean(pair: TracePair, site: str) -> torch.Tensor:
-    s = pair.model_trace.nodes[site]
-    fn = s["fn"]
-    while isinstance(fn, MaskedDistribution):
-        fn = fn.base_dist
-    value = s["value"]
-    mean = fn.mean.reshape(-1, *value.shape)  # [P or 1, B, *event]: drops singleton plate dims
-    return mean.expand(pair.num_particles, *value.shape)
-
-
-def observed_mean(lw: LogWeights, site: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """g(z): the mean of the model's observed site (``[P, B, *event]``) and the observed value."""
-    site = observed_site(lw.pairs[0].model_trace, site)
-    return lw.per_pair(lambda pair: _pair_mean(pair, site)), lw.pairs[0].model_trace.nodes[site]["value"]
-
-
 MULTIPLIER_STEPS = ("paper", "clamped")
 _BASE_ARGS = ("max_plate_nesting", "data_plate", "vectorize_particles")
 
@@ -246,9 +217,6 @@ class GECO(Objective):
     batch, plus that of any global latents); ``metrics`` holds ``lambda``, ``constraint`` (C_ma),
     ``constraint_batch`` and ``kl``.
     """
-
-    capture_state = ("log_lambda", "c_ma")
-    capture_outputs = ("_pending",)
 
     def __init__(
         self,
@@ -277,10 +245,22 @@ class GECO(Objective):
             raise ValueError(f"multiplier_step={multiplier_step!r} is not known; choose one of {list(MULTIPLIER_STEPS)}")
         self.alpha, self.nu, self.multiplier_step = float(alpha), float(nu), multiplier_step
         self.log_lambda_min, self.log_lambda_max = math.log(lambda_min), math.log(lambda_max)
-        self.log_lambda = torch.tensor(math.log(lambda_init))
-        self.c_ma: Optional[torch.Tensor] = None  # moving average after the last training step
-        self._pending: Optional[torch.Tensor] = None  # C_ma of the last evaluation, applied by step()
+        self.lambda_init = float(lambda_init)
         self.obs_site = obs_site
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        # c_ma is NaN until the first training step: the moving average then starts at that step's C_hat
+        return {"log_lambda": torch.tensor(math.log(self.lambda_init)), "c_ma": torch.tensor(float("nan"))}
+
+    @property
+    def log_lambda(self) -> torch.Tensor:
+        return self.state["log_lambda"]
+
+    @property
+    def c_ma(self) -> Optional[torch.Tensor]:
+        """The constraint's moving average after the last training step (None before the first)."""
+        c_ma = self.state["c_ma"]
+        return None if bool(torch.isnan(c_ma)) else c_ma
 
     @property
     def lagrange_multiplier(self) -> torch.Tensor:
@@ -289,50 +269,37 @@ class GECO(Objective):
     def constraint_values(self, lw: LogWeights, args: tuple) -> torch.Tensor:
         """C per particle and datum, ``[P, B]``: the constraint on g(z), the mean of the observed site. A
         subclass may constrain another function of the log weights (e.g. the reconstruction NLL per token)."""
-        x_hat, x = observed_mean(lw, self.obs_site)
+        x_hat, x = observed_mean(lw, self.obs_site, args[0] if args and torch.is_tensor(args[0]) else None)
         return self.constraint.evaluate(x, x_hat, args)
 
-    def _loss_and_surrogate(self, model, guide, args, kwargs):
+    def estimate(self, model, guide, args, kwargs, state):
         lw = self.log_weights(model, guide, *args, **kwargs)
         c = self.constraint_values(lw, args)  # [P, B]
         c_hat = c.mean()
         glob_kl = lw.glob_qz - lw.glob_pz  # [P]: KL terms of global latents, shared by the batch
         kl = lw.kl.mean(0).sum() + glob_kl.mean()
-        prev = self.c_ma.to(c_hat.device) if self.c_ma is not None else None
-        c_ma = c_hat.detach() if prev is None else self.alpha * prev + (1 - self.alpha) * c_hat.detach()
+        prev = state["c_ma"].to(c_hat)
+        c_ma = torch.where(torch.isnan(prev), c_hat.detach(), self.alpha * prev + (1 - self.alpha) * c_hat.detach())
         c_t = c_hat + (c_ma - c_hat).detach()
-        lam = self.log_lambda.to(c_hat).exp()
+        log_lambda = state["log_lambda"].to(c_hat)
+        lam = log_lambda.exp()
         batch = lw.batch_size
         lagrangian = kl + lam * c_t * batch
-        self._pending = c_ma.detach()
-        self._record(lw, **{"kl": kl / batch, "lambda": lam, "constraint": c_ma, "constraint_batch": c_hat})
+        metrics = self._record(lw, **{"kl": kl / batch, "lambda": lam, "constraint": c_ma, "constraint_batch": c_hat})
         surrogate = lagrangian
         if lw.nonreparam_sites:  # d/dphi E_q[KL + lambda C] through q's own density
             surrogate = surrogate + score_function_term(lw, lw.kl + lam * c, glob_kl).mean(0)
-        return lagrangian, surrogate / (1 + lam)
-
-    def step(self) -> None:
-        if self._pending is None:
-            return
-        c_ma = self._pending
-        self.c_ma = c_ma
         delta = self.nu * c_ma
         if self.multiplier_step == "clamped":
             rate = 1.0 - self.alpha
             delta = delta.clamp(-rate, rate)
-        self.log_lambda = (self.log_lambda.to(c_ma) + delta).clamp(self.log_lambda_min, self.log_lambda_max)
-        self._pending = None
-
-    def state_dict(self) -> dict:
-        return {
-            "log_lambda": self.log_lambda.detach().clone(),
-            "c_ma": None if self.c_ma is None else self.c_ma.detach().clone(),
-        }
+        next_state = {"log_lambda": (log_lambda + delta).clamp(self.log_lambda_min, self.log_lambda_max), "c_ma": c_ma}
+        return Estimate(lagrangian, surrogate / (1 + lam), metrics, next_state)
 
     def load_state_dict(self, state: dict) -> None:
-        self.log_lambda = state["log_lambda"].clone()
-        self.c_ma = None if state.get("c_ma") is None else state["c_ma"].clone()
-        self._pending = None
+        if state.get("c_ma", 0) is None:  # checkpoints before the first step (and of earlier versions) hold None
+            state = {**state, "c_ma": torch.tensor(float("nan"))}
+        super().load_state_dict(state)
 
     def __repr__(self) -> str:
         return (

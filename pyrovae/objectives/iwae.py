@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from pyrovae.objectives.base import LogWeights, Objective, no_global_latents, reparam_only
+from pyrovae.objectives.base import Estimate, LogWeights, Objective, no_global_latents, reparam_only
 
 ESTIMATORS = ("standard", "dreg", "vimco", "score")
 
@@ -52,23 +52,23 @@ class IWAE(Objective):
     def _bound(self, log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
         return _log_mean_exp(log_w, dim)
 
-    def _loss_and_surrogate(self, model, guide, args, kwargs):
+    def estimate(self, model, guide, args, kwargs, state):
         lw = self.log_weights(model, guide, *args, **kwargs)
         name = f"{type(self).__name__}(estimator={self.estimator!r})"
         no_global_latents(lw, name)
         if self.estimator in ("standard", "dreg"):
             reparam_only(lw, name, "use estimator='vimco' (or 'score')")
         bound = self._bound(lw.log_w)
-        self._record(lw, bound=bound.mean())
+        metrics = self._record(lw, bound=bound.mean())
         # glob holds only observed sites outside the data plate here (e.g. a pyro.factor): not per datum, so
         # not inside the log-mean-exp, but part of log p(x) all the same
         loss = -(bound.sum() + lw.glob.mean())
         if not torch.is_grad_enabled() or self.estimator == "standard":
-            return loss, loss
+            return Estimate(loss, loss, metrics, state)
         if self.estimator == "dreg":
-            return loss, -(self._dreg_surrogate(model, guide, args, kwargs, lw) + lw.glob.mean())
+            return Estimate(loss, -(self._dreg_surrogate(model, guide, args, kwargs, lw) + lw.glob.mean()), metrics, state)
         signal = self._vimco_signal(lw.log_w, bound) if self.estimator == "vimco" else bound.detach().expand_as(lw.score)
-        return loss, -(bound.sum() + (signal * lw.score).sum() + lw.glob.mean())
+        return Estimate(loss, -(bound.sum() + (signal * lw.score).sum() + lw.glob.mean()), metrics, state)
 
     def _vimco_signal(self, log_w: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
         """``[K, B]``: L - L_{-k}, with L_{-k} the bound with log w_k replaced by the mean of the other K-1 log

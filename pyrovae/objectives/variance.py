@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from pyrovae.objectives.base import LogWeights, Objective
+from pyrovae.objectives.base import Estimate, LogWeights, Objective
 
 
 def batch_variance(lw: LogWeights, local: torch.Tensor, glob: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,7 @@ class VarianceLoss(Objective):
     def _particles_hint(self) -> str:
         return ": a variance needs at least two samples per data point (e.g. num_particles=8)"
 
-    def _loss_and_surrogate(self, model, guide, args, kwargs):
+    def estimate(self, model, guide, args, kwargs, state):
         lw = self.detached_log_weights(model, guide, *args, **kwargs)
         factors = [
             n for n, s in lw.pairs[0].guide_trace.nodes.items()
@@ -59,8 +59,8 @@ class VarianceLoss(Objective):
                 "do not vary with z and would get no gradient; move them into the model, or use an ELBO-type objective"
             )
         loss = self.factor * batch_variance(lw, lw.log_w, lw.glob)
-        self._record(lw, variance=loss / (self.factor * lw.batch_size))
-        return loss, self._surrogate(lw, loss)
+        metrics = self._record(lw, variance=loss / (self.factor * lw.batch_size))
+        return Estimate(loss, self._surrogate(lw, loss), metrics, state)
 
     def _surrogate(self, lw: LogWeights, loss: torch.Tensor) -> torch.Tensor:
         return loss

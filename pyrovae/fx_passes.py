@@ -1,0 +1,211 @@
+"""Graph passes behind :mod:`pyrovae.capture`: lifting trained tensors to graph inputs, refusing graphs that
+write into tensors they did not create, and making replay cheap.
+
+Everything here reads torch internals (aten op schemas and their alias annotations, the FX graph's generated
+code), which may change between torch releases. The passes that only make replay faster are optional and marked
+so: if they fail, :func:`build` falls back to the plain ``GraphModule`` call, which is always correct.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from typing import Callable, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class CaptureRefused(Exception):
+    """A graph that traced but must not be used (the message says why)."""
+
+
+def _root(node: torch.fx.Node) -> torch.fx.Node:
+    """The tensor a node's value is a view of, following view ops back to where the storage was made."""
+    while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.args:
+        schema = node.target._schema
+        if not (schema.returns and schema.returns[0].alias_info is not None and not schema.returns[0].alias_info.is_write):
+            break
+        if not isinstance(node.args[0], torch.fx.Node):
+            break
+        node = node.args[0]
+    return node
+
+
+def _external_writes(graph: torch.fx.Graph) -> list[str]:
+    """Ops that write into a tensor the graph did not create (an input or a constant)."""
+    bad = []
+    for node in graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        for i, arg in enumerate(node.target._schema.arguments):
+            if arg.alias_info is None or not arg.alias_info.is_write or i >= len(node.args):
+                continue
+            target = node.args[i]
+            if isinstance(target, torch.fx.Node) and _root(target).op in ("placeholder", "get_attr"):
+                bad.append(str(node.target))
+    return bad
+
+
+def _same_view(node: torch.fx.Node) -> bool:
+    """An alias, detach, or view/expand that leaves shape and strides as they were: a no-op at replay."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return False
+    name = getattr(node.target, "__name__", "")
+    if name.startswith(("alias.", "detach.")):
+        return True
+    if not name.startswith(("view.", "expand.", "_unsafe_view.")):
+        return False
+    a, b = node.args[0].meta.get("val"), node.meta.get("val")
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.stride() == b.stride()
+
+
+def lift_params(gm: torch.fx.GraphModule, params: Optional[list[torch.Tensor]] = None) -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
+    """Make the trained tensors graph inputs after the traced ones (the trace holds them as constants), and drop
+    no-op views and dead nodes. ``params``: the tensors to lift, in order; None lifts every constant that
+    requires grad, in order of first use. Returns the graph and the lifted tensors.
+
+    Raises ``CaptureRefused`` when the graph reads a tensor that requires grad but is not in ``params``, or writes into a
+    tensor it did not create."""
+    graph = gm.graph
+    if params is None:
+        params, seen = [], set()
+        for node in graph.nodes:
+            value = getattr(gm, node.target) if node.op == "get_attr" else None
+            if torch.is_tensor(value) and value.requires_grad and id(value) not in seen:
+                seen.add(id(value))
+                params.append(value)
+    index = {id(p): i for i, p in enumerate(params)}
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    inputs = []
+    for i in range(len(params)):
+        with graph.inserting_after(last):
+            last = graph.placeholder(f"param_{i}")
+        inputs.append(last)
+    lifted = set()
+    for node in list(graph.nodes):
+        if node.op != "get_attr":
+            continue
+        value = getattr(gm, node.target)
+        if id(value) in index:
+            node.replace_all_uses_with(inputs[index[id(value)]])
+            graph.erase_node(node)
+            lifted.add(node.target)
+        elif torch.is_tensor(value) and value.requires_grad:
+            raise CaptureRefused(f"the graph reads a tensor that requires grad but is not a trained parameter (shape {tuple(value.shape)})")
+    for name in lifted:
+        delattr(gm, name)
+    writes = _external_writes(graph)
+    if writes:
+        raise CaptureRefused(f"the graph writes into tensors it did not create ({', '.join(sorted(set(writes)))}), e.g. running statistics")
+    for node in list(graph.nodes):
+        if _same_view(node):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    try:
+        _reuse_dead_buffers(graph)
+    except Exception as e:  # optional speed pass: a graph without it is the same computation
+        log.debug("pyrovae capture: buffer reuse skipped (%s)", e)
+    gm.recompile()
+    return gm, list(params)
+
+
+_COMMUTATIVE = {"mul.Tensor", "add.Tensor"}
+
+
+def _op_returns(node) -> Optional[list]:
+    """The schema returns of an op call node (None for anything else)."""
+    if isinstance(node, torch.fx.Node) and node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.returns
+    return None
+
+
+def _fresh(node) -> bool:
+    """Whether ``node`` is an aten op whose result is a new tensor (not a view or an in-place result)."""
+    returns = _op_returns(node)
+    return returns is not None and len(returns) == 1 and returns[0].alias_info is None
+
+
+def _owned(node) -> bool:
+    """Whether ``node``'s storage is reachable only through ``node``: a new tensor, or an in-place op on such a
+    tensor that nothing else uses."""
+    while not _fresh(node):
+        returns = _op_returns(node)
+        if not (returns and len(returns) == 1 and returns[0].alias_info is not None and returns[0].alias_info.is_write and node.args):
+            return False
+        base = node.args[0]
+        if not isinstance(base, torch.fx.Node) or len(base.users) != 1:
+            return False
+        node = base
+    return True
+
+
+def _reuse_dead_buffers(graph: torch.fx.Graph) -> None:
+    """OPTIONAL SPEED PASS (torch internals: aten schemas' alias annotations and pointwise tags).
+
+    Write a pointwise op's result into its input where that input is a tensor the graph made, used by this op
+    only, and of the result's shape, strides and dtype: ``sub(sigmoid(a), b)`` becomes ``sigmoid(a).sub_(b)``.
+
+    Autograd's backward formulas do this in C++ (``sigmoid(x).sub_(t).mul_(g)``); make_fx records the out-of-place
+    decompositions, whose fresh full-size allocations cost page faults on every replay. Same kernels, same
+    values, bit for bit."""
+    for node in list(graph.nodes):
+        op = node.target
+        if node.op != "call_function" or not isinstance(op, torch._ops.OpOverload) or op.namespace != "aten":
+            continue
+        if torch.Tag.pointwise not in op.tags or not _fresh(node) or node.kwargs.get("alpha", 1) != 1:
+            continue
+        name, overload = op._schema.name.split("::")[1], op._overloadname
+        inplace = getattr(getattr(torch.ops.aten, name + "_", None), overload, None)
+        if inplace is None:
+            continue
+        out = node.meta.get("val")
+        candidates = [0, 1] if f"{name}.{overload}" in _COMMUTATIVE and len(node.args) == 2 else [0]
+        for i in candidates:
+            a = node.args[i] if i < len(node.args) else None
+            if not _owned(a) or len(a.users) != 1 or sum(x is a for x in node.args) != 1:
+                continue
+            val = a.meta.get("val")
+            if not (torch.is_tensor(val) and torch.is_tensor(out) and val.shape == out.shape and val.dtype == out.dtype
+                    and val.stride() == out.stride() and val.device == out.device):
+                continue
+            args = list(node.args)
+            args[0], args[i] = args[i], args[0]
+            node.args, node.target = tuple(args), inplace
+            break
+
+
+def build(gm: torch.fx.GraphModule, mode: str) -> Callable:
+    """The runnable form of a lifted graph: inductor's kernels (``compile``, with torch's own random ops so that the
+    draws match the recorded ones), else the graph's aten calls (``replay``), bound directly where that works."""
+    if mode == "compile":
+        return torch.compile(gm, fullgraph=True, dynamic=False, options={"fallback_random": True})
+    try:
+        return _direct_calls(gm)
+    except Exception as e:  # optional: the generated code's form is a torch internal
+        log.debug("pyrovae capture: direct op binding unavailable (%s); replaying through GraphModule", e)
+        return gm
+
+
+_OP_CALL = re.compile(r"torch\.ops\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)\(")
+
+
+def _direct_calls(gm: torch.fx.GraphModule) -> Callable:
+    """OPTIONAL SPEED PASS (torch internals: the text of FX's generated code and ``OpOverload._op``).
+
+    ``gm``'s forward with each ``torch.ops.NS.OP.OVERLOAD(...)`` call bound to the overload's C++ entry point:
+    the same calls without ``OpOverload.__call__``'s Python frame (about 7% of a small graph's replay time)."""
+    entry = {}
+
+    def bind(match: re.Match) -> str:
+        ns, op, overload = match.groups()
+        name = f"_op_{ns}_{op}_{overload}"
+        entry[name] = getattr(getattr(getattr(torch.ops, ns), op), overload)._op
+        return name + "("
+
+    code = _OP_CALL.sub(bind, gm.code)
+    scope = {**gm.forward.__globals__, **entry}
+    exec(compile(code, "<pyrovae captured step>", "exec"), scope)
+    return functools.partial(scope["forward"], gm)
