@@ -428,11 +428,13 @@ class LogWeightEngine:
         try:
             guide_trace.compute_log_prob()
         except (NotImplementedError, KeyError) as e:
+            from pyrovae.flows import ANALYTIC_INVERSE, FLOWS  # the one record of which flows invert
+
             raise ValueError(
                 f"{who} scores samples detached from the guide, which needs log q(z|x) at a given z; "
                 f"the guide's distribution cannot evaluate that ({type(e).__name__}: {e}). Flows without an analytic "
-                "inverse (planar, radial, sylvester) cannot be used here: use a flow with an inverse (iaf, realnvp, "
-                "householder) or a pathwise objective (ELBO, IWAE with estimator='standard')."
+                f"inverse ({', '.join(sorted(set(FLOWS) - ANALYTIC_INVERSE))}) cannot be used here: use a flow with an "
+                f"inverse ({', '.join(sorted(ANALYTIC_INVERSE))}) or a pathwise objective (ELBO, IWAE with estimator='standard')."
             ) from e
         if is_validation_enabled():
             for trace in (model_trace, guide_trace):

@@ -106,11 +106,6 @@ def test_reference_differs_with_other_noise():
 
 
 def test_reference_matches_planar_flow_guide():
-    pytest.importorskip("pyrovae.guides.flow")
-    from pyrovae import guides
-
-    if not hasattr(guides, "FlowEncoder"):
-        pytest.skip("pyrovae.guides.FlowEncoder is not available yet")
     kwargs = dict(z_dims=(8,), hidden=[(32, 32)], activation="tanh")
     model, guide = _pair(kwargs, flow=True)
     hand = reference.HandVAE(model, guide)
