@@ -2,7 +2,7 @@
 trainer and the CLI (``--objective NAME``)."""
 from __future__ import annotations
 
-from pyrovae.objectives.base import LogWeights, Objective, log_weights_from_traces
+from pyrovae.objectives.base import Estimate, LogWeights, Objective, log_weights_from_traces
 from pyrovae.objectives.elbo import ELBO, BetaELBO
 from pyrovae.objectives.geco import CLA, CONSTRAINTS, FRE, GECO, PNCC, RE, Constraint
 from pyrovae.objectives.iwae import IWAE, Renyi
@@ -28,6 +28,6 @@ def make_objective(name: str, **kwargs) -> Objective:
 
 
 __all__ = [
-    "Objective", "LogWeights", "log_weights_from_traces", "ELBO", "BetaELBO", "IWAE", "Renyi", "VarianceLoss",
+    "Objective", "Estimate", "LogWeights", "log_weights_from_traces", "ELBO", "BetaELBO", "IWAE", "Renyi", "VarianceLoss",
     "LogVarianceLoss", "GECO", "Constraint", "RE", "FRE", "CLA", "PNCC", "CONSTRAINTS", "OBJECTIVES", "make_objective",
 ]
