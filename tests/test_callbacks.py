@@ -246,3 +246,30 @@ def test_guides_take_their_size_checks_from_the_core():
     assert gd.check_z_dim is md.check_z_dim is checks.check_z_dim
     with pytest.raises(ValueError, match="one hidden-size tuple per stochastic layer"):
         GaussianEncoder((D,), (2, 2), hidden=((8,),))
+
+
+# --- the command line ------------------------------------------------------------------------------------
+
+from test_reliability import data_dir, train_args  # noqa: E402,F401  (the tiny CLI data set and its arguments)
+
+
+def test_cli_tensorboard_without_the_package_is_a_usage_error(monkeypatch, data_dir, tmp_path, capsys):
+    from pyrovae.cli import main
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    assert main(train_args(data_dir, tmp_path / "run", "--epochs", "1", "--tensorboard", str(tmp_path / "tb"))) == 2
+    err = capsys.readouterr().err
+    assert "--tensorboard" in err and "pip install tensorboard" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cli_tensorboard_writes_events_and_a_resume_may_change_the_folder(data_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from pyrovae.cli import main
+
+    run = tmp_path / "run"
+    assert main(train_args(data_dir, run, "--epochs", "1", "--tensorboard", str(tmp_path / "tb"))) == 0
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert json.loads((run / "config.json").read_text())["tensorboard"] == str(tmp_path / "tb")
+    assert main(train_args(data_dir, run, "--resume", "--epochs", "2", "--tensorboard", str(tmp_path / "tb2"))) == 0
+    assert list((tmp_path / "tb2").glob("events.out.tfevents.*"))
