@@ -24,7 +24,7 @@ callback adds to an epoch's record reach ``metrics.jsonl``, the printed line and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Union
 
 import torch
 
@@ -80,6 +80,19 @@ class CallbackList(Callback):
     def on_train_end(self, trainer):
         for c in self.callbacks:
             c.on_train_end(trainer)
+
+
+class EachEpoch(Callback):
+    """Calls ``fn(trainer, record)`` at the end of each epoch: per-epoch work written as a function (a closure
+    keeps its state); ``fn`` may add entries to ``record`` and set ``trainer.stop_training``."""
+
+    def __init__(self, fn: Callable[["Trainer", dict], None]):
+        if not callable(fn):
+            raise TypeError(f"EachEpoch(fn): fn={fn!r} is not callable; pass a function fn(trainer, record)")
+        self.fn = fn
+
+    def on_epoch_end(self, trainer, record):
+        self.fn(trainer, record)
 
 
 def check_callbacks(callbacks: Optional[Iterable[Callback]], name: str = "callbacks") -> list[Callback]:
