@@ -26,7 +26,7 @@ from pyrovae.callbacks import Callback, CallbackList, Checkpoints, MetricsFile, 
 from pyrovae.capture import MODES as CAPTURE_MODES
 from pyrovae.capture import StepCapture, grad_norm
 from pyrovae import runs
-from pyrovae.checkpoint import save_checkpoint
+from pyrovae.checkpoint import save_checkpoint  # looked up here by Trainer.save (tests replace pyrovae.train.save_checkpoint)
 from pyrovae.checks import check_data_shape, check_fit_data, check_sites  # noqa: F401  (re-exported)
 from pyrovae.data import Batches, as_inputs
 from pyrovae.divergence import POLICIES, DivergenceError, Rollback, Snapshot, nonfinite_sites  # noqa: F401  (re-exported)
