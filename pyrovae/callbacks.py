@@ -20,6 +20,7 @@ read ``trainer.cursor``, ``trainer.history``, ``trainer.model`` and so on, and s
 The hooks run in order: the trainer's callbacks, then ``fit``'s, then the built-ins the trainer adds itself
 (:class:`MetricsFile` and :class:`Checkpoints` with a ``run_dir``, :class:`Progress`), so that entries a
 callback adds to an epoch's record reach ``metrics.jsonl``, the printed line and the checkpoints.
+:class:`EachEpoch` turns a plain function ``fn(trainer, record)`` into a callback.
 """
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ class Callback:
         """An epoch starts at its first batch (again, after a rollback to its start)."""
 
     def on_step_end(self, trainer: "Trainer", batch: tuple, loss: torch.Tensor, norm: torch.Tensor) -> None:
-        """A step was taken on ``batch`` (the tensors passed to the model); ``loss`` per datum and gradient ``norm``."""
+        """A step was taken on ``batch`` (the tensors passed to the model); ``loss`` per datum and gradient ``norm``.
+        Steps that a divergence rolls back were reported too (the cursor then moves back to the snapshot)."""
 
     def on_epoch_end(self, trainer: "Trainer", record: dict) -> None:
         """An epoch ended; ``record`` (``epoch``, ``step``, ``lr``, ``train_*`` means, ``valid_elbo``, ...) is the

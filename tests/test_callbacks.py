@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pyrovae import checks, progress
-from pyrovae.callbacks import Callback, Checkpoints, MetricsFile, Progress, TensorBoard
+from pyrovae.callbacks import Callback, Checkpoints, EachEpoch, MetricsFile, Progress, TensorBoard
 from pyrovae.checkpoint import load_checkpoint
 from pyrovae.guides import GaussianEncoder
 from pyrovae.models import VAE
@@ -95,6 +95,17 @@ def test_a_callback_that_is_not_one_is_refused_before_training():
     assert t.optim is None and t.cursor.step == 0
     with pytest.raises(TypeError, match="Callback"):
         Trainer(*pair(), ELBO(), callbacks=["progress"])
+    with pytest.raises(TypeError, match="fn\\(trainer, record\\)"):
+        EachEpoch("log")
+
+
+def test_each_epoch_runs_a_function_that_may_add_to_the_record_and_stop():
+    def fn(trainer, record):
+        record["double_step"] = 2 * record["step"]
+        trainer.stop_training = record["epoch"] == 2
+
+    history = trainer().fit(data(20), epochs=5, batch_size=10, callbacks=[EachEpoch(fn)])
+    assert [(r["epoch"], r["double_step"]) for r in history] == [(1, 4), (2, 8)]
 
 
 class StopAfter(Callback):
