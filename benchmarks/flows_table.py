@@ -43,6 +43,7 @@ import pyro
 import torch
 
 from common import command_line, hardware_info, now
+from pyrovae.callbacks import EachEpoch
 from pyrovae.checkpoint import atomic_write
 from pyrovae.cli import UsageError, resolve_device
 from pyrovae.data import load_dataset
@@ -180,15 +181,10 @@ def run_config(name: str, args: argparse.Namespace, splits, device: torch.device
                       on_divergence="reduce_lr", progress=False)
     best, best_epoch, stale, status = -math.inf, 0, 0, "finished"
     best_state = None
-    t0 = time.perf_counter()
-    for epoch in range(1, args.epochs + 1):
-        try:
-            history = trainer.fit(train, epoch, args.batch_size, valid=valid)
-        except DivergenceError as e:
-            status = f"diverged in epoch {epoch}: {e}"
-            log(f"{name}: {status}")
-            break
-        record = history[-1]
+
+    def each_epoch(trainer: Trainer, record: dict) -> None:  # log, keep the best weights, stop early
+        nonlocal best, best_epoch, stale, status, best_state
+        epoch = record["epoch"]
         log(f"{name}: epoch {epoch} train loss {record['train_loss']:.2f} valid ELBO {record['valid_elbo']:.2f} ({record['seconds']:.0f} s)")
         if record["valid_elbo"] > best:
             best, best_epoch, stale = record["valid_elbo"], epoch, 0
@@ -197,7 +193,14 @@ def run_config(name: str, args: argparse.Namespace, splits, device: torch.device
             stale += 1
             if args.patience and stale >= args.patience:
                 status = f"early stop after epoch {epoch}"
-                break
+                trainer.stop_training = True
+
+    t0 = time.perf_counter()
+    try:
+        trainer.fit(train, args.epochs, args.batch_size, valid=valid, callbacks=[EachEpoch(each_epoch)])
+    except DivergenceError as e:
+        status = f"diverged in epoch {trainer.cursor.epoch + 1}: {e}"
+        log(f"{name}: {status}")
     train_seconds = time.perf_counter() - t0
     if best_state is None:
         return {"name": name, "family": family, "k": k, "status": status, "train_seconds": train_seconds}

@@ -36,6 +36,7 @@ import pyro
 import torch
 
 from common import command_line, fixed_binarization, hardware_info, now
+from pyrovae.callbacks import EachEpoch
 from pyrovae.checkpoint import atomic_write
 from pyrovae.data import load_dataset
 from pyrovae.evaluate import active_units, elbo_terms, log_likelihood
@@ -148,15 +149,16 @@ def run_config(name: str, args: argparse.Namespace, train: torch.Tensor, test: t
     model, guide = VAE(x_shape, z_dims).to(device), GaussianEncoder(x_shape, z_dims).to(device)
     objective = ELBO(num_particles=k) if obj == "vae" else IWAE(num_particles=k)
     trainer = Trainer(model, guide, objective, lr=args.lr, schedule="iwae", optimizer_kwargs={"eps": args.adam_eps}, progress=False)
-    t0 = time.perf_counter()
-    for epoch in range(args.epochs):
-        trainer.fit(train, epoch + 1, args.batch_size, dynamic_binarize=True)
-        rec = trainer.history[-1]
+
+    def each_epoch(trainer: Trainer, rec: dict) -> None:  # log, and stop at the time budget
         log(f"{name} epoch {rec['epoch']}/{args.epochs}: train loss {rec['train_loss']:.2f} ({'-ELBO' if obj == 'vae' else '-IWAE bound'}), "
             f"train ELBO {rec.get('train_elbo', float('nan')):.2f}, lr {rec['lr']:.2e}, {rec['seconds']:.1f} s")
         if args.max_train_minutes is not None and time.perf_counter() - t0 > 60 * args.max_train_minutes:
-            log(f"{name}: stopping after epoch {epoch + 1}: --max-train-minutes {args.max_train_minutes} reached")
-            break
+            log(f"{name}: stopping after epoch {rec['epoch']}: --max-train-minutes {args.max_train_minutes} reached")
+            trainer.stop_training = True
+
+    t0 = time.perf_counter()
+    trainer.fit(train, args.epochs, args.batch_size, dynamic_binarize=True, callbacks=[EachEpoch(each_epoch)])
     train_seconds = time.perf_counter() - t0
 
     t1 = time.perf_counter()

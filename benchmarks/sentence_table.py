@@ -30,18 +30,20 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pyro
 import torch
 
 from common import command_line, hardware_info, now
+from pyrovae.callbacks import EachEpoch
 from pyrovae.checkpoint import atomic_write
 from pyrovae.data import load_dataset
 from pyrovae.guides import NoLatentGuide, SentenceEncoder
 from pyrovae.models import RNNLM, SentenceVAE
 from pyrovae.objectives import ELBO
 from pyrovae.sequence_objectives import AnnealedELBO
-from pyrovae.text import BucketBatches, evaluate_text, write_text_outputs
+from pyrovae.text import BucketBatches, Sentences, evaluate_text, write_text_outputs
 from pyrovae.train import Trainer
 
 #: name -> (latent model?, KL annealing?, word dropout p)
@@ -110,6 +112,25 @@ def build(name: str, args, vocab_size: int):
     return model, guide, objective
 
 
+class Segments:
+    """The training curve's segments as the epochs of one ``Trainer.fit``: epoch ``s`` trains on the ``s``-th block of
+    ``per_segment`` sentences of ``order``, bucketed by length (``fit``'s batch-source interface: ``__len__``,
+    ``permutation()``, ``batch(perm, i)``, ``data``). ``epoch()`` is the trainer's current epoch."""
+
+    def __init__(self, train: Sentences, order: torch.Tensor, per_segment: int, segments: int, batch_size: int, epoch: Callable[[], int]):
+        self.parts = [BucketBatches(train.take(order[s * per_segment : (s + 1) * per_segment]), batch_size) for s in range(segments)]
+        self.data, self.epoch = train.take(order[: segments * per_segment]), epoch
+
+    def __len__(self) -> int:
+        return len(self.parts[0])  # every segment holds the same number of sentences
+
+    def permutation(self) -> torch.Tensor:
+        return self.parts[self.epoch()].permutation()
+
+    def batch(self, perm: torch.Tensor, index: int) -> Sentences:
+        return self.parts[self.epoch()].batch(perm, index)
+
+
 def run_config(name: str, args, splits, test, valid) -> dict:
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
@@ -118,13 +139,14 @@ def run_config(name: str, args, splits, test, valid) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(splits.train.num_sentences, generator=g)
     per_segment = args.steps // args.segments * args.batch_size
-    curve, t0 = [], time.perf_counter()
-    for s in range(args.segments):
-        part = splits.train.take(order[s * per_segment : (s + 1) * per_segment])
-        trainer.fit(BucketBatches(part, args.batch_size), epochs=s + 1, batch_size=args.batch_size, valid=valid)
-        h = trainer.history[-1]
-        curve.append({"step": h["step"], "sentences": (s + 1) * per_segment, "train_elbo": h.get("train_elbo"), "train_kl": h.get("train_kl"), "valid_elbo": h.get("valid_elbo"), "beta": float(getattr(objective, "beta_t", 1.0)), "seconds": round(time.perf_counter() - t0, 1)})
+    segments = Segments(splits.train, order, per_segment, args.segments, args.batch_size, epoch=lambda: trainer.cursor.epoch)
+
+    def each_segment(trainer: Trainer, h: dict) -> None:  # a point of the training curve
+        curve.append({"step": h["step"], "sentences": h["epoch"] * per_segment, "train_elbo": h.get("train_elbo"), "train_kl": h.get("train_kl"), "valid_elbo": h.get("valid_elbo"), "beta": float(getattr(objective, "beta_t", 1.0)), "seconds": round(time.perf_counter() - t0, 1)})
         print(f"[{name}] step {h['step']}: train ELBO {h.get('train_elbo', float('nan')):.2f}, KL {h.get('train_kl', float('nan')):.2f}, valid ELBO {h.get('valid_elbo', float('nan')):.2f} ({curve[-1]['seconds']} s)", flush=True)
+
+    curve, t0 = [], time.perf_counter()
+    trainer.fit(segments, epochs=args.segments, batch_size=args.batch_size, valid=valid, callbacks=[EachEpoch(each_segment)])
     train_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     k = args.eval_samples if CONFIGS[name][0] else 1

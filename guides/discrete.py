@@ -13,7 +13,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyrovae.models.discrete import check_z_dim
+from pyrovae.checks import check_z_dim
 from pyrovae.nn import x_encoder
 
 

@@ -24,18 +24,13 @@ from pyro.distributions.torch_distribution import TorchDistribution
 from torch import nn
 from torch.distributions import constraints
 
+from pyrovae.checks import check_z_dim
 from pyrovae.likelihoods import likelihood_head
 from pyrovae.nn import x_decoder
 
 PRIORS = ("uniform", "learned")
 #: largest K for which :meth:`DiscreteVAE.log_joint_table` enumerates the 2^K codes
 MAX_ENUMERATE = 20
-
-
-def check_z_dim(z_dim) -> int:
-    if isinstance(z_dim, bool) or not isinstance(z_dim, int) or z_dim < 1:
-        raise ValueError(f"z_dim={z_dim!r} must be a positive int: the number K of binary latent units")
-    return z_dim
 
 
 def binary_codes(z_dim: int, dtype: Optional[torch.dtype] = None, device=None) -> torch.Tensor:

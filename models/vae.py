@@ -8,7 +8,6 @@ Generative model, top layer first (one layer: just ``z``)::
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Sequence
 
 import pyro
@@ -16,33 +15,13 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from pyrovae.checks import IWAE_HIDDEN, check_layers, default_hidden  # noqa: F401  (IWAE_HIDDEN, default_hidden: their old home)
 from pyrovae.flows import build_flow, conditioned_distribution
 from pyrovae.likelihoods import likelihood_head
 from pyrovae.nn import diag_normal, latent_names, mlp, x_decoder
 
-#: Deterministic hidden sizes of the IWAE paper: 200-200 next to x, 100-100 between stochastic layers.
-IWAE_HIDDEN = ((200, 200), (100, 100))
-
-
 #: flow families usable as a learned prior: invertible in closed form, and not volume-preserving rotations
 PRIOR_FLOWS = ("realnvp", "iaf")
-
-
-def default_hidden(num_layers: int) -> tuple[tuple[int, ...], ...]:
-    return tuple(IWAE_HIDDEN[min(i, 1)] for i in range(num_layers))
-
-
-def check_layers(z_dims: Sequence[int], hidden: Optional[Sequence[Sequence[int]]]) -> tuple:
-    z_dims = tuple(int(d) for d in z_dims)
-    if not z_dims or any(d < 1 for d in z_dims):
-        raise ValueError(f"z_dims={z_dims} must be a non-empty sequence of positive sizes, e.g. (50,) or (100, 50)")
-    hidden = default_hidden(len(z_dims)) if hidden is None else tuple(tuple(h) for h in hidden)
-    if len(hidden) != len(z_dims):
-        raise ValueError(f"hidden has {len(hidden)} entries but z_dims has {len(z_dims)}: give one hidden-size tuple per stochastic layer")
-    for sizes in hidden:
-        if any(isinstance(h, bool) or not isinstance(h, numbers.Integral) or h < 1 for h in sizes):
-            raise ValueError(f"hidden={[list(h) for h in hidden]}: every hidden size must be a positive integer, e.g. hidden=[(200, 200)]")
-    return z_dims, hidden
 
 
 class VAE(nn.Module):

@@ -149,16 +149,18 @@ class GraphCache:
         self._unchecked = {k for k, g in self.graphs.items() if isinstance(g, _Graph)}
 
     # --- calls --------------------------------------------------------------------------------------
-    def _modules(self) -> list:
-        if self._submodules is None:  # their train/eval flags key the graphs; walked once
-            self._submodules = [m for owner in self.modules() for m in owner.modules()]
-        return self._submodules
+    def _flags(self) -> tuple:
+        """The modules' train/eval flags (part of each signature). The module tree is walked once and held by weak
+        references: a cache kept between calls must not keep its programs alive."""
+        if self._submodules is None:
+            self._submodules = [weakref.ref(m) for owner in self.modules() for m in owner.modules()]
+        return tuple(r().training for r in self._submodules if r() is not None)
 
     def __call__(self, inputs: tuple, *static):
         inputs = tuple(inputs)
         if self.refused:
             return self.fn(inputs, *static)
-        key = (_signature(inputs), static, tuple(m.training for m in self._modules()))
+        key = (_signature(inputs), static, self._flags())
         graph = self.graphs.get(key)
         if isinstance(graph, _Graph):
             if key in self._unchecked:

@@ -15,6 +15,7 @@ import pyro
 import torch
 
 from pyrovae import runs
+from pyrovae.callbacks import TensorBoard
 from pyrovae.capture import MODES as CAPTURE_MODES
 from pyrovae.checkpoint import CheckpointError, check_state, load_checkpoint, write_json
 from pyrovae.data import as_inputs
@@ -86,7 +87,7 @@ def _build(cfg: dict, x_shape, device):
 
 #: options of ``train`` that ``--resume`` takes from the command line (when given) rather than from the run's config.json,
 #: with their defaults for a new run (None on the parser, so that "not given" can be told apart from "given the default")
-RESUME_OVERRIDES = {"epochs": 10, "device": "auto", "data_dir": None, "eval_samples": 5000, "eval_limit": None, "progress": True, "capture": "replay", "eval_capture": "auto"}
+RESUME_OVERRIDES = {"epochs": 10, "device": "auto", "data_dir": None, "eval_samples": 5000, "eval_limit": None, "progress": True, "capture": "replay", "eval_capture": "auto", "tensorboard": None}
 
 
 def _config(args: argparse.Namespace) -> dict:
@@ -234,6 +235,10 @@ def _train(run_dir: Path, args: argparse.Namespace, lock: runs.RunLock) -> int:
         cfg = saved
     device = resolve_device(cfg["device"])
     objective = _build_objective(cfg)  # bad objective settings fail here, before the data is loaded
+    try:
+        callbacks = [TensorBoard(cfg["tensorboard"])] if cfg.get("tensorboard") else None
+    except ImportError as e:
+        raise UsageError(f"--tensorboard: {e}") from e
     pyro.set_rng_seed(cfg["seed"])
     pyro.clear_param_store()
     splits = _load_data(cfg, device)
@@ -259,7 +264,7 @@ def _train(run_dir: Path, args: argparse.Namespace, lock: runs.RunLock) -> int:
             trainer.resume(run_dir / "checkpoints" / "last.pt", *as_inputs(splits.train[: cfg["batch_size"]]))
             print(f"pyrovae: resumed at epoch {trainer.cursor.epoch}, step {trainer.cursor.step}")
         train = splits.batches(cfg["batch_size"]) if hasattr(splits, "batches") else splits.train  # text: length buckets
-        trainer.fit(train, cfg["epochs"], cfg["batch_size"], valid=splits.valid, dynamic_binarize=splits.binarize == "dynamic")
+        trainer.fit(train, cfg["epochs"], cfg["batch_size"], valid=splits.valid, dynamic_binarize=splits.binarize == "dynamic", callbacks=callbacks)
     except TrainingInterrupted as e:
         print(f"pyrovae: {e}", file=sys.stderr)
         return 130
@@ -499,6 +504,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-limit", type=_positive_int, default=None, help="evaluate on the first N test examples only")
     g.add_argument("--eval-capture", default=None, choices=EVAL_CAPTURE_CHOICES, help=EVAL_CAPTURE_HELP + " (default auto)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    g.add_argument("--tensorboard", metavar="DIR", default=None, help="also write each epoch's numbers to TensorBoard event files in DIR (pip install tensorboard)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="test log-likelihood (k samples), ELBO, KL, active units and plots of a run", formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -1,0 +1,147 @@
+"""Checks that refuse data, programs and settings that cannot work, before any training step runs.
+
+The trainer checks data and model/guide pairs here (:func:`check_fit_data`, :func:`check_sites`,
+:func:`check_data_shape`); models and guides validate their layer sizes with :func:`check_layers` and
+:func:`check_z_dim`, so that a guide never imports from a model's file.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.util import prune_subsample_sites
+
+from pyrovae.data import check_data
+
+#: Deterministic hidden sizes of the IWAE paper: 200-200 next to x, 100-100 between stochastic layers.
+IWAE_HIDDEN = ((200, 200), (100, 100))
+
+
+def default_hidden(num_layers: int) -> tuple[tuple[int, ...], ...]:
+    """The IWAE paper's hidden sizes for ``num_layers`` stochastic layers."""
+    return tuple(IWAE_HIDDEN[min(i, 1)] for i in range(num_layers))
+
+
+def check_layers(z_dims: Sequence[int], hidden: Optional[Sequence[Sequence[int]]]) -> tuple:
+    """``(z_dims, hidden)`` as tuples, ``hidden`` defaulting to :func:`default_hidden`; ``ValueError`` for sizes
+    that are not positive integers or a ``hidden`` without one entry per stochastic layer."""
+    z_dims = tuple(int(d) for d in z_dims)
+    if not z_dims or any(d < 1 for d in z_dims):
+        raise ValueError(f"z_dims={z_dims} must be a non-empty sequence of positive sizes, e.g. (50,) or (100, 50)")
+    hidden = default_hidden(len(z_dims)) if hidden is None else tuple(tuple(h) for h in hidden)
+    if len(hidden) != len(z_dims):
+        raise ValueError(f"hidden has {len(hidden)} entries but z_dims has {len(z_dims)}: give one hidden-size tuple per stochastic layer")
+    for sizes in hidden:
+        if any(isinstance(h, bool) or not isinstance(h, numbers.Integral) or h < 1 for h in sizes):
+            raise ValueError(f"hidden={[list(h) for h in hidden]}: every hidden size must be a positive integer, e.g. hidden=[(200, 200)]")
+    return z_dims, hidden
+
+
+def check_z_dim(z_dim) -> int:
+    """``z_dim`` if it is a positive int (the number of binary latent units), else ``ValueError``."""
+    if isinstance(z_dim, bool) or not isinstance(z_dim, int) or z_dim < 1:
+        raise ValueError(f"z_dim={z_dim!r} must be a positive int: the number K of binary latent units")
+    return z_dim
+
+
+def check_data_shape(x: torch.Tensor, *programs) -> None:
+    """Raise ``ValueError`` when a batch ``x`` does not fit the ``x_shape`` a model or guide declares (if it does)."""
+    for program in programs:
+        want = getattr(program, "x_shape", None)
+        if want is None:
+            continue
+        got = tuple(x.shape[1:])
+        if tuple(want) != got:
+            raise ValueError(
+                f"the data has examples of shape {got} (a batch of shape {tuple(x.shape)}) but {type(program).__name__} was "
+                f"built for x_shape={tuple(want)}: build the model and guide with x_shape={got}, or reshape the data to "
+                f"[N, {', '.join(map(str, want))}]"
+            )
+
+
+def _first_tensor(data):
+    return data[0] if isinstance(data, (tuple, list)) and data else data
+
+
+def check_fit_data(model, train, valid=None) -> None:
+    """Raise ``TypeError``/``ValueError`` for training (or validation) data a model cannot learn from: not a
+    floating-point tensor, NaN/inf values, or values outside [0, 1] when the model's likelihood needs them
+    (``model.likelihood.needs_unit_interval``, as the library's models expose). ``train`` and ``valid`` are a
+    tensor or a tuple of tensors whose first one is the observed data."""
+    likelihood = getattr(model, "likelihood", None)
+    unit = bool(getattr(likelihood, "needs_unit_interval", False))
+    name = getattr(model, "likelihood_name", "Bernoulli")
+    for what, data in (("training", train), ("validation", valid)):
+        x = _first_tensor(data)
+        if x is None:
+            continue
+        if not torch.is_tensor(x):
+            raise TypeError(f"the {what} data is a {type(x).__name__}, not a tensor: pass a torch.Tensor (torch.as_tensor(...), or pyrovae.data.from_array)")
+        if not torch.is_floating_point(x):
+            if likelihood is None:  # a program of the user's, or one over indices (tokens): its own business
+                continue
+            raise TypeError(
+                f"the {what} data has dtype {x.dtype}; the models need floating-point data: convert it, e.g. x.float() / 255 "
+                "for uint8 pixels (pyrovae.data.from_array does this)"
+            )
+        try:
+            check_data(x, unit_interval=unit, what=f"the {what} data")
+        except ValueError as e:
+            if unit and "outside [0, 1]" in str(e):
+                raise ValueError(f"{e} (the model's likelihood is {name})") from None
+            raise
+
+
+def _dist_name(fn) -> str:
+    while hasattr(fn, "base_dist"):  # Independent, MaskedDistribution, ...: name what they wrap
+        fn = fn.base_dist
+    return type(fn).__name__
+
+
+def check_sites(model, guide, x: torch.Tensor) -> None:
+    """Raise ``ValueError`` when a model/guide pair cannot be trained together: the model observes nothing,
+    the guide samples a site the model lacks, or the guide's samples of a site do not fit the model's
+    distribution there (another shape, or values outside its support). ``x`` is a batch, or a tuple of the
+    programs' arguments."""
+    args = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    try:
+        with torch.no_grad(), pyro.validation_enabled(False):
+            model_trace = prune_subsample_sites(poutine.trace(model).get_trace(*args))
+            guide_trace = prune_subsample_sites(poutine.trace(guide).get_trace(*args))
+    except Exception:  # a program that does not run on this batch: the first evaluation says why, with the batch shape
+        return
+    model_sites = {n: s for n, s in model_trace.nodes.items() if s["type"] == "sample"}
+    if not any(s["is_observed"] for s in model_sites.values()):
+        raise ValueError(
+            f"the model has no observed site (sample sites: {sorted(model_sites) or 'none'}): an objective needs the data as "
+            "an observed site, pyro.sample('x', ..., obs=x)"
+        )
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or site["infer"].get("is_auxiliary"):
+            continue
+        if name not in model_sites:
+            raise ValueError(
+                f"the guide samples a site {name!r} that the model does not have (the model's sample sites: {sorted(model_sites)}): "
+                "name the guide's latent sites as the model's"
+            )
+        theirs, ours = model_sites[name]["fn"], site["fn"]
+        if tuple(theirs.event_shape) != tuple(ours.event_shape):
+            raise ValueError(
+                f"the guide's site {name!r} has event shape {tuple(ours.event_shape)} but the model's has {tuple(theirs.event_shape)}: "
+                "build the guide with the model's latent sizes"
+            )
+        support = getattr(theirs, "support", None)
+        if support is not None and not isinstance(support, type(torch.distributions.constraints.dependent)):
+            try:
+                inside = bool(support.check(site["value"]).all())
+            except Exception:
+                inside = True  # a support that cannot check this value: let the objective decide
+            if not inside:
+                raise ValueError(
+                    f"the guide's samples of site {name!r} ({_dist_name(ours)}) lie outside the support of the model's "
+                    f"distribution there ({_dist_name(theirs)}, support {support}): this guide cannot be paired with this "
+                    "model; use a guide whose samples the model can score (e.g. --model discrete with --guide bernoulli)"
+                )
