@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from pyrovae.capture import MODES as CAPTURE_MODES
 from pyrovae.capture import StepCapture, grad_norm
-from pyrovae import runs
+from pyrovae import distributed, runs
 from pyrovae.data import Batches, as_inputs, check_data
 from pyrovae.checkpoint import CheckpointError, check_state, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state, write_json
 
@@ -369,6 +369,7 @@ class Trainer:
             loss, norm = self._plain_step(*batch, validate=validate)
         else:
             loss, norm = self._capture(*batch)
+        loss, norm = distributed.average_gradients(self, loss, norm, batch[0].shape[0])  # distributed: global-batch gradient
         if self.clip_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(list(self.params.values()), self.clip_norm, norm)
         self.optim.step()
@@ -453,6 +454,7 @@ class Trainer:
             "optimizer": self.optim.state_dict(),
             "objective": self._objective_state(),
             "rng": get_rng_state(),
+            **distributed.rank_rng_states(),  # distributed: every rank's RNG state (a collective)
             "cursor": {"epoch": self.cursor.epoch, "pos": self.cursor.pos, "step": self.cursor.step, "perm": self.cursor.perm},
             "best_valid": self.best_valid,
             "lr_reductions": self.lr_reductions,
@@ -493,6 +495,7 @@ class Trainer:
             self.optim.load_state_dict(state["optimizer"])
             self._load_objective_state(state["objective"])
             set_rng_state(state["rng"])
+            distributed.restore_rank_rng(state)  # distributed: this rank's own RNG state
             c = state["cursor"]
             self.cursor = Cursor(c["epoch"], c["pos"], c["step"], c["perm"])
             self.best_valid, self.lr_reductions = state["best_valid"], state["lr_reductions"]
@@ -506,18 +509,19 @@ class Trainer:
     def _save(self, name: str, finished: bool = False) -> Optional[Path]:
         if self.run_dir is None:
             return None
-        return save_checkpoint(self.state_dict(finished), self.run_dir / "checkpoints" / name)
+        state = self.state_dict(finished)  # on every rank: it gathers their RNG states
+        return distributed.on_main(lambda: save_checkpoint(state, self.run_dir / "checkpoints" / name))  # distributed: rank 0 writes
 
     def resume(self, path: Union[str, Path], *batch: torch.Tensor) -> None:
         """Continue from a checkpoint file (``checkpoints/last.pt`` of a run); ``batch``: a batch of the data's
         tensors (``x``, or ``x, y``), to set up the parameters."""
         batch = as_inputs(batch[0] if len(batch) == 1 else batch, "the batch")  # resume(path, x, y) or resume(path, (x, y))
-        with runs.RunLock(self.run_dir) if self.run_dir is not None else contextlib.nullcontext():  # no other process writes the run
+        with runs.RunLock(self.run_dir) if distributed.is_writer(self) else contextlib.nullcontext():  # distributed: rank 0 locks  # no other process writes the run
             state = load_checkpoint(path, map_location=batch[0].device)
             self.setup(*batch)
             self.load_state_dict(state)
             self._owns_run = True
-            if self.run_dir is not None:
+            if distributed.is_writer(self):  # distributed: rank 0 keeps the metrics
                 # records of epochs after the checkpoint (written just before a crash) are redone, torn lines dropped
                 self.history = runs.truncate_metrics(self.run_dir, self.cursor.epoch)
 
@@ -541,7 +545,8 @@ class Trainer:
 
         if self._valid_objective is None:  # one objective for every epoch: it guesses the plate nesting once
             self._valid_objective = ELBO(num_particles=self.valid_particles)
-        return elbo_terms(self.model, self.guide, valid, batch_size=batch_size, objective=self._valid_objective)["elbo"]
+        # distributed: each rank evaluates its shard, the mean is reduced
+        return distributed.sharded_mean(lambda part: elbo_terms(self.model, self.guide, part, batch_size=batch_size, objective=self._valid_objective)["elbo"], valid)
 
     def fit(
         self,
@@ -579,6 +584,7 @@ class Trainer:
         if n == 0:
             raise ValueError("the training set is empty")
         batches = source if source is not None else Batches(train, batch_size, dynamic_binarize=dynamic_binarize)
+        batches = distributed.shard_batches(batches)  # distributed: each rank's slice of every global batch
         num_batches = len(batches)
 
         def batch(cursor: Cursor) -> tuple:
@@ -593,7 +599,7 @@ class Trainer:
         runs.check_cursor(self.cursor.perm, self.cursor.pos, n, num_batches)
         old_handlers = {}
         try:
-            if self.run_dir is not None:
+            if distributed.is_writer(self):  # distributed: rank 0 alone writes under run_dir
                 if self._lock is None:
                     self._lock = runs.RunLock(self.run_dir).acquire()
                 if not self._owns_run:
@@ -602,6 +608,7 @@ class Trainer:
                 write_json(self.run_dir / "config.json", self.config)
             self._stop_signal = None
             old_handlers = self._install_signals()
+            distributed.prepare(self)  # distributed: rank 0's parameters everywhere, per-rank RNG streams
             self._loop(batch, num_batches, int(epochs), batch_size, valid)
         finally:
             for s, h in old_handlers.items():
@@ -623,7 +630,7 @@ class Trainer:
                 bar.reset()
                 bar.set_description(f"epoch {self.cursor.epoch + 1}/{epochs}")
                 t0 = time.perf_counter()
-            if self._stop_signal is not None:
+            if distributed.stop_requested(self):  # distributed: a stop the ranks agreed on
                 self._interrupt(sums, finite)
             x = batch(self.cursor)
             loss, norm = self.step(*x)
@@ -636,6 +643,7 @@ class Trainer:
             bar.update(x[0].shape[0])
             end_of_epoch = self.cursor.pos >= num_batches
             if self.cursor.step % self.check_every == 0 or end_of_epoch:
+                finite = distributed.agree(self, finite)  # distributed: all ranks roll back / stop together
                 if not bool(finite):
                     sums = self._diverged(batch, sums)
                     finite = None
@@ -659,14 +667,14 @@ class Trainer:
             record["valid_elbo"] = self.validate(valid, batch_size=max(batch_size, 500))
         self.cursor = Cursor(self.cursor.epoch + 1, 0, self.cursor.step, None)
         self.history.append(record)
-        if self.run_dir is not None:
+        if distributed.is_writer(self):  # distributed: rank 0 writes the metrics
             runs.append_metrics(self.run_dir, record)
         score = record.get("valid_elbo", -record["train_loss"])
         if score > self.best_valid:
             self.best_valid = score
             self._save("best.pt")
         self._save("last.pt")
-        if self.progress or self.run_dir is not None:
+        if (self.progress or self.run_dir is not None) and distributed.is_main():
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
     def _diverged(self, batch, sums: dict) -> dict:

@@ -1,0 +1,190 @@
+"""Training and evaluation on 2 gloo processes on the CPU (pyrovae.distributed) against one process.
+
+Exact comparisons need gradients and estimates that do not depend on the ranks' random draws (each rank has
+its own stream, so 2 processes cannot reproduce a single process's draws):
+- training: a model with no latent variables, so that every objective is its exact log-likelihood and the
+  only randomness is the batch order, which every rank takes from rank 0, whose stream is the single
+  process's. The parameters after N steps must then equal a single run on the same global batches, up to
+  the order of floating-point sums (float64 here, so to 1e-10).
+- log-likelihood: a linear-Gaussian model with q the exact posterior: every importance weight equals p(x),
+  so the estimate is log p(x) whatever the draws, and the gathered per-datum values equal one process's.
+A VAE (latent draws, which differ by rank) must still keep identical parameters on both ranks.
+"""
+import os
+import signal
+import socket
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from pyrovae import distributed
+from pyrovae import evaluate as E
+from pyrovae.models import ExactPosteriorGuide, LinearGaussian, LinearGaussianGuide
+from pyrovae.objectives import ELBO
+from pyrovae.train import Trainer, TrainingInterrupted
+
+WORLD, N, BATCH, EPOCHS, CHECK = 2, 37, 10, 2, 3  # 37 = 3 * 10 + 7: uneven shards (5/5, 4/3) in the last batch
+
+
+class Regression(nn.Module):
+    """y ~ N(net(x), s^2): observed sites only, no latent variable."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+
+    def forward(self, x, y):
+        pyro.module("regression", self)
+        log_s = pyro.param("log_s", torch.zeros((), dtype=torch.float64))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(self.net(x).squeeze(-1), log_s.exp()), obs=y)
+
+
+def no_guide(x, y):
+    pass
+
+
+class StopAt(ELBO):
+    """An ELBO that sends SIGTERM to its own process after optimiser step ``at`` (on one rank only)."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at, self.steps = at, 0
+
+    def step(self):
+        super().step()
+        self.steps += 1
+        if self.steps == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def regression_data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, 3, dtype=torch.float64, generator=g)
+    return x, torch.sin(x.sum(1)) + 0.1 * torch.randn(N, dtype=torch.float64, generator=g)
+
+
+def gaussian_data():
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(11, 3, dtype=torch.float64, generator=g)  # 11: shards of 6 and 5
+
+
+def train_regression(objective=None, run_dir=None, epochs=EPOCHS):
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    trainer = Trainer(Regression(), no_guide, objective or ELBO(), lr=0.05, run_dir=run_dir, check_every=CHECK, progress=False)
+    trainer.fit(regression_data(), epochs, BATCH)
+    return trainer
+
+
+def exact_pair():
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    model = LinearGaussian(3, 2, dtype=torch.float64)
+    return model, ExactPosteriorGuide(model)
+
+
+def _params(trainer):
+    return {k: v.detach().clone() for k, v in trainer.params.items()}
+
+
+def _worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.init("cpu", quiet=False)
+    results = {"plain": _params(train_regression(run_dir=os.path.join(out, "run")))}
+
+    # SIGTERM on rank 1 alone after step 1: both ranks stop at the next check (step 3, mid-epoch), then resume
+    try:
+        train_regression(StopAt(1 if rank == 1 else -1), run_dir=os.path.join(out, "stopped"))
+        results["stopped"] = "no"
+    except TrainingInterrupted:
+        results["stopped"] = "yes"
+    pyro.clear_param_store()
+    trainer = Trainer(Regression(), no_guide, ELBO(), lr=0.05, run_dir=os.path.join(out, "stopped"), check_every=CHECK, progress=False)
+    x, y = regression_data()
+    trainer.resume(os.path.join(out, "stopped", "checkpoints", "last.pt"), x[:BATCH], y[:BATCH])
+    results["resumed_from"] = trainer.cursor.step
+    trainer.fit((x, y), EPOCHS, BATCH)
+    results["resumed"] = _params(trainer)
+
+    model, guide = exact_pair()
+    ll = distributed.log_likelihood(model, guide, gaussian_data(), num_samples=20, batch_size=4)
+    results["ll"] = (ll.values, ll.stderr)
+
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    model = LinearGaussian(3, 2, dtype=torch.float64)
+    guide = LinearGaussianGuide(3, 2, dtype=torch.float64)
+    vae = Trainer(model, guide, ELBO(num_particles=2), lr=0.05, check_every=CHECK, progress=False)
+    vae.fit(gaussian_data(), 2, 6)
+    results["vae"] = _params(vae)
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("dist"))
+    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    return out, [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+def _assert_close(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
+def test_two_processes_take_the_steps_of_one_on_the_global_batch(two_ranks):
+    out, results = two_ranks
+    reference = train_regression()
+    for r in range(WORLD):
+        _assert_close(results[r]["plain"], _params(reference))
+    # the parameters moved: the comparison is not between two untouched initialisations
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    untrained = Trainer(Regression(), no_guide, ELBO(), progress=False)
+    untrained.setup(*(t[:BATCH] for t in regression_data()))
+    assert any(not torch.allclose(untrained.params[k], v) for k, v in _params(reference).items())
+    # rank 0 alone wrote the run: 2 epochs of metrics, the same as the single run's
+    lines = open(os.path.join(out, "run", "metrics.jsonl")).read().splitlines()
+    assert len(lines) == EPOCHS
+    assert os.path.exists(os.path.join(out, "run", "checkpoints", "last.pt"))
+
+
+def test_a_signal_on_one_rank_stops_both_and_resume_continues_exactly(two_ranks):
+    _, results = two_ranks
+    reference = _params(train_regression())
+    for r in range(WORLD):
+        assert results[r]["stopped"] == "yes"
+        assert results[r]["resumed_from"] == CHECK  # the check after rank 1's signal at step 1
+        _assert_close(results[r]["resumed"], reference)
+
+
+def test_sharded_log_likelihood_equals_one_process(two_ranks):
+    _, results = two_ranks
+    model, guide = exact_pair()
+    x = gaussian_data()
+    single = E.log_likelihood(model, guide, x, num_samples=20, batch_size=4)
+    torch.testing.assert_close(single.values, model.log_marginal(x), rtol=1e-10, atol=1e-10)  # q = p(z|x): exact
+    for r in range(WORLD):
+        values, stderr = results[r]["ll"]
+        assert values.shape == (11,)
+        torch.testing.assert_close(values, single.values, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(stderr, single.stderr, rtol=0, atol=1e-6)
+
+
+def test_a_vae_keeps_identical_parameters_on_every_rank(two_ranks):
+    _, results = two_ranks
+    for k, v in results[0]["vae"].items():
+        assert torch.equal(v, results[1]["vae"][k]), k
