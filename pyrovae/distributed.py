@@ -84,7 +84,8 @@ def init(device: Union[str, torch.device, None] = None, backend: Optional[str] =
         backend: override the backend choice.
         quiet: send the standard output of ranks other than 0 to ``os.devnull`` (their errors still show).
     """
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    auto = device is None or (isinstance(device, str) and device == "auto")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if auto else device)
     if not launched():
         return device
     missing = [k for k in ENV if k not in os.environ]
@@ -127,6 +128,31 @@ def on_main(write: Callable[[], Any]) -> Any:
     result = write() if is_main() else None
     barrier()
     return result
+
+
+def from_main(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a picklable object: a run folder named by the clock, say)."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class _NoLock:
+    def acquire(self) -> "_NoLock":
+        return self
+
+    def release(self) -> None:
+        pass
+
+
+def run_lock(run_dir):
+    """The run folder's :class:`pyrovae.runs.RunLock` on rank 0, a lock that does nothing on the other ranks
+    (they write nothing there)."""
+    from pyrovae.runs import RunLock
+
+    return RunLock(run_dir) if is_main() else _NoLock()
 
 
 def _comm_device() -> torch.device:
