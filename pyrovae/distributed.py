@@ -169,11 +169,18 @@ def shard_bounds(n: int, parts: Optional[int] = None, index: Optional[int] = Non
     return lo, lo + base + (1 if index < extra else 0)
 
 
-def _same_on_every_rank(values: list, what: str) -> None:
+def _check_same_data(parts: tuple) -> None:
+    """Raise ``ValueError`` unless every rank holds data of the same shapes and sums (to float precision: the
+    sums of other devices may round differently)."""
+    mine = [(list(t.shape), float(t.sum(dtype=torch.float64))) for t in parts]
     gathered = [None] * world_size()
-    dist.all_gather_object(gathered, values)
-    if any(g != gathered[0] for g in gathered):
-        raise ValueError(f"the ranks disagree about {what} ({gathered}): every process must load the same data with the same seed")
+    dist.all_gather_object(gathered, mine)
+    for theirs in gathered:
+        if [s for s, _ in theirs] != [s for s, _ in mine] or any(abs(a - b) > 1e-6 * max(1.0, abs(a)) for (_, a), (_, b) in zip(theirs, mine)):
+            raise ValueError(
+                f"the ranks hold different training data (shape and sum per rank: {gathered}): every process must load the "
+                "same data with the same seed and split"
+            )
 
 
 # --- batches -----------------------------------------------------------------------------------------------
@@ -192,9 +199,9 @@ class ShardedBatches:
         self.source, self.data = source, source.data
         parts = as_inputs(source.data, "the training data")
         # one look at the data: ranks that loaded different data (another seed or split) would train apart
-        _same_on_every_rank([[list(t.shape), round(float(t.double().sum()), 6)] for t in parts], "the training data (shape, sum)")
+        _check_same_data(parts)
         n, size = parts[0].shape[0], getattr(source, "batch_size", None)
-        last = n - (len(source) - 1) * size if isinstance(source, Batches) and not source.drop_last else size
+        last = size if size is None or getattr(source, "drop_last", False) else n - (len(source) - 1) * size
         self._len = len(source) - (1 if last is not None and last < world_size() else 0)
         if self._len < 1:
             raise ValueError(f"batch_size={size} is smaller than the {world_size()} processes: every process needs data; use batch_size >= {world_size()}")

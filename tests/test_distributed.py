@@ -23,6 +23,7 @@ from torch import nn
 
 from pyrovae import distributed
 from pyrovae import evaluate as E
+from pyrovae.data import Batches
 from pyrovae.models import ExactPosteriorGuide, LinearGaussian, LinearGaussianGuide
 from pyrovae.objectives import ELBO
 from pyrovae.train import Trainer, TrainingInterrupted
@@ -60,6 +61,26 @@ class StopAt(ELBO):
         self.steps += 1
         if self.steps == self.at:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class PoisonAt(ELBO):
+    """An ELBO whose loss is NaN once, on the step after optimiser step ``at`` (on one rank only; plain steps:
+    a captured step would not call it)."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at, self.steps, self.done = at, 0, False
+
+    def step(self):
+        super().step()
+        self.steps += 1
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        loss = super().differentiable_loss(model, guide, *args, **kwargs)
+        if self.steps == self.at and not self.done:
+            self.done = True
+            return loss * float("nan")
+        return loss
 
 
 def regression_data():
@@ -112,6 +133,13 @@ def _worker(rank, port, out):
     trainer.fit((x, y), EPOCHS, BATCH)
     results["resumed"] = _params(trainer)
 
+    # a NaN loss on rank 1 alone at step 5: both ranks roll back to step 3 and halve the learning rate
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    trainer = Trainer(Regression(), no_guide, PoisonAt(4 if rank == 1 else -1), lr=0.05, check_every=CHECK, on_divergence="reduce_lr", progress=False, capture="off")
+    trainer.fit(regression_data(), EPOCHS, BATCH)
+    results["rolled_back"] = (trainer.lr_reductions, trainer.cursor.epoch, _params(trainer))
+
     model, guide = exact_pair()
     ll = distributed.log_likelihood(model, guide, gaussian_data(), num_samples=20, batch_size=4)
     results["ll"] = (ll.values, ll.stderr)
@@ -123,6 +151,11 @@ def _worker(rank, port, out):
     vae = Trainer(model, guide, ELBO(num_particles=2), lr=0.05, check_every=CHECK, progress=False)
     vae.fit(gaussian_data(), 2, 6)
     results["vae"] = _params(vae)
+    try:  # ranks that loaded different data
+        distributed.ShardedBatches(Batches(gaussian_data() + rank, 4))
+        results["different_data"] = "accepted"
+    except ValueError as e:
+        results["different_data"] = str(e)
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
 
 
@@ -171,6 +204,14 @@ def test_a_signal_on_one_rank_stops_both_and_resume_continues_exactly(two_ranks)
         _assert_close(results[r]["resumed"], reference)
 
 
+def test_a_nan_on_one_rank_rolls_both_back_together(two_ranks):
+    _, results = two_ranks
+    (reductions, epoch, params), (reductions1, epoch1, params1) = results[0]["rolled_back"], results[1]["rolled_back"]
+    assert reductions == reductions1 == 1 and epoch == epoch1 == EPOCHS
+    for k, v in params.items():
+        assert torch.isfinite(v).all() and torch.equal(v, params1[k]), k
+
+
 def test_sharded_log_likelihood_equals_one_process(two_ranks):
     _, results = two_ranks
     model, guide = exact_pair()
@@ -188,3 +229,9 @@ def test_a_vae_keeps_identical_parameters_on_every_rank(two_ranks):
     _, results = two_ranks
     for k, v in results[0]["vae"].items():
         assert torch.equal(v, results[1]["vae"][k]), k
+
+
+def test_ranks_with_different_data_are_an_error(two_ranks):
+    _, results = two_ranks
+    for r in range(WORLD):
+        assert "different training data" in results[r]["different_data"]
