@@ -516,7 +516,7 @@ class Trainer:
         """Continue from a checkpoint file (``checkpoints/last.pt`` of a run); ``batch``: a batch of the data's
         tensors (``x``, or ``x, y``), to set up the parameters."""
         batch = as_inputs(batch[0] if len(batch) == 1 else batch, "the batch")  # resume(path, x, y) or resume(path, (x, y))
-        with runs.RunLock(self.run_dir) if distributed.is_writer(self) else contextlib.nullcontext():  # distributed: rank 0 locks  # no other process writes the run
+        with runs.RunLock(self.run_dir) if distributed.is_writer(self) else contextlib.nullcontext():  # distributed: rank 0 locks; no other process writes the run
             state = load_checkpoint(path, map_location=batch[0].device)
             self.setup(*batch)
             self.load_state_dict(state)
@@ -674,7 +674,7 @@ class Trainer:
             self.best_valid = score
             self._save("best.pt")
         self._save("last.pt")
-        if (self.progress or self.run_dir is not None) and distributed.is_main():
+        if (self.progress or self.run_dir is not None) and distributed.is_main():  # distributed: rank 0 prints
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
     def _diverged(self, batch, sums: dict) -> dict:
