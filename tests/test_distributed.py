@@ -235,3 +235,21 @@ def test_ranks_with_different_data_are_an_error(two_ranks):
     _, results = two_ranks
     for r in range(WORLD):
         assert "different training data" in results[r]["different_data"]
+
+
+@pytest.mark.parametrize("n, parts", [(37, 2), (7, 3), (2, 4), (0, 2)])
+def test_shards_are_contiguous_cover_everything_and_differ_by_at_most_one(n, parts):
+    bounds = [distributed.shard_bounds(n, parts, r) for r in range(parts)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    sizes = [hi - lo for lo, hi in bounds]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_one_process_never_touches_torch_distributed():
+    assert not distributed.active() and distributed.is_main() and distributed.world_size() == 1
+    batches = Batches(gaussian_data(), 4)
+    assert distributed.shard_batches(batches) is batches
+    loss, norm = torch.tensor(1.0), torch.tensor(2.0)
+    assert distributed.average_gradients(None, loss, norm, 4) == (loss, norm)
+    assert distributed.sharded_mean(lambda x: float(x.mean()), gaussian_data()) == float(gaussian_data().mean())
