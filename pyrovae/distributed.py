@@ -247,6 +247,13 @@ def prepare(trainer) -> None:
     trainer._stop_agreed = False
     if not active():
         return
+    from pyrovae.optim import NaturalGradient
+
+    if isinstance(trainer.optim, NaturalGradient):
+        raise ValueError(
+            "the natural-gradient optimiser estimates its Fisher blocks from each process's own batch, so the processes "
+            "would take different steps: train on one process, or with Adam (--optimizer adam) on several"
+        )
     with torch.no_grad():
         tensors = list(trainer.params.values())
         for module in (trainer.model, trainer.guide):
@@ -304,10 +311,17 @@ def agree(trainer, finite) -> Union[bool, torch.Tensor]:
     if not active():
         return finite
     device = _comm_device()
+    # the parameters' sum, to catch ranks that drifted apart (an optimiser or objective with per-rank state)
+    total = torch.stack([p.detach().sum(dtype=torch.float64) for p in trainer.params.values()]).sum().to(device)
     flags = torch.stack([(~torch.as_tensor(finite, device=device).bool()).to(torch.float64).reshape(()),
-                         torch.tensor(float(trainer._stop_signal or 0), dtype=torch.float64, device=device)])
+                         torch.tensor(float(trainer._stop_signal or 0), dtype=torch.float64, device=device), total, -total])
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    bad, signum = flags.tolist()
+    bad, signum, high, low = flags.tolist()
+    if not bad and high + low > 1e-6 * max(1.0, abs(high)):  # identical operations keep them bit-equal; allow rounding
+        raise RuntimeError(
+            f"the processes' parameters differ at step {trainer.cursor.step} (sums from {-low} to {high}): some state that "
+            "moves them is not shared (an optimiser or objective that learns from each process's own batch)"
+        )
     if signum:
         trainer._stop_signal, trainer._stop_agreed = int(signum), True
     return bad == 0

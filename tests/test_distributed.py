@@ -83,6 +83,21 @@ class PoisonAt(ELBO):
         return loss
 
 
+class NudgeAt(ELBO):
+    """An ELBO that moves one parameter of its process after step ``at``: per-rank state the trainer cannot see."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at, self.steps = at, 0
+
+    def step(self):
+        super().step()
+        self.steps += 1
+        if self.steps == self.at:
+            with torch.no_grad():
+                pyro.param("log_s").unconstrained().add_(1e-3)
+
+
 def regression_data():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(N, 3, dtype=torch.float64, generator=g)
@@ -139,6 +154,12 @@ def _worker(rank, port, out):
     trainer = Trainer(Regression(), no_guide, PoisonAt(4 if rank == 1 else -1), lr=0.05, check_every=CHECK, on_divergence="reduce_lr", progress=False, capture="off")
     trainer.fit(regression_data(), EPOCHS, BATCH)
     results["rolled_back"] = (trainer.lr_reductions, trainer.cursor.epoch, _params(trainer))
+
+    try:  # parameters that drift apart on one rank are caught at the next check
+        train_regression(NudgeAt(1 if rank == 1 else -1))
+        results["drift"] = "unnoticed"
+    except RuntimeError as e:
+        results["drift"] = str(e)
 
     model, guide = exact_pair()
     ll = distributed.log_likelihood(model, guide, gaussian_data(), num_samples=20, batch_size=4)
@@ -210,6 +231,12 @@ def test_a_nan_on_one_rank_rolls_both_back_together(two_ranks):
     assert reductions == reductions1 == 1 and epoch == epoch1 == EPOCHS
     for k, v in params.items():
         assert torch.isfinite(v).all() and torch.equal(v, params1[k]), k
+
+
+def test_parameters_that_drift_apart_are_an_error_on_every_rank(two_ranks):
+    _, results = two_ranks
+    for r in range(WORLD):
+        assert "parameters differ at step 3" in results[r]["drift"]
 
 
 def test_sharded_log_likelihood_equals_one_process(two_ranks):
