@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import pyro
 import torch
 
-from pyrovae import runs
+from pyrovae import distributed, runs
 from pyrovae.callbacks import TensorBoard
 from pyrovae.capture import MODES as CAPTURE_MODES
 from pyrovae.checkpoint import CheckpointError, check_state, load_checkpoint, write_json
@@ -215,8 +215,9 @@ def _optimizer(cfg: dict, model, guide) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir or f"runs/{args.dataset}-{args.model}-{args.guide or default_guide(args.model)}-{args.objective}-{time.strftime('%Y%m%d-%H%M%S')}")
-    lock = runs.RunLock(run_dir)
+    distributed.init(resolve_device(args.device or "auto"))  # distributed: join torchrun's process group (nothing for one process)
+    run_dir = Path(distributed.from_main(args.run_dir or f"runs/{args.dataset}-{args.model}-{args.guide or default_guide(args.model)}-{args.objective}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    lock = distributed.run_lock(run_dir)  # distributed: rank 0 alone locks and writes the run folder
     if os.path.lexists(run_dir):  # one writer at a time, from the first look at the folder (a new one is made later)
         if not run_dir.is_dir():
             raise UsageError(f"--run-dir {run_dir} is an existing file, not a folder; pass another --run-dir")
@@ -233,10 +234,10 @@ def _train(run_dir: Path, args: argparse.Namespace, lock: runs.RunLock) -> int:
     if saved is not None:
         saved.update({k: getattr(args, k) for k in RESUME_OVERRIDES if getattr(args, k) is not None})
         cfg = saved
-    device = resolve_device(cfg["device"])
+    device = distributed.init(resolve_device(cfg["device"]))  # distributed: cuda -> cuda:LOCAL_RANK
     objective = _build_objective(cfg)  # bad objective settings fail here, before the data is loaded
     try:
-        callbacks = [TensorBoard(cfg["tensorboard"])] if cfg.get("tensorboard") else None
+        callbacks = [TensorBoard(cfg["tensorboard"])] if cfg.get("tensorboard") and distributed.is_main() else None  # distributed: rank 0 writes
     except ImportError as e:
         raise UsageError(f"--tensorboard: {e}") from e
     pyro.set_rng_seed(cfg["seed"])
@@ -257,7 +258,7 @@ def _train(run_dir: Path, args: argparse.Namespace, lock: runs.RunLock) -> int:
     ), names)
     print(f"pyrovae: training {cfg['model']}/{cfg['guide']} with {trainer.objective!r} on {cfg['dataset']} ({splits.train.shape[0]} examples) on {device}; run folder {run_dir}")
     lock.acquire()
-    if args.overwrite:  # everything above is valid: move the old run aside; it comes back unless the new one writes a checkpoint
+    if args.overwrite and distributed.is_main():  # everything above is valid: move the old run aside; it comes back unless the new one writes a checkpoint
         runs.set_aside(run_dir)
     try:
         if args.resume:
@@ -272,7 +273,7 @@ def _train(run_dir: Path, args: argparse.Namespace, lock: runs.RunLock) -> int:
         print(f"pyrovae: {e}", file=sys.stderr)
         return 3
     finally:
-        if args.overwrite and runs.settle(run_dir) == "restored":
+        if args.overwrite and distributed.is_main() and runs.settle(run_dir) == "restored":
             print(f"pyrovae: the new run failed before its first checkpoint; the old run in {run_dir} is back as it was", file=sys.stderr)
     print(f"pyrovae: training steps: {trainer.capture_report}")
     if cfg["eval_samples"] > 0:
@@ -322,6 +323,8 @@ def _evaluate(run_dir: Path, device, checkpoint: str, num_samples: int, limit: O
     runs.check_writable(run_dir)  # before the log-likelihood, not after: evaluation.json and the pictures go there
     cfg, model, guide, splits, path = load_run(run_dir, device, checkpoint, splits, data_dir)
     test = splits.test if not limit else splits.test[:limit]
+    if hasattr(model, "evaluate_run") and not distributed.is_main():  # distributed: rank 0 evaluates these models alone
+        return 0
     if hasattr(model, "evaluate_run"):  # a model with its own metrics and outputs (text: perplexity, sentences)
         result = {"checkpoint": str(path), **model.evaluate_run(guide, splits, test, run_dir, num_samples)}
         write_json(run_dir / "evaluation.json", result)
@@ -333,8 +336,10 @@ def _evaluate(run_dir: Path, device, checkpoint: str, num_samples: int, limit: O
         test = torch.bernoulli(test, generator=gen)
     capture = eval_capture_mode(capture, test.shape[0], num_samples, test.device)
     t0 = time.perf_counter()
-    ll = E.log_likelihood(model, guide, test, num_samples=num_samples, capture=capture)
+    ll = distributed.log_likelihood(model, guide, test, num_samples=num_samples, capture=capture)  # distributed: sharded over ranks
     seconds = time.perf_counter() - t0
+    if not distributed.is_main():  # distributed: rank 0 alone writes evaluation.json and the pictures
+        return 0
     print(f"pyrovae: log-likelihood chunks: {ll.capture}")
     terms = E.elbo_terms(model, guide, test)
     n = test.shape[0]
@@ -370,7 +375,7 @@ def _evaluate(run_dir: Path, device, checkpoint: str, num_samples: int, limit: O
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    return _evaluate(Path(args.run_dir), resolve_device(args.device), args.checkpoint, args.num_samples, args.limit, data_dir=args.data_dir, capture=args.capture)
+    return _evaluate(Path(args.run_dir), distributed.init(resolve_device(args.device)), args.checkpoint, args.num_samples, args.limit, data_dir=args.data_dir, capture=args.capture)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

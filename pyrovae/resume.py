@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Iterator, NoReturn, Optional, Union
 
 import torch
 
-from pyrovae import runs
+from pyrovae import distributed, runs
 from pyrovae.checkpoint import CheckpointError, check_state, load_checkpoint, write_json
 from pyrovae.data import as_inputs
 from pyrovae.rng import get_rng_state, set_rng_state
@@ -66,6 +66,7 @@ def state_dict(trainer: "Trainer", finished: bool = False) -> dict:
         "optimizer": trainer.optim.state_dict(),
         "objective": objective_state(trainer.objective),
         "rng": get_rng_state(),
+        **distributed.rank_rng_states(),  # distributed: every rank's RNG state (a collective)
         "cursor": {"epoch": c.epoch, "pos": c.pos, "step": c.step, "perm": c.perm},
         "best_valid": trainer.best_valid,
         "lr_reductions": trainer.lr_reductions,
@@ -108,6 +109,7 @@ def load_state_dict(trainer: "Trainer", state: dict) -> None:
         trainer.optim.load_state_dict(state["optimizer"])
         load_objective_state(trainer.objective, state["objective"])
         set_rng_state(state["rng"])
+        distributed.restore_rank_rng(state)  # distributed: this rank's own RNG state
         c = state["cursor"]
         trainer.cursor = Cursor(c["epoch"], c["pos"], c["step"], c["perm"])
         trainer.best_valid, trainer.lr_reductions = state["best_valid"], state["lr_reductions"]
@@ -123,12 +125,13 @@ def resume(trainer: "Trainer", path: Union[str, Path], *batch: torch.Tensor) -> 
     """Continue from a checkpoint file; ``batch``: a batch of the data's tensors, to set up the parameters.
     Records of ``metrics.jsonl`` after the checkpoint's epoch (written just before a crash) are dropped."""
     batch = as_inputs(batch[0] if len(batch) == 1 else batch, "the batch")  # resume(path, x, y) or resume(path, (x, y))
-    with runs.RunLock(trainer.run_dir) if trainer.run_dir is not None else contextlib.nullcontext():  # no other process writes the run
+    writer = distributed.is_writer(trainer)  # distributed: rank 0 locks the run and keeps the metrics
+    with runs.RunLock(trainer.run_dir) if writer else contextlib.nullcontext():  # no other process writes the run
         state = load_checkpoint(path, map_location=batch[0].device)
         trainer.setup(*batch)
         load_state_dict(trainer, state)
         trainer._owns_run = True
-        if trainer.run_dir is not None:
+        if writer:
             trainer.history = runs.truncate_metrics(trainer.run_dir, trainer.cursor.epoch)
 
 
@@ -136,7 +139,7 @@ def resume(trainer: "Trainer", path: Union[str, Path], *batch: torch.Tensor) -> 
 def run_folder(trainer: "Trainer") -> Iterator[None]:
     """Hold the run folder while training: its lock, a fresh start unless the trainer resumed it, ``config.json``."""
     try:
-        if trainer.run_dir is not None:
+        if distributed.is_writer(trainer):  # distributed: rank 0 alone writes under run_dir
             if trainer._lock is None:
                 trainer._lock = runs.RunLock(trainer.run_dir).acquire()
             if not trainer._owns_run:

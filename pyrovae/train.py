@@ -27,7 +27,7 @@ from pyrovae.capture import MODES as CAPTURE_MODES
 from pyrovae.capture import GraphCache, grad_norm
 from pyrovae.engine import LogWeightEngine
 from pyrovae.objectives.base import Objective
-from pyrovae import runs
+from pyrovae import distributed, runs
 from pyrovae.checkpoint import save_checkpoint  # looked up here by Trainer.save (tests replace pyrovae.train.save_checkpoint)
 from pyrovae.checks import check_data_shape, check_fit_data, check_sites  # noqa: F401  (re-exported)
 from pyrovae.data import Batches, as_inputs
@@ -235,11 +235,14 @@ class Trainer:
         loss, norm, grads, metrics, state = out
         for p, g in zip(self.params.values(), grads):
             p.grad = g
+        if isinstance(self.objective, Objective):
+            self.objective.metrics = dict(metrics)
+        loss, norm = distributed.average_gradients(self, loss, norm, batch[0].shape[0])  # distributed: global-batch gradient
+        state = distributed.average_state(state, batch[0].shape[0])  # distributed: the global batch's next state
         if self.clip_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(list(self.params.values()), self.clip_norm, norm)
         self.optim.step()
         if isinstance(self.objective, Objective):
-            self.objective.metrics = dict(metrics)
             self.objective.step(state)
         return loss, norm
 
@@ -294,7 +297,8 @@ class Trainer:
         """Write the checkpoint ``run_dir/checkpoints/NAME`` (atomically); nothing without a ``run_dir``."""
         if self.run_dir is None:
             return None
-        return save_checkpoint(self.state_dict(finished), self.run_dir / "checkpoints" / name)
+        state = self.state_dict(finished)  # on every rank: it gathers their RNG states
+        return distributed.on_main(lambda: save_checkpoint(state, self.run_dir / "checkpoints" / name))  # distributed: rank 0 writes
 
     # --- the loop -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -303,7 +307,8 @@ class Trainer:
 
         if self._valid_engine is None:  # one engine for every epoch: it guesses the plate nesting once
             self._valid_engine = LogWeightEngine(num_particles=self.valid_particles)
-        return elbo_terms(self.model, self.guide, valid, batch_size=batch_size, engine=self._valid_engine)["elbo"]
+        # distributed: each rank evaluates its shard, the mean is reduced
+        return distributed.sharded_mean(lambda part: elbo_terms(self.model, self.guide, part, batch_size=batch_size, engine=self._valid_engine)["elbo"], valid)
 
     def fit(
         self,
@@ -346,6 +351,7 @@ class Trainer:
         if n == 0:
             raise ValueError("the training set is empty")
         batches = source if source is not None else Batches(train, batch_size, dynamic_binarize=dynamic_binarize)
+        batches = distributed.shard_batches(batches)  # distributed: each rank's slice of every global batch
         num_batches = len(batches)
 
         def batch(cursor: Cursor) -> tuple:
@@ -361,12 +367,14 @@ class Trainer:
         self.epochs, self.num_batches, self.batch_size = int(epochs), num_batches, int(batch_size)
         self.stop_training = False
         with run_folder(self), stop_signals(self):
+            distributed.prepare(self)  # distributed: rank 0's parameters everywhere, per-rank RNG streams
             self._loop(batch, valid, hooks)
         return self.history
 
     def _builtin_callbacks(self) -> list[Callback]:
-        builtin = [MetricsFile(), Checkpoints()] if self.run_dir is not None else []
-        return builtin + ([Progress(bar=self.progress)] if self.progress or self.run_dir is not None else [])
+        main = distributed.is_main()  # distributed: rank 0 alone writes metrics and prints; every rank takes part in checkpoints
+        builtin = ([MetricsFile()] if main else []) + [Checkpoints()] if self.run_dir is not None else []
+        return builtin + ([Progress(bar=self.progress)] if main and (self.progress or self.run_dir is not None) else [])
 
     def _loop(self, batch, valid, hooks: Callback) -> None:
         sums: dict[str, torch.Tensor] = self._sums if self.cursor.pos > 0 else {}  # resumed mid-epoch: keep its sums
@@ -379,7 +387,7 @@ class Trainer:
                 self._set_lr(self.cursor.epoch, self.epochs)
                 hooks.on_epoch_begin(self)
                 t0 = time.perf_counter()
-            if self._stop_signal is not None:
+            if distributed.stop_requested(self):  # distributed: a stop the ranks agreed on
                 interrupt(self, self._checked(sums, finite))
             x = batch(self.cursor)
             loss, norm = self.step(*x)
@@ -392,6 +400,7 @@ class Trainer:
             hooks.on_step_end(self, x, loss, norm)
             end_of_epoch = self.cursor.pos >= self.num_batches
             if self.cursor.step % self.check_every == 0 or end_of_epoch:
+                finite = distributed.agree(self, finite)  # distributed: all ranks roll back / stop together
                 if not bool(finite):
                     sums, finite = self.rollback.diverged(batch), None
                     continue

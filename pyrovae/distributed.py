@@ -1,0 +1,432 @@
+"""Training and evaluating on several processes (devices, machines) with ``torch.distributed``.
+
+Launch with ``torchrun --nproc-per-node N -m pyrovae train ...``: every process runs the same program on its
+shard of each global batch, and the ranks agree through collectives:
+
+- batches: every rank draws the epoch's on-device permutation and takes rank 0's (a broadcast), then its own
+  contiguous slice of each global batch (:class:`ShardedBatches`); ``batch_size`` stays the global batch;
+- gradients: after the backward pass the ranks' gradients, the loss and the objective's metrics are averaged,
+  weighted by shard size, with one ``all_reduce`` on a flat buffer (:func:`average_gradients`), so every rank
+  takes the same optimiser step a single process would take on the global batch;
+- decisions: the periodic finiteness check and the SIGINT/SIGTERM stop are agreed by an ``all_reduce``
+  (:func:`agree`), so all ranks roll back, or stop, at the same step;
+- files: rank 0 alone writes under the run folder (config, metrics, checkpoints, pictures); every rank reads
+  a checkpoint to resume. A checkpoint holds every rank's random-number-generator state;
+- evaluation: :func:`log_likelihood` and :func:`sharded_mean` split the data over ranks and gather.
+
+Why not ``DistributedDataParallel``: DDP averages gradients from hooks on one module's ``forward``. A Pyro
+program is not one ``forward()`` call (the objective runs the guide, replays the model, perhaps several
+times per step, possibly through a captured graph) and its parameters live in Pyro's param store
+(``pyro.param`` sites belong to no module), so the collectives are called directly on the parameters the
+trainer collected: the same ``all_reduce`` DDP would issue, once per step, on one coalesced buffer.
+
+Backend: ``nccl`` for CUDA devices (each process on ``cuda:LOCAL_RANK``), ``gloo`` on CPU. Single-process
+runs never touch ``torch.distributed``: every function here is then the identity or the plain call.
+"""
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import sys
+import zlib
+from typing import Any, Callable, Optional, Union
+
+import pyro
+import torch
+import torch.distributed as dist
+
+from pyrovae.capture import grad_norm
+from pyrovae.data import Batches, as_inputs
+from pyrovae.rng import get_rng_state, set_rng_state
+
+#: torchrun's environment variables that :func:`init` needs
+ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+# --- the process group ----------------------------------------------------------------------------------
+def launched() -> bool:
+    """True in a process that torchrun (or an equivalent launcher) started as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def active() -> bool:
+    """True when a process group of more than one process is set up."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def rank() -> int:
+    """This process's global rank (from torchrun's ``RANK`` before :func:`init`; 0 for a single process)."""
+    return dist.get_rank() if active() else int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    """True on the rank that writes files and prints (rank 0; the only rank of a single process)."""
+    return rank() == 0
+
+
+def init(device: Union[str, torch.device, None] = None, backend: Optional[str] = None, quiet: bool = True) -> torch.device:
+    """Join the process group described by torchrun's environment and return this rank's device.
+
+    Does nothing (and returns ``device``) unless launched as one of several processes. ``nccl`` when
+    ``device`` is a CUDA device (which becomes ``cuda:LOCAL_RANK``), ``gloo`` otherwise.
+
+    Args:
+        device: the device asked for (``cuda`` or ``cpu``; default: CUDA when available).
+        backend: override the backend choice.
+        quiet: send the standard output of ranks other than 0 to ``os.devnull`` (their errors still show).
+    """
+    auto = device is None or (isinstance(device, str) and device == "auto")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if auto else device)
+    if not launched():
+        return device
+    missing = [k for k in ENV if k not in os.environ]
+    if missing:
+        raise ValueError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {missing} are not set: launch several processes with "
+            "torchrun (python -m torch.distributed.run --nproc-per-node N -m pyrovae train ...), which sets them"
+        )
+    if device.type == "cuda":
+        if local_rank() >= torch.cuda.device_count():
+            raise ValueError(
+                f"LOCAL_RANK={local_rank()} but this machine has {torch.cuda.device_count()} CUDA device(s): start at most "
+                "that many processes per machine (--nproc-per-node), or train on the CPU with --device cpu"
+            )
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"))
+        atexit.register(shutdown)
+    if quiet and not is_main():
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def shutdown() -> None:
+    """Leave the process group (registered to run at exit by :func:`init`)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (e.g. until rank 0 has written the checkpoint the others read next)."""
+    if active():
+        dist.barrier(device_ids=[torch.cuda.current_device()] if dist.get_backend() == "nccl" else None)
+
+
+def on_main(write: Callable[[], Any]) -> Any:
+    """``write()`` on rank 0 only (None elsewhere), then a :func:`barrier`: once it returns, every rank can
+    read what rank 0 wrote (a checkpoint to resume from, the best weights to evaluate)."""
+    result = write() if is_main() else None
+    barrier()
+    return result
+
+
+def from_main(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a picklable object: a run folder named by the clock, say)."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class _NoLock:
+    def acquire(self) -> "_NoLock":
+        return self
+
+    def release(self) -> None:
+        pass
+
+
+def run_lock(run_dir):
+    """The run folder's :class:`pyrovae.runs.RunLock` on rank 0, a lock that does nothing on the other ranks
+    (they write nothing there)."""
+    from pyrovae.runs import RunLock
+
+    return RunLock(run_dir) if is_main() else _NoLock()
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def shard_bounds(n: int, parts: Optional[int] = None, index: Optional[int] = None) -> tuple[int, int]:
+    """``[lo, hi)`` of shard ``index`` (default: this rank) when ``n`` items are split into ``parts``
+    contiguous shards (default: the world size) whose sizes differ by at most one, larger ones first."""
+    parts = world_size() if parts is None else parts
+    index = rank() if index is None else index
+    base, extra = divmod(n, parts)
+    lo = index * base + min(index, extra)
+    return lo, lo + base + (1 if index < extra else 0)
+
+
+def _check_same_data(parts: tuple) -> None:
+    """Raise ``ValueError`` unless every rank holds data of the same shapes and sums (to float precision: the
+    sums of other devices may round differently)."""
+    mine = [(list(t.shape), float(t.sum(dtype=torch.float64))) for t in parts]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, mine)
+    for theirs in gathered:
+        if [s for s, _ in theirs] != [s for s, _ in mine] or any(abs(a - b) > 1e-6 * max(1.0, abs(a)) for (_, a), (_, b) in zip(theirs, mine)):
+            raise ValueError(
+                f"the ranks hold different training data (shape and sum per rank: {gathered}): every process must load the "
+                "same data with the same seed and split"
+            )
+
+
+# --- batches -----------------------------------------------------------------------------------------------
+class ShardedBatches:
+    """A batch source (:class:`~pyrovae.data.Batches`, :class:`pyrovae.text.BucketBatches`, ...) of global
+    batches, of which each rank gets its contiguous slice (:func:`shard_bounds`).
+
+    ``permutation()`` is rank 0's, broadcast, so every rank slices the same global batch. The last batch of
+    an epoch is dropped when it is smaller than the world size (some rank would get no data).
+
+    Args:
+        source: the batch source of the global batches.
+    """
+
+    def __init__(self, source):
+        self.source, self.data = source, source.data
+        parts = as_inputs(source.data, "the training data")
+        # one look at the data: ranks that loaded different data (another seed or split) would train apart
+        _check_same_data(parts)
+        n, size = parts[0].shape[0], getattr(source, "batch_size", None)
+        last = size if size is None or getattr(source, "drop_last", False) else n - (len(source) - 1) * size
+        self._len = len(source) - (1 if last is not None and last < world_size() else 0)
+        if self._len < 1:
+            raise ValueError(f"batch_size={size} is smaller than the {world_size()} processes: every process needs data; use batch_size >= {world_size()}")
+
+    def __len__(self) -> int:
+        return self._len
+
+    def permutation(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        perm = self.source.permutation(generator) if generator is not None else self.source.permutation()
+        buf = perm.to(_comm_device())
+        dist.broadcast(buf, src=0)
+        return buf.to(perm.device)
+
+    def batch(self, perm: torch.Tensor, index: int):
+        if isinstance(self.source, Batches):  # slice the indices, so that only this rank's rows are gathered
+            stop = len(self.source) * self.source.batch_size if self.source.drop_last else len(self.data)
+            idx = perm[index * self.source.batch_size : min((index + 1) * self.source.batch_size, stop)]
+            lo, hi = shard_bounds(idx.shape[0])
+            return self.source.batch(idx[lo:hi], 0)
+        full = self.source.batch(perm, index)
+        parts = (full,) if torch.is_tensor(full) else full
+        lo, hi = shard_bounds(parts[0].shape[0])
+        if hi <= lo:
+            raise ValueError(f"batch {index} has {parts[0].shape[0]} rows, fewer than the {world_size()} processes: use larger batches")
+        rows = [t[lo:hi] for t in parts]
+        return rows[0] if torch.is_tensor(full) else type(full)(*rows) if hasattr(full, "_fields") else type(full)(rows)
+
+
+def shard_batches(source):
+    """``source`` as this rank's :class:`ShardedBatches` (``source`` itself in a single process)."""
+    return ShardedBatches(source) if active() else source
+
+
+# --- the trainer's hooks ------------------------------------------------------------------------------------
+def _checksum(state: torch.Tensor) -> int:
+    return zlib.crc32(state.cpu().numpy().tobytes())
+
+
+def prepare(trainer) -> None:
+    """Before training: copy rank 0's parameters and module buffers to every rank (as DDP does), give ranks
+    that share rank 0's random stream their own (rank 0's stays, so its draws are a single process's), and
+    leave the progress bar to rank 0."""
+    trainer._stop_agreed = False
+    if not active():
+        return
+    from pyrovae.optim import NaturalGradient
+
+    if isinstance(trainer.optim, NaturalGradient):
+        raise ValueError(
+            "the natural-gradient optimiser estimates its Fisher blocks from each process's own batch, so the processes "
+            "would take different steps: train on one process, or with Adam (--optimizer adam) on several"
+        )
+    with torch.no_grad():
+        tensors = list(trainer.params.values())
+        for module in (trainer.model, trainer.guide):
+            if isinstance(module, torch.nn.Module):
+                tensors += list(module.buffers())
+        for t in tensors:
+            buf = t.detach().to(_comm_device())
+            dist.broadcast(buf, src=0)
+            t.copy_(buf)
+    sums = [None] * world_size()
+    dist.all_gather_object(sums, _checksum(torch.get_rng_state()))
+    if rank() > 0 and sums[rank()] == sums[0]:
+        pyro.set_rng_seed((sums[0] + 104729 * rank()) % 2**32)
+    trainer.progress = trainer.progress and is_main()
+
+
+def average_gradients(trainer, loss: torch.Tensor, norm: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average the ranks' gradients (left in each parameter's ``.grad``), loss per datum and objective
+    metrics, weighted by their shard sizes ``n``: one ``all_reduce`` of a flat buffer. Returns the global
+    (loss per datum, gradient norm), the same on every rank.
+
+        g = sum_r n_r g_r / sum_r n_r,   g_r the gradient of rank r's loss per datum.
+
+    A parameter without a gradient on a rank counts as zeros there, and every parameter gets the average
+    (a single process would leave ``.grad = None`` where no datum used it, which Adam skips): deciding that
+    would cost a host read every step."""
+    if not active():
+        return loss, norm
+    params = list(trainer.params.values())
+    metrics = getattr(trainer.objective, "metrics", None)
+    keys = [k for k, v in metrics.items() if torch.is_tensor(v) and v.numel() == 1] if isinstance(metrics, dict) else []
+    dtypes = {p.dtype for p in params}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float64
+    device = _comm_device()
+    w = torch.tensor(float(n), dtype=dtype, device=device)
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(device, dtype) for p in params]
+    head = [loss.detach().reshape(()).to(device, dtype), *(metrics[k].detach().reshape(()).to(device, dtype) for k in keys)]
+    buf = torch.cat([*grads, torch.stack(head)]) * w
+    buf = torch.cat([buf, w.reshape(1)])
+    dist.all_reduce(buf)
+    buf = buf[:-1] / buf[-1]
+    offset = 0
+    for p in params:
+        p.grad = buf[offset : offset + p.numel()].view_as(p).to(p.device, p.dtype)
+        offset += p.numel()
+    head = buf[offset:]
+    if keys:
+        trainer.objective.metrics = {**metrics, **{k: head[1 + j].to(metrics[k].device, metrics[k].dtype).reshape(metrics[k].shape) for j, k in enumerate(keys)}}
+    return head[0].to(loss.device, loss.dtype), grad_norm([p.grad for p in params]).to(norm.device)
+
+
+def average_state(state: dict, n: int) -> dict:
+    """An objective's next state (:meth:`pyrovae.objectives.base.Objective.estimate`) averaged over the ranks,
+    weighted by their shard sizes ``n``: floating-point tensors only (a step counter is the same everywhere).
+
+    For a state that is linear in the batch's mean (GECO's moving average of the constraint, and its log
+    multiplier under the paper's rule away from its bounds) this is the single-process state of the global
+    batch; a nonlinear update (``multiplier_step="clamped"``, a multiplier at its bound) is approximated by the
+    mean of the ranks' updates. Every rank then holds the same state."""
+    if not active() or not state:
+        return state
+    keys = [k for k, v in state.items() if torch.is_floating_point(v)]
+    if not keys:
+        return state
+    device = _comm_device()
+    w = torch.tensor(float(n), dtype=torch.float64, device=device)
+    buf = torch.cat([torch.cat([state[k].detach().reshape(-1).to(device, torch.float64) for k in keys]) * w, w.reshape(1)])
+    dist.all_reduce(buf)
+    mean = buf[:-1] / buf[-1]
+    out, offset = dict(state), 0
+    for k in keys:
+        v = state[k]
+        out[k] = mean[offset:offset + v.numel()].reshape(v.shape).to(v.device, v.dtype)
+        offset += v.numel()
+    return out
+
+
+def agree(trainer, finite) -> Union[bool, torch.Tensor]:
+    """At a check point: whether every rank stayed finite, and (in ``trainer._stop_signal``) whether any rank
+    received SIGINT/SIGTERM; one ``all_reduce``, so every rank rolls back or stops at the same step."""
+    if not active():
+        return finite
+    device = _comm_device()
+    # the parameters' sum, to catch ranks that drifted apart (an optimiser or objective with per-rank state)
+    total = torch.stack([p.detach().sum(dtype=torch.float64) for p in trainer.params.values()]).sum().to(device)
+    flags = torch.stack([(~torch.as_tensor(finite, device=device).bool()).to(torch.float64).reshape(()),
+                         torch.tensor(float(trainer._stop_signal or 0), dtype=torch.float64, device=device), total, -total])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad, signum, high, low = flags.tolist()
+    if not bad and high + low > 1e-6 * max(1.0, abs(high)):  # identical operations keep them bit-equal; allow rounding
+        raise RuntimeError(
+            f"the processes' parameters differ at step {trainer.cursor.step} (sums from {-low} to {high}): some state that "
+            "moves them is not shared (an optimiser or objective that learns from each process's own batch)"
+        )
+    if signum:
+        trainer._stop_signal, trainer._stop_agreed = int(signum), True
+    return bad == 0
+
+
+def stop_requested(trainer) -> bool:
+    """Whether the trainer stops before its next step: on a signal (single process), or once the ranks have
+    agreed on one at a check point (several; a signal then takes effect within ``check_every`` steps)."""
+    if not active():
+        return trainer._stop_signal is not None
+    return bool(getattr(trainer, "_stop_agreed", False))
+
+
+def rank_rng_states() -> dict:
+    """``{"rank_rng": [every rank's RNG state]}`` for a checkpoint (``{}`` in a single process). A collective:
+    every rank builds the checkpoint, rank 0 writes it."""
+    if not active():
+        return {}
+    states = [None] * world_size()
+    dist.all_gather_object(states, get_rng_state())
+    return {"rank_rng": states}
+
+
+def restore_rank_rng(state: dict) -> None:
+    """Set this rank's own RNG state from a checkpoint written by as many ranks (else :func:`prepare` gives
+    ranks that share rank 0's stream their own)."""
+    states = state.get("rank_rng")
+    if active() and isinstance(states, list) and len(states) == world_size():
+        set_rng_state(states[rank()])
+
+
+def is_writer(trainer) -> bool:
+    """Whether this rank writes under the trainer's ``run_dir`` (it has one, and this is rank 0)."""
+    return trainer.run_dir is not None and is_main()
+
+
+# --- evaluation ------------------------------------------------------------------------------------------------
+def _shard(data) -> tuple[tuple, int, int]:
+    parts = as_inputs(data)
+    lo, hi = shard_bounds(parts[0].shape[0])
+    return tuple(t[lo:hi] for t in parts), lo, hi
+
+
+def sharded_mean(fn: Callable[..., float], data) -> float:
+    """The mean over ``data`` of a per-datum mean ``fn(shard)`` computed by each rank on its shard (``fn(data)``
+    in a single process): sum_r n_r fn(shard_r) / N, the same on every rank."""
+    if not active():
+        return fn(data)
+    part, lo, hi = _shard(data)
+    local = fn(part if len(part) > 1 else part[0]) * (hi - lo) if hi > lo else 0.0
+    t = torch.tensor([local, float(hi - lo)], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return float(t[0] / t[1])
+
+
+def log_likelihood(model, guide, data, num_samples: int = 5000, batch_size: int = 100, max_elements: Optional[int] = None, capture: str = "off"):
+    """:func:`pyrovae.evaluate.log_likelihood` with the data split over the ranks: each evaluates its
+    contiguous shard, and the per-datum values and standard errors are gathered (padded to equal shards for
+    ``all_gather``), so every rank returns the result for all N data points, in order."""
+    from pyrovae.evaluate import LogLikelihood
+    from pyrovae.evaluate import log_likelihood as single
+
+    if not active():
+        return single(model, guide, data, num_samples, batch_size, max_elements, capture=capture)
+    part, lo, hi = _shard(data)
+    n = as_inputs(data)[0].shape[0]
+    x = part if len(part) > 1 else part[0]
+    if hi > lo:
+        local = single(model, guide, x, num_samples, batch_size, max_elements, capture=capture)
+        values, stderr, report = local.values, local.stderr, local.capture
+    else:
+        dtype = part[0].dtype if part[0].is_floating_point() else torch.get_default_dtype()
+        values = stderr = torch.empty(0, dtype=dtype, device=part[0].device)
+        report = "no data on this rank"
+    width = math.ceil(n / world_size())
+    buf = torch.zeros(2, width, dtype=torch.float64, device=_comm_device())
+    buf[0, : hi - lo], buf[1, : hi - lo] = values.to(buf), stderr.to(buf)
+    gathered = [torch.empty_like(buf) for _ in range(world_size())]
+    dist.all_gather(gathered, buf)
+    sizes = [shard_bounds(n, world_size(), r) for r in range(world_size())]
+    out = torch.cat([g[:, : b - a] for g, (a, b) in zip(gathered, sizes)], dim=1).to(values.device, values.dtype)
+    return LogLikelihood(out[0], out[1], f"{report} (rank {rank()} of {world_size()}, data points {lo}..{hi - 1} of {n})")

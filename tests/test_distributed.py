@@ -1,0 +1,298 @@
+"""Training and evaluation on 2 gloo processes on the CPU (pyrovae.distributed) against one process.
+
+Exact comparisons need gradients and estimates that do not depend on the ranks' random draws (each rank has
+its own stream, so 2 processes cannot reproduce a single process's draws):
+- training: a model with no latent variables, so that every objective is its exact log-likelihood and the
+  only randomness is the batch order, which every rank takes from rank 0, whose stream is the single
+  process's. The parameters after N steps must then equal a single run on the same global batches, up to
+  the order of floating-point sums (float64 here, so to 1e-10).
+- log-likelihood: a linear-Gaussian model with q the exact posterior: every importance weight equals p(x),
+  so the estimate is log p(x) whatever the draws, and the gathered per-datum values equal one process's.
+A VAE (latent draws, which differ by rank) must still keep identical parameters on both ranks.
+"""
+import os
+import signal
+import socket
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from pyrovae import distributed
+from pyrovae import evaluate as E
+from pyrovae.data import Batches
+from pyrovae.models import ExactPosteriorGuide, LinearGaussian, LinearGaussianGuide
+from pyrovae.objectives import ELBO, GECO
+from pyrovae.train import Trainer, TrainingInterrupted
+
+WORLD, N, BATCH, EPOCHS, CHECK = 2, 37, 10, 2, 3  # 37 = 3 * 10 + 7: uneven shards (5/5, 4/3) in the last batch
+
+
+class Regression(nn.Module):
+    """y ~ N(net(x), s^2): observed sites only, no latent variable."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+
+    def forward(self, x, y):
+        pyro.module("regression", self)
+        log_s = pyro.param("log_s", torch.zeros((), dtype=torch.float64))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(self.net(x).squeeze(-1), log_s.exp()), obs=y)
+
+
+def no_guide(x, y):
+    pass
+
+
+class StopAt(ELBO):
+    """An ELBO that sends SIGTERM to its own process after optimiser step ``at`` (on one rank only)."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at, self.steps = at, 0
+
+    def step(self, state=None):
+        super().step(state)
+        self.steps += 1
+        if self.steps == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class PoisonAt(ELBO):
+    """An ELBO whose loss is NaN once, on the step after optimiser step ``at`` (on one rank only; plain steps:
+    a captured step would not call it)."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at, self.steps, self.done = at, 0, False
+
+    def step(self, state=None):
+        super().step(state)
+        self.steps += 1
+
+    def estimate(self, model, guide, args, kwargs, state):
+        est = super().estimate(model, guide, args, kwargs, state)
+        if self.steps == self.at and not self.done:
+            self.done = True
+            est.loss, est.surrogate = est.loss * float("nan"), est.surrogate * float("nan")
+        return est
+
+
+class NudgeAt(ELBO):
+    """An ELBO that moves one parameter of its process after step ``at``: per-rank state the trainer cannot see."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at, self.steps = at, 0
+
+    def step(self, state=None):
+        super().step(state)
+        self.steps += 1
+        if self.steps == self.at:
+            with torch.no_grad():
+                pyro.param("log_s").unconstrained().add_(1e-3)
+
+
+def regression_data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, 3, dtype=torch.float64, generator=g)
+    return x, torch.sin(x.sum(1)) + 0.1 * torch.randn(N, dtype=torch.float64, generator=g)
+
+
+def gaussian_data():
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(11, 3, dtype=torch.float64, generator=g)  # 11: shards of 6 and 5
+
+
+def train_regression(objective=None, run_dir=None, epochs=EPOCHS):
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    trainer = Trainer(Regression(), no_guide, objective or ELBO(), lr=0.05, run_dir=run_dir, check_every=CHECK, progress=False)
+    trainer.fit(regression_data(), epochs, BATCH)
+    return trainer
+
+
+def exact_pair():
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    model = LinearGaussian(3, 2, dtype=torch.float64)
+    return model, ExactPosteriorGuide(model)
+
+
+def _params(trainer):
+    return {k: v.detach().clone() for k, v in trainer.params.items()}
+
+
+def _worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.init("cpu", quiet=False)
+    results = {"plain": _params(train_regression(run_dir=os.path.join(out, "run")))}
+    geco = train_regression(GECO(tolerance=0.5, nu=2.0))
+    results["geco"] = (_params(geco), geco.objective.state_dict())
+
+    # SIGTERM on rank 1 alone after step 1: both ranks stop at the next check (step 3, mid-epoch), then resume
+    try:
+        train_regression(StopAt(1 if rank == 1 else -1), run_dir=os.path.join(out, "stopped"))
+        results["stopped"] = "no"
+    except TrainingInterrupted:
+        results["stopped"] = "yes"
+    pyro.clear_param_store()
+    trainer = Trainer(Regression(), no_guide, ELBO(), lr=0.05, run_dir=os.path.join(out, "stopped"), check_every=CHECK, progress=False)
+    x, y = regression_data()
+    trainer.resume(os.path.join(out, "stopped", "checkpoints", "last.pt"), x[:BATCH], y[:BATCH])
+    results["resumed_from"] = trainer.cursor.step
+    trainer.fit((x, y), EPOCHS, BATCH)
+    results["resumed"] = _params(trainer)
+
+    # a NaN loss on rank 1 alone at step 5: both ranks roll back to step 3 and halve the learning rate
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    trainer = Trainer(Regression(), no_guide, PoisonAt(4 if rank == 1 else -1), lr=0.05, check_every=CHECK, on_divergence="reduce_lr", progress=False, capture="off")
+    trainer.fit(regression_data(), EPOCHS, BATCH)
+    results["rolled_back"] = (trainer.lr_reductions, trainer.cursor.epoch, _params(trainer))
+
+    try:  # parameters that drift apart on one rank are caught at the next check
+        train_regression(NudgeAt(1 if rank == 1 else -1))
+        results["drift"] = "unnoticed"
+    except RuntimeError as e:
+        results["drift"] = str(e)
+
+    model, guide = exact_pair()
+    ll = distributed.log_likelihood(model, guide, gaussian_data(), num_samples=20, batch_size=4)
+    results["ll"] = (ll.values, ll.stderr)
+
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    model = LinearGaussian(3, 2, dtype=torch.float64)
+    guide = LinearGaussianGuide(3, 2, dtype=torch.float64)
+    vae = Trainer(model, guide, ELBO(num_particles=2), lr=0.05, check_every=CHECK, progress=False)
+    vae.fit(gaussian_data(), 2, 6)
+    results["vae"] = _params(vae)
+    try:  # ranks that loaded different data
+        distributed.ShardedBatches(Batches(gaussian_data() + rank, 4))
+        results["different_data"] = "accepted"
+    except ValueError as e:
+        results["different_data"] = str(e)
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("dist"))
+    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    return out, [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+def _assert_close(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
+def test_objective_state_is_that_of_the_global_batch(two_ranks):
+    # GECO's moving average and multiplier follow the global batch's constraint (the paper's rule, inside its
+    # bounds: linear in the batch mean), so two processes take the single process's steps with its multiplier
+    _, results = two_ranks
+    reference = train_regression(GECO(tolerance=0.5, nu=2.0))
+    state = reference.objective.state_dict()
+    assert abs(float(state["log_lambda"])) > 1e-3  # the multiplier moved
+    for r in range(WORLD):
+        params, theirs = results[r]["geco"]
+        _assert_close(params, _params(reference))
+        for k in state:
+            torch.testing.assert_close(theirs[k].double(), state[k].double(), rtol=1e-6, atol=1e-8, msg=k)
+
+
+def test_two_processes_take_the_steps_of_one_on_the_global_batch(two_ranks):
+    out, results = two_ranks
+    reference = train_regression()
+    for r in range(WORLD):
+        _assert_close(results[r]["plain"], _params(reference))
+    # the parameters moved: the comparison is not between two untouched initialisations
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    untrained = Trainer(Regression(), no_guide, ELBO(), progress=False)
+    untrained.setup(*(t[:BATCH] for t in regression_data()))
+    assert any(not torch.allclose(untrained.params[k], v) for k, v in _params(reference).items())
+    # rank 0 alone wrote the run: 2 epochs of metrics, the same as the single run's
+    lines = open(os.path.join(out, "run", "metrics.jsonl")).read().splitlines()
+    assert len(lines) == EPOCHS
+    assert os.path.exists(os.path.join(out, "run", "checkpoints", "last.pt"))
+
+
+def test_a_signal_on_one_rank_stops_both_and_resume_continues_exactly(two_ranks):
+    _, results = two_ranks
+    reference = _params(train_regression())
+    for r in range(WORLD):
+        assert results[r]["stopped"] == "yes"
+        assert results[r]["resumed_from"] == CHECK  # the check after rank 1's signal at step 1
+        _assert_close(results[r]["resumed"], reference)
+
+
+def test_a_nan_on_one_rank_rolls_both_back_together(two_ranks):
+    _, results = two_ranks
+    (reductions, epoch, params), (reductions1, epoch1, params1) = results[0]["rolled_back"], results[1]["rolled_back"]
+    assert reductions == reductions1 == 1 and epoch == epoch1 == EPOCHS
+    for k, v in params.items():
+        assert torch.isfinite(v).all() and torch.equal(v, params1[k]), k
+
+
+def test_parameters_that_drift_apart_are_an_error_on_every_rank(two_ranks):
+    _, results = two_ranks
+    for r in range(WORLD):
+        assert "parameters differ at step 3" in results[r]["drift"]
+
+
+def test_sharded_log_likelihood_equals_one_process(two_ranks):
+    _, results = two_ranks
+    model, guide = exact_pair()
+    x = gaussian_data()
+    single = E.log_likelihood(model, guide, x, num_samples=20, batch_size=4)
+    torch.testing.assert_close(single.values, model.log_marginal(x), rtol=1e-10, atol=1e-10)  # q = p(z|x): exact
+    for r in range(WORLD):
+        values, stderr = results[r]["ll"]
+        assert values.shape == (11,)
+        torch.testing.assert_close(values, single.values, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(stderr, single.stderr, rtol=0, atol=1e-6)
+
+
+def test_a_vae_keeps_identical_parameters_on_every_rank(two_ranks):
+    _, results = two_ranks
+    for k, v in results[0]["vae"].items():
+        assert torch.equal(v, results[1]["vae"][k]), k
+
+
+def test_ranks_with_different_data_are_an_error(two_ranks):
+    _, results = two_ranks
+    for r in range(WORLD):
+        assert "different training data" in results[r]["different_data"]
+
+
+@pytest.mark.parametrize("n, parts", [(37, 2), (7, 3), (2, 4), (0, 2)])
+def test_shards_are_contiguous_cover_everything_and_differ_by_at_most_one(n, parts):
+    bounds = [distributed.shard_bounds(n, parts, r) for r in range(parts)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    sizes = [hi - lo for lo, hi in bounds]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_one_process_never_touches_torch_distributed():
+    assert not distributed.active() and distributed.is_main() and distributed.world_size() == 1
+    batches = Batches(gaussian_data(), 4)
+    assert distributed.shard_batches(batches) is batches
+    loss, norm = torch.tensor(1.0), torch.tensor(2.0)
+    assert distributed.average_gradients(None, loss, norm, 4) == (loss, norm)
+    assert distributed.sharded_mean(lambda x: float(x.mean()), gaussian_data()) == float(gaussian_data().mean())
