@@ -1,6 +1,7 @@
 """Training-step time of the sentence VAE on a PTB batch: plain Pyro step against the captured (replayed) step.
 
-Bowman et al. (2016)'s sizes (vocabulary 10,002, LSTM 353/191, z 16, unidirectional encoder), a batch of
+Bowman et al. (2016)'s sizes (vocabulary 10,002, LSTM 353/191, z 16, unidirectional encoder) and a small model
+(32/64, the slow tests' sizes), a batch of
 ``--batch`` PTB training sentences drawn by :class:`pyrovae.text.BucketBatches` (the most common batch width),
 ``pyrovae.objectives.ELBO``, Adam. Three implementations, same initial weights, timed interleaved in rounds
 (medians and per-round paired ratios, as ``speed.py``):
@@ -43,7 +44,8 @@ from pyrovae.train import Trainer  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "text_speed.md"
 IMPLS = ("torch-lstm", "plain", "replay")
-SIZES = dict(embed_dim=353, hidden_dim=191)
+#: Bowman et al.'s sizes, and the small model of the slow tests (where Pyro's Python is a larger share of a step)
+SIZES = {"paper": dict(embed_dim=353, hidden_dim=191), "small": dict(embed_dim=32, hidden_dim=64)}
 
 
 def ptb_batch(data_dir: Optional[str], batch: int) -> tuple[Sentences, int]:
@@ -87,19 +89,16 @@ def block(trainer: Trainer, store: dict, batch: Sentences, steps: int) -> tuple[
         return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    batch, vocab_size = ptb_batch(args.data_dir, args.batch)
+def ratio(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Ratio of medians, and the range of the per-round (paired) ratios."""
+    per = [x / y for x, y in zip(a, b)]
+    return statistics.median(a) / statistics.median(b), min(per), max(per)
+
+
+def measure(args, batch: Sentences, vocab_size: int, sizes: dict, label: str) -> tuple[dict, dict]:
+    """Per-step wall-clock and CPU seconds of each implementation, one entry per round."""
     pyro.set_rng_seed(0)
-    model, guide = SentenceVAE(vocab_size, z_dim=16, **SIZES), SentenceEncoder(vocab_size, z_dim=16, **SIZES)
+    model, guide = SentenceVAE(vocab_size, z_dim=16, **sizes), SentenceEncoder(vocab_size, z_dim=16, **sizes)
     trainers, stores = {}, {}
     for impl in IMPLS:
         stores[impl] = {"params": {}, "constraints": {}}
@@ -108,8 +107,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         with pyro.get_param_store().scope(stores[impl]):
             trainers[impl].setup(*batch)
         block(trainers[impl], stores[impl], batch, 3)  # warm-up: validation step, recording and check
-        print(f"{impl}: warm-up {time.perf_counter() - t0:.1f} s; {trainers[impl].capture_report}", flush=True)
-    load0 = os.getloadavg()[0]
+        print(f"{label} {impl}: warm-up {time.perf_counter() - t0:.1f} s; {trainers[impl].capture_report}", flush=True)
     wall = {i: [] for i in IMPLS}
     cpu = {i: [] for i in IMPLS}
     for r in range(args.rounds):
@@ -117,18 +115,33 @@ def main(argv: Optional[list[str]] = None) -> int:
             w, c = block(trainers[impl], stores[impl], batch, args.steps)
             wall[impl].append(w)
             cpu[impl].append(c)
-        print(f"round {r + 1}: " + ", ".join(f"{i} {1e3 * wall[i][-1]:.0f} ms" for i in IMPLS), flush=True)
+        print(f"{label} round {r + 1}: " + ", ".join(f"{i} {1e3 * wall[i][-1]:.0f} ms" for i in IMPLS), flush=True)
+    return wall, cpu
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sizes", nargs="*", choices=sorted(SIZES), help="model sizes to time (default: all)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    batch, vocab_size = ptb_batch(args.data_dir, args.batch)
+    load0 = os.getloadavg()[0]
+    tables, ratios = [], []
+    for label, sizes in SIZES.items():
+        if args.sizes and label not in args.sizes:
+            continue
+        wall, cpu = measure(args, batch, vocab_size, sizes, label)
+        tables += [f"| {label} | {i} | {1e3 * statistics.median(wall[i]):.0f} | {1e3 * statistics.median(cpu[i]):.0f} |" for i in IMPLS]
+        for a, b in (("plain", "replay"), ("torch-lstm", "replay"), ("torch-lstm", "plain")):
+            r, lo, hi = ratio(wall[a], wall[b])
+            ratios.append(f"| {label} | {a} / {b} | **{r:.2f}** | {lo:.2f}–{hi:.2f} | {ratio(cpu[a], cpu[b])[0]:.2f} |")
     load1 = os.getloadavg()[0]
-
-    def ratio(a: str, b: str, times: dict) -> tuple[float, float, float]:
-        per = [x / y for x, y in zip(times[a], times[b])]
-        return statistics.median(times[a]) / statistics.median(times[b]), min(per), max(per)
-
-    rows = []
-    for a, b in (("plain", "replay"), ("torch-lstm", "replay"), ("torch-lstm", "plain")):
-        r, lo, hi = ratio(a, b, wall)
-        rc = ratio(a, b, cpu)[0]
-        rows.append(f"| {a} / {b} | **{r:.2f}** | {lo:.2f}–{hi:.2f} | {rc:.2f} |")
     text = "\n".join([
         "# Sentence VAE training step: plain vs captured (replay)",
         "",
@@ -137,24 +150,25 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"- command: `{command_line()}`",
         f"- date: {now()}",
         f"- CPU: {cpu_model()}; {os.cpu_count()} cores visible; torch threads: {torch.get_num_threads()}; "
-        f"load average (1 min) at start / end of the timed rounds: {load0:.2f} / {load1:.2f} (shared machine)",
+        f"load average (1 min) at start / end: {load0:.2f} / {load1:.2f} (shared machine: the CPU-time ratio is the steadier number)",
         f"- python {sys.version.split()[0]}, torch {torch.__version__}, pyro {pyro.__version__}",
         f"- batch: {batch.num_sentences} PTB training sentences, tokens {list(batch.tokens.shape)} (the most common "
         f"bucketed width), {batch.num_tokens} predicted tokens; vocabulary {vocab_size}",
-        "- model: SentenceVAE + SentenceEncoder, LSTM 353/191, z 16, one layer, unidirectional; ELBO; Adam lr 1e-3",
+        "- model: SentenceVAE + SentenceEncoder, one LSTM layer, unidirectional encoder, z 16; ELBO; Adam lr 1e-3; sizes "
+        + "; ".join(f"{k}: embedding {v['embed_dim']}, hidden {v['hidden_dim']}" for k, v in SIZES.items()),
         f"- method: {args.rounds} rounds of {args.steps} steps per implementation, interleaved, after 3 warm-up "
         "steps (the recording and its check are in the warm-up); medians of the per-step time",
         "",
-        "| implementation | ms per step (median) | CPU ms per step (median) |",
-        "|---|---|---|",
-        *[f"| {i} | {1e3 * statistics.median(wall[i]):.0f} | {1e3 * statistics.median(cpu[i]):.0f} |" for i in IMPLS],
+        "| sizes | implementation | ms per step (median) | CPU ms per step (median) |",
+        "|---|---|---|---|",
+        *tables,
         "",
         "`torch-lstm`: `torch.nn.LSTM` layers (fused kernel), plain steps only; `plain`: `pyrovae.recurrent.RNN` "
         "(loop of cells), `capture='off'`; `replay`: the same, `capture='replay'` (the trainer's default).",
         "",
-        "| ratio of step times | median ratio | per-round range | CPU-time ratio |",
-        "|---|---|---|---|",
-        *rows,
+        "| sizes | ratio of step times | median ratio | per-round range | CPU-time ratio |",
+        "|---|---|---|---|---|",
+        *ratios,
         "",
     ])
     atomic_write(args.out, lambda f: f.write(text.encode()))
