@@ -71,7 +71,7 @@ def paper_section(ours: dict, epochs: tuple) -> list[str]:
     and layer (the absolute values depend on the network, the data and the loss's scale). ``ours``: estimator ->
     (top at each epoch..., bottom at each epoch...)."""
     if tuple(epochs) != (10, 100):
-        return [f"**Paper (KSW15 Table 1)** ({PAPER_SOURCE}): measured at 10 and 100 epochs; this run used {list(epochs)}, so no side-by-side."]
+        return [f"**Paper (KSW15 Table 1)**: measured at 10 and 100 epochs; this run used {list(epochs)}, so it is not set beside them. Source: {PAPER_SOURCE}."]
     ref_p, ref_o = PAPER_TABLE1["local reparameterization"], ours["local reparameterization"]
     cols = ("top 10", "top 100", "bottom 10", "bottom 100")
     lines = [
