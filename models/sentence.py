@@ -30,7 +30,8 @@ PAD, SOS, EOS, UNK = 0, 1, 2, 3
 
 
 class SentenceDecoder(nn.Module):
-    """Embedding, RNN (``lstm`` or ``gru``) and a softmax layer; the initial state is a function of ``z`` or zero.
+    """Embedding, RNN (:class:`pyrovae.recurrent.RNN`, ``lstm`` or ``gru``: cells the captured step can record) and a
+    softmax layer; the initial state is a function of ``z`` or zero.
 
     Args:
         vocab_size: V, including ``<pad> <sos> <eos> <unk>``.
