@@ -14,6 +14,7 @@ from torch import nn
 
 from pyrovae.models.bayesian import BayesVAE, global_scale
 from pyrovae.nn import BayesianLinear, Flatten, VariationalDropoutLinear, activation, add_dropout_kl, diag_normal, dropout_mlp, mlp
+from pyrovae.poutine import local_reparameterization
 
 
 class NormalWeights(nn.Module):
@@ -63,6 +64,10 @@ class BayesEncoder(nn.Module):
 
     The dropout layers' KL enters the ELBO from the guide, as a guide-only site whose log-density is +KL
     (subtracted with log q), weighted ``batch / num_data`` like the model's global terms.
+
+    ``local_reparam`` (default: ``model.local_reparam``): the weight posterior draws under
+    :func:`pyrovae.poutine.local_reparameterization` (shared records), so that a model with ``local_reparam=True``
+    draws its pre-activations per example from these Normals.
     """
 
     def __init__(
@@ -75,6 +80,7 @@ class BayesEncoder(nn.Module):
         model: Optional[BayesVAE] = None,
         num_data: Optional[int] = None,
         init_scale: float = 1e-3,
+        local_reparam: Optional[bool] = None,
     ):
         super().__init__()
         if encoder_dropout not in (None, "A", "B"):
@@ -90,13 +96,20 @@ class BayesEncoder(nn.Module):
         # with dropout, the head too sees noisy activations: every hidden activation of the encoder is dropped
         self.head = VariationalDropoutLinear(sizes[-1], 2 * self.z_dim, variant=encoder_dropout) if encoder_dropout else nn.Linear(sizes[-1], 2 * self.z_dim)
         self.weights = NormalWeights(model, init_scale) if model is not None and getattr(model, "bayesian_decoder", False) else None
+        self.local_reparam = bool(getattr(model, "local_reparam", False) if local_reparam is None else local_reparam)
+        if self.local_reparam and self.weights is None:
+            raise ValueError("local_reparam=True needs the weight posterior of a Bayesian decoder: pass model=BayesVAE(..., bayesian_decoder=True)")
 
     def forward(self, x: torch.Tensor) -> None:
         pyro.module("encoder", self)
         batch = x.shape[0]
         scale = global_scale(batch, self.num_data)
         if self.weights is not None:
-            self.weights(scale)
+            if self.local_reparam:
+                with local_reparameterization(shared=True):
+                    self.weights(scale)
+            else:
+                self.weights(scale)
         if self.encoder_dropout is not None and self.training:
             with poutine.scale(scale=scale):
                 add_dropout_kl("encoder.dropout_kl", self, in_guide=True)

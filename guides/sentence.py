@@ -5,8 +5,9 @@ import pyro
 import torch
 from torch import nn
 
-from pyrovae.models.sentence import _check, _rnn, check_batch
 from pyrovae.nn import diag_normal
+from pyrovae.recurrent import RNN, check_int
+from pyrovae.text import check_batch
 
 
 class NoLatentGuide(nn.Module):
@@ -28,10 +29,10 @@ class SentenceEncoder(nn.Module):
 
     def __init__(self, vocab_size: int, z_dim: int = 16, embed_dim: int = 353, hidden_dim: int = 191, num_layers: int = 1, rnn: str = "lstm", bidirectional: bool = False):
         super().__init__()
-        self.vocab_size, self.z_dim = _check("vocab_size", vocab_size, 5), _check("z_dim", z_dim)
-        self.embed = nn.Embedding(vocab_size, _check("embed_dim", embed_dim))
-        self.forward_rnn = _rnn(rnn, embed_dim, _check("hidden_dim", hidden_dim), _check("num_layers", num_layers))
-        self.backward_rnn = _rnn(rnn, embed_dim, hidden_dim, num_layers) if bidirectional else None
+        self.vocab_size, self.z_dim = check_int("vocab_size", vocab_size, 5), check_int("z_dim", z_dim)
+        self.embed = nn.Embedding(vocab_size, check_int("embed_dim", embed_dim))
+        self.forward_rnn = RNN(rnn, embed_dim, check_int("hidden_dim", hidden_dim), check_int("num_layers", num_layers))
+        self.backward_rnn = RNN(rnn, embed_dim, hidden_dim, num_layers) if bidirectional else None
         self.head = nn.Linear(hidden_dim * (2 if bidirectional else 1), 2 * z_dim)
 
     def features(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -8,12 +8,16 @@ Generative model (one stochastic layer, MLP decoder ``f_W``)::
 
 With ``decoder_dropout`` the decoder's hidden layers are :class:`pyrovae.nn.VariationalDropoutLinear` and the
 model adds ``-KL`` of their weights to its log-density (a ``pyro.factor`` outside the data plate).
+With ``local_reparam`` the decoder runs under :func:`pyrovae.poutine.local_reparameterization` (shared records):
+each example draws its own pre-activations N(A mu, A^2 sigma^2) from the guide's weight posterior instead of
+sharing one weight sample, the same ELBO with a lower-variance gradient (Kingma, Salimans & Welling 2015).
 In eval mode (``model.eval()``) the dropout layers are deterministic and their KL is left out, and the
 Bayesian weights are fixed at the guide's posterior means (read from Pyro's parameter store, log-densities
 masked): a plain VAE, which is what ``pyrovae evaluate`` measures and ``pyrovae sample`` draws from.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Sequence
 
@@ -25,6 +29,7 @@ from torch import nn
 
 from pyrovae.likelihoods import likelihood_head
 from pyrovae.nn import BayesianLinear, Unflatten, add_dropout_kl, bayesian_mlp, dropout_mlp, mlp
+from pyrovae.poutine import local_reparameterization
 
 
 def global_scale(batch: int, num_data: Optional[int]) -> float:
@@ -67,6 +72,10 @@ class BayesVAE(nn.Module):
         decoder_dropout: ``None``, ``A`` (Gaussian dropout on the hidden activations) or ``B`` (independent
             weight noise); not together with ``bayesian_decoder``.
         num_data: training-set size, which scales the global terms by ``batch / num_data`` (None: 1).
+        local_reparam: draw the Bayesian decoder's pre-activations per example (the local reparameterisation
+            trick); needs ``bayesian_decoder`` and a guide whose weight draws are recorded for it
+            (:class:`pyrovae.guides.bayesian.BayesEncoder` with ``local_reparam=True``, or any guide run under
+            ``local_reparameterization(shared=True)``).
     """
 
     def __init__(
@@ -81,8 +90,11 @@ class BayesVAE(nn.Module):
         prior_scale: float = 1.0,
         decoder_dropout: Optional[str] = None,
         num_data: Optional[int] = None,
+        local_reparam: bool = False,
     ):
         super().__init__()
+        if local_reparam and not bayesian_decoder:
+            raise ValueError("local_reparam=True reparameterises Bayesian weights: pass bayesian_decoder=True as well")
         if bayesian_decoder and decoder_dropout is not None:
             raise ValueError("bayesian_decoder=True and decoder_dropout are two posteriors over the same weights: choose one")
         if decoder_dropout not in (None, "A", "B"):
@@ -96,6 +108,7 @@ class BayesVAE(nn.Module):
         self.likelihood, self.scale, factor = likelihood_head(likelihood, scale)
         sizes = [self.z_dim, *hidden, math.prod(self.x_shape) * factor]
         self.bayesian_decoder, self.decoder_dropout = bool(bayesian_decoder), decoder_dropout
+        self.local_reparam = bool(local_reparam)
         if bayesian_decoder:
             net = bayesian_mlp(sizes, activation, prior_scale, name="decoder")
         elif decoder_dropout is not None:
@@ -112,7 +125,8 @@ class BayesVAE(nn.Module):
     def decode(self, z: torch.Tensor, batch: int) -> dist.Distribution:
         if self.bayesian_decoder and self.training:
             # the weights are global: drawn outside the data plate, their log-densities weighted batch/num_data
-            with poutine.scale(scale=global_scale(batch, self.num_data)):
+            local = local_reparameterization(shared=True) if self.local_reparam else contextlib.nullcontext()
+            with poutine.scale(scale=global_scale(batch, self.num_data)), local:
                 out = self.decoder(z)
         elif self.bayesian_decoder:
             # eval mode: the posterior-mean network, with the means of :class:`pyrovae.guides.bayesian.NormalWeights`

@@ -18,51 +18,20 @@ from typing import Optional
 
 import pyro
 import pyro.distributions as dist
-from pyro.infer.util import is_validation_enabled
 import torch
 from torch import nn
 
+from pyrovae.recurrent import RNN, check_int
+from pyrovae.text import check_batch, token_mask
 
-RNNS = {"lstm": nn.LSTM, "gru": nn.GRU}
+
 #: indices fixed by :class:`pyrovae.text.Vocab`
 PAD, SOS, EOS, UNK = 0, 1, 2, 3
 
 
-def _check(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
-    return value
-
-
-def _rnn(rnn: str, input_size: int, hidden_size: int, num_layers: int) -> nn.RNNBase:
-    if rnn not in RNNS:
-        raise ValueError(f"rnn={rnn!r} is not known; choose one of {sorted(RNNS)}")
-    return RNNS[rnn](input_size, hidden_size, num_layers, batch_first=True)
-
-
-def token_mask(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """``[B, T]`` bool: True at the predicted positions ``t < lengths`` of ``tokens`` ``[B, T + 1]``."""
-    return torch.arange(tokens.shape[1] - 1, device=tokens.device) < lengths[:, None]
-
-
-def check_batch(tokens: torch.Tensor, lengths: torch.Tensor, vocab_size: int) -> None:
-    """Shape and range checks of a batch (only while Pyro validation is on: each is a host read)."""
-    if tokens.dim() != 2 or lengths.shape != tokens.shape[:1]:
-        raise ValueError(
-            f"tokens has shape {tuple(tokens.shape)} and lengths {tuple(lengths.shape)}; expected [B, T + 1] and [B] "
-            "(pyrovae.text.Sentences: <sos> words <eos> padding, lengths = words + 1)"
-        )
-    if tokens.dtype != torch.long:
-        raise TypeError(f"tokens has dtype {tokens.dtype}; pass word indices as torch.long")
-    if is_validation_enabled() and tokens.numel():
-        if int(lengths.min()) < 1 or int(lengths.max()) > tokens.shape[1] - 1:
-            raise ValueError(f"lengths must be in [1, {tokens.shape[1] - 1}] for tokens of width {tokens.shape[1]}; got [{int(lengths.min())}, {int(lengths.max())}]")
-        if int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size:
-            raise ValueError(f"token indices must be in [0, {vocab_size}) for vocab_size={vocab_size}; got [{int(tokens.min())}, {int(tokens.max())}]")
-
-
 class SentenceDecoder(nn.Module):
-    """Embedding, RNN (``lstm`` or ``gru``) and a softmax layer; the initial state is a function of ``z`` or zero.
+    """Embedding, RNN (:class:`pyrovae.recurrent.RNN`, ``lstm`` or ``gru``: cells the captured step can record) and a
+    softmax layer; the initial state is a function of ``z`` or zero.
 
     Args:
         vocab_size: V, including ``<pad> <sos> <eos> <unk>``.
@@ -73,22 +42,21 @@ class SentenceDecoder(nn.Module):
 
     def __init__(self, vocab_size: int, z_dim: Optional[int] = None, embed_dim: int = 353, hidden_dim: int = 191, num_layers: int = 1, rnn: str = "lstm", word_dropout: float = 0.0):
         super().__init__()
-        self.vocab_size, self.z_dim = _check("vocab_size", vocab_size, 5), z_dim
-        self.hidden_dim, self.num_layers, self.rnn_type = _check("hidden_dim", hidden_dim), _check("num_layers", num_layers), rnn
+        self.vocab_size, self.z_dim = check_int("vocab_size", vocab_size, 5), z_dim
+        self.hidden_dim, self.num_layers, self.rnn_type = check_int("hidden_dim", hidden_dim), check_int("num_layers", num_layers), rnn
         if not (isinstance(word_dropout, (int, float)) and 0.0 <= word_dropout <= 1.0):
             raise ValueError(f"word_dropout={word_dropout!r} must be a probability in [0, 1] (Bowman et al. use 0.25 to 0.5; 1.0 hides every input word)")
         self.word_dropout = float(word_dropout)
-        self.embed = nn.Embedding(vocab_size, _check("embed_dim", embed_dim))
-        self.rnn = _rnn(rnn, embed_dim, hidden_dim, num_layers)
+        self.embed = nn.Embedding(vocab_size, check_int("embed_dim", embed_dim))
+        self.rnn = RNN(rnn, embed_dim, hidden_dim, num_layers)
         self.out = nn.Linear(hidden_dim, vocab_size)
         states = 2 if rnn == "lstm" else 1
-        self.init = None if z_dim is None else nn.Linear(_check("z_dim", z_dim), states * num_layers * hidden_dim)
+        self.init = None if z_dim is None else nn.Linear(check_int("z_dim", z_dim), states * num_layers * hidden_dim)
 
     def initial_state(self, z: Optional[torch.Tensor], batch: int, like: torch.Tensor):
         """RNN state ``[layers, N, H]`` (a pair for an LSTM) from ``z`` ``[N, D]``, or zeros when ``z`` is None."""
         if z is None or self.init is None:
-            h = like.new_zeros(self.num_layers, batch, self.hidden_dim, dtype=self.out.weight.dtype)
-            return (h, h) if self.rnn_type == "lstm" else h
+            return self.rnn.initial_state(like, batch)
         s = torch.tanh(self.init(z)).reshape(batch, -1, self.num_layers, self.hidden_dim).permute(1, 2, 0, 3).contiguous()
         return (s[0], s[1]) if self.rnn_type == "lstm" else s[0]
 
@@ -189,7 +157,7 @@ class SentenceVAE(_TextModel):
 
     def __init__(self, vocab_size: int, z_dim: int = 16, embed_dim: int = 353, hidden_dim: int = 191, num_layers: int = 1, rnn: str = "lstm", word_dropout: float = 0.0):
         super().__init__()
-        self.z_dim = _check("z_dim", z_dim)
+        self.z_dim = check_int("z_dim", z_dim)
         self.decoder = SentenceDecoder(vocab_size, z_dim, embed_dim, hidden_dim, num_layers, rnn, word_dropout)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> None:

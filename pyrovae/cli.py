@@ -198,6 +198,8 @@ def _build_objective(cfg: dict):
 def _check_bayes(cfg: dict) -> None:
     if (cfg.get("bayesian_decoder") or cfg.get("decoder_dropout")) and cfg.get("model") != "bayes_vae":
         raise UsageError("--bayesian-decoder and --decoder-dropout belong to --model bayes_vae (with --guide bayes_gaussian)")
+    if cfg.get("local_reparam") and not cfg.get("bayesian_decoder"):
+        raise UsageError("--local-reparam draws the pre-activations of Bayesian weights: add --bayesian-decoder")
     if (cfg.get("bayesian_decoder") or cfg.get("encoder_dropout")) and cfg.get("guide") != "bayes_gaussian":
         raise UsageError("--bayesian-decoder and --encoder-dropout need --guide bayes_gaussian (it holds the weight posterior and the encoder's dropout)")
     if cfg.get("optimizer", "adam") == "natural" and cfg.get("capture") not in (None, "off", "replay"):
@@ -496,6 +498,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--damping", type=float, default=1.0, help="damping of --optimizer natural (1 was best for an MNIST VAE, benchmarks/aevb_extensions.py)")
     g.add_argument("--kl-clip", type=float, default=10.0, help="trust-region bound of --optimizer natural")
     g.add_argument("--bayesian-decoder", action="store_true", help="decoder weights are Normal latents (full-Bayes AEVB)")
+    g.add_argument("--local-reparam", action="store_true", help="local reparameterisation of the --bayesian-decoder weights (KSW15): per-example pre-activations")
     g.add_argument("--prior-scale", type=float, default=None, help="prior standard deviation of --bayesian-decoder weights (default 1)")
     g.add_argument("--decoder-dropout", default=None, choices=["A", "B"], help="variational Gaussian dropout in the decoder (KSW15 variant A or B)")
     g.add_argument("--encoder-dropout", default=None, choices=["A", "B"], help="variational Gaussian dropout on the encoder's hidden activations")

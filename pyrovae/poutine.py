@@ -17,9 +17,12 @@ from typing import Callable, Optional, Union
 
 import torch
 from pyro.poutine.messenger import Messenger
+from torch.utils.weak import WeakIdKeyDictionary
 
 _ACTIVE: list["LocalReparameterizationMessenger"] = []
 _ORIGINAL_LINEAR = torch.nn.functional.linear
+#: Normal draws recorded by ``shared`` handlers: drawn tensor -> (loc, scale), for as long as the tensor lives
+_SHARED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _active_local_reparameterization() -> Optional["LocalReparameterizationMessenger"]:
@@ -71,14 +74,20 @@ class LocalReparameterizationMessenger(Messenger):
     linear map ``x W^T + b`` whose ``W`` is such a value by a draw of ``N(x mu^T + m_b, x^2 (sigma^2)^T + s_b^2)``
     (the bias's Normal moments, or the bias itself when it is not a recorded value).
 
+    With ``shared=True`` the records also go to (and are looked up in) a process-wide store keyed weakly by the
+    drawn tensor, so that they outlive the handler: a guide and a model that each run under their own shared
+    handler (as :class:`pyrovae.models.bayesian.BayesVAE` and its guide do with ``local_reparam=True``) agree
+    on the guide's draws, and no handler around the whole step is needed. A record dies with its tensor.
+
     It acts on ``torch.nn.functional.linear`` (so on ``nn.Linear`` and ``PyroModule[nn.Linear]`` with
     ``PyroSample`` weights, as in TyXe) and on :func:`pyrovae.nn.linear` (:class:`pyrovae.nn.BayesianLinear`,
     also with the batched weights of vectorised particles). Any other site, and any other use of a recorded
     value, is left untouched; the sites' log-densities are those of the drawn weights, as without the handler.
     """
 
-    def __init__(self):
+    def __init__(self, shared: bool = False):
         super().__init__()
+        self.shared = bool(shared)
         self._sites: dict[str, tuple] = {}  # name -> (value, loc, scale); loc None: not a Normal draw
 
     def __enter__(self):
@@ -100,6 +109,8 @@ class LocalReparameterizationMessenger(Messenger):
         for entry in self._sites.values():
             if entry[0] is value:
                 return entry
+        if self.shared and value in _SHARED:
+            return (value, *_SHARED[value])
         return None
 
     def _lookup(self, value: torch.Tensor):
@@ -121,6 +132,8 @@ class LocalReparameterizationMessenger(Messenger):
                 None,
             )
         self._sites[msg["name"]] = (value, *(params if params is not None else (None, None)))
+        if self.shared:
+            _SHARED[value] = params if params is not None else (None, None)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The locally reparameterised ``x W^T + b``, or None when ``weight`` is not a recorded Normal draw."""
@@ -141,13 +154,15 @@ class LocalReparameterizationMessenger(Messenger):
         return mean + var.clamp_min(1e-30).sqrt() * torch.randn_like(mean)
 
 
-def local_reparameterization(fn: Optional[Callable] = None) -> Union[LocalReparameterizationMessenger, Callable]:
+def local_reparameterization(fn: Optional[Callable] = None, shared: bool = False) -> Union[LocalReparameterizationMessenger, Callable]:
     """Draw the pre-activations of linear layers with Normal-distributed weights per example.
 
     Usable like the handlers of ``pyro.poutine``: ``with local_reparameterization(): svi.step(x)``, or
     ``local_reparameterization(model)`` / as a decorator. Wrap the guide *and* the model (e.g. the whole
-    ``svi.step`` or ``Trainer.step``), since the guide's Normal draws are what it recognises.
+    ``svi.step`` or ``Trainer.step``), since the guide's Normal draws are what it recognises; or, with
+    ``shared=True``, wrap each program on its own (``local_reparameterization(guide, shared=True)`` and the same
+    for the model): the guide's records then reach the model's handler.
     Reference: Kingma, Salimans & Welling (2015), section 2.3.
     """
-    msngr = LocalReparameterizationMessenger()
+    msngr = LocalReparameterizationMessenger(shared)
     return msngr(fn) if fn is not None else msngr

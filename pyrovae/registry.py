@@ -115,6 +115,7 @@ def _bayes_vae(cfg: dict, x_shape) -> nn.Module:
     return BayesVAE(
         x_shape, z_dim, hidden, cfg.get("likelihood", "bernoulli"), cfg.get("scale"), cfg.get("activation", "tanh"),
         bool(cfg.get("bayesian_decoder")), cfg.get("prior_scale") or 1.0, cfg.get("decoder_dropout"), cfg.get("num_data"),
+        bool(cfg.get("local_reparam")),
     )
 
 
@@ -123,7 +124,10 @@ def _bayes_gaussian(cfg: dict, x_shape) -> nn.Module:
 
     z_dim, hidden = _one_layer(cfg, "guide='bayes_gaussian'")
     model = _bayes_vae(cfg, x_shape) if cfg.get("bayesian_decoder") else None  # names and shapes of the weight sites
-    return BayesEncoder(x_shape, z_dim, hidden, cfg.get("activation", "tanh"), cfg.get("encoder_dropout"), model, cfg.get("num_data"))
+    return BayesEncoder(
+        x_shape, z_dim, hidden, cfg.get("activation", "tanh"), cfg.get("encoder_dropout"), model, cfg.get("num_data"),
+        local_reparam=bool(cfg.get("local_reparam")),
+    )
 
 
 def _draw(cfg: dict, x_shape) -> nn.Module:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
+from pyro.infer.util import is_validation_enabled
 
 from pyrovae.data import DataError, PathLike, register_loader, resolve
 
@@ -123,6 +124,28 @@ class Sentences(NamedTuple):
 
     def to(self, device) -> "Sentences":
         return Sentences(self.tokens.to(device), self.lengths.to(device))
+
+
+def token_mask(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` bool: True at the predicted positions ``t < lengths`` of ``tokens`` ``[B, T + 1]``."""
+    return torch.arange(tokens.shape[1] - 1, device=tokens.device) < lengths[:, None]
+
+
+def check_batch(tokens: torch.Tensor, lengths: torch.Tensor, vocab_size: int) -> None:
+    """Shape and dtype checks of a batch of :class:`Sentences`; range checks only while Pyro validation is on
+    (each is a host read, which a captured step cannot hold)."""
+    if tokens.dim() != 2 or lengths.shape != tokens.shape[:1]:
+        raise ValueError(
+            f"tokens has shape {tuple(tokens.shape)} and lengths {tuple(lengths.shape)}; expected [B, T + 1] and [B] "
+            "(pyrovae.text.Sentences: <sos> words <eos> padding, lengths = words + 1)"
+        )
+    if tokens.dtype != torch.long:
+        raise TypeError(f"tokens has dtype {tokens.dtype}; pass word indices as torch.long")
+    if is_validation_enabled() and tokens.numel():
+        if int(lengths.min()) < 1 or int(lengths.max()) > tokens.shape[1] - 1:
+            raise ValueError(f"lengths must be in [1, {tokens.shape[1] - 1}] for tokens of width {tokens.shape[1]}; got [{int(lengths.min())}, {int(lengths.max())}]")
+        if int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size:
+            raise ValueError(f"token indices must be in [0, {vocab_size}) for vocab_size={vocab_size}; got [{int(tokens.min())}, {int(tokens.max())}]")
 
 
 def _round_up(n: int, multiple: int) -> int:

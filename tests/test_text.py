@@ -490,3 +490,90 @@ def test_user_written_sequence_model_trains_and_evaluates():
     diff = before["nll_values"] - after["nll_values"]
     assert diff.mean() > 4 * diff.std() / math.sqrt(len(diff))
     assert after["perplexity"] < before["perplexity"]
+
+
+# --- the recurrent layers and the captured step ---------------------------------------------------
+
+
+@pytest.mark.parametrize("rnn", ["lstm", "gru"])
+def test_rnn_is_torch_rnn_written_as_cells(rnn):
+    """pyrovae.recurrent.RNN: torch.nn.LSTM / GRU's parameters (names, initial values) and outputs."""
+    from pyrovae.recurrent import RNN
+
+    torch.manual_seed(4)
+    ref = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[rnn](5, 7, 2, batch_first=True)
+    torch.manual_seed(4)
+    ours = RNN(rnn, 5, 7, 2)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), ref.state_dict().values()))
+    x, h = torch.randn(3, 6, 5), torch.randn(2, 3, 7)
+    state = (h, torch.randn(2, 3, 7)) if rnn == "lstm" else h
+    (want, want_state), (got, got_state) = ref(x, state), ours(x, state)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for a, b in zip(*((got_state, want_state) if rnn == "lstm" else ((got_state,), (want_state,)))):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # zero state by default; one step at a time (generation) gives the same outputs as the whole sequence
+    out, state = ours(x)
+    steps, s = [], None
+    for t in range(6):
+        o, s = ours(x[:, t : t + 1], s)
+        steps.append(o)
+    torch.testing.assert_close(torch.cat(steps, 1), out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, ref(x)[0], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="batch first"):
+        ours(x[0])
+
+
+CAPTURED = [
+    pytest.param("lstm", 1, True, 0.3, ELBO, id="lstm-bidirectional-word-dropout-elbo"),
+    pytest.param("gru", 2, False, 0.0, lambda: IWAE(3), id="gru-2-layers-iwae"),
+    pytest.param("lstm", 2, True, 0.5, lambda: AnnealedELBO(1.0, "logistic", warmup_steps=10, free_bits=0.1), id="lstm-2-layers-annealed-free-bits"),
+]
+
+
+@pytest.mark.parametrize("rnn, layers, bidirectional, word_dropout, objective", CAPTURED)
+def test_captured_sentence_vae_step_replays_the_plain_step(rnn, layers, bidirectional, word_dropout, objective):
+    """The trainer's captured step (one graph per batch width) trains exactly like the plain Pyro step:
+    same losses, parameters and random stream, bit for bit."""
+    from pyrovae.train import Trainer
+
+    vocab, data = corpus()
+    batches = [b for b in buckets(data, 4, pad_multiple=4)]
+    assert len({b.tokens.shape for b in batches}) == 2
+
+    def train(capture):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        model = SentenceVAE(len(vocab), z_dim=3, embed_dim=8, hidden_dim=12, num_layers=layers, rnn=rnn, word_dropout=word_dropout)
+        guide = SentenceEncoder(len(vocab), z_dim=3, embed_dim=8, hidden_dim=12, num_layers=layers, rnn=rnn, bidirectional=bidirectional)
+        trainer = Trainer(model, guide, objective(), lr=1e-2, progress=False, capture=capture, clip_norm=5.0)
+        trainer.setup(*batches[0])
+        losses = [trainer.step(*batches[i % 2])[0].clone() for i in range(6)]
+        return trainer, losses, torch.get_rng_state()
+
+    plain, plain_losses, plain_rng = train("off")
+    fast, fast_losses, fast_rng = train("replay")
+    assert fast._capture.captured == 2, fast.capture_report
+    assert all(torch.equal(a, b) for a, b in zip(plain_losses, fast_losses))
+    for (name, p0), p1 in zip(plain.params.items(), fast.params.values()):
+        assert torch.equal(p0, p1), name
+    assert torch.equal(plain_rng, fast_rng)
+
+
+def test_captured_language_model_step_replays_the_plain_step():
+    from pyrovae.train import Trainer
+
+    vocab, data = corpus()
+
+    def train(capture):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        trainer = Trainer(RNNLM(len(vocab), embed_dim=8, hidden_dim=12, word_dropout=0.2), NoLatentGuide(), ELBO(), lr=1e-2, progress=False, capture=capture)
+        trainer.setup(*data)
+        return trainer, [trainer.step(*data)[0].clone() for _ in range(4)]
+
+    plain, plain_losses = train("off")
+    fast, fast_losses = train("replay")
+    assert fast._capture.captured == 1, fast.capture_report
+    assert all(torch.equal(a, b) for a, b in zip(plain_losses, fast_losses))
+    assert all(torch.equal(p0, p1) for p0, p1 in zip(plain.params.values(), fast.params.values()))

@@ -1,0 +1,180 @@
+"""Training-step time of the sentence VAE on a PTB batch: plain Pyro step against the captured (replayed) step.
+
+Bowman et al. (2016)'s sizes (vocabulary 10,002, LSTM 353/191, z 16, unidirectional encoder) and a small model
+(32/64, the slow tests' sizes), a batch of
+``--batch`` PTB training sentences drawn by :class:`pyrovae.text.BucketBatches` (the most common batch width),
+``pyrovae.objectives.ELBO``, Adam. Three implementations, same initial weights, timed interleaved in rounds
+(medians and per-round paired ratios, as ``speed.py``):
+
+- ``torch-lstm``: the model with ``torch.nn.LSTM`` layers (the fused kernel, the text models before they moved
+  to :class:`pyrovae.recurrent.RNN`), ``capture="off"`` (its backward cannot be recorded on CPU);
+- ``plain``: the library's text models (:class:`pyrovae.recurrent.RNN`, a loop of cells), ``capture="off"``;
+- ``replay``: the same with the trainer's default ``capture="replay"`` (recorded once, checked, then replayed;
+  recording is in the warm-up, not in the timed blocks).
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/text_speed.py --out benchmarks/results/text_speed.md
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import pyro
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import command_line, cpu_model, now  # noqa: E402
+
+from pyrovae.checkpoint import atomic_write  # noqa: E402
+from pyrovae.data import load_dataset  # noqa: E402
+from pyrovae.guides import SentenceEncoder  # noqa: E402
+from pyrovae.models import SentenceVAE  # noqa: E402
+from pyrovae.objectives import ELBO  # noqa: E402
+from pyrovae.text import BucketBatches, Sentences  # noqa: E402
+from pyrovae.train import Trainer  # noqa: E402
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "text_speed.md"
+IMPLS = ("torch-lstm", "plain", "replay")
+#: Bowman et al.'s sizes, and the small model of the slow tests (where Pyro's Python is a larger share of a step)
+SIZES = {"paper": dict(embed_dim=353, hidden_dim=191), "small": dict(embed_dim=32, hidden_dim=64)}
+
+
+def ptb_batch(data_dir: Optional[str], batch: int) -> tuple[Sentences, int]:
+    """A batch (and the vocabulary size): the most common width among the bucketed batches of PTB's training set (seeded)."""
+    splits = load_dataset("ptb", data_dir=data_dir)
+    batches = BucketBatches(splits.train, batch, generator=torch.Generator().manual_seed(0))
+    perm = batches.permutation()
+    widths = Counter(batches.batch(perm, i).tokens.shape[1] for i in range(len(batches)))
+    width = widths.most_common(1)[0][0]
+    return next(b for b in batches.epoch(perm) if b.tokens.shape[1] == width and b.num_sentences == batch), len(splits.vocab)
+
+
+def with_torch_lstm(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` whose :class:`pyrovae.recurrent.RNN` layers are ``torch.nn.LSTM`` with the same weights."""
+    from pyrovae.recurrent import RNN
+
+    module = copy.deepcopy(module)
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, RNN):
+                lstm = torch.nn.LSTM(child.input_size, child.hidden_size, child.num_layers, batch_first=True)
+                lstm.load_state_dict(child.state_dict())
+                setattr(parent, name, lstm)
+    return module
+
+
+def make(impl: str, model, guide) -> Trainer:
+    if impl == "torch-lstm":
+        model, guide = with_torch_lstm(model), with_torch_lstm(guide)
+        # the decoder's zero/initial state comes from its RNN; z always gives it here
+    else:
+        model, guide = copy.deepcopy(model), copy.deepcopy(guide)
+    return Trainer(model, guide, ELBO(), lr=1e-3, progress=False, capture="replay" if impl == "replay" else "off")
+
+
+def block(trainer: Trainer, store: dict, batch: Sentences, steps: int) -> tuple[float, float]:
+    with pyro.get_param_store().scope(store):  # each trainer keeps its own parameter store
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            trainer.step(*batch)
+        return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
+
+
+def ratio(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Ratio of medians, and the range of the per-round (paired) ratios."""
+    per = [x / y for x, y in zip(a, b)]
+    return statistics.median(a) / statistics.median(b), min(per), max(per)
+
+
+def measure(args, batch: Sentences, vocab_size: int, sizes: dict, label: str) -> tuple[dict, dict]:
+    """Per-step wall-clock and CPU seconds of each implementation, one entry per round."""
+    pyro.set_rng_seed(0)
+    model, guide = SentenceVAE(vocab_size, z_dim=16, **sizes), SentenceEncoder(vocab_size, z_dim=16, **sizes)
+    trainers, stores = {}, {}
+    for impl in IMPLS:
+        stores[impl] = {"params": {}, "constraints": {}}
+        trainers[impl] = make(impl, model, guide)
+        t0 = time.perf_counter()
+        with pyro.get_param_store().scope(stores[impl]):
+            trainers[impl].setup(*batch)
+        block(trainers[impl], stores[impl], batch, 3)  # warm-up: validation step, recording and check
+        print(f"{label} {impl}: warm-up {time.perf_counter() - t0:.1f} s; {trainers[impl].capture_report}", flush=True)
+    wall = {i: [] for i in IMPLS}
+    cpu = {i: [] for i in IMPLS}
+    for r in range(args.rounds):
+        for impl in IMPLS:
+            w, c = block(trainers[impl], stores[impl], batch, args.steps)
+            wall[impl].append(w)
+            cpu[impl].append(c)
+        print(f"{label} round {r + 1}: " + ", ".join(f"{i} {1e3 * wall[i][-1]:.0f} ms" for i in IMPLS), flush=True)
+    return wall, cpu
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sizes", nargs="*", choices=sorted(SIZES), help="model sizes to time (default: all)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    batch, vocab_size = ptb_batch(args.data_dir, args.batch)
+    load0 = os.getloadavg()[0]
+    tables, ratios = [], []
+    for label, sizes in SIZES.items():
+        if args.sizes and label not in args.sizes:
+            continue
+        wall, cpu = measure(args, batch, vocab_size, sizes, label)
+        tables += [f"| {label} | {i} | {1e3 * statistics.median(wall[i]):.0f} | {1e3 * statistics.median(cpu[i]):.0f} |" for i in IMPLS]
+        for a, b in (("plain", "replay"), ("torch-lstm", "replay"), ("torch-lstm", "plain")):
+            r, lo, hi = ratio(wall[a], wall[b])
+            ratios.append(f"| {label} | {a} / {b} | **{r:.2f}** | {lo:.2f}–{hi:.2f} | {ratio(cpu[a], cpu[b])[0]:.2f} |")
+    load1 = os.getloadavg()[0]
+    text = "\n".join([
+        "# Sentence VAE training step: plain vs captured (replay)",
+        "",
+        "Written by `benchmarks/text_speed.py`.",
+        "",
+        f"- command: `{command_line()}`",
+        f"- date: {now()}",
+        f"- CPU: {cpu_model()}; {os.cpu_count()} cores visible; torch threads: {torch.get_num_threads()}; "
+        f"load average (1 min) at start / end: {load0:.2f} / {load1:.2f} (shared machine: the CPU-time ratio is the steadier number)",
+        f"- python {sys.version.split()[0]}, torch {torch.__version__}, pyro {pyro.__version__}",
+        f"- batch: {batch.num_sentences} PTB training sentences, tokens {list(batch.tokens.shape)} (the most common "
+        f"bucketed width), {batch.num_tokens} predicted tokens; vocabulary {vocab_size}",
+        "- model: SentenceVAE + SentenceEncoder, one LSTM layer, unidirectional encoder, z 16; ELBO; Adam lr 1e-3; sizes "
+        + "; ".join(f"{k}: embedding {v['embed_dim']}, hidden {v['hidden_dim']}" for k, v in SIZES.items()),
+        f"- method: {args.rounds} rounds of {args.steps} steps per implementation, interleaved, after 3 warm-up "
+        "steps (the recording and its check are in the warm-up); medians of the per-step time",
+        "",
+        "| sizes | implementation | ms per step (median) | CPU ms per step (median) |",
+        "|---|---|---|---|",
+        *tables,
+        "",
+        "`torch-lstm`: `torch.nn.LSTM` layers (fused kernel), plain steps only; `plain`: `pyrovae.recurrent.RNN` "
+        "(loop of cells), `capture='off'`; `replay`: the same, `capture='replay'` (the trainer's default).",
+        "",
+        "| sizes | ratio of step times | median ratio | per-round range | CPU-time ratio |",
+        "|---|---|---|---|---|",
+        *ratios,
+        "",
+    ])
+    atomic_write(args.out, lambda f: f.write(text.encode()))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
