@@ -1,0 +1,6 @@
+"""``python -m pyrovae``: the ``pyrovae`` command."""
+import sys
+
+from pyrovae.cli import main
+
+sys.exit(main())
