@@ -548,7 +548,7 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a VAE, then evaluate it on the test set", formatter_class=HelpFormatter)
     groups = {title: t.add_argument_group(title) for title in TRAIN_GROUPS}
     g = groups["data"]
-    g.add_argument("--dataset", default="mnist", choices=sorted(DATASETS))
+    g.add_argument("--dataset", default="mnist", choices=sorted(DATASETS), help="data set (see README, 'Data')")
     g.add_argument("--data-dir", default=None, help="folder with the dataset files (default: $PYROVAE_DATA, else the cache)")
     g.add_argument("--binarize", default="dynamic", choices=["none", "static", "dynamic"], help="binarisation of [0, 1] images")
     g.add_argument("--valid-size", type=int, default=None, help="validation examples held out of training (default 5000; 0: none)")

@@ -106,7 +106,7 @@ def _positive_int(text: str) -> int:
 # ----------------------------------------------------------------------------------------------- shared options
 
 Z_DIMS = Arg("--z-dims", type=_positive_int, nargs="+", help="stochastic layer sizes, nearest x first: 50, or 100 50 (default 50; 16 for text models)")
-HIDDEN = Arg("--hidden", type=_positive_int, nargs="+", help="hidden sizes (default: the IWAE paper's; text models: the RNN size, default 191)")
+HIDDEN = Arg("--hidden", type=_positive_int, nargs="+", help="hidden sizes; for text models the RNN size (default: the IWAE paper's; 191 for text models)")
 ARCH = Arg("--arch", default="mlp", choices=("mlp", "conv"), help="encoder/decoder networks")
 LIKELIHOOD = Arg("--likelihood", default="bernoulli", choices=tuple(LIKELIHOODS), help="p(x|z) of image models")
 SCALE = Arg("--scale", type=float, help="fixed Gaussian observation scale (default: learned)")
@@ -117,7 +117,7 @@ ENCODER_ARGS = (Z_DIMS, HIDDEN, ARCH, ACTIVATION)
 
 TEXT_ARGS = (
     Z_DIMS, HIDDEN,
-    Arg("--embed-dim", type=_positive_int, group=TEXT_GROUP, help="word embedding size (default 353; --hidden sets the RNN size, default 191)"),
+    Arg("--embed-dim", type=_positive_int, group=TEXT_GROUP, help="word embedding size; --hidden sets the RNN size (default 353)"),
     Arg("--rnn", choices=("lstm", "gru"), group=TEXT_GROUP, help="recurrent cell of encoder and decoder (default lstm)"),
     Arg("--rnn-layers", type=_positive_int, group=TEXT_GROUP, help="stacked RNN layers (default 1)"),
 )
@@ -125,8 +125,8 @@ WORD_DROPOUT = Arg("--word-dropout", type=float, group=TEXT_GROUP, help="probabi
 
 _DRAW_LIKELIHOOD = (LIKELIHOOD, SCALE)
 DRAW_STEPS = Arg("--draw-steps", type=_positive_int, group=DRAW_GROUP, help="steps T (default 64 for draw, 8 for convdraw)")
-DRAW_Z = Arg("--draw-z", type=_positive_int, group=DRAW_GROUP, help="size of each z_t (default 100); ConvDRAW: its channels (default 4)")
-LSTM_SIZE = Arg("--lstm-size", type=_positive_int, group=DRAW_GROUP, help="LSTM units (default 256); ConvDRAW: ConvLSTM channels (default 32)")
+DRAW_Z = Arg("--draw-z", type=_positive_int, group=DRAW_GROUP, help="size of each z_t; ConvDRAW: its channels (default 100; 4 for convdraw)")
+LSTM_SIZE = Arg("--lstm-size", type=_positive_int, group=DRAW_GROUP, help="LSTM units; ConvDRAW: ConvLSTM channels (default 256; 32 for convdraw)")
 
 BAYES_MODEL_ARGS = (
     Arg("--bayesian-decoder", action="store_true", group=BAYES_GROUP, help="decoder weights are Normal latents (full-Bayes AEVB; default off)"),
