@@ -23,7 +23,7 @@ from pyrovae.data import as_inputs
 from pyrovae.objectives import ELBO, Objective
 from pyrovae.registry import (
     BAYES_GROUP, DRAW_GROUP, GUIDES, MODEL_GROUP, MODEL_GUIDES, MODELS, OBJECTIVE_GROUP, OBJECTIVES, TEXT_GROUP, all_args, build_guide,
-    build_model, build_objective, default_guide, entry_args, objective_kwargs,
+    build_model, build_objective, default_guide, entry_args, objective_kwargs, positive_int,
 )
 from pyrovae.train import SCHEDULES, DivergenceError, Trainer, TrainingInterrupted
 
@@ -506,13 +506,6 @@ EVAL_CAPTURE_HELP = (
 )
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be a positive integer")
-    return value
-
-
 def _count(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -552,12 +545,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default=None, help="folder with the dataset files (default: $PYROVAE_DATA, else the cache)")
     g.add_argument("--binarize", default="dynamic", choices=["none", "static", "dynamic"], help="binarisation of [0, 1] images")
     g.add_argument("--valid-size", type=int, default=None, help="validation examples held out of training (default 5000; 0: none)")
-    g.add_argument("--train-limit", type=_positive_int, default=None, help="train on the first N training examples only, for quick runs (default: all)")
+    g.add_argument("--train-limit", type=positive_int, default=None, help="train on the first N training examples only, for quick runs (default: all)")
     g = groups[MODEL_GROUP]
     g.add_argument("--model", default="vae", choices=sorted(MODELS), help="generative model p(x, z)")
     g.add_argument("--guide", default=None, choices=sorted({*GUIDES, *MODEL_GUIDES}), help="guide q(z|x) (default: gaussian; rnn for --model sentence, none for --model lm, the model's own for draw and convdraw)")
     g = groups[TEXT_GROUP]
-    g.add_argument("--max-length", type=_positive_int, default=None, help="words per sentence at most (default: no limit)")
+    g.add_argument("--max-length", type=positive_int, default=None, help="words per sentence at most (default: no limit)")
     g.add_argument("--overlong", default=None, choices=["cut", "drop"], help="sentences over --max-length: cut them (default) or drop them")
     g = groups[OBJECTIVE_GROUP]
     g.add_argument("--objective", default="elbo", choices=sorted(OBJECTIVES), help="inference objective")
@@ -568,11 +561,11 @@ def parser() -> argparse.ArgumentParser:
         arg.add_to(groups[title])
     g = groups["optimisation"]
     g.add_argument("--epochs", type=int, default=None, help="epochs in all, counting those done before a --resume (default 10; with --resume, the run's)")
-    g.add_argument("--batch-size", type=_positive_int, default=100, help="examples per step")
+    g.add_argument("--batch-size", type=positive_int, default=100, help="examples per step")
     g.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     g.add_argument("--lr-schedule", default="constant", choices=list(SCHEDULES), help="learning-rate schedule (iwae: Burda et al.'s 3^i-epoch schedule)")
     g.add_argument("--clip-norm", type=float, default=None, help="clip the gradient norm to this (default: no clipping)")
-    g.add_argument("--check-every", type=_positive_int, default=100, help="steps between finiteness checks")
+    g.add_argument("--check-every", type=positive_int, default=100, help="steps between finiteness checks")
     g.add_argument("--on-divergence", default="stop", choices=["stop", "reduce_lr"], help="what a non-finite loss or parameter does")
     g.add_argument(
         "--capture", default=None, choices=list(CAPTURE_MODES),
@@ -586,25 +579,25 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--kl-clip", type=float, default=10.0, help="trust-region bound of --optimizer natural")
     g = groups["run"]
     g.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto; with --resume, the run's)")
-    g.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
+    g.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
     g.add_argument("--seed", type=int, default=0, help="random seed of the run")
     g.add_argument("--run-dir", default=None, help="run folder (default runs/DATASET-MODEL_LIKELIHOOD-GUIDE_guide-OBJECTIVE-TIME)")
     g.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
     g.add_argument("--eval-samples", type=_count, default=None, help="importance samples for the final test log-likelihood (0: skip evaluation; default 5000)")
-    g.add_argument("--eval-limit", type=_positive_int, default=None, help="evaluate on the first N test examples only (default: all)")
+    g.add_argument("--eval-limit", type=positive_int, default=None, help="evaluate on the first N test examples only (default: all)")
     g.add_argument("--eval-capture", default=None, choices=EVAL_CAPTURE_CHOICES, help=EVAL_CAPTURE_HELP + " (default auto)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars (default: bars on a terminal)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="test log-likelihood (k samples), ELBO, KL, active units and plots of a run", formatter_class=HelpFormatter)
     e.add_argument("run_dir")
-    e.add_argument("--num-samples", "-k", type=_positive_int, default=5000, help="importance samples per test image")
+    e.add_argument("--num-samples", "-k", type=positive_int, default=5000, help="importance samples per test image")
     e.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint (best: by validation ELBO)")
-    e.add_argument("--limit", type=_positive_int, default=None, help="first N test examples only; written to evaluation-limitN.json when a full evaluation.json is there (default: all)")
+    e.add_argument("--limit", type=positive_int, default=None, help="first N test examples only; written to evaluation-limitN.json when a full evaluation.json is there (default: all)")
     e.add_argument("--data-dir", default=None, help="folder with the dataset files (default: the run's, then $PYROVAE_DATA, then the cache)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    e.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
+    e.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
     e.add_argument("--capture", default="auto", choices=EVAL_CAPTURE_CHOICES, help=EVAL_CAPTURE_HELP)
     e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (default: a bar on a terminal)")
     e.set_defaults(func=cmd_evaluate)
@@ -617,7 +610,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint (best: by validation ELBO)")
     s.add_argument("--data-dir", default=None, help="folder with the dataset files, needed only by runs whose config.json lacks x_shape (default: the run's, then $PYROVAE_DATA)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    s.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
+    s.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
     s.set_defaults(func=cmd_sample)
     return p
 

@@ -20,6 +20,7 @@ argparse flags from these declarations, so adding a model, guide or objective is
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -94,19 +95,18 @@ def entry_args(entry) -> tuple[Arg, ...]:
     return tuple(getattr(entry, "args", ()))
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1."""
     value = int(text)
     if value < 1:
-        import argparse
-
         raise argparse.ArgumentTypeError(f"{text} must be a positive integer")
     return value
 
 
 # ----------------------------------------------------------------------------------------------- shared options
 
-Z_DIMS = Arg("--z-dims", type=_positive_int, nargs="+", help="stochastic layer sizes, nearest x first: 50, or 100 50 (default 50; 16 for text models)")
-HIDDEN = Arg("--hidden", type=_positive_int, nargs="+", help="hidden sizes; for text models the RNN size (default: the IWAE paper's; 191 for text models)")
+Z_DIMS = Arg("--z-dims", type=positive_int, nargs="+", help="stochastic layer sizes, nearest x first: 50, or 100 50 (default 50; 16 for text models)")
+HIDDEN = Arg("--hidden", type=positive_int, nargs="+", help="hidden sizes; for text models the RNN size (default: the IWAE paper's; 191 for text models)")
 ARCH = Arg("--arch", default="mlp", choices=("mlp", "conv"), help="encoder/decoder networks")
 LIKELIHOOD = Arg("--likelihood", default="bernoulli", choices=tuple(LIKELIHOODS), help="p(x|z) of image models")
 SCALE = Arg("--scale", type=float, help="fixed Gaussian observation scale (default: learned)")
@@ -117,16 +117,16 @@ ENCODER_ARGS = (Z_DIMS, HIDDEN, ARCH, ACTIVATION)
 
 TEXT_ARGS = (
     Z_DIMS, HIDDEN,
-    Arg("--embed-dim", type=_positive_int, group=TEXT_GROUP, help="word embedding size; --hidden sets the RNN size (default 353)"),
+    Arg("--embed-dim", type=positive_int, group=TEXT_GROUP, help="word embedding size; --hidden sets the RNN size (default 353)"),
     Arg("--rnn", choices=("lstm", "gru"), group=TEXT_GROUP, help="recurrent cell of encoder and decoder (default lstm)"),
-    Arg("--rnn-layers", type=_positive_int, group=TEXT_GROUP, help="stacked RNN layers (default 1)"),
+    Arg("--rnn-layers", type=positive_int, group=TEXT_GROUP, help="stacked RNN layers (default 1)"),
 )
 WORD_DROPOUT = Arg("--word-dropout", type=float, group=TEXT_GROUP, help="probability of replacing a decoder input word by <unk> while training (default 0)")
 
 _DRAW_LIKELIHOOD = (LIKELIHOOD, SCALE)
-DRAW_STEPS = Arg("--draw-steps", type=_positive_int, group=DRAW_GROUP, help="steps T (default 64 for draw, 8 for convdraw)")
-DRAW_Z = Arg("--draw-z", type=_positive_int, group=DRAW_GROUP, help="size of each z_t; ConvDRAW: its channels (default 100; 4 for convdraw)")
-LSTM_SIZE = Arg("--lstm-size", type=_positive_int, group=DRAW_GROUP, help="LSTM units; ConvDRAW: ConvLSTM channels (default 256; 32 for convdraw)")
+DRAW_STEPS = Arg("--draw-steps", type=positive_int, group=DRAW_GROUP, help="steps T (default 64 for draw, 8 for convdraw)")
+DRAW_Z = Arg("--draw-z", type=positive_int, group=DRAW_GROUP, help="size of each z_t; ConvDRAW: its channels (default 100; 4 for convdraw)")
+LSTM_SIZE = Arg("--lstm-size", type=positive_int, group=DRAW_GROUP, help="LSTM units; ConvDRAW: ConvLSTM channels (default 256; 32 for convdraw)")
 
 BAYES_MODEL_ARGS = (
     Arg("--bayesian-decoder", action="store_true", group=BAYES_GROUP, help="decoder weights are Normal latents (full-Bayes AEVB; default off)"),
@@ -290,22 +290,22 @@ def _convdraw_guide(cfg: dict, x_shape, model: nn.Module) -> nn.Module:
 MODELS: dict[str, Callable[[dict, tuple], nn.Module]] = {
     "vae": Entry(_vae, (*IMAGE_ARGS,
         Arg("--prior-flow", choices=("realnvp", "iaf"), help="learned flow prior p(z) of --model vae (default: none, N(0, I))"),
-        Arg("--prior-flow-length", type=_positive_int, default=2, help="number of prior flow layers"))),
+        Arg("--prior-flow-length", type=positive_int, default=2, help="number of prior flow layers"))),
     "discrete": Entry(_discrete, (*IMAGE_ARGS,)),
     "sentence": Entry(_sentence, (*TEXT_ARGS, WORD_DROPOUT)),
     "lm": Entry(_lm, (*TEXT_ARGS, WORD_DROPOUT)),
     "bayes_vae": Entry(_bayes_vae, (*IMAGE_ARGS, *BAYES_MODEL_ARGS)),
     "draw": Entry(_draw, (*_DRAW_LIKELIHOOD, DRAW_STEPS, DRAW_Z, LSTM_SIZE,
         Arg("--attention", action="store_true", group=DRAW_GROUP, help="DRAW reads and writes through selective attention windows (default off)"),
-        Arg("--read-size", type=_positive_int, group=DRAW_GROUP, help="N of DRAW's N x N read grid (default 2)"),
-        Arg("--write-size", type=_positive_int, group=DRAW_GROUP, help="N of DRAW's N x N write grid (default 5)"))),
+        Arg("--read-size", type=positive_int, group=DRAW_GROUP, help="N of DRAW's N x N read grid (default 2)"),
+        Arg("--write-size", type=positive_int, group=DRAW_GROUP, help="N of DRAW's N x N write grid (default 5)"))),
     "convdraw": Entry(_convdraw, (*_DRAW_LIKELIHOOD, DRAW_STEPS, DRAW_Z, LSTM_SIZE)),
 }
 GUIDES: dict[str, Callable[[dict, tuple], nn.Module]] = {
     "gaussian": Entry(_gaussian, ENCODER_ARGS),
     "flow": Entry(_flow, (*ENCODER_ARGS,
         Arg("--flow", default="planar", choices=tuple(sorted(FLOWS)), help="flow family of --guide flow"),
-        Arg("--flow-length", type=_positive_int, default=10, help="number of flow transforms of --guide flow"))),
+        Arg("--flow-length", type=positive_int, default=10, help="number of flow transforms of --guide flow"))),
     "bernoulli": Entry(_bernoulli, ENCODER_ARGS),
     "rnn": Entry(_rnn_encoder, (*TEXT_ARGS, Arg("--bidirectional", action="store_true", group=TEXT_GROUP, help="bidirectional encoder (--guide rnn; default off)"))),
     "none": Entry(_no_latents),
