@@ -10,12 +10,15 @@ argparse flags from these declarations, so adding a model, guide or objective is
 
 - An :class:`Arg` is one flag: its config key is the flag without dashes (``--my-size`` -> ``my_size``).
   The help text states the default when the parser's default is ``None`` ("default 8"); otherwise ``--help``
-  adds ``(default: X)`` itself. ``group`` is the ``--help`` section (default: the registry's).
+  adds ``(default: X)`` itself; either way one default statement per option (``tests/test_cli.py`` checks).
+  ``group`` is the ``--help`` section (default: the registry's).
 - Entries may share an ``Arg`` (``Z_DIMS``, ``NUM_PARTICLES``, ...): a flag is added once; two *different*
   declarations of one flag are an error when the parser is built.
 - Model and guide builders take ``(cfg, x_shape)`` and read their keys from ``cfg``; a plain function is still
   accepted as an entry (it declares no flags). Objective entries wrap the class: ``build_objective`` passes each
   declared ``Arg`` that is set in the config as the constructor argument ``arg.param`` (default: its key).
+- ``ALL_OBJECTIVES`` (name -> class) and ``OBJECTIVE_ARGS`` (name -> {constructor argument: config key}) are
+  derived from ``OBJECTIVES`` for older code; register in ``OBJECTIVES``.
 - Never an ``if name == ...`` in the trainer or the objectives.
 """
 from __future__ import annotations
@@ -72,6 +75,8 @@ class Arg:
         kwargs = {"help": self.help, "default": self.default}
         if self.action:
             kwargs["action"] = self.action
+            if self.action == "store_true" and self.default is None:
+                kwargs["default"] = False
         else:
             kwargs.update({k: v for k, v in (("type", self.type), ("choices", self.choices), ("nargs", self.nargs)) if v is not None})
         if kwargs.get("choices") is not None:
