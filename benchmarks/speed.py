@@ -19,7 +19,7 @@ shared with other work. Results go to a markdown file (``--out``), written atomi
 Usage::
 
     python benchmarks/speed.py                 # full table on CPU (and CUDA when available)
-    python benchmarks/speed.py --quick --out /tmp/speed.md   # smoke run, < 2 minutes on 2 cores
+    python benchmarks/speed.py --quick         # smoke run: writes $TMPDIR/pyrovae-speed-quick.md, never results/speed.md
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,8 @@ except ImportError:  # the flow guide is younger than the rest: its rows are ski
     FlowEncoder = None
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "speed.md"
+#: where a ``--quick`` smoke run writes unless given ``--out``: never over a measurement
+QUICK_OUT = Path(tempfile.gettempdir()) / "pyrovae-speed-quick.md"
 IMPLS = ("hand", "pyrovae", "compile", "plain", "svi")
 QUICK_IMPLS = ("hand", "pyrovae", "plain", "svi")  # compiling takes ~10-30 s a graph: not for a smoke run
 CAPTURE = {"pyrovae": "replay", "compile": "compile", "plain": "off"}
@@ -477,7 +480,9 @@ def report(rows: list[Row], args, meta: dict) -> str:
     return "\n".join(parts)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The command line, with the defaults filled in: a ``--quick`` smoke run writes to :data:`QUICK_OUT` unless
+    ``--out`` is given, so that it never replaces the measurement in :data:`DEFAULT_OUT`."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run: batch 128, a few configs, 3 steps x 2 rounds")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CPU, and CUDA when available")
@@ -493,7 +498,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=None, help="implementations to time (default: all; with --quick all but compile); hand-written is always timed")
     p.add_argument("--only", nargs="*", default=None, help="run only configs whose 'arch label batch' contains one of these strings")
     p.add_argument("--no-validation", action="store_true", help="pyro.enable_validation(False) for the whole run (default: Pyro's default, on)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown file to write")
+    p.add_argument("--out", type=Path, default=None, help=f"markdown file to write (default: {DEFAULT_OUT.relative_to(DEFAULT_OUT.parents[2])}; with --quick, {QUICK_OUT})")
     p.add_argument("--data-dir", default=None, help="folder holding binarized-mnist/ (default: $PYROVAE_DATA, then the cache)")
     p.add_argument("--note", action="append", default=[], help="a line recorded in the results file (e.g. why --threads was set); repeatable")
     args = p.parse_args(argv)
@@ -508,6 +513,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             p.error(f"--{name.replace('_', '-')}={v} must be a positive integer")
+    if args.out is None:
+        args.out = QUICK_OUT if args.quick else DEFAULT_OUT
+    args.parser = p
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    p = args.parser
 
     logging.getLogger("pyro").setLevel(logging.WARNING)  # "Guessed max_plate_nesting" on every new objective
     if args.threads:

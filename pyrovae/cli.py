@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import pyro
 import torch
@@ -19,10 +21,11 @@ from pyrovae.callbacks import TensorBoard
 from pyrovae.capture import MODES as CAPTURE_MODES
 from pyrovae.checkpoint import CheckpointError, check_state, load_checkpoint, write_json
 from pyrovae.data import as_inputs
-from pyrovae.flows import FLOWS
-from pyrovae.models.vae import PRIOR_FLOWS
-from pyrovae.objectives import ELBO
-from pyrovae.registry import ALL_OBJECTIVES, GUIDES, MODEL_GUIDES, MODELS, OBJECTIVE_ARGS, build_guide, build_model, build_objective, default_guide
+from pyrovae.objectives import ELBO, Objective
+from pyrovae.registry import (
+    BAYES_GROUP, DRAW_GROUP, GUIDES, MODEL_GROUP, MODEL_GUIDES, MODELS, OBJECTIVE_GROUP, OBJECTIVES, TEXT_GROUP, all_args, build_guide,
+    build_model, build_objective, default_guide, entry_args, objective_kwargs, positive_int,
+)
 from pyrovae.train import SCHEDULES, DivergenceError, Trainer, TrainingInterrupted
 
 
@@ -32,6 +35,7 @@ class UsageError(ValueError):
 
 #: options of ``train`` passed to the loader of a dataset that has its own (text)
 TEXT_DATA_OPTIONS = ("max_length", "overlong")
+
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,8 +68,28 @@ def _load_data(cfg: dict, device: torch.device):
                 f"{found}, but an explicit --data-dir is not silently replaced: pass --data-dir {found.parent if found.name == cfg['dataset'] else found}, "
                 "or drop --data-dir to use $PYROVAE_DATA"
             )
+    elif cfg.get("data_found_in") and Path(cfg["data_found_in"]).is_dir():  # the folder the run was trained on, unless found elsewhere now
+        try:
+            resolve(cfg["dataset"], None, download=False)
+        except DataError:
+            data_dir = cfg["data_found_in"]
     options = {k: cfg[k] for k in TEXT_DATA_OPTIONS if cfg.get(k) is not None}  # datasets with their own loader (ptb)
-    return load_dataset(cfg["dataset"], data_dir=cfg.get("data_dir"), binarize=cfg.get("binarize", "none"), valid_size=cfg.get("valid_size"), seed=cfg.get("seed", 0), device=device, **options)
+    return load_dataset(cfg["dataset"], data_dir=data_dir, binarize=cfg.get("binarize", "none"), valid_size=cfg.get("valid_size"), seed=cfg.get("seed", 0), device=device, **options)
+
+
+def _record_data(cfg: dict, splits) -> None:
+    """What ``sample`` and ``load_run`` need to rebuild the run without its data, into the config: ``x_shape``,
+    ``x_dtype`` (tensor data only) and ``data_found_in``, the folder the data came from (``data_dir`` stays as given,
+    None for $PYROVAE_DATA or the cache)."""
+    from pyrovae.data import DataError, resolve
+
+    cfg["x_shape"] = list(splits.x_shape)
+    if isinstance(splits.test, torch.Tensor):
+        cfg["x_dtype"] = str(splits.test.dtype).replace("torch.", "")
+    try:
+        cfg["data_found_in"] = str(resolve(cfg["dataset"], cfg.get("data_dir"), download=False).resolve())
+    except (DataError, OSError, KeyError):
+        cfg["data_found_in"] = None
 
 
 def _check_likelihood(cfg: dict, splits) -> None:
@@ -87,7 +111,7 @@ def _build(cfg: dict, x_shape, device):
 
 #: options of ``train`` that ``--resume`` takes from the command line (when given) rather than from the run's config.json,
 #: with their defaults for a new run (None on the parser, so that "not given" can be told apart from "given the default")
-RESUME_OVERRIDES = {"epochs": 10, "device": "auto", "data_dir": None, "eval_samples": 5000, "eval_limit": None, "progress": True, "capture": "replay", "eval_capture": "auto", "tensorboard": None}
+RESUME_OVERRIDES = {"epochs": 10, "device": "auto", "data_dir": None, "eval_samples": 5000, "eval_limit": None, "progress": True, "capture": "replay", "eval_capture": "auto", "threads": None, "tensorboard": None}
 
 
 def _config(args: argparse.Namespace) -> dict:
@@ -192,7 +216,7 @@ def _flagged(build, names: dict):
 
 def _build_objective(cfg: dict):
     """``build_objective`` with the objective's argument names in its messages replaced by the CLI flags."""
-    return _flagged(lambda: build_objective(cfg), OBJECTIVE_ARGS.get(cfg.get("objective", "elbo"), {}))
+    return _flagged(lambda: build_objective(cfg), objective_kwargs(cfg))
 
 
 def _check_bayes(cfg: dict) -> None:
@@ -216,9 +240,19 @@ def _optimizer(cfg: dict, model, guide) -> dict:
     return {"optimizer": NaturalGradient, "optimizer_kwargs": kwargs, "capture": "off"}
 
 
+def default_run_name(cfg: dict, when: Optional[str] = None) -> str:
+    """``DATASET-MODEL_LIKELIHOOD-GUIDE_guide-OBJECTIVE-TIME``, e.g. ``mnist-vae_bernoulli-gaussian_guide-elbo-20261202-174500``:
+    the likelihood is the p(x|z) of models that declare --likelihood (not the text models)."""
+    model = cfg.get("model", "vae")
+    has_likelihood = any(a.key == "likelihood" for a in entry_args(MODELS.get(model)))  # text models: none
+    likelihood = f"_{cfg.get('likelihood') or 'bernoulli'}" if has_likelihood else ""
+    guide = cfg.get("guide") or default_guide(model)
+    return f"{cfg.get('dataset', 'mnist')}-{model}{likelihood}-{guide}_guide-{cfg.get('objective', 'elbo')}-{when or time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     distributed.init(resolve_device(args.device or "auto"))  # distributed: join torchrun's process group (nothing for one process)
-    run_dir = Path(distributed.from_main(args.run_dir or f"runs/{args.dataset}-{args.model}-{args.guide or default_guide(args.model)}-{args.objective}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    run_dir = Path(distributed.from_main(str(args.run_dir or Path("runs") / default_run_name(vars(args)))))
     lock = distributed.run_lock(run_dir)  # distributed: rank 0 alone locks and writes the run folder
     if os.path.lexists(run_dir):  # one writer at a time, from the first look at the folder (a new one is made later)
         if not run_dir.is_dir():
@@ -249,6 +283,7 @@ def _train(run_dir: Path, args: argparse.Namespace, lock: runs.RunLock) -> int:
         splits.train = splits.train[: cfg["train_limit"]]
     _check_likelihood(cfg, splits)
     _check_bayes(cfg)
+    _record_data(cfg, splits)
     if cfg.get("num_data") is None:
         cfg["num_data"] = int(as_inputs(splits.train, "train")[0].shape[0])  # weighs global latents' terms batch/N (models that have them)
     names = {**{k: k for k in cfg}, **_ARG_FLAGS}
@@ -279,13 +314,46 @@ def _train(run_dir: Path, args: argparse.Namespace, lock: runs.RunLock) -> int:
             print(f"pyrovae: the new run failed before its first checkpoint; the old run in {run_dir} is back as it was", file=sys.stderr)
     print(f"pyrovae: training steps: {trainer.capture_report}")
     if cfg["eval_samples"] > 0:
-        return _evaluate(run_dir, device, "best", cfg["eval_samples"], cfg["eval_limit"], splits, capture=cfg.get("eval_capture", "auto"))
+        return _evaluate(run_dir, device, "best", cfg["eval_samples"], cfg["eval_limit"], splits, capture=cfg.get("eval_capture", "auto"), progress=cfg["progress"])
     return 0
 
 
-def load_run(run_dir: Path, device: torch.device, checkpoint: str = "best", splits=None, data_dir: Optional[str] = None):
-    """Rebuild a run's model and guide from ``config.json`` and load a checkpoint's weights (the run's data
-    is loaded unless ``splits`` are given; ``data_dir`` overrides the folder the run used)."""
+@dataclass
+class LoadedRun:
+    """A trained run rebuilt from its folder (:func:`load_run`)."""
+
+    model: torch.nn.Module
+    guide: torch.nn.Module
+    objective: Objective  #: the run's objective, with its state at the checkpoint (GECO's multiplier, ...)
+    config: dict  #: the run's config.json
+    checkpoint: Path  #: the checkpoint the weights came from
+    x_shape: tuple  #: the shape of one data point
+    splits: Any = None  #: the run's data, when it was loaded (``with_data=True``, or a config without ``x_shape``)
+
+
+def load_run(run_dir, device="cpu", checkpoint: str = "best", data_dir: Optional[str] = None, with_data: bool = False) -> LoadedRun:
+    """A trained run's model, guide and objective, rebuilt from ``RUN_DIR/config.json`` with a checkpoint's weights.
+
+    Args:
+        run_dir: the run folder (``pyrovae train --run-dir``).
+        device: where the modules go ("cpu", "cuda", a ``torch.device``; "auto": CUDA when available).
+        checkpoint: "best" (by validation ELBO; the last one when there is no best) or "last".
+        data_dir: the dataset folder, if not the run's; the data is read only when needed (``with_data``, or a
+            run whose config.json predates ``x_shape``).
+        with_data: also load the run's data splits (``.splits``).
+
+    The model and guide are in ``eval()`` mode, and their parameters are registered in Pyro's param store
+    (which is cleared first), so ``pyrovae.evaluate``'s functions and ``pyro.infer`` run on them directly.
+    """
+    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    cfg, model, guide, splits, path, objective = _load_run(Path(run_dir), device, checkpoint, data_dir=data_dir, need_data=with_data)
+    return LoadedRun(model, guide, objective, cfg, path, tuple(cfg.get("x_shape") or splits.x_shape), splits)
+
+
+def _load_run(run_dir: Path, device: torch.device, checkpoint: str = "best", splits=None, data_dir: Optional[str] = None, need_data: bool = True):
+    """(cfg, model, guide, splits, checkpoint path, objective) of a run; the data is loaded when ``need_data`` (unless
+    ``splits`` are given) or when the config lacks ``x_shape``/``x_dtype`` (runs before they were saved, text and
+    tuple data); ``data_dir`` overrides the folder the run used."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise UsageError(f"{run_dir} is not a pyrovae run folder (no config.json); pass the --run-dir of a training run")
@@ -294,15 +362,21 @@ def load_run(run_dir: Path, device: torch.device, checkpoint: str = "best", spli
     if not path.exists() and checkpoint == "best":
         path = run_dir / "checkpoints" / "last.pt"
     state = load_checkpoint(path, map_location=device)
-    if splits is None:
+    dtype = getattr(torch, str(cfg.get("x_dtype", "")).replace("torch.", ""), None) if cfg.get("x_shape") else None
+    if splits is None and (need_data or not (isinstance(dtype, torch.dtype) and dtype.is_floating_point)):
         splits = _load_data({**cfg, "data_dir": data_dir} if data_dir else cfg, device)
+    x_shape = tuple(splits.x_shape) if splits is not None else tuple(cfg["x_shape"])
+    example = as_inputs(splits.test[: min(10, splits.test.shape[0])]) if splits is not None else (torch.zeros(2, *x_shape, dtype=dtype, device=device),)
     pyro.clear_param_store()
-    model, guide = _build(cfg, splits.x_shape, device)
+    model, guide = _build(cfg, x_shape, device)
     model.eval(), guide.eval()  # dropout layers deterministic, Bayesian weights at their posterior means
-    loader = Trainer(model, guide, ELBO(), progress=False)
-    loader.setup(*as_inputs(splits.test[: min(10, splits.test.shape[0])]))
+    loader = Trainer(model, guide, ELBO(), progress=False)  # the plain ELBO finds the parameters: one cheap trace
+    loader.setup(*example)
     loader.load_weights(state)
-    return cfg, model, guide, splits, path
+    objective = _build_objective(cfg)
+    if state.get("objective") and hasattr(objective, "load_state_dict"):
+        objective.load_state_dict(state["objective"])
+    return cfg, model, guide, splits, path, objective
 
 
 #: evaluations at least this large (test images x importance samples) are compiled by ``--eval-capture auto`` on CPU
@@ -311,34 +385,54 @@ AUTO_COMPILE_WORK = 1000 * 5000
 
 def eval_capture_mode(choice: str, num_test: int, num_samples: int, device: torch.device) -> str:
     """``log_likelihood``'s capture mode for ``--eval-capture``: ``auto`` compiles on CPU when the evaluation is at
-    least :data:`AUTO_COMPILE_WORK` image-samples (the compile, about 10-20 s per chunk shape, then pays for itself:
-    on the 2-core development machine compiled chunks ran 1.2-1.5x as fast as Pyro's on one thread, 2.5x on two),
-    else runs Pyro. Not on CUDA: whether compiling pays for itself there has not been measured."""
+    least :data:`AUTO_COMPILE_WORK` image-samples, where the compile time per chunk shape pays for itself (measured
+    in the README, "Captured evaluation"), else runs Pyro. Not on CUDA: whether compiling pays for itself there has
+    not been measured."""
     if choice != "auto":
         return choice
     return "compile" if device.type == "cpu" and num_test * num_samples >= AUTO_COMPILE_WORK else "off"
 
 
-def _evaluate(run_dir: Path, device, checkpoint: str, num_samples: int, limit: Optional[int], splits=None, data_dir: Optional[str] = None, capture: str = "auto") -> int:
+def _output_suffix(run_dir: Path, limit: Optional[int], num_test: int) -> str:
+    """``""`` for a full evaluation, or for a partial one (``limit`` < the test set) where no full evaluation was
+    written; ``-limitN`` for a partial one beside a full ``evaluation.json``, which it never replaces."""
+    if not limit or limit >= num_test:
+        return ""
+    try:
+        old = json.loads((run_dir / "evaluation.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    full = isinstance(old, dict) and not old.get("limit") and old.get("num_test", 0) >= num_test
+    return f"-limit{limit}" if full else ""
+
+
+def _evaluate(
+    run_dir: Path, device, checkpoint: str, num_samples: int, limit: Optional[int], splits=None, data_dir: Optional[str] = None,
+    capture: str = "auto", progress: bool = True,
+) -> int:
     from pyrovae import evaluate as E
+    from pyrovae.pictures import labelled_grids
 
     runs.check_writable(run_dir)  # before the log-likelihood, not after: evaluation.json and the pictures go there
-    cfg, model, guide, splits, path = load_run(run_dir, device, checkpoint, splits, data_dir)
+    cfg, model, guide, splits, path, _ = _load_run(run_dir, device, checkpoint, splits, data_dir)
+    suffix = _output_suffix(run_dir, limit, splits.test.shape[0])
+    if suffix:
+        print(f"pyrovae: {run_dir / 'evaluation.json'} holds the full test set's evaluation; this one (--limit {limit}) goes to evaluation{suffix}.json and *{suffix}.png")
     test = splits.test if not limit else splits.test[:limit]
     if hasattr(model, "evaluate_run") and not distributed.is_main():  # distributed: rank 0 evaluates these models alone
         return 0
     if hasattr(model, "evaluate_run"):  # a model with its own metrics and outputs (text: perplexity, sentences)
-        result = {"checkpoint": str(path), **model.evaluate_run(guide, splits, test, run_dir, num_samples)}
-        write_json(run_dir / "evaluation.json", result)
+        result = {"checkpoint": str(path), "limit": limit, **model.evaluate_run(guide, splits, test, run_dir, num_samples)}
+        write_json(run_dir / f"evaluation{suffix}.json", result)
         print(json.dumps(result, indent=2))
-        print(f"pyrovae: wrote evaluation.json and {', '.join(result.get('outputs', []))} to {run_dir}")
+        print(f"pyrovae: wrote evaluation{suffix}.json and {', '.join(result.get('outputs', []))} to {run_dir}")
         return 0
     if splits.binarize == "dynamic":  # evaluate on one fixed binarisation of the test set, as in the IWAE paper
         gen = torch.Generator(device=test.device).manual_seed(cfg.get("seed", 0) + 1)
         test = torch.bernoulli(test, generator=gen)
     capture = eval_capture_mode(capture, test.shape[0], num_samples, test.device)
     t0 = time.perf_counter()
-    ll = distributed.log_likelihood(model, guide, test, num_samples=num_samples, capture=capture)  # distributed: sharded over ranks
+    ll = distributed.log_likelihood(model, guide, test, num_samples=num_samples, capture=capture, progress=progress)  # distributed: sharded over ranks
     seconds = time.perf_counter() - t0
     if not distributed.is_main():  # distributed: rank 0 alone writes evaluation.json and the pictures
         return 0
@@ -348,6 +442,7 @@ def _evaluate(run_dir: Path, device, checkpoint: str, num_samples: int, limit: O
     result = {
         "checkpoint": str(path),
         "num_test": n,
+        "limit": limit if limit and limit < splits.test.shape[0] else None,
         "num_samples": num_samples,
         "test_nll": float(-ll.values.mean()),
         "test_nll_stderr_over_data": float(ll.values.std() / math.sqrt(n)) if n > 1 else float("nan"),
@@ -359,25 +454,35 @@ def _evaluate(run_dir: Path, device, checkpoint: str, num_samples: int, limit: O
         "nll_seconds": round(seconds, 2),
         "nll_capture": ll.capture,
     }
-    write_json(run_dir / "evaluation.json", result)
+    write_json(run_dir / f"evaluation{suffix}.json", result)
     x_shape = splits.x_shape
-    E.save_image_grid(E.sample(model, 64, x_shape, device=device), run_dir / "samples.png")
-    E.save_image_grid(torch.cat([test[:32], E.reconstruct(model, guide, test[:32])]), run_dir / "reconstructions.png")
-    E.latent_scatter(guide, test[:2000], None if splits.test_labels is None else splits.test_labels[: min(2000, n)], run_dir / "latent.png")
+    written = [f"evaluation{suffix}.json", f"samples{suffix}.png", f"reconstructions{suffix}.png", f"latent{suffix}.png"]
+    pyro.set_rng_seed(cfg.get("seed", 0))  # the same pictures from the same checkpoint
+    E.save_image_grid(E.sample(model, 64, x_shape, device=device), run_dir / written[1])
+    shown = test[:32]
+    labelled_grids([
+        (f"data: test images 1-{shown.shape[0]}", shown),
+        ("reconstructions: mean of p(x|z), z ~ q(z|x), in the same places", E.reconstruct(model, guide, shown)),
+    ], run_dir / written[2])
+    E.latent_scatter(guide, test[:2000], None if splits.test_labels is None else splits.test_labels[: min(2000, n)], run_dir / written[3])
     if list(cfg.get("z_dims") or [50]) == [2]:
         try:
-            E.save_image_grid(E.decode_grid(model, x_shape, device=device), run_dir / "manifold.png", nrow=20)
+            E.save_image_grid(E.decode_grid(model, x_shape, device=device), run_dir / f"manifold{suffix}.png", nrow=20)
+            written.append(f"manifold{suffix}.png")
         except ValueError as e:  # a discrete 2-D code has no manifold to draw
             print(f"pyrovae: no manifold.png: {e}")
     if hasattr(model, "write_pictures"):  # models that draw over steps (DRAW): canvases, attention, GIF
         model.write_pictures(run_dir, guide=guide, data=test)
     print(json.dumps(result, indent=2))
-    print(f"pyrovae: wrote evaluation.json, samples.png, reconstructions.png, latent.png to {run_dir}")
+    print(f"pyrovae: wrote {', '.join(written)} to {run_dir}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    return _evaluate(Path(args.run_dir), distributed.init(resolve_device(args.device)), args.checkpoint, args.num_samples, args.limit, data_dir=args.data_dir, capture=args.capture)
+    return _evaluate(
+        Path(args.run_dir), distributed.init(resolve_device(args.device)), args.checkpoint, args.num_samples, args.limit, data_dir=args.data_dir,
+        capture=args.capture, progress=args.progress,
+    )
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -386,15 +491,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.num < 1:
         raise UsageError(f"--num {args.num} must be at least 1")
-    cfg, model, guide, splits, _ = load_run(Path(args.run_dir), device, args.checkpoint)
+    cfg, model, guide, splits, _, _ = _load_run(Path(args.run_dir), device, args.checkpoint, data_dir=args.data_dir, need_data=False)
+    pyro.set_rng_seed(args.seed)
     if hasattr(model, "sample_run"):  # a model that samples something other than images (text: sentences, printed)
+        if splits is None:
+            splits = _load_data({**cfg, "data_dir": args.data_dir} if args.data_dir else cfg, device)
         print("\n".join(model.sample_run(splits, args.num)))
         return 0
-    out = Path(args.out or Path(args.run_dir) / "samples.png")
+    default = f"samples-seed{args.seed}-n{args.num}{'-last' if args.checkpoint == 'last' else ''}.png"  # never evaluate's samples.png
+    out = Path(args.out or Path(args.run_dir) / default)
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: the folder {out.parent} does not exist; create it or write elsewhere")
     runs.check_writable(out.parent, "the --out folder")
-    E.save_image_grid(E.sample(model, args.num, splits.x_shape, device=device), out)
+    x_shape = tuple(cfg.get("x_shape") or splits.x_shape)
+    E.save_image_grid(E.sample(model, args.num, x_shape, device=device), out)
     if hasattr(model, "write_pictures"):  # models that draw over steps (DRAW): canvases per step and a GIF
         model.write_pictures(out.parent, num=min(args.num, 16))
     print(f"pyrovae: wrote {args.num} samples to {out}")
@@ -408,18 +518,30 @@ EVAL_CAPTURE_HELP = (
 )
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be a positive integer")
-    return value
-
-
 def _count(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} must be an integer >= 0 (0: none)")
     return value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` states each option's default once: ``(default: X)`` is added unless the help says it already
+    (options whose parser default is None, meaning "not given", say what that means in words)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if action.nargs == 0 and not action.default:  # store_true flags
+            return text + " (default: off)"
+        return text + " (default: %(default)s)"
+
+
+#: ``--help`` sections of ``pyrovae train``, in order (registry options join theirs by ``Arg.group``)
+TRAIN_GROUPS = ("data", MODEL_GROUP, TEXT_GROUP, DRAW_GROUP, OBJECTIVE_GROUP, "optimisation", BAYES_GROUP, "run")
+
+THREADS_HELP = "torch intra-op CPU threads (torch.set_num_threads); 1 on a machine shared with other jobs (default: torch's choice, one per core)"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -428,115 +550,108 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyrovae", description="Variational autoencoders as Pyro programs.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a VAE, then evaluate it on the test set", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = t.add_argument_group("data")
-    g.add_argument("--dataset", default="mnist", choices=sorted(DATASETS))
-    g.add_argument("--data-dir", default=None, help="folder with the dataset files (else $PYROVAE_DATA, else the cache)")
-    g.add_argument("--binarize", default="dynamic", choices=["none", "static", "dynamic"])
+    t = sub.add_parser("train", help="train a VAE, then evaluate it on the test set", formatter_class=HelpFormatter)
+    groups = {title: t.add_argument_group(title) for title in TRAIN_GROUPS}
+    g = groups["data"]
+    g.add_argument("--dataset", default="mnist", choices=sorted(DATASETS), help="data set (see README, 'Data')")
+    g.add_argument("--data-dir", default=None, help="folder with the dataset files (default: $PYROVAE_DATA, else the cache)")
+    g.add_argument("--binarize", default="dynamic", choices=["none", "static", "dynamic"], help="binarisation of [0, 1] images")
     g.add_argument("--valid-size", type=int, default=None, help="validation examples held out of training (default 5000; 0: none)")
-    g.add_argument("--train-limit", type=_positive_int, default=None, help="train on the first N training examples only (quick runs)")
-    g = t.add_argument_group("model and guide")
-    g.add_argument("--model", default="vae", choices=sorted(MODELS))
-    g.add_argument("--guide", default=None, choices=sorted({*GUIDES, *MODEL_GUIDES}), help="default: gaussian; rnn for --model sentence, none for --model lm, the model's own for draw and convdraw")
-    g.add_argument("--arch", default="mlp", choices=["mlp", "conv"])
-    g.add_argument("--z-dims", type=_positive_int, nargs="+", default=None, help="stochastic layer sizes, nearest x first: 50, or 100 50 (default 50; 16 for text models)")
-    g.add_argument("--hidden", type=_positive_int, nargs="+", default=None, help="hidden sizes (default: the IWAE paper's)")
-    g.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian", "continuous_bernoulli"])
-    g.add_argument("--scale", type=float, default=None, help="fixed Gaussian observation scale (default: learned)")
-    g.add_argument("--activation", default="tanh")
-    g.add_argument("--flow", default="planar", choices=sorted(FLOWS), help="flow family of --guide flow")
-    g.add_argument("--flow-length", type=_positive_int, default=10, help="number of flow transforms")
-    g.add_argument("--prior-flow", default=None, choices=list(PRIOR_FLOWS), help="learned flow prior p(z) of --model vae")
-    g.add_argument("--prior-flow-length", type=_positive_int, default=2, help="number of prior flow layers")
-    g = t.add_argument_group("text (--dataset ptb, --model sentence or lm)")
-    g.add_argument("--max-length", type=_positive_int, default=None, help="words per sentence at most (default: no limit)")
+    g.add_argument("--train-limit", type=positive_int, default=None, help="train on the first N training examples only, for quick runs (default: all)")
+    g = groups[MODEL_GROUP]
+    g.add_argument("--model", default="vae", choices=sorted(MODELS), help="generative model p(x, z)")
+    g.add_argument("--guide", default=None, choices=sorted({*GUIDES, *MODEL_GUIDES}), help="guide q(z|x) (default: gaussian; rnn for --model sentence, none for --model lm, the model's own for draw and convdraw)")
+    g = groups[TEXT_GROUP]
+    g.add_argument("--max-length", type=positive_int, default=None, help="words per sentence at most (default: no limit)")
     g.add_argument("--overlong", default=None, choices=["cut", "drop"], help="sentences over --max-length: cut them (default) or drop them")
-    g.add_argument("--embed-dim", type=_positive_int, default=None, help="word embedding size (default 353; --hidden sets the RNN size, default 191)")
-    g.add_argument("--rnn", default=None, choices=["lstm", "gru"], help="recurrent cell of encoder and decoder (default lstm)")
-    g.add_argument("--rnn-layers", type=_positive_int, default=None, help="stacked RNN layers (default 1)")
-    g.add_argument("--bidirectional", action="store_true", help="bidirectional encoder (--guide rnn)")
-    g.add_argument("--word-dropout", type=float, default=None, help="probability of replacing a decoder input word by <unk> while training")
-    g.add_argument("--free-bits", type=float, default=None, help="free bits per latent dimension, nats (--objective annealed)")
-    g = t.add_argument_group("DRAW and ConvDRAW (--model draw / convdraw; their guide is chosen with them)")
-    g.add_argument("--draw-steps", type=_positive_int, default=None, help="steps T (default 64 for draw, 8 for convdraw)")
-    g.add_argument("--attention", action="store_true", help="DRAW reads and writes through selective attention windows")
-    g.add_argument("--read-size", type=_positive_int, default=None, help="N of DRAW's N x N read grid (default 2)")
-    g.add_argument("--write-size", type=_positive_int, default=None, help="N of DRAW's N x N write grid (default 5)")
-    g.add_argument("--draw-z", type=_positive_int, default=None, help="size of each z_t (default 100); ConvDRAW: its channels (default 4)")
-    g.add_argument("--lstm-size", type=_positive_int, default=None, help="LSTM units (default 256); ConvDRAW: ConvLSTM channels (default 32)")
-    g = t.add_argument_group("objective")
-    g.add_argument("--objective", default="elbo", choices=sorted(ALL_OBJECTIVES))
-    g.add_argument("--num-particles", "-k", type=int, default=None, help="samples per data point (objective's default if omitted)")
-    g.add_argument("--estimator", default=None, choices=["standard", "dreg", "vimco", "score"], help="IWAE/Renyi gradient estimator (vimco: discrete latents; default standard)")
-    g.add_argument("--analytic-kl", action="store_true", help="closed-form KL in the ELBO (mean-field guides)")
-    g.add_argument("--alpha", type=float, default=None, help="Renyi alpha")
-    g.add_argument("--beta", type=float, default=None, help="beta-ELBO weight")
-    g.add_argument("--beta-schedule", default=None, choices=["constant", "linear", "cyclical", "logistic"], help="beta-ELBO / annealed schedule (default constant for beta, logistic for annealed)")
-    g.add_argument("--warmup-steps", type=int, default=None)
-    g.add_argument("--cycle-steps", type=int, default=None)
-    g.add_argument("--constraint", default=None, choices=["RE", "pNCC"], help="GECO constraint (FRE/CLA need Python callables)")
-    g.add_argument("--tolerance", type=float, default=None, help="GECO tolerance kappa")
-    g.add_argument("--geco-alpha", type=float, default=None, help="GECO moving-average rate")
-    g.add_argument("--geco-nu", type=float, default=None, help="GECO multiplier rate")
-    g.add_argument("--geco-multiplier-step", default=None, choices=["paper", "clamped"], help="GECO multiplier update: the paper's lambda*exp(nu*C_ma), or its step clamped to +-(1-alpha) (default paper)")
-    g = t.add_argument_group("optimisation")
+    g = groups[OBJECTIVE_GROUP]
+    g.add_argument("--objective", default="elbo", choices=sorted(OBJECTIVES), help="inference objective")
+    for arg in all_args():  # the registries' options (pyrovae.registry), each in its section
+        title = arg.group or (OBJECTIVE_GROUP if arg.flag in _objective_flags() else MODEL_GROUP)
+        if title not in groups:
+            groups[title] = t.add_argument_group(title)
+        arg.add_to(groups[title])
+    g = groups["optimisation"]
     g.add_argument("--epochs", type=int, default=None, help="epochs in all, counting those done before a --resume (default 10; with --resume, the run's)")
-    g.add_argument("--batch-size", type=_positive_int, default=100)
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--lr-schedule", default="constant", choices=list(SCHEDULES))
-    g.add_argument("--clip-norm", type=float, default=None)
-    g.add_argument("--check-every", type=_positive_int, default=100, help="steps between finiteness checks")
-    g.add_argument("--on-divergence", default="stop", choices=["stop", "reduce_lr"])
+    g.add_argument("--batch-size", type=positive_int, default=100, help="examples per step")
+    g.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    g.add_argument("--lr-schedule", default="constant", choices=list(SCHEDULES), help="learning-rate schedule (iwae: Burda et al.'s 3^i-epoch schedule)")
+    g.add_argument("--clip-norm", type=float, default=None, help="clip the gradient norm to this (default: no clipping)")
+    g.add_argument("--check-every", type=positive_int, default=100, help="steps between finiteness checks")
+    g.add_argument("--on-divergence", default="stop", choices=["stop", "reduce_lr"], help="what a non-finite loss or parameter does")
     g.add_argument(
         "--capture", default=None, choices=list(CAPTURE_MODES),
         help="training-step fast path: replay a recorded graph (default), also compile it with torch.compile, or off",
     )
-    g = t.add_argument_group("Bayesian layers and natural gradient (--model bayes_vae --guide bayes_gaussian)")
+    g = groups[BAYES_GROUP]
     g.add_argument("--optimizer", default="adam", choices=["adam", "natural"],
                    help="natural: pyrovae.optim.NaturalGradient (runs with --capture off); give it --lr 1, its plain natural-gradient step")
     g.add_argument("--fisher", default="kfac", choices=["kfac", "diagonal"], help="Fisher blocks of --optimizer natural")
-    g.add_argument("--damping", type=float, default=1.0, help="damping of --optimizer natural (1 was best for an MNIST VAE, benchmarks/aevb_extensions.py)")
+    g.add_argument("--damping", type=float, default=1.0, help="damping of --optimizer natural (see README, 'Bayesian layers')")
     g.add_argument("--kl-clip", type=float, default=10.0, help="trust-region bound of --optimizer natural")
-    g.add_argument("--bayesian-decoder", action="store_true", help="decoder weights are Normal latents (full-Bayes AEVB)")
-    g.add_argument("--local-reparam", action="store_true", help="local reparameterisation of the --bayesian-decoder weights (KSW15): per-example pre-activations")
-    g.add_argument("--prior-scale", type=float, default=None, help="prior standard deviation of --bayesian-decoder weights (default 1)")
-    g.add_argument("--decoder-dropout", default=None, choices=["A", "B"], help="variational Gaussian dropout in the decoder (KSW15 variant A or B)")
-    g.add_argument("--encoder-dropout", default=None, choices=["A", "B"], help="variational Gaussian dropout on the encoder's hidden activations")
-    g = t.add_argument_group("run")
+    g = groups["run"]
     g.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto; with --resume, the run's)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--run-dir", default=None, help="run folder (default runs/DATASET-MODEL-GUIDE-OBJECTIVE-TIME)")
+    g.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
+    g.add_argument("--seed", type=int, default=0, help="random seed of the run")
+    g.add_argument("--run-dir", default=None, help="run folder (default runs/DATASET-MODEL_LIKELIHOOD-GUIDE_guide-OBJECTIVE-TIME)")
     g.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
     g.add_argument("--eval-samples", type=_count, default=None, help="importance samples for the final test log-likelihood (0: skip evaluation; default 5000)")
-    g.add_argument("--eval-limit", type=_positive_int, default=None, help="evaluate on the first N test examples only")
+    g.add_argument("--eval-limit", type=positive_int, default=None, help="evaluate on the first N test examples only (default: all)")
     g.add_argument("--eval-capture", default=None, choices=EVAL_CAPTURE_CHOICES, help=EVAL_CAPTURE_HELP + " (default auto)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
-    g.add_argument("--tensorboard", metavar="DIR", default=None, help="also write each epoch's numbers to TensorBoard event files in DIR (pip install tensorboard)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars (default: bars on a terminal)")
+    g.add_argument("--tensorboard", metavar="DIR", default=None, help="also write each epoch's numbers to TensorBoard event files in DIR (pip install tensorboard; default: none)")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("evaluate", help="test log-likelihood (k samples), ELBO, KL, active units and plots of a run", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e = sub.add_parser("evaluate", help="test log-likelihood (k samples), ELBO, KL, active units and plots of a run", formatter_class=HelpFormatter)
     e.add_argument("run_dir")
-    e.add_argument("--num-samples", "-k", type=_positive_int, default=5000)
-    e.add_argument("--checkpoint", default="best", choices=["best", "last"])
-    e.add_argument("--limit", type=_positive_int, default=None, help="first N test examples only")
-    e.add_argument("--data-dir", default=None)
-    e.add_argument("--device", default="auto")
+    e.add_argument("--num-samples", "-k", type=positive_int, default=5000, help="importance samples per test image")
+    e.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint (best: by validation ELBO)")
+    e.add_argument("--limit", type=positive_int, default=None, help="first N test examples only; written to evaluation-limitN.json when a full evaluation.json is there (default: all)")
+    e.add_argument("--data-dir", default=None, help="folder with the dataset files (default: the run's, then $PYROVAE_DATA, then the cache)")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    e.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
     e.add_argument("--capture", default="auto", choices=EVAL_CAPTURE_CHOICES, help=EVAL_CAPTURE_HELP)
+    e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (default: a bar on a terminal)")
     e.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("sample", help="draw images from a trained model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s = sub.add_parser("sample", help="draw images from a trained model", formatter_class=HelpFormatter)
     s.add_argument("run_dir")
-    s.add_argument("--num", "-n", type=int, default=64)
-    s.add_argument("--out", default=None, help="PNG file (default RUN_DIR/samples.png)")
-    s.add_argument("--checkpoint", default="best", choices=["best", "last"])
-    s.add_argument("--device", default="auto")
+    s.add_argument("--num", "-n", type=int, default=64, help="images to draw")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the draw")
+    s.add_argument("--out", default=None, help="PNG file (default: RUN_DIR/samples-seedS-nN.png, -last added for --checkpoint last)")
+    s.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint (best: by validation ELBO)")
+    s.add_argument("--data-dir", default=None, help="folder with the dataset files, needed only by runs whose config.json lacks x_shape (default: the run's, then $PYROVAE_DATA)")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    s.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
     s.set_defaults(func=cmd_sample)
     return p
 
 
+def _objective_flags() -> set[str]:
+    return {a.flag for e in OBJECTIVES.values() for a in entry_args(e)}
+
+
+class _DropCudaHomeNotice(logging.Filter):
+    """torch.utils.cpp_extension (imported by torch.compile) logs "No CUDA runtime is found, using CUDA_HOME=..."
+    on a CPU machine with a CUDA toolkit folder: nothing a user of the CLI can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+def quiet_torch_notices() -> None:
+    """Silence torch's log lines that a CLI user cannot act on (once per process)."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _DropCudaHomeNotice) for f in log.filters):
+        log.addFilter(_DropCudaHomeNotice())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
+    quiet_torch_notices()
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     try:
         return args.func(args)
     except ValueError as e:  # UsageError, CheckpointError, DataError and bad arguments: a message, no traceback

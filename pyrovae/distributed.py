@@ -403,7 +403,7 @@ def sharded_mean(fn: Callable[..., float], data) -> float:
     return float(t[0] / t[1])
 
 
-def log_likelihood(model, guide, data, num_samples: int = 5000, batch_size: int = 100, max_elements: Optional[int] = None, capture: str = "off"):
+def log_likelihood(model, guide, data, num_samples: int = 5000, batch_size: int = 100, max_elements: Optional[int] = None, capture: str = "off", progress: bool = False):
     """:func:`pyrovae.evaluate.log_likelihood` with the data split over the ranks: each evaluates its
     contiguous shard, and the per-datum values and standard errors are gathered (padded to equal shards for
     ``all_gather``), so every rank returns the result for all N data points, in order."""
@@ -411,12 +411,12 @@ def log_likelihood(model, guide, data, num_samples: int = 5000, batch_size: int 
     from pyrovae.evaluate import log_likelihood as single
 
     if not active():
-        return single(model, guide, data, num_samples, batch_size, max_elements, capture=capture)
+        return single(model, guide, data, num_samples, batch_size, max_elements, capture=capture, progress=progress)
     part, lo, hi = _shard(data)
     n = as_inputs(data)[0].shape[0]
     x = part if len(part) > 1 else part[0]
     if hi > lo:
-        local = single(model, guide, x, num_samples, batch_size, max_elements, capture=capture)
+        local = single(model, guide, x, num_samples, batch_size, max_elements, capture=capture, progress=progress and is_main())
         values, stderr, report = local.values, local.stderr, local.capture
     else:
         dtype = part[0].dtype if part[0].is_floating_point() else torch.get_default_dtype()

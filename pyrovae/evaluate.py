@@ -93,8 +93,8 @@ class LogLikelihood:
 
 def default_max_elements(device: torch.device) -> int:
     """The default memory budget of one :func:`log_likelihood` pass, in floats of decoder output: 2^22 (16 MB
-    tensors, closer to the CPU's caches) on CPU, where the 2-core development machine ran k = 5000 1.2 to 1.8
-    times as fast with it as with 2^24; 2^24 elsewhere (a GPU wants large kernels)."""
+    tensors, closer to the CPU's caches, so faster on CPU than 2^24: README, "Evaluation") on CPU; 2^24
+    elsewhere (a GPU wants large kernels)."""
     return 2**22 if torch.device(device).type == "cpu" else 2**24
 
 
@@ -112,6 +112,7 @@ def log_likelihood(
     max_elements: Optional[int] = None,
     *args,
     capture: str = "off",
+    progress: bool = False,
     **kwargs,
 ) -> LogLikelihood:
     """Importance-sampled log p(x) per data point, the IWAE k=5000 protocol (Burda et al. 2016):
@@ -129,14 +130,15 @@ def log_likelihood(
         batch_size: data points per pass.
         max_elements: memory budget, in floats of decoder output, for one pass (default:
             :func:`default_max_elements` for the data's device).
-        capture: how each chunk runs (:class:`pyrovae.capture.FunctionCapture`). ``off`` (default): Pyro runs
+        capture: how each chunk runs (:class:`pyrovae.capture.GraphCache`). ``off`` (default): Pyro runs
             the model and guide for every chunk. ``compile``: each chunk shape's aten graph is recorded once and
-            compiled with ``torch.compile`` (fused kernels; after some 10 to 20 s of compiling per shape on CPU),
-            which pays off on a whole test set. ``replay``: the recorded graph without compiling (no gain
+            compiled with ``torch.compile`` (fused kernels, after a compile per shape that pays off on a whole
+            test set; README, "Captured evaluation"). ``replay``: the recorded graph without compiling (no gain
             here: a chunk is a few large kernels, and each call's re-check runs one chunk twice). Graphs are
             kept for the same (model, guide) pair between calls; each is checked against Pyro on its first
             chunk in every call, and the plain chunk runs wherever a graph does not apply (the result's
             ``capture`` says why).
+        progress: show a bar (images done, images/s, time left) on a terminal (:func:`pyrovae.progress.bar`).
     Returns:
         :class:`LogLikelihood` with ``values`` and ``stderr``, each ``[N]``, and the ``capture`` report.
     """
@@ -151,6 +153,9 @@ def log_likelihood(
     values, errors = [], []
     run = _chunk_log_weights(model, guide, capture, inputs)
     validate = is_validation_enabled()
+    from pyrovae.progress import bar as progress_bar
+
+    bar = progress_bar(inputs.n, enabled=progress, desc=f"log p(x), k={num_samples}", unit="img", leave=False)
     for start in range(0, inputs.n, batch_size):
         x = inputs.chunk(start, start + batch_size)
         chunk = min(num_samples, _particle_chunk(x[0].shape[0], numel, max_elements))
@@ -172,6 +177,8 @@ def log_likelihood(
         values.append(m + torch.log(mean_w))
         var_mean = (s2 / num_samples - mean_w.pow(2)).clamp_min(0) / num_samples
         errors.append(torch.sqrt(var_mean) / mean_w)
+        bar.update(x[0].shape[0])
+    bar.close()
     report = run.summary() if isinstance(run, GraphCache) else "plain Pyro chunks (capture='off')"
     return LogLikelihood(torch.cat(values), torch.cat(errors), report)
 

@@ -1,5 +1,6 @@
-"""Pictures of models that build an image over steps (DRAW, ConvDRAW): the canvas after each step as a grid, the
-attention windows drawn on the canvases, and an animated GIF of generation.
+"""Pictures: labelled image grids (the CLI's ``reconstructions.png``: data above, reconstructions below), and those
+of models that build an image over steps (DRAW, ConvDRAW): the canvas after each step as a grid, the attention
+windows drawn on the canvases, and an animated GIF of generation.
 
 The functions take a ``trajectory`` dict: ``canvas`` ``[T, B, C, H, W]`` in [0, 1] and optionally ``read`` and
 ``write`` boxes ``[T, B, 4]`` = (x0, y0, x1, y1) in pixels (what the models' and guides' ``trajectory`` return).
@@ -11,6 +12,34 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+
+def labelled_grids(panels: list[tuple[str, torch.Tensor]], path, nrow: int = 8) -> Path:
+    """One PNG of image grids stacked top to bottom, each titled with its label: ``panels`` = ``[(label, [N, C, H, W]
+    or [N, D] images in [0, 1]), ...]`` (flat data is shown as one row of pixels per image)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    grids = []
+    for _, images in panels:
+        images = images.detach().float().cpu().clamp(0, 1)
+        images = images[:, None, None, :] if images.dim() == 2 else images[:, None] if images.dim() == 3 else images
+        grids.append(make_grid(images, nrow=nrow, padding=2, pad_value=1.0))
+    width = max(g.shape[2] for g in grids)
+    heights = [g.shape[1] for g in grids]
+    scale = 6 / width
+    fig, axes = plt.subplots(len(grids), 1, figsize=(6, sum(heights) * scale + 0.4 * len(grids)), gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, (label, _), grid in zip(axes[:, 0], panels, grids):
+        ax.imshow(_displayable(grid), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(label, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=max(100, int(width / 6)))
+    plt.close(fig)
+    return Path(path)
 
 
 def step_grid(canvas: torch.Tensor, path, max_steps: int = 64) -> Path:

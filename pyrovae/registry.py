@@ -1,15 +1,155 @@
 """Names the CLI understands: models, guides and objectives, each built from a run's JSON config.
 
-A config is a flat dict (the CLI's arguments). Each registry maps a name to a builder; adding a model
-means adding one entry, never an ``if name == ...`` in the trainer or the objectives.
+A config is a flat dict (the CLI's arguments, saved as a run's ``config.json``). Each registry maps a name to an
+:class:`Entry`: its builder and the command-line options it reads, declared next to it. ``pyrovae train`` builds its
+argparse flags from these declarations, so adding a model, guide or objective is one entry::
+
+    MY_SIZE = Arg("--my-size", type=int, default=None, help="size of my thing (default 8)")
+    MODELS["mine"] = Entry(lambda cfg, x_shape: Mine(x_shape, cfg.get("my_size") or 8), args=(*IMAGE_ARGS, MY_SIZE))
+    OBJECTIVES["mine"] = Entry(MyObjective, args=(NUM_PARTICLES, Arg("--my-weight", type=float, param="weight", help=...)))
+
+- An :class:`Arg` is one flag: its config key is the flag without dashes (``--my-size`` -> ``my_size``).
+  The help text states the default when the parser's default is ``None`` ("default 8"); otherwise ``--help``
+  adds ``(default: X)`` itself; either way one default statement per option (``tests/test_cli.py`` checks).
+  ``group`` is the ``--help`` section (default: the registry's).
+- Entries may share an ``Arg`` (``Z_DIMS``, ``NUM_PARTICLES``, ...): a flag is added once; two *different*
+  declarations of one flag are an error when the parser is built.
+- Model and guide builders take ``(cfg, x_shape)`` and read their keys from ``cfg``; a plain function is still
+  accepted as an entry (it declares no flags). Objective entries wrap the class: ``build_objective`` passes each
+  declared ``Arg`` that is set in the config as the constructor argument ``arg.param`` (default: its key).
+- ``ALL_OBJECTIVES`` (name -> class) and ``OBJECTIVE_ARGS`` (name -> {constructor argument: config key}) are
+  derived from ``OBJECTIVES`` for older code; register in ``OBJECTIVES``.
+- Never an ``if name == ...`` in the trainer or the objectives.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import argparse
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 from torch import nn
 
-from pyrovae.objectives import OBJECTIVES, Objective
+from pyrovae.flows import FLOWS
+from pyrovae.likelihoods import LIKELIHOODS
+from pyrovae.objectives import Objective
+
+#: ``--help`` sections of the registries' options (``pyrovae train --help`` shows them in this order, among the CLI's own)
+MODEL_GROUP = "model and guide"
+TEXT_GROUP = "text (--dataset ptb, --model sentence or lm)"
+DRAW_GROUP = "DRAW and ConvDRAW (--model draw / convdraw; their guide is chosen with them)"
+OBJECTIVE_GROUP = "objective"
+BAYES_GROUP = "Bayesian layers and natural gradient (--model bayes_vae --guide bayes_gaussian)"
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One option of ``pyrovae train``, declared by the registry entries that read it.
+
+    Args:
+        flag: ``--my-size``; the config key is ``my_size``.
+        help: what it sets; state the default in words when ``default`` is None ("default 8").
+        type, default, choices, nargs, action: as in ``argparse.ArgumentParser.add_argument``.
+        short: a one-letter alias (``-k``).
+        param: the objective constructor's argument it feeds (default: the config key).
+        group: the ``--help`` section (default: the registry's).
+    """
+
+    flag: str
+    help: str
+    type: Optional[Callable[[str], Any]] = None
+    default: Any = None
+    choices: Optional[Sequence] = None
+    nargs: Optional[str] = None
+    action: Optional[str] = None
+    short: Optional[str] = None
+    param: Optional[str] = None
+    group: Optional[str] = None
+
+    @property
+    def key(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    def add_to(self, parser) -> None:
+        """Add the flag to an argparse parser or argument group."""
+        names = [self.flag] + ([self.short] if self.short else [])
+        kwargs = {"help": self.help, "default": self.default}
+        if self.action:
+            kwargs["action"] = self.action
+            if self.action == "store_true" and self.default is None:
+                kwargs["default"] = False
+        else:
+            kwargs.update({k: v for k, v in (("type", self.type), ("choices", self.choices), ("nargs", self.nargs)) if v is not None})
+        if kwargs.get("choices") is not None:
+            kwargs["choices"] = list(kwargs["choices"])
+        parser.add_argument(*names, **kwargs)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A registry entry: ``build`` (a model/guide builder ``(cfg, x_shape)``, or an objective class) and its options."""
+
+    build: Callable
+    args: tuple[Arg, ...] = ()
+
+    def __call__(self, *args, **kwargs):
+        return self.build(*args, **kwargs)
+
+
+def entry_args(entry) -> tuple[Arg, ...]:
+    """The options an entry declares (none for a plain function)."""
+    return tuple(getattr(entry, "args", ()))
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive integer")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------- shared options
+
+Z_DIMS = Arg("--z-dims", type=positive_int, nargs="+", help="stochastic layer sizes, nearest x first: 50, or 100 50 (default 50; 16 for text models)")
+HIDDEN = Arg("--hidden", type=positive_int, nargs="+", help="hidden sizes; for text models the RNN size (default: the IWAE paper's; 191 for text models)")
+ARCH = Arg("--arch", default="mlp", choices=("mlp", "conv"), help="encoder/decoder networks")
+LIKELIHOOD = Arg("--likelihood", default="bernoulli", choices=tuple(LIKELIHOODS), help="p(x|z) of image models")
+SCALE = Arg("--scale", type=float, help="fixed Gaussian observation scale (default: learned)")
+ACTIVATION = Arg("--activation", default="tanh", help="hidden-layer nonlinearity")
+#: what every image model and encoder reads
+IMAGE_ARGS = (Z_DIMS, HIDDEN, ARCH, LIKELIHOOD, SCALE, ACTIVATION)
+ENCODER_ARGS = (Z_DIMS, HIDDEN, ARCH, ACTIVATION)
+
+TEXT_ARGS = (
+    Z_DIMS, HIDDEN,
+    Arg("--embed-dim", type=positive_int, group=TEXT_GROUP, help="word embedding size; --hidden sets the RNN size (default 353)"),
+    Arg("--rnn", choices=("lstm", "gru"), group=TEXT_GROUP, help="recurrent cell of encoder and decoder (default lstm)"),
+    Arg("--rnn-layers", type=positive_int, group=TEXT_GROUP, help="stacked RNN layers (default 1)"),
+)
+WORD_DROPOUT = Arg("--word-dropout", type=float, group=TEXT_GROUP, help="probability of replacing a decoder input word by <unk> while training (default 0)")
+
+_DRAW_LIKELIHOOD = (LIKELIHOOD, SCALE)
+DRAW_STEPS = Arg("--draw-steps", type=positive_int, group=DRAW_GROUP, help="steps T (default 64 for draw, 8 for convdraw)")
+DRAW_Z = Arg("--draw-z", type=positive_int, group=DRAW_GROUP, help="size of each z_t; ConvDRAW: its channels (default 100; 4 for convdraw)")
+LSTM_SIZE = Arg("--lstm-size", type=positive_int, group=DRAW_GROUP, help="LSTM units; ConvDRAW: ConvLSTM channels (default 256; 32 for convdraw)")
+
+BAYES_MODEL_ARGS = (
+    Arg("--bayesian-decoder", action="store_true", group=BAYES_GROUP, help="decoder weights are Normal latents (full-Bayes AEVB; default off)"),
+    Arg("--local-reparam", action="store_true", group=BAYES_GROUP, help="local reparameterisation of the --bayesian-decoder weights (KSW15): per-example pre-activations (default off)"),
+    Arg("--prior-scale", type=float, group=BAYES_GROUP, help="prior standard deviation of --bayesian-decoder weights (default 1)"),
+    Arg("--decoder-dropout", choices=("A", "B"), group=BAYES_GROUP, help="variational Gaussian dropout in the decoder, KSW15 variant A or B (default: none)"),
+)
+ENCODER_DROPOUT = Arg("--encoder-dropout", choices=("A", "B"), group=BAYES_GROUP, help="variational Gaussian dropout on the encoder's hidden activations (default: none)")
+
+NUM_PARTICLES = Arg("--num-particles", short="-k", type=int, group=OBJECTIVE_GROUP, help="samples per data point (default: the objective's: 1 for elbo/beta/geco/annealed, 5 for iwae/renyi, 8 for variance/logvariance)")
+ESTIMATOR = Arg("--estimator", choices=("standard", "dreg", "vimco", "score"), group=OBJECTIVE_GROUP, help="IWAE/Renyi gradient estimator (vimco: discrete latents; default standard)")
+BETA = Arg("--beta", type=float, group=OBJECTIVE_GROUP, help="beta-ELBO weight (default 1)")
+BETA_SCHEDULE = Arg("--beta-schedule", choices=("constant", "linear", "cyclical", "logistic"), param="schedule", group=OBJECTIVE_GROUP, help="beta-ELBO / annealed schedule (default constant for beta, logistic for annealed)")
+WARMUP_STEPS = Arg("--warmup-steps", type=int, group=OBJECTIVE_GROUP, help="steps of the --beta-schedule warm-up (default 10000)")
+CYCLE_STEPS = Arg("--cycle-steps", type=int, group=OBJECTIVE_GROUP, help="steps per cycle of --beta-schedule cyclical (default 10000)")
+TOLERANCE = Arg("--tolerance", type=float, group=OBJECTIVE_GROUP, help="GECO tolerance kappa (default 0.1; token-geco 4.5)")
+GECO_ALPHA = Arg("--geco-alpha", type=float, param="alpha", group=OBJECTIVE_GROUP, help="GECO moving-average rate (default 0.99)")
+GECO_NU = Arg("--geco-nu", type=float, param="nu", group=OBJECTIVE_GROUP, help="GECO multiplier rate (default 1)")
 
 
 def _z_dims(cfg: dict) -> tuple[int, ...]:
@@ -157,11 +297,33 @@ def _convdraw_guide(cfg: dict, x_shape, model: nn.Module) -> nn.Module:
     return ConvDRAWGuide(model)
 
 
-MODELS: dict[str, Callable[[dict, tuple], nn.Module]] = {"vae": _vae, "discrete": _discrete, "sentence": _sentence, "lm": _lm, "bayes_vae": _bayes_vae, "draw": _draw, "convdraw": _convdraw}
-GUIDES: dict[str, Callable[[dict, tuple], nn.Module]] = {"gaussian": _gaussian, "flow": _flow, "bernoulli": _bernoulli, "rnn": _rnn_encoder, "none": _no_latents, "bayes_gaussian": _bayes_gaussian}
+MODELS: dict[str, Callable[[dict, tuple], nn.Module]] = {
+    "vae": Entry(_vae, (*IMAGE_ARGS,
+        Arg("--prior-flow", choices=("realnvp", "iaf"), help="learned flow prior p(z) of --model vae (default: none, N(0, I))"),
+        Arg("--prior-flow-length", type=positive_int, default=2, help="number of prior flow layers"))),
+    "discrete": Entry(_discrete, (*IMAGE_ARGS,)),
+    "sentence": Entry(_sentence, (*TEXT_ARGS, WORD_DROPOUT)),
+    "lm": Entry(_lm, (*TEXT_ARGS, WORD_DROPOUT)),
+    "bayes_vae": Entry(_bayes_vae, (*IMAGE_ARGS, *BAYES_MODEL_ARGS)),
+    "draw": Entry(_draw, (*_DRAW_LIKELIHOOD, DRAW_STEPS, DRAW_Z, LSTM_SIZE,
+        Arg("--attention", action="store_true", group=DRAW_GROUP, help="DRAW reads and writes through selective attention windows (default off)"),
+        Arg("--read-size", type=positive_int, group=DRAW_GROUP, help="N of DRAW's N x N read grid (default 2)"),
+        Arg("--write-size", type=positive_int, group=DRAW_GROUP, help="N of DRAW's N x N write grid (default 5)"))),
+    "convdraw": Entry(_convdraw, (*_DRAW_LIKELIHOOD, DRAW_STEPS, DRAW_Z, LSTM_SIZE)),
+}
+GUIDES: dict[str, Callable[[dict, tuple], nn.Module]] = {
+    "gaussian": Entry(_gaussian, ENCODER_ARGS),
+    "flow": Entry(_flow, (*ENCODER_ARGS,
+        Arg("--flow", default="planar", choices=tuple(sorted(FLOWS)), help="flow family of --guide flow"),
+        Arg("--flow-length", type=positive_int, default=10, help="number of flow transforms of --guide flow"))),
+    "bernoulli": Entry(_bernoulli, ENCODER_ARGS),
+    "rnn": Entry(_rnn_encoder, (*TEXT_ARGS, Arg("--bidirectional", action="store_true", group=TEXT_GROUP, help="bidirectional encoder (--guide rnn; default off)"))),
+    "none": Entry(_no_latents),
+    "bayes_gaussian": Entry(_bayes_gaussian, (*ENCODER_ARGS, ENCODER_DROPOUT, *BAYES_MODEL_ARGS)),
+}
 #: guides built from their model, because they run its networks (DRAW's decoder recurrence): (cfg, x_shape, model) -> guide.
 #: A model with a ``guide_name`` is paired with that guide.
-MODEL_GUIDES: dict[str, Callable[[dict, tuple, nn.Module], nn.Module]] = {"draw": _draw_guide, "convdraw": _convdraw_guide}
+MODEL_GUIDES: dict[str, Callable[[dict, tuple, nn.Module], nn.Module]] = {"draw": Entry(_draw_guide), "convdraw": Entry(_convdraw_guide)}
 #: the guide a model gets when none is named (``gaussian`` otherwise)
 DEFAULT_GUIDES: dict[str, str] = {"sentence": "rnn", "lm": "none", "draw": "draw", "convdraw": "convdraw"}
 
@@ -170,30 +332,52 @@ def default_guide(model: str) -> str:
     return DEFAULT_GUIDES.get(model, "gaussian")
 
 
-def _objectives() -> dict[str, type]:
+def _objective_entries() -> dict[str, Entry]:
+    from pyrovae.objectives import GECO, IWAE, ELBO, BetaELBO, LogVarianceLoss, Renyi, VarianceLoss
     from pyrovae.sequence_objectives import AnnealedELBO, TokenGECO
 
-    return {**OBJECTIVES, "annealed": AnnealedELBO, "token-geco": TokenGECO}
+    schedule = (BETA, BETA_SCHEDULE, WARMUP_STEPS, CYCLE_STEPS)
+    return {
+        "elbo": Entry(ELBO, (NUM_PARTICLES, Arg("--analytic-kl", action="store_true", group=OBJECTIVE_GROUP, help="closed-form KL in the ELBO (mean-field guides; default off)"))),
+        "iwae": Entry(IWAE, (NUM_PARTICLES, ESTIMATOR)),
+        "renyi": Entry(Renyi, (NUM_PARTICLES, Arg("--alpha", type=float, group=OBJECTIVE_GROUP, help="Renyi alpha (default 0.5)"), ESTIMATOR)),
+        "variance": Entry(VarianceLoss, (NUM_PARTICLES,)),
+        "logvariance": Entry(LogVarianceLoss, (NUM_PARTICLES,)),
+        "beta": Entry(BetaELBO, (NUM_PARTICLES, *schedule)),
+        "geco": Entry(GECO, (
+            NUM_PARTICLES,
+            Arg("--constraint", choices=("RE", "pNCC"), group=OBJECTIVE_GROUP, help="GECO constraint (default RE; FRE/CLA need Python callables)"),
+            TOLERANCE, GECO_ALPHA, GECO_NU,
+            Arg("--geco-multiplier-step", choices=("paper", "clamped"), param="multiplier_step", group=OBJECTIVE_GROUP,
+                help="GECO multiplier update: the paper's lambda*exp(nu*C_ma), or its step clamped to +-(1-alpha) (default paper)"),
+        )),
+        "annealed": Entry(AnnealedELBO, (
+            NUM_PARTICLES, *schedule, Arg("--free-bits", type=float, group=TEXT_GROUP, help="free bits per latent dimension, nats (--objective annealed; default 0)"),
+        )),
+        "token-geco": Entry(TokenGECO, (NUM_PARTICLES, TOLERANCE, GECO_ALPHA, GECO_NU)),
+    }
 
 
-#: objective name -> class: :data:`pyrovae.objectives.OBJECTIVES` and the sequence objectives (:mod:`pyrovae.sequence_objectives`)
-ALL_OBJECTIVES: dict[str, type] = _objectives()
+#: objective name -> :class:`Entry` of its class and options (:data:`pyrovae.objectives.OBJECTIVES` and the
+#: sequence objectives of :mod:`pyrovae.sequence_objectives`)
+OBJECTIVES: dict[str, Entry] = _objective_entries()
+#: objective name -> class (read-only view kept for older code; register in :data:`OBJECTIVES`)
+ALL_OBJECTIVES: dict[str, type] = {name: e.build for name, e in OBJECTIVES.items()}
+#: objective name -> {constructor argument: config key} (derived from :data:`OBJECTIVES`)
+OBJECTIVE_ARGS: dict[str, dict[str, str]] = {name: {a.param or a.key: a.key for a in e.args} for name, e in OBJECTIVES.items()}
 
-#: objective name -> {constructor argument: config key}
-OBJECTIVE_ARGS: dict[str, dict[str, str]] = {
-    "elbo": {"num_particles": "num_particles", "analytic_kl": "analytic_kl"},
-    "iwae": {"num_particles": "num_particles", "estimator": "estimator"},
-    "renyi": {"num_particles": "num_particles", "alpha": "alpha", "estimator": "estimator"},
-    "variance": {"num_particles": "num_particles"},
-    "logvariance": {"num_particles": "num_particles"},
-    "beta": {"num_particles": "num_particles", "beta": "beta", "schedule": "beta_schedule", "warmup_steps": "warmup_steps", "cycle_steps": "cycle_steps"},
-    "geco": {"num_particles": "num_particles", "constraint": "constraint", "tolerance": "tolerance", "alpha": "geco_alpha", "nu": "geco_nu", "multiplier_step": "geco_multiplier_step"},
-    "annealed": {
-        "num_particles": "num_particles", "beta": "beta", "schedule": "beta_schedule", "warmup_steps": "warmup_steps", "cycle_steps": "cycle_steps",
-        "free_bits": "free_bits",
-    },
-    "token-geco": {"num_particles": "num_particles", "tolerance": "tolerance", "alpha": "geco_alpha", "nu": "geco_nu"},
-}
+
+def all_args() -> list[Arg]:
+    """Every option the registries declare, each once, in registry order; two different declarations of one flag
+    are refused (``ValueError`` naming both)."""
+    seen: dict[str, Arg] = {}
+    for kind, registry in (("model", MODELS), ("guide", GUIDES), ("guide", MODEL_GUIDES), ("objective", OBJECTIVES)):
+        for name, entry in registry.items():
+            for arg in entry_args(entry):
+                old = seen.setdefault(arg.flag, arg)
+                if old != arg:
+                    raise ValueError(f"{kind} {name!r} declares {arg.flag} differently from an earlier entry ({arg} vs {old}); share one Arg")
+    return list(seen.values())
 
 
 def _pick(registry: dict, kind: str, name: str):
@@ -222,8 +406,15 @@ def build_guide(cfg: dict, x_shape, model: Optional[nn.Module] = None) -> nn.Mod
     return _pick(GUIDES, "guide", name)(cfg, tuple(x_shape))
 
 
+def objective_kwargs(cfg: dict) -> dict[str, str]:
+    """{constructor argument: config key} of ``cfg["objective"]``."""
+    name = cfg.get("objective", "elbo")
+    entry = _pick(OBJECTIVES, "objective", name)
+    return {a.param or a.key: a.key for a in entry_args(entry)} or OBJECTIVE_ARGS.get(name, {})
+
+
 def build_objective(cfg: dict) -> Objective:
     name = cfg.get("objective", "elbo")
-    cls = _pick(ALL_OBJECTIVES, "objective", name)
-    kwargs = {arg: cfg[key] for arg, key in OBJECTIVE_ARGS[name].items() if cfg.get(key) is not None}
-    return cls(**kwargs)
+    entry = _pick(OBJECTIVES, "objective", name)
+    kwargs = {arg: cfg[key] for arg, key in objective_kwargs(cfg).items() if cfg.get(key) is not None}
+    return entry(**kwargs)
