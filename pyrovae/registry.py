@@ -137,8 +137,37 @@ def _draw(cfg: dict, x_shape) -> nn.Module:
 
 def _convdraw(cfg: dict, x_shape) -> nn.Module:
     from pyrovae.models import ConvDRAW
+    from pyrovae.models.conditional import ConditionalConvDRAW
 
-    return ConvDRAW(x_shape, cfg.get("draw_steps") or 8, cfg.get("draw_z") or 4, cfg.get("lstm_size") or 32, likelihood=cfg.get("likelihood", "bernoulli"), scale=cfg.get("scale"))
+    ctx = _context_shape(cfg)  # a conditional data set (mnist-sum, ...) gets the conditional ConvDRAW
+    cls, extra = (ConvDRAW, {}) if ctx is None else (ConditionalConvDRAW, {"context_shape": ctx})
+    return cls(x_shape, cfg.get("draw_steps") or 8, cfg.get("draw_z") or 4, cfg.get("lstm_size") or 32, likelihood=cfg.get("likelihood", "bernoulli"), scale=cfg.get("scale"), **extra)
+
+
+def _context_shape(cfg: dict):
+    from pyrovae.derived_data import context_shape
+
+    return context_shape(cfg.get("dataset", ""))
+
+
+def _conditional_sizes(cfg: dict, x_shape, what: str) -> dict:
+    ctx = _context_shape(cfg)
+    if ctx is None:
+        raise ValueError(f"{what} is conditional, model(target, context); got dataset={cfg.get('dataset')!r}: pass --dataset mnist-sum, mnist-sum-hard or mnist-rotate")
+    z_dim, hidden = _one_layer(cfg, what)
+    return {"x_shape": x_shape, "context_shape": ctx, "z_dim": z_dim, "hidden": hidden if _hidden(cfg) else (400, 400)}
+
+
+def _cvae(cfg: dict, x_shape) -> nn.Module:
+    from pyrovae.models.conditional import ConditionalVAE
+
+    return ConditionalVAE(**_conditional_sizes(cfg, x_shape, "model='cvae'"), likelihood=cfg.get("likelihood", "bernoulli"), scale=cfg.get("scale"))
+
+
+def _conditional_guide(cfg: dict, x_shape) -> nn.Module:
+    from pyrovae.guides.conditional import ConditionalEncoder
+
+    return ConditionalEncoder(**_conditional_sizes(cfg, x_shape, "guide='conditional'"))
 
 
 def _draw_guide(cfg: dict, x_shape, model: nn.Module) -> nn.Module:
@@ -153,13 +182,13 @@ def _convdraw_guide(cfg: dict, x_shape, model: nn.Module) -> nn.Module:
     return ConvDRAWGuide(model)
 
 
-MODELS: dict[str, Callable[[dict, tuple], nn.Module]] = {"vae": _vae, "discrete": _discrete, "sentence": _sentence, "lm": _lm, "bayes_vae": _bayes_vae, "draw": _draw, "convdraw": _convdraw}
-GUIDES: dict[str, Callable[[dict, tuple], nn.Module]] = {"gaussian": _gaussian, "flow": _flow, "bernoulli": _bernoulli, "rnn": _rnn_encoder, "none": _no_latents, "bayes_gaussian": _bayes_gaussian}
+MODELS: dict[str, Callable[[dict, tuple], nn.Module]] = {"vae": _vae, "discrete": _discrete, "sentence": _sentence, "lm": _lm, "bayes_vae": _bayes_vae, "draw": _draw, "convdraw": _convdraw, "cvae": _cvae}
+GUIDES: dict[str, Callable[[dict, tuple], nn.Module]] = {"gaussian": _gaussian, "flow": _flow, "bernoulli": _bernoulli, "rnn": _rnn_encoder, "none": _no_latents, "bayes_gaussian": _bayes_gaussian, "conditional": _conditional_guide}
 #: guides built from their model, because they run its networks (DRAW's decoder recurrence): (cfg, x_shape, model) -> guide.
 #: A model with a ``guide_name`` is paired with that guide.
 MODEL_GUIDES: dict[str, Callable[[dict, tuple, nn.Module], nn.Module]] = {"draw": _draw_guide, "convdraw": _convdraw_guide}
 #: the guide a model gets when none is named (``gaussian`` otherwise)
-DEFAULT_GUIDES: dict[str, str] = {"sentence": "rnn", "lm": "none", "draw": "draw", "convdraw": "convdraw"}
+DEFAULT_GUIDES: dict[str, str] = {"sentence": "rnn", "lm": "none", "draw": "draw", "convdraw": "convdraw", "cvae": "conditional"}
 
 
 def default_guide(model: str) -> str:
