@@ -109,8 +109,8 @@ def marginal_kl(
     log_q = []
     for start in range(0, z_all.shape[0], batch_size):
         z = z_all[start : start + batch_size]
-        z = z.reshape(z.shape[0], 1, *z.shape[1:])  # [m, 1, *event] against each chunk's batch [B]
-        log_q.append(torch.logsumexp(torch.cat([fn.log_prob(z) for fn in fns], -1), -1) - math.log(n))
+        z = z.unsqueeze(1)  # [m, B, *event] against each chunk's batch [B] (expanded: Pyro's flow nets do not broadcast)
+        log_q.append(torch.logsumexp(torch.cat([fn.log_prob(z.expand(-1, fn.batch_shape[-1], *z.shape[2:])) for fn in fns], -1), -1) - math.log(n))
     if event_dims < 1:
         raise ValueError(f"site {site!r} has no event dimension; the guide must sample z of shape [batch, *event]")
     f = torch.cat(log_q) - log_p

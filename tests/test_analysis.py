@@ -89,3 +89,12 @@ def test_geco_trajectory_reads_history():
     hist = [{"epoch": 1, "train_constraint": 0.2, "train_lambda": 3.0, "train_kl": 1.0, "train_recon": -5.0}, {"epoch": 2, "train_kl": 2.0}]
     t = E.geco_trajectory(hist)
     assert t["epoch"] == [1, 2] and t["lambda"][0] == 3.0 and math.isnan(t["lambda"][1]) and t["kl"] == [1.0, 2.0]
+
+
+def test_marginal_kl_flow_guide_identical_data():
+    # every x the same: q(z) = q(z | x), so the marginal KL equals the mean KL (zero index information)
+    from pyrovae.guides import FlowEncoder
+
+    guide = FlowEncoder((1, 8, 8), 2, (32,), "realnvp", 2)
+    r = E.marginal_kl(guide, torch.rand(1, 1, 8, 8).expand(40, 1, 8, 8), rounds=2)
+    assert r.num_components == 40 and abs(r.mutual_information) < 1e-4 and r.value > 0
