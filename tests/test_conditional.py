@@ -64,3 +64,21 @@ def test_registry_on_conditional_dataset():
     build_guide(draw_cfg, (1, 28, 28), draw)(torch.zeros(2, 1, 28, 28), torch.zeros(2, 1, 28, 28))
     with pytest.raises(ValueError, match="mnist-sum"):
         build_model({"dataset": "mnist", "model": "cvae"}, (1, 28, 28))
+
+
+@pytest.mark.parametrize("model,extra", [("cvae", ["--z-dims", "4", "--hidden", "32", "--objective", "geco", "--tolerance", "0.3"]), ("convdraw", ["--draw-steps", "2"])])
+def test_cli_trains_and_evaluates_on_conditional_data(data_root, tmp_path, monkeypatch, model, extra):
+    import json
+    import math
+
+    from pyrovae.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    code = main([
+        "train", "--dataset", "mnist-sum", "--model", model, *extra, "--train-limit", "200", "--valid-size", "100", "--epochs", "1",
+        "--run-dir", str(run), "--eval-samples", "5", "--eval-limit", "20", "--no-progress", "--data-dir", str(data_root), "--device", "cpu",
+    ])
+    assert code == 0
+    result = json.loads((run / "evaluation.json").read_text())
+    assert math.isfinite(result["test_nll"]) and result["num_test"] == 20 and (run / "samples.png").stat().st_size > 0
