@@ -100,7 +100,7 @@ def fixed_points_study(out: Path, quick: bool) -> dict:
 
 def info_plane_study(name: str, out: Path, quick: bool, data_dir) -> dict:
     s = load_dataset(name, data_dir=data_dir, valid_size=0)
-    n_train, n_test, epochs = (1000, 300, 2) if quick else (5000, 1000, 10)
+    n_train, n_test, epochs = (1000, 300, 2) if quick else (5000, 1000, 30)
     x, xt = s.train[:n_train], s.test[:n_test]
 
     def pair():
@@ -171,9 +171,10 @@ def marginal_kl_study(out: Path, quick: bool, data_dir) -> dict:
     hist, sec = train(m, g, ELBO(), x, epochs)
     tol = rms_error(m, g, x)
     rows = {"ELBO": (m, g, sec)}
-    m2, g2 = pair()
-    _, sec2 = train(m2, g2, geco(tol), x, epochs)
-    rows[f"GECO-RE tol={tol:.3f} (ELBO's RMS)"] = (m2, g2, sec2)
+    for factor, note in ((1.0, "ELBO's RMS"), (1.15, "1.15 x ELBO's RMS")):
+        m2, g2 = pair()
+        _, sec2 = train(m2, g2, geco(factor * tol), x, epochs)
+        rows[f"GECO-RE tol={factor * tol:.3f} ({note})"] = (m2, g2, sec2)
     res = {}
     for label, (m, g, sec) in rows.items():
         r = E.marginal_kl(g, xt, model=m)
@@ -247,11 +248,19 @@ def tiling_study(out: Path, quick: bool, data_dir) -> dict:
 # ------------------------------------------------------------------------------------------------ report
 
 
+def _met(label: str, rms: float) -> str:
+    """Whether a GECO-RE run met its tolerance on the evaluation data (label "GECO-RE tol=0.123 ...")."""
+    if not label.startswith("GECO-RE tol="):
+        return "-"
+    tol = float(label.split("=")[1].split()[0])
+    return "yes" if rms <= tol else f"no ({rms / tol:.2f} x tol)"
+
+
 def report(results: dict, out: Path, info: dict) -> None:
     L = ["# GECO studies (Rezende & Viola 2018, \"Taming VAEs\") at a small CPU budget", ""]
     L += [f"Run {info['date']} on {info['hardware']['cpu']} ({info['hardware']['cpu_cores']} cores, torch threads {info['hardware']['torch_threads']}), "
           f"torch {info['hardware']['torch']}, pyro {info['hardware']['pyro']}; total {info['seconds'] / 60:.1f} min. Command: `{info['command']}`.", ""]
-    L += ["Everything here is orders of magnitude smaller than the paper (5000 training images, 8-10 epochs, MLP "
+    L += ["Everything here is orders of magnitude smaller than the paper (5000 training images, 8-30 epochs, MLP "
           "decoders instead of ConvDRAW), so the numbers show the code working and the direction of the effects, not the "
           "paper's values. GECO uses the paper's multiplier rule (lambda <- lambda exp(C_ma), alpha = 0.99, lambda starts at 1); RE "
           "tolerances are RMS errors per pixel.", ""]
@@ -259,7 +268,7 @@ def report(results: dict, out: Path, info: dict) -> None:
     if fp:
         L += ["## Figure 2 / Appendix A: reconstruction fixed points", "",
               f"{fp['n']} points of a 3-component 2-D Gaussian mixture, {fp['grid']}x{fp['grid']} tiles, sigma = 1, "
-              f"{fp['betas'][2]} betas in [{fp['betas'][0]}, {fp['betas'][1]}] (log-spaced), damping 0.5, <= 400 iterations or a 1e-3 step "
+              f"{fp['betas'][2]} betas in [{fp['betas'][0]:.3g}, {fp['betas'][1]:.3g}] (log-spaced), damping 0.5, <= 400 iterations or a 1e-3 step "
               f"({fp['seconds']:.0f} s). Detected critical betas: {', '.join(f'{c:.2f}' for c in fp['critical'])}; the first "
               f"split is predicted at lambda_max / sigma^2 = {fp['lambda_max_over_sigma2']:.2f} (the test suite checks the two-point case exactly).", "",
               "![fixed points](geco_fixed_points.png)", ""]
@@ -270,40 +279,50 @@ def report(results: dict, out: Path, info: dict) -> None:
         L += [f"## Figure 3 and 5: information plane on {name}", "",
               f"VAE (16-d z, one hidden layer of 200, Bernoulli decoder) on {r['n_train']} training images, {r['epochs']} epochs; "
               f"points on {r['n_test']} test images. recon NLL: Gaussian decoder with one global sigma re-fitted (Appendix D).", "",
-              "| objective | KL [nats] | recon NLL, re-fitted [nats] | sigma* | RMS error | train s |", "|---|---|---|---|---|---|"]
+              "| objective | KL [nats] | recon NLL, re-fitted [nats] | sigma* | RMS error (test) | tolerance met | final lambda | train s |", "|---|---|---|---|---|---|---|---|"]
         for label, p in r["runs"].items():
-            L.append(f"| {label} | {p['kl']:.2f} | {p['recon_nll']:.1f} | {p['sigma']:.4f} | {p['rms']:.4f} | {p['seconds']} |")
+            lam = p.get("trajectory", {}).get("lambda", [None])[-1]
+            L.append(f"| {label} | {p['kl']:.2f} | {p['recon_nll']:.1f} | {p['sigma']:.4f} | {p['rms']:.4f} | {_met(label, p['rms'])} | {'-' if lam is None else f'{lam:.3g}'} | {p['seconds']} |")
         L += ["", f"![information plane](geco_info_plane_{name}.png)", "", f"![KL at fixed error](geco_kl_at_fixed_error_{name}.png)", ""]
     r = results.get("marginal_kl")
     if r:
         L += ["## Table 2: marginal KL on Color-MNIST (VAE + RealNVP posterior)", "",
               f"{r['n_train']} training images, {r['epochs']} epochs; KL(q(z) || p(z)) of the aggregate posterior over {r['n_test']} test "
               "images (log q(z) as a log-mean-exp over all of them; stderr over the draws; the value cannot fall below mean KL - log N).", "",
-              "| objective | marginal KL (ours) | stderr | mean KL | I(n; z) (<= log N) | RMS error | paper's marginal KL |", "|---|---|---|---|---|---|---|"]
+              "| objective | marginal KL (ours) | stderr | mean KL | I(n; z) (<= log N) | RMS error (test) | tolerance met | paper's marginal KL |", "|---|---|---|---|---|---|---|---|"]
         for label, p in r["runs"].items():
-            paper = "182.5" if label == "ELBO" else "10.3"
-            L.append(f"| {label} | {p['marginal_kl']:.2f} | {p['stderr']:.2f} | {p['mean_kl']:.2f} | {p['mutual_information']:.2f} ({p['log_n']:.2f}) | {p['rms']:.4f} | {paper} |")
+            paper = "182.5 (ELBO)" if label == "ELBO" else "10.3 (GECO)"
+            L.append(f"| {label} | {p['marginal_kl']:.2f} | {p['stderr']:.2f} | {p['mean_kl']:.2f} | {p['mutual_information']:.2f} ({p['log_n']:.2f}) | {p['rms']:.4f} | {_met(label, p['rms'])} | {paper} |")
         L += [""]
     r = results.get("conditional")
     if r:
         L += ["## Conditional task: mnist-sum (target = (a + b) mod 10)", "",
               f"Conditional VAE (learned prior p(z | c)), {r['n_train']} training pairs, {r['epochs']} epochs; {r['n_test']} test pairs, NLL with 100 importance samples.", "",
-              "| objective | test NLL [nats] | KL | RMS error | train s |", "|---|---|---|---|---|"]
+              "| objective | test NLL [nats] | KL | RMS error (test) | tolerance met | train s |", "|---|---|---|---|---|---|"]
         for label, p in r["runs"].items():
-            L.append(f"| {label} | {p['test_nll']:.1f} | {p['kl']:.2f} | {p['rms']:.4f} | {p['seconds']} |")
+            L.append(f"| {label} | {p['test_nll']:.1f} | {p['kl']:.2f} | {p['rms']:.4f} | {_met(label, p['rms'])} | {p['seconds']} |")
         L += ["", "Rows: the two context digits, then 6 samples of p(x | c).", "", "ELBO: ![](geco_mnist_sum_elbo.png) GECO: ![](geco_mnist_sum_geco.png)", ""]
     r = results.get("tiling")
     if r:
         L += ["## Figure 8: posterior tiling on Micro-MNIST", "", f"2-d latent VAE, RealNVP posterior (4 layers), the 7 images, {r['steps']} full-batch steps.", "",
-              "| objective | RMS error | marginal KL | mean KL | train s |", "|---|---|---|---|---|"]
+              "| objective | RMS error | tolerance met | marginal KL | mean KL | train s |", "|---|---|---|---|---|---|"]
         for label, p in r["runs"].items():
-            L.append(f"| {label} | {p['rms']:.4f} | {p['marginal_kl']:.2f} | {p['mean_kl']:.2f} | {p['seconds']} |")
+            L.append(f"| {label} | {p['rms']:.4f} | {_met(label, p['rms'])} | {p['marginal_kl']:.2f} | {p['mean_kl']:.2f} | {p['seconds']} |")
         L += ["", "![tiling](geco_tiling.png)", ""]
     L += ["## Distance from the paper", "",
           "- Budgets: minutes on a shared 2-core CPU instead of long GPU runs; MLP VAEs instead of ConvDRAW (the conditional "
           "ConvDRAW exists, `--model convdraw` on a conditional data set, but was not trained here).",
           "- Table 2: the paper's 182.5 vs 10.3 come from fully trained models on the full Color-MNIST; our marginal KLs are "
-          "estimated on 1000 test images, so they saturate near mean KL - log 1000 when posteriors are narrow.",
+          "estimated on 1000 test images, so they saturate at mean KL - log 1000 when posteriors do not overlap (ELBO's "
+          "I(n; z) = log N above: its value is that lower bound). Within 8 epochs neither GECO run met its tolerance, and "
+          "their marginal KL is *higher* than ELBO's: the paper's direction is not reproduced at this budget.",
+          "- GECO with the tolerance set to ELBO's own final error (Figure 5's protocol) did not reach it within the budget: "
+          "lambda hit its cap (1e6) and the KL grew to about 3x ELBO's while the error approached the tolerance from above. "
+          "With a looser tolerance (0.2 RMS) GECO met it on MNIST at half ELBO's KL, the paper's qualitative claim; on "
+          "Fashion-MNIST it ended 2% above it.",
+          "- Micro-MNIST tiling reproduces the paper's picture: ELBO's posteriors are tight, separate islands partly outside "
+          "the prior's bulk; GECO-RE at a loose tolerance spreads them to tile the prior (marginal KL 3.7 -> 0.33 -> 0.02).",
+          "- The conditional GECO run (mnist-sum) did not meet its tolerance in 8 epochs and nearly ignored z (KL 0.09).",
           "- GECO-CLA (Figure 8) needs a trained classifier and is not run here; the Python API supports it (`GECO(constraint='CLA', classifier=...)`).",
           "- Fixed points: 'exponential smoothing' is read as damping of the decoder update; the paper's exact mixture is not given.", ""]
     (out / "geco_study.md").write_text("\n".join(L))
@@ -314,6 +333,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test (use another --out)")
+    ap.add_argument("--report-only", action="store_true", help="rewrite geco_study.md from geco_study.json")
     ap.add_argument("--parts", nargs="+", default=["fixed_points", "mnist", "fashion-mnist", "marginal_kl", "conditional", "tiling"])
     args = ap.parse_args(argv)
     if args.quick and args.out.resolve() == RESULTS.resolve():
@@ -323,6 +343,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     path = args.out / "geco_study.json"
     results = json.loads(path.read_text()) if path.exists() else {}
+    if args.report_only:
+        report(results, args.out, results["info"])
+        return 0
     for part in args.parts:
         print(f"geco_study: {part} ...", flush=True)
         t = time.perf_counter()
@@ -340,8 +363,10 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown part {part!r}")
         print(f"geco_study: {part} done in {time.perf_counter() - t:.0f} s", flush=True)
         path.write_text(json.dumps(results, indent=1, default=float))
-    info = {"date": common.now(), "hardware": common.hardware_info(torch.device("cpu")), "command": common.command_line(),
-            "seconds": time.perf_counter() - t0}
+    prev = results.get("info", {})  # parts re-run later add their time and command to the earlier run's
+    commands = [c for c in prev.get("command", "").split(" ; ") if c] + [common.command_line()]
+    info = {"date": common.now(), "hardware": common.hardware_info(torch.device("cpu")), "command": " ; ".join(commands),
+            "seconds": prev.get("seconds", 0.0) + time.perf_counter() - t0}
     results["info"] = info
     path.write_text(json.dumps(results, indent=1, default=float))
     report(results, args.out, info)
