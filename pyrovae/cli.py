@@ -365,7 +365,12 @@ def _evaluate(run_dir: Path, device, checkpoint: str, num_samples: int, limit: O
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    return _evaluate(Path(args.run_dir), resolve_device(args.device), args.checkpoint, args.num_samples, args.limit, data_dir=args.data_dir, capture=args.capture)
+    code = _evaluate(Path(args.run_dir), resolve_device(args.device), args.checkpoint, args.num_samples, args.limit, data_dir=args.data_dir, capture=args.capture)
+    if code == 0 and args.marginal_kl:
+        from pyrovae.analysis import run_marginal_kl
+
+        print(json.dumps(run_marginal_kl(Path(args.run_dir), resolve_device(args.device), args.checkpoint, args.limit, args.data_dir), indent=2))
+    return code
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -509,6 +514,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", default=None)
     e.add_argument("--device", default="auto")
     e.add_argument("--capture", default="auto", choices=EVAL_CAPTURE_CHOICES, help=EVAL_CAPTURE_HELP)
+    e.add_argument("--marginal-kl", action="store_true", help="add KL(q(z) || p(z)) of the aggregate posterior over the test set (--limit, default 1000) to evaluation.json")
     e.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("sample", help="draw images from a trained model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -98,3 +98,17 @@ def test_marginal_kl_flow_guide_identical_data():
     guide = FlowEncoder((1, 8, 8), 2, (32,), "realnvp", 2)
     r = E.marginal_kl(guide, torch.rand(1, 1, 8, 8).expand(40, 1, 8, 8), rounds=2)
     assert r.num_components == 40 and abs(r.mutual_information) < 1e-4 and r.value > 0
+
+
+def test_cli_evaluate_marginal_kl(data_root, tmp_path):
+    import json
+
+    from pyrovae.cli import main
+
+    run = tmp_path / "run"
+    common = ["--no-progress", "--data-dir", str(data_root), "--device", "cpu"]
+    assert main(["train", "--dataset", "mnist", "--z-dims", "4", "--hidden", "32", "--train-limit", "300", "--epochs", "1",
+                 "--run-dir", str(run), "--eval-samples", "0", *common]) == 0
+    assert main(["evaluate", str(run), "-k", "5", "--limit", "50", "--marginal-kl", "--data-dir", str(data_root), "--device", "cpu"]) == 0
+    r = json.loads((run / "evaluation.json").read_text())["marginal_kl"]
+    assert r["num_components"] == 50 and math.isfinite(r["value"]) and 0 <= r["mutual_information"] <= math.log(50) + 4 * r["stderr"] + 1e-3
