@@ -41,6 +41,8 @@ from pyrovae.objectives import ELBO, GECO, BetaELBO  # noqa: E402
 from pyrovae.train import Trainer  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+#: data sets of the information-plane part (each is also a --parts name)
+INFO_PLANE_SETS = ("mnist", "fashion-mnist", "mnist-triplets")
 
 
 def train(model, guide, objective, data, epochs, batch_size=100, lr=1e-3, seed=0):
@@ -272,7 +274,7 @@ def report(results: dict, out: Path, info: dict) -> None:
               f"({fp['seconds']:.0f} s). Detected critical betas: {', '.join(f'{c:.2f}' for c in fp['critical'])}; the first "
               f"split is predicted at lambda_max / sigma^2 = {fp['lambda_max_over_sigma2']:.2f} (the test suite checks the two-point case exactly).", "",
               "![fixed points](geco_fixed_points.png)", ""]
-    for name in ("mnist", "fashion-mnist"):
+    for name in INFO_PLANE_SETS:
         r = results.get(f"info_plane_{name}")
         if not r:
             continue
@@ -334,7 +336,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test (use another --out)")
     ap.add_argument("--report-only", action="store_true", help="rewrite geco_study.md from geco_study.json")
-    ap.add_argument("--parts", nargs="+", default=["fixed_points", "mnist", "fashion-mnist", "marginal_kl", "conditional", "tiling"])
+    ap.add_argument("--parts", nargs="+", default=["fixed_points", *INFO_PLANE_SETS, "marginal_kl", "conditional", "tiling"])
     args = ap.parse_args(argv)
     if args.quick and args.out.resolve() == RESULTS.resolve():
         print("--quick would overwrite the committed results: pass --out elsewhere", file=sys.stderr)
@@ -351,7 +353,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         if part == "fixed_points":
             results[part] = fixed_points_study(args.out, args.quick)
-        elif part in ("mnist", "fashion-mnist"):
+        elif part in INFO_PLANE_SETS:
             results[f"info_plane_{part}"] = info_plane_study(part, args.out, args.quick, args.data_dir)
         elif part == "marginal_kl":
             results[part] = marginal_kl_study(args.out, args.quick, args.data_dir)
