@@ -53,3 +53,18 @@ def test_bad_arguments():
         F.solve(torch.zeros(2, 2), beta=1.0, rate=0.0)
     with pytest.raises(ValueError, match="at least 3"):
         F.sweep(torch.zeros(2, 2), [1.0, 2.0])
+
+
+def test_geco_study_script_smoke(tmp_path):
+    """The benchmark's fixed-point part end to end (quick sizes), writing its report and plot to tmp_path."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import geco_study
+    finally:
+        sys.path.pop(0)
+    assert geco_study.main(["--quick", "--out", str(tmp_path), "--parts", "fixed_points"]) == 0
+    assert (tmp_path / "geco_fixed_points.png").stat().st_size > 0 and "critical betas" in (tmp_path / "geco_study.md").read_text()
+    assert geco_study.main(["--quick"]) == 2  # a smoke run never overwrites the committed results
