@@ -206,10 +206,11 @@ def run_marginal_kl(run_dir, device, checkpoint: str = "best", limit: Optional[i
     from pyrovae.checkpoint import write_json
     from pyrovae.cli import load_run
 
-    _, model, guide, splits, _ = load_run(Path(run_dir), device, checkpoint, data_dir=data_dir)
+    cfg, model, guide, splits, _ = load_run(Path(run_dir), device, checkpoint, data_dir=data_dir)
     test = splits.test[: limit or 1000]
-    if splits.binarize == "dynamic":  # the same fixed binarisation as the log-likelihood would be ideal; one draw here
-        test = torch.bernoulli(test)
+    if splits.binarize == "dynamic":  # the fixed binarisation `pyrovae evaluate` uses for the log-likelihood
+        gen = torch.Generator(device=test.device).manual_seed(cfg.get("seed", 0) + 1)
+        test = torch.bernoulli(test, generator=gen)
     result = dataclasses.asdict(marginal_kl(guide, test, model=model))
     path = Path(run_dir) / "evaluation.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
