@@ -331,6 +331,27 @@ class LoadedRun:
     splits: Any = None  #: the run's data, when it was loaded (``with_data=True``, or a config without ``x_shape``)
 
 
+def _run_marginal_kl(run_dir, device, checkpoint: str = "best", limit: Optional[int] = None, data_dir=None) -> dict:
+    """``pyrovae evaluate RUN --marginal-kl``: :func:`marginal_kl` of a run's guide over its first ``limit`` (default
+    1000) test examples, with the model's prior, added to ``RUN/evaluation.json`` under ``marginal_kl``."""
+    import dataclasses
+
+    from pyrovae.analysis import marginal_kl
+
+    run = load_run(Path(run_dir), device, checkpoint, data_dir=data_dir, with_data=True)
+    cfg, model, guide, splits = run.config, run.model, run.guide, run.splits
+    test = splits.test[: limit or 1000]
+    if splits.binarize == "dynamic":  # the fixed binarisation `pyrovae evaluate` uses for the log-likelihood
+        gen = torch.Generator(device=test.device).manual_seed(cfg.get("seed", 0) + 1)
+        test = torch.bernoulli(test, generator=gen)
+    result = dataclasses.asdict(marginal_kl(guide, test, model=model))
+    path = Path(run_dir) / "evaluation.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    saved["marginal_kl"] = result
+    write_json(path, saved)
+    return {"marginal_kl": result}
+
+
 def load_run(run_dir, device="cpu", checkpoint: str = "best", data_dir: Optional[str] = None, with_data: bool = False) -> LoadedRun:
     """A trained run's model, guide and objective, rebuilt from ``RUN_DIR/config.json`` with a checkpoint's weights.
 
@@ -479,10 +500,13 @@ def _evaluate(
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    return _evaluate(
+    code = _evaluate(
         Path(args.run_dir), distributed.init(resolve_device(args.device)), args.checkpoint, args.num_samples, args.limit, data_dir=args.data_dir,
         capture=args.capture, progress=args.progress,
     )
+    if code == 0 and args.marginal_kl and distributed.is_main():
+        print(json.dumps(_run_marginal_kl(Path(args.run_dir), resolve_device(args.device), args.checkpoint, args.limit, args.data_dir), indent=2))
+    return code
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -613,6 +637,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
     e.add_argument("--capture", default="auto", choices=EVAL_CAPTURE_CHOICES, help=EVAL_CAPTURE_HELP)
     e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (default: a bar on a terminal)")
+    e.add_argument("--marginal-kl", action="store_true", help="add KL(q(z) || p(z)) of the aggregate posterior over the test set (of the first --limit test examples, 1000 if not given) to evaluation.json (default off)")
     e.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("sample", help="draw images from a trained model", formatter_class=HelpFormatter)

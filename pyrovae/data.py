@@ -712,3 +712,4 @@ class Batches:
 
 
 from pyrovae import text as _text  # noqa: E402,F401  (registers "ptb"; it imports this module)
+from pyrovae import derived_data as _derived  # noqa: E402,F401  (registers color-mnist, mnist-sum, ...; it imports this module)

@@ -438,3 +438,4 @@ def latent_scatter(guide, data: Data, labels: Optional[torch.Tensor], path, site
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+from pyrovae.analysis import MarginalKL, geco_trajectory, information_plane, marginal_kl, refit_gaussian_scale  # noqa: E402,F401  (GECO-paper analyses)

@@ -281,8 +281,37 @@ def _draw(cfg: dict, x_shape) -> nn.Module:
 
 def _convdraw(cfg: dict, x_shape) -> nn.Module:
     from pyrovae.models import ConvDRAW
+    from pyrovae.models.conditional import ConditionalConvDRAW
 
-    return ConvDRAW(x_shape, cfg.get("draw_steps") or 8, cfg.get("draw_z") or 4, cfg.get("lstm_size") or 32, likelihood=cfg.get("likelihood", "bernoulli"), scale=cfg.get("scale"))
+    ctx = _context_shape(cfg)  # a conditional data set (mnist-sum, ...) gets the conditional ConvDRAW
+    cls, extra = (ConvDRAW, {}) if ctx is None else (ConditionalConvDRAW, {"context_shape": ctx})
+    return cls(x_shape, cfg.get("draw_steps") or 8, cfg.get("draw_z") or 4, cfg.get("lstm_size") or 32, likelihood=cfg.get("likelihood", "bernoulli"), scale=cfg.get("scale"), **extra)
+
+
+def _context_shape(cfg: dict):
+    from pyrovae.derived_data import context_shape
+
+    return context_shape(cfg.get("dataset", ""))
+
+
+def _conditional_sizes(cfg: dict, x_shape, what: str) -> dict:
+    ctx = _context_shape(cfg)
+    if ctx is None:
+        raise ValueError(f"{what} is conditional, model(target, context); got dataset={cfg.get('dataset')!r}: pass --dataset mnist-sum, mnist-sum-hard or mnist-rotate")
+    z_dim, hidden = _one_layer(cfg, what)
+    return {"x_shape": x_shape, "context_shape": ctx, "z_dim": z_dim, "hidden": hidden if _hidden(cfg) else (400, 400)}
+
+
+def _cvae(cfg: dict, x_shape) -> nn.Module:
+    from pyrovae.models.conditional import ConditionalVAE
+
+    return ConditionalVAE(**_conditional_sizes(cfg, x_shape, "model='cvae'"), likelihood=cfg.get("likelihood", "bernoulli"), scale=cfg.get("scale"))
+
+
+def _conditional_guide(cfg: dict, x_shape) -> nn.Module:
+    from pyrovae.guides.conditional import ConditionalEncoder
+
+    return ConditionalEncoder(**_conditional_sizes(cfg, x_shape, "guide='conditional'"))
 
 
 def _draw_guide(cfg: dict, x_shape, model: nn.Module) -> nn.Module:
@@ -310,6 +339,7 @@ MODELS: dict[str, Callable[[dict, tuple], nn.Module]] = {
         Arg("--read-size", type=positive_int, group=DRAW_GROUP, help="N of DRAW's N x N read grid (default 2)"),
         Arg("--write-size", type=positive_int, group=DRAW_GROUP, help="N of DRAW's N x N write grid (default 5)"))),
     "convdraw": Entry(_convdraw, (*_DRAW_LIKELIHOOD, DRAW_STEPS, DRAW_Z, LSTM_SIZE)),
+    "cvae": Entry(_cvae, IMAGE_ARGS),
 }
 GUIDES: dict[str, Callable[[dict, tuple], nn.Module]] = {
     "gaussian": Entry(_gaussian, ENCODER_ARGS),
@@ -320,12 +350,13 @@ GUIDES: dict[str, Callable[[dict, tuple], nn.Module]] = {
     "rnn": Entry(_rnn_encoder, (*TEXT_ARGS, Arg("--bidirectional", action="store_true", group=TEXT_GROUP, help="bidirectional encoder (--guide rnn; default off)"))),
     "none": Entry(_no_latents),
     "bayes_gaussian": Entry(_bayes_gaussian, (*ENCODER_ARGS, ENCODER_DROPOUT, *BAYES_MODEL_ARGS)),
+    "conditional": Entry(_conditional_guide, ENCODER_ARGS),
 }
 #: guides built from their model, because they run its networks (DRAW's decoder recurrence): (cfg, x_shape, model) -> guide.
 #: A model with a ``guide_name`` is paired with that guide.
 MODEL_GUIDES: dict[str, Callable[[dict, tuple, nn.Module], nn.Module]] = {"draw": Entry(_draw_guide), "convdraw": Entry(_convdraw_guide)}
 #: the guide a model gets when none is named (``gaussian`` otherwise)
-DEFAULT_GUIDES: dict[str, str] = {"sentence": "rnn", "lm": "none", "draw": "draw", "convdraw": "convdraw"}
+DEFAULT_GUIDES: dict[str, str] = {"sentence": "rnn", "lm": "none", "draw": "draw", "convdraw": "convdraw", "cvae": "conditional"}
 
 
 def default_guide(model: str) -> str:

@@ -1,0 +1,380 @@
+"""The GECO paper's studies (Rezende & Viola 2018, "Taming VAEs") at a small CPU budget.
+
+Writes ``benchmarks/results/geco_study.md``, ``geco_study.json`` and ``geco_*.png``:
+
+- Figure 2 / Appendix A: beta-VAE reconstruction fixed points on 2-D mixture data, E(beta), d^2E, critical betas;
+- Figure 3: information plane (Appendix D re-fitted Gaussian decoder) for ELBO, GECO-RE at two tolerances and a
+  fixed beta, and GECO's trajectory (constraint, lambda, KL per epoch), on MNIST and Fashion-MNIST;
+- Figure 5: KL during training with ELBO and with GECO-RE set to ELBO's final reconstruction error;
+- Table 2: marginal KL of the aggregate posterior on Color-MNIST, VAE + RealNVP posterior, ELBO vs GECO;
+- a conditional task (mnist-sum) with the conditional VAE, ELBO vs GECO;
+- Figure 8: posterior tiling on Micro-MNIST (2-D latent, RealNVP posterior), ELBO and GECO-RE at two tolerances.
+
+    PYROVAE_DATA=/work/shared/data OMP_NUM_THREADS=1 python benchmarks/geco_study.py            # the committed run
+    python benchmarks/geco_study.py --quick --out /tmp/geco-smoke                               # a smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pyro  # noqa: E402
+import torch  # noqa: E402
+
+import common  # noqa: E402
+from pyrovae import evaluate as E  # noqa: E402
+from pyrovae import fixed_points as FP  # noqa: E402
+from pyrovae.data import load_dataset  # noqa: E402
+from pyrovae.guides import FlowEncoder, GaussianEncoder  # noqa: E402
+from pyrovae.guides.conditional import ConditionalEncoder  # noqa: E402
+from pyrovae.models import VAE  # noqa: E402
+from pyrovae.models.conditional import ConditionalVAE  # noqa: E402
+from pyrovae.objectives import ELBO, GECO, BetaELBO  # noqa: E402
+from pyrovae.train import Trainer  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+#: data sets of the information-plane part (each is also a --parts name)
+INFO_PLANE_SETS = ("mnist", "fashion-mnist", "mnist-triplets")
+
+
+def train(model, guide, objective, data, epochs, batch_size=100, lr=1e-3, seed=0):
+    pyro.set_rng_seed(seed)
+    pyro.clear_param_store()
+    t0 = time.perf_counter()
+    history = Trainer(model, guide, objective, lr=lr, progress=False).fit(data, epochs, batch_size)
+    return history, time.perf_counter() - t0
+
+
+def geco(tol):
+    return GECO(constraint="RE", tolerance=float(tol))  # the paper's multiplier step: fast enough for a few hundred steps
+
+
+def rms_error(model, guide, data) -> float:
+    """sqrt(mean (x - g(z))^2), z ~ q(z | x): GECO-RE's constraint quantity (its tolerance is an RMS error)."""
+    r = E.refit_gaussian_scale(model, guide, data)
+    return r.sigma
+
+
+# --------------------------------------------------------------------------------------------- Figure 2
+
+
+def fixed_points_study(out: Path, quick: bool) -> dict:
+    data = FP.mixture_data(60 if quick else 150, std=0.5)
+    betas = [math.exp(v) for v in torch.linspace(math.log(0.05), math.log(20.0), 12 if quick else 30).tolist()]
+    t0 = time.perf_counter()
+    s = FP.sweep(data, betas, sigma=1.0, grid=16 if quick else 32)
+    seconds = time.perf_counter() - t0
+    lam = torch.linalg.eigvalsh(torch.cov(data.T)).tolist()
+    fig, ax = plt.subplots(1, 4, figsize=(17, 4))
+    for a, i in zip(ax[:2], (0, len(betas) // 2)):
+        p = s.points[i]
+        used = p.q.sum(0) > 1e-3
+        a.scatter(data[:, 0], data[:, 1], s=4, c="grey", label="data")
+        a.scatter(p.g[used, 0], p.g[used, 1], s=6, c="C3", label="g(z) of used tiles")
+        a.set_title(f"fixed points, beta={p.beta:.2f}")
+        a.legend(fontsize=7)
+    ax[2].semilogx(s.betas, s.errors, ".-")
+    ax[2].set_xlabel("beta"), ax[2].set_ylabel("E |x - g(z)|^2")
+    ax[3].semilogx(s.betas, s.curvature, ".-")
+    ax[3].set_xlabel("beta"), ax[3].set_ylabel("d^2 E / d(log beta)^2")
+    for a in ax[2:]:
+        for c in s.critical:
+            a.axvline(c, color="C3", ls="--", lw=0.8)
+        a.axvline(max(lam), color="k", ls=":", lw=0.8)
+    ax[2].set_title("dashed: detected critical betas; dotted: lambda_max / sigma^2")
+    fig.tight_layout()
+    fig.savefig(out / "geco_fixed_points.png", dpi=100)
+    plt.close(fig)
+    return {"n": data.shape[0], "grid": 16 if quick else 32, "betas": [betas[0], betas[-1], len(betas)], "critical": s.critical,
+            "lambda_max_over_sigma2": max(lam), "iterations": [p.iterations for p in s.points], "seconds": seconds}
+
+
+# --------------------------------------------------------------------------------- Figures 3 and 5
+
+
+def info_plane_study(name: str, out: Path, quick: bool, data_dir) -> dict:
+    s = load_dataset(name, data_dir=data_dir, valid_size=0)
+    n_train, n_test, epochs = (1000, 300, 2) if quick else (5000, 1000, 30)
+    x, xt = s.train[:n_train], s.test[:n_test]
+
+    def pair():
+        return VAE(s.x_shape, (16,), [(200,)]), GaussianEncoder(s.x_shape, (16,), [(200,)])
+
+    runs = {}
+    m, g = pair()
+    hist, sec = train(m, g, ELBO(), x, epochs)
+    elbo_rms = rms_error(m, g, x)
+    runs["ELBO"] = (m, g, hist, sec)
+    for label, obj in ((f"GECO-RE tol={elbo_rms:.3f} (ELBO's RMS)", geco(elbo_rms)), ("GECO-RE tol=0.200", geco(0.2)), ("beta=4 (fixed)", BetaELBO(beta=4.0))):
+        m, g = pair()
+        hist, sec = train(m, g, obj, x, epochs)
+        runs[label] = (m, g, hist, sec)
+    rows = {}
+    for label, (m, g, hist, sec) in runs.items():
+        p = E.information_plane(m, g, xt)
+        p.update({"rms": rms_error(m, g, xt), "seconds": round(sec, 1), "kl_per_epoch": [h.get("train_kl") for h in hist]})
+        if label.startswith("GECO"):
+            p["trajectory"] = E.geco_trajectory(hist)
+        rows[label] = p
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
+    for label, p in rows.items():
+        ax[0].scatter(p["kl"], p["recon_nll"], label=label)
+    ax[0].set_xlabel("KL(q(z|x) || p(z)) [nats]"), ax[0].set_ylabel("-log N(x; g(z), sigma*^2 I), sigma* re-fitted [nats]")
+    ax[0].set_title(f"{name}: information plane (test, Appendix D)")
+    ax[0].legend(fontsize=7)
+    label = next(k for k in rows if k.startswith("GECO-RE tol=") and "ELBO" in k)
+    t = rows[label]["trajectory"]
+    sc = ax[1].scatter(t["kl"], [math.sqrt(max(c + float(label.split("=")[1].split()[0]) ** 2, 0)) for c in t["constraint"]], c=t["epoch"], cmap="viridis")
+    fig.colorbar(sc, ax=ax[1], label="epoch")
+    ax[1].set_xlabel("train KL"), ax[1].set_ylabel("train RMS error (moving average)")
+    ax[1].set_title(f"GECO trajectory ({label})")
+    a2 = ax[2]
+    a2.plot(t["epoch"], t["constraint"], label="constraint C_ma")
+    a2.set_xlabel("epoch"), a2.set_ylabel("constraint")
+    a3 = a2.twinx()
+    a3.semilogy(t["epoch"], t["lambda"], "C1", label="lambda")
+    a3.set_ylabel("lambda")
+    a2.set_title("constraint and lambda per epoch")
+    fig.tight_layout()
+    fig.savefig(out / f"geco_info_plane_{name}.png", dpi=100)
+    plt.close(fig)
+    # Figure 5: KL per epoch, ELBO vs GECO-RE at ELBO's error
+    fig, a = plt.subplots(figsize=(5, 4))
+    for k in ("ELBO", label):
+        a.plot(range(1, epochs + 1), rows[k]["kl_per_epoch"], ".-", label=k)
+    a.set_xlabel("epoch"), a.set_ylabel("train KL [nats]"), a.legend(fontsize=7)
+    a.set_title(f"{name}: KL at ELBO's reconstruction error")
+    fig.tight_layout()
+    fig.savefig(out / f"geco_kl_at_fixed_error_{name}.png", dpi=100)
+    plt.close(fig)
+    return {"n_train": n_train, "n_test": n_test, "epochs": epochs, "elbo_train_rms": elbo_rms, "runs": rows}
+
+
+# ------------------------------------------------------------------------------------------- Table 2
+
+
+def marginal_kl_study(out: Path, quick: bool, data_dir) -> dict:
+    s = load_dataset("color-mnist", data_dir=data_dir, valid_size=0)
+    n_train, n_test, epochs = (1000, 200, 2) if quick else (5000, 1000, 8)
+    x, xt = s.train[:n_train], s.test[:n_test]
+
+    def pair():
+        return VAE(s.x_shape, (16,), [(400,)]), FlowEncoder(s.x_shape, 16, (400,), "realnvp", 4)
+
+    m, g = pair()
+    hist, sec = train(m, g, ELBO(), x, epochs)
+    tol = rms_error(m, g, x)
+    rows = {"ELBO": (m, g, sec)}
+    for factor, note in ((1.0, "ELBO's RMS"), (1.15, "1.15 x ELBO's RMS")):
+        m2, g2 = pair()
+        _, sec2 = train(m2, g2, geco(factor * tol), x, epochs)
+        rows[f"GECO-RE tol={factor * tol:.3f} ({note})"] = (m2, g2, sec2)
+    res = {}
+    for label, (m, g, sec) in rows.items():
+        r = E.marginal_kl(g, xt, model=m)
+        p = E.information_plane(m, g, xt)
+        res[label] = {"marginal_kl": r.value, "stderr": r.stderr, "mean_kl": r.mean_kl, "mutual_information": r.mutual_information,
+                      "log_n": math.log(r.num_components), "rms": rms_error(m, g, xt), "recon_nll_refit": p["recon_nll"], "seconds": round(sec, 1)}
+    return {"n_train": n_train, "n_test": n_test, "epochs": epochs, "runs": res}
+
+
+# -------------------------------------------------------------------------------------- conditional
+
+
+def conditional_study(out: Path, quick: bool, data_dir) -> dict:
+    s = load_dataset("mnist-sum", data_dir=data_dir, valid_size=0)
+    n_train, n_test, epochs = (1000, 200, 2) if quick else (5000, 500, 8)
+    x, xt = s.train[:n_train], s.test[:n_test]
+    ctx = tuple(s.train.context.shape[1:])
+
+    def pair():
+        return ConditionalVAE(s.x_shape, ctx, 16, (400,)), ConditionalEncoder(s.x_shape, ctx, 16, (400,))
+
+    m, g = pair()
+    _, sec = train(m, g, ELBO(), x, epochs)
+    tol = rms_error(m, g, x)
+    runs = {"ELBO": (m, g, sec)}
+    m2, g2 = pair()
+    _, sec2 = train(m2, g2, geco(tol), x, epochs)
+    runs[f"GECO-RE tol={tol:.3f}"] = (m2, g2, sec2)
+    res = {}
+    for label, (m, g, sec) in runs.items():
+        ll = E.log_likelihood(m, g, xt, num_samples=100)
+        terms = E.elbo_terms(m, g, xt)
+        res[label] = {"test_nll": float(-ll.values.mean()), "kl": terms["kl"], "rms": rms_error(m, g, xt), "seconds": round(sec, 1)}
+        c = xt.context[:6]
+        samples = E.sample(m, 6 * 6, s.x_shape, inputs=(c.repeat_interleave(6, 0),)).reshape(6, 6, *s.x_shape)
+        grid = torch.cat([c[:, :1].unsqueeze(1), c[:, 1:2].unsqueeze(1), samples], 1).reshape(-1, *s.x_shape)
+        E.save_image_grid(grid, out / f"geco_mnist_sum_{'elbo' if label == 'ELBO' else 'geco'}.png", nrow=8)
+    return {"n_train": n_train, "n_test": n_test, "epochs": epochs, "runs": res}
+
+
+# ------------------------------------------------------------------------------------------ Figure 8
+
+
+def tiling_study(out: Path, quick: bool, data_dir) -> dict:
+    s = load_dataset("micro-mnist", data_dir=data_dir)
+    x = s.train
+    epochs = 300 if quick else 2000
+    objectives = {"ELBO": ELBO(), "GECO-RE tol=0.10": geco(0.10), "GECO-RE tol=0.25": geco(0.25)}
+    fig, ax = plt.subplots(1, len(objectives), figsize=(5 * len(objectives), 4.5))
+    res = {}
+    for a, (label, obj) in zip(ax, objectives.items()):
+        m, g = VAE(s.x_shape, (2,), [(200,)]), FlowEncoder(s.x_shape, 2, (200,), "realnvp", 4)
+        _, sec = train(m, g, obj, x, epochs, batch_size=7, lr=1e-3)
+        with torch.no_grad():
+            z = torch.stack([pyro.poutine.trace(g).get_trace(x).nodes["z"]["value"] for _ in range(100)])  # [100, 7, 2]
+        for i in range(7):
+            a.scatter(z[:, i, 0], z[:, i, 1], s=3, label=f"x{i + 1} ({int(s.train_labels[i])})")
+        a.add_patch(plt.Circle((0, 0), 2.0, fill=False, ls=":", color="k"))
+        a.set_aspect("equal")
+        mk = E.marginal_kl(g, x, model=m, rounds=100)
+        a.set_title(f"{label}: rms={rms_error(m, g, x):.3f}, marginal KL={mk.value:.2f}")
+        res[label] = {"rms": rms_error(m, g, x), "marginal_kl": mk.value, "mean_kl": mk.mean_kl, "seconds": round(sec, 1)}
+    ax[0].legend(fontsize=7)
+    fig.suptitle("Micro-MNIST: 100 posterior samples per data point (dotted: 2 sd of the prior)")
+    fig.tight_layout()
+    fig.savefig(out / "geco_tiling.png", dpi=100)
+    plt.close(fig)
+    return {"steps": epochs, "runs": res}
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _met(label: str, rms: float) -> str:
+    """Whether a GECO-RE run met its tolerance on the evaluation data (label "GECO-RE tol=0.123 ...")."""
+    if not label.startswith("GECO-RE tol="):
+        return "-"
+    tol = float(label.split("=")[1].split()[0])
+    return "yes" if rms <= tol else f"no ({rms / tol:.2f} x tol)"
+
+
+def report(results: dict, out: Path, info: dict) -> None:
+    L = ["# GECO studies (Rezende & Viola 2018, \"Taming VAEs\") at a small CPU budget", ""]
+    L += [f"Run {info['date']} on {info['hardware']['cpu']} ({info['hardware']['cpu_cores']} cores, torch threads {info['hardware']['torch_threads']}), "
+          f"torch {info['hardware']['torch']}, pyro {info['hardware']['pyro']}; total {info['seconds'] / 60:.1f} min. Command: `{info['command']}`.", ""]
+    L += ["Everything here is orders of magnitude smaller than the paper (5000 training images, 8-30 epochs, MLP "
+          "decoders instead of ConvDRAW), so the numbers show the code working and the direction of the effects, not the "
+          "paper's values. GECO uses the paper's multiplier rule (lambda <- lambda exp(C_ma), alpha = 0.99, lambda starts at 1); RE "
+          "tolerances are RMS errors per pixel.", ""]
+    fp = results.get("fixed_points")
+    if fp:
+        L += ["## Figure 2 / Appendix A: reconstruction fixed points", "",
+              f"{fp['n']} points of a 3-component 2-D Gaussian mixture, {fp['grid']}x{fp['grid']} tiles, sigma = 1, "
+              f"{fp['betas'][2]} betas in [{fp['betas'][0]:.3g}, {fp['betas'][1]:.3g}] (log-spaced), damping 0.5, <= 400 iterations or a 1e-3 step "
+              f"({fp['seconds']:.0f} s). Detected critical betas: {', '.join(f'{c:.2f}' for c in fp['critical'])}; the first "
+              f"split is predicted at lambda_max / sigma^2 = {fp['lambda_max_over_sigma2']:.2f} (the test suite checks the two-point case exactly).", "",
+              "![fixed points](geco_fixed_points.png)", ""]
+    for name in INFO_PLANE_SETS:
+        r = results.get(f"info_plane_{name}")
+        if not r:
+            continue
+        L += [f"## Figure 3 and 5: information plane on {name}", "",
+              f"VAE (16-d z, one hidden layer of 200, Bernoulli decoder) on {r['n_train']} training images, {r['epochs']} epochs; "
+              f"points on {r['n_test']} test images. recon NLL: Gaussian decoder with one global sigma re-fitted (Appendix D).", "",
+              "| objective | KL [nats] | recon NLL, re-fitted [nats] | sigma* | RMS error (test) | tolerance met | final lambda | train s |", "|---|---|---|---|---|---|---|---|"]
+        for label, p in r["runs"].items():
+            lam = p.get("trajectory", {}).get("lambda", [None])[-1]
+            L.append(f"| {label} | {p['kl']:.2f} | {p['recon_nll']:.1f} | {p['sigma']:.4f} | {p['rms']:.4f} | {_met(label, p['rms'])} | {'-' if lam is None else f'{lam:.3g}'} | {p['seconds']} |")
+        L += ["", f"![information plane](geco_info_plane_{name}.png)", "", f"![KL at fixed error](geco_kl_at_fixed_error_{name}.png)", ""]
+    r = results.get("marginal_kl")
+    if r:
+        L += ["## Table 2: marginal KL on Color-MNIST (VAE + RealNVP posterior)", "",
+              f"{r['n_train']} training images, {r['epochs']} epochs; KL(q(z) || p(z)) of the aggregate posterior over {r['n_test']} test "
+              "images (log q(z) as a log-mean-exp over all of them; stderr over the draws; the value cannot fall below mean KL - log N).", "",
+              "| objective | marginal KL (ours) | stderr | mean KL | I(n; z) (<= log N) | RMS error (test) | tolerance met | paper's marginal KL |", "|---|---|---|---|---|---|---|---|"]
+        for label, p in r["runs"].items():
+            paper = "182.5 (ELBO)" if label == "ELBO" else "10.3 (GECO)"
+            L.append(f"| {label} | {p['marginal_kl']:.2f} | {p['stderr']:.2f} | {p['mean_kl']:.2f} | {p['mutual_information']:.2f} ({p['log_n']:.2f}) | {p['rms']:.4f} | {_met(label, p['rms'])} | {paper} |")
+        L += [""]
+    r = results.get("conditional")
+    if r:
+        L += ["## Conditional task: mnist-sum (target = (a + b) mod 10)", "",
+              f"Conditional VAE (learned prior p(z | c)), {r['n_train']} training pairs, {r['epochs']} epochs; {r['n_test']} test pairs, NLL with 100 importance samples.", "",
+              "| objective | test NLL [nats] | KL | RMS error (test) | tolerance met | train s |", "|---|---|---|---|---|---|"]
+        for label, p in r["runs"].items():
+            L.append(f"| {label} | {p['test_nll']:.1f} | {p['kl']:.2f} | {p['rms']:.4f} | {_met(label, p['rms'])} | {p['seconds']} |")
+        L += ["", "Rows: the two context digits, then 6 samples of p(x | c).", "", "ELBO: ![](geco_mnist_sum_elbo.png) GECO: ![](geco_mnist_sum_geco.png)", ""]
+    r = results.get("tiling")
+    if r:
+        L += ["## Figure 8: posterior tiling on Micro-MNIST", "", f"2-d latent VAE, RealNVP posterior (4 layers), the 7 images, {r['steps']} full-batch steps.", "",
+              "| objective | RMS error | tolerance met | marginal KL | mean KL | train s |", "|---|---|---|---|---|---|"]
+        for label, p in r["runs"].items():
+            L.append(f"| {label} | {p['rms']:.4f} | {_met(label, p['rms'])} | {p['marginal_kl']:.2f} | {p['mean_kl']:.2f} | {p['seconds']} |")
+        L += ["", "![tiling](geco_tiling.png)", ""]
+    L += ["## Distance from the paper", "",
+          "- Budgets: minutes on a shared 2-core CPU instead of long GPU runs; MLP VAEs instead of ConvDRAW (the conditional "
+          "ConvDRAW exists, `--model convdraw` on a conditional data set, but was not trained here).",
+          "- Table 2: the paper's 182.5 vs 10.3 come from fully trained models on the full Color-MNIST; our marginal KLs are "
+          "estimated on 1000 test images, so they saturate at mean KL - log 1000 when posteriors do not overlap (ELBO's "
+          "I(n; z) = log N above: its value is that lower bound). Within 8 epochs neither GECO run met its tolerance, and "
+          "their marginal KL is *higher* than ELBO's: the paper's direction is not reproduced at this budget.",
+          "- GECO with the tolerance set to ELBO's own final error (Figure 5's protocol) did not reach it within the budget: "
+          "lambda hit its cap (1e6) and the KL grew to about 3x ELBO's while the error approached the tolerance from above. "
+          "With a looser tolerance (0.2 RMS) GECO met it on MNIST at half ELBO's KL, the paper's qualitative claim; on "
+          "Fashion-MNIST it ended 2% above it.",
+          "- Micro-MNIST tiling reproduces the paper's picture: ELBO's posteriors are tight, separate islands partly outside "
+          "the prior's bulk; GECO-RE at a loose tolerance spreads them to tile the prior (marginal KL 3.7 -> 0.33 -> 0.02).",
+          "- The conditional GECO run (mnist-sum) did not meet its tolerance in 8 epochs and nearly ignored z (KL 0.09).",
+          "- GECO-CLA (Figure 8) needs a trained classifier and is not run here; the Python API supports it (`GECO(constraint='CLA', classifier=...)`).",
+          "- Fixed points: 'exponential smoothing' is read as damping of the decoder update; the paper's exact mixture is not given.", ""]
+    (out / "geco_study.md").write_text("\n".join(L))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test (use another --out)")
+    ap.add_argument("--report-only", action="store_true", help="rewrite geco_study.md from geco_study.json")
+    ap.add_argument("--parts", nargs="+", default=["fixed_points", *INFO_PLANE_SETS, "marginal_kl", "conditional", "tiling"])
+    args = ap.parse_args(argv)
+    if args.quick and args.out.resolve() == RESULTS.resolve():
+        print("--quick would overwrite the committed results: pass --out elsewhere", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    path = args.out / "geco_study.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if args.report_only:
+        report(results, args.out, results["info"])
+        return 0
+    for part in args.parts:
+        print(f"geco_study: {part} ...", flush=True)
+        t = time.perf_counter()
+        if part == "fixed_points":
+            results[part] = fixed_points_study(args.out, args.quick)
+        elif part in INFO_PLANE_SETS:
+            results[f"info_plane_{part}"] = info_plane_study(part, args.out, args.quick, args.data_dir)
+        elif part == "marginal_kl":
+            results[part] = marginal_kl_study(args.out, args.quick, args.data_dir)
+        elif part == "conditional":
+            results[part] = conditional_study(args.out, args.quick, args.data_dir)
+        elif part == "tiling":
+            results[part] = tiling_study(args.out, args.quick, args.data_dir)
+        else:
+            raise SystemExit(f"unknown part {part!r}")
+        print(f"geco_study: {part} done in {time.perf_counter() - t:.0f} s", flush=True)
+        path.write_text(json.dumps(results, indent=1, default=float))
+    prev = results.get("info", {})  # parts re-run later add their time and command to the earlier run's
+    commands = [c for c in prev.get("command", "").split(" ; ") if c] + [common.command_line()]
+    info = {"date": common.now(), "hardware": common.hardware_info(torch.device("cpu")), "command": " ; ".join(commands),
+            "seconds": prev.get("seconds", 0.0) + time.perf_counter() - t0}
+    results["info"] = info
+    path.write_text(json.dumps(results, indent=1, default=float))
+    report(results, args.out, info)
+    print(f"geco_study: wrote {args.out / 'geco_study.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
