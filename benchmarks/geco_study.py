@@ -10,7 +10,7 @@ Writes ``benchmarks/results/geco_study.md``, ``geco_study.json`` and ``geco_*.pn
 - a conditional task (mnist-sum) with the conditional VAE, ELBO vs GECO;
 - Figure 8: posterior tiling on Micro-MNIST (2-D latent, RealNVP posterior), ELBO and GECO-RE at two tolerances.
 
-    PYROVAE_DATA=/work/shared/data OMP_NUM_THREADS=1 python benchmarks/geco_study.py            # the committed run
+    PYROVAE_DATA=../shared/data OMP_NUM_THREADS=1 python benchmarks/geco_study.py            # the committed run
     python benchmarks/geco_study.py --quick --out /tmp/geco-smoke                               # a smoke test
 """
 from __future__ import annotations
