@@ -342,12 +342,6 @@ class LogWeightEngine:
         self.data_plate = data_plate
         self.particle_mode = vectorize_particles
 
-    def with_particles(self, num_particles: int) -> "LogWeightEngine":
-        """The same engine (plate nesting, data plate, particle mode) with another number of particles."""
-        other = LogWeightEngine(num_particles, data_plate=self.data_plate, vectorize_particles=self.particle_mode)
-        other.max_plate_nesting = self.max_plate_nesting
-        return other
-
     def ensure_nesting(self, model, guide, args: tuple, kwargs: dict) -> None:
         if self.max_plate_nesting == float("inf"):
             self.max_plate_nesting = guess_plate_nesting(model, guide, args, kwargs) + 1

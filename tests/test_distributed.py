@@ -49,8 +49,8 @@ def no_guide(x, y):
     pass
 
 
-class StopAt(ELBO):
-    """An ELBO that sends SIGTERM to its own process after optimiser step ``at`` (on one rank only)."""
+class AtStep(ELBO):
+    """An ELBO that counts optimiser steps and calls :meth:`after` once step ``at`` is done (``at`` differs by rank)."""
 
     def __init__(self, at):
         super().__init__()
@@ -60,42 +60,36 @@ class StopAt(ELBO):
         super().step(state)
         self.steps += 1
         if self.steps == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
+            self.after()
+
+    def after(self):
+        pass
 
 
-class PoisonAt(ELBO):
-    """An ELBO whose loss is NaN once, on the step after optimiser step ``at`` (on one rank only; plain steps:
-    a captured step would not call it)."""
+class StopAt(AtStep):
+    """Sends SIGTERM to its own process after optimiser step ``at``."""
 
-    def __init__(self, at):
-        super().__init__()
-        self.at, self.steps, self.done = at, 0, False
+    def after(self):
+        os.kill(os.getpid(), signal.SIGTERM)
 
-    def step(self, state=None):
-        super().step(state)
-        self.steps += 1
+
+class PoisonAt(AtStep):
+    """Its loss is NaN once, on the step after optimiser step ``at`` (plain steps: a captured step would not call it)."""
 
     def estimate(self, model, guide, args, kwargs, state):
         est = super().estimate(model, guide, args, kwargs, state)
-        if self.steps == self.at and not self.done:
+        if self.steps == self.at and not getattr(self, "done", False):
             self.done = True
             est.loss, est.surrogate = est.loss * float("nan"), est.surrogate * float("nan")
         return est
 
 
-class NudgeAt(ELBO):
-    """An ELBO that moves one parameter of its process after step ``at``: per-rank state the trainer cannot see."""
+class NudgeAt(AtStep):
+    """Moves one parameter of its process after step ``at``: per-rank state the trainer cannot see."""
 
-    def __init__(self, at):
-        super().__init__()
-        self.at, self.steps = at, 0
-
-    def step(self, state=None):
-        super().step(state)
-        self.steps += 1
-        if self.steps == self.at:
-            with torch.no_grad():
-                pyro.param("log_s").unconstrained().add_(1e-3)
+    def after(self):
+        with torch.no_grad():
+            pyro.param("log_s").unconstrained().add_(1e-3)
 
 
 def regression_data():
