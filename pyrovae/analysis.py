@@ -14,6 +14,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from pyrovae.data import as_inputs
+from pyrovae.engine import observed_site, site_mean
 
 
 @dataclass
@@ -137,16 +138,14 @@ class RefitGaussian:
 
 
 def _mean_of_x(model, guide, chunk: tuple) -> torch.Tensor:
+    """g(z) at z ~ q(z | x): the mean of the model's observed site holding the data (the engine's rule)."""
     tr = poutine.trace(guide).get_trace(*chunk)
     mtr = poutine.trace(poutine.replay(model, trace=tr)).get_trace(*chunk)
-    obs = [s for s in mtr.nodes.values() if s["type"] == "sample" and s["is_observed"]]
-    if not obs:
-        raise ValueError("the model has no observed site: nothing to reconstruct")
-    fn = obs[-1]["fn"]
+    site = observed_site(mtr, data=chunk[0])
     try:
-        return fn.mean
+        return site_mean(mtr, site)
     except NotImplementedError as e:
-        raise ValueError(f"the model's observation {type(fn).__name__} has no mean to re-fit a Gaussian decoder around") from e
+        raise ValueError(f"the model's observation {type(mtr.nodes[site]['fn']).__name__} has no mean to re-fit a Gaussian decoder around") from e
 
 
 @torch.no_grad()

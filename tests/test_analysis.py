@@ -85,6 +85,25 @@ def test_refit_gaussian_scale_closed_form():
     assert r.recon_nll == pytest.approx(2.5 * math.log(2 * math.pi * r.sigma**2) + 2.5)
 
 
+def test_refit_reads_the_site_holding_the_data():
+    # a second observed site after the data's (a factor-like observation of a constant) must not be taken for g(z)
+    import pyro
+    import pyro.distributions as dist
+
+    base = LinearGaussian(5, 2, scale=0.3, learnable=False, dtype=torch.float64)
+
+    def model(x):
+        base(x)
+        pyro.sample("extra", dist.Normal(torch.zeros(()), 1.0), obs=torch.tensor(7.0, dtype=torch.float64))
+
+    x = base.sample(500)
+    guide = ExactPosteriorGuide(base)
+    torch.manual_seed(0)
+    alone = E.refit_gaussian_scale(base, guide, x)
+    torch.manual_seed(0)
+    assert E.refit_gaussian_scale(model, guide, x).sigma == pytest.approx(alone.sigma, rel=1e-12)
+
+
 def test_geco_trajectory_reads_history():
     hist = [{"epoch": 1, "train_constraint": 0.2, "train_lambda": 3.0, "train_kl": 1.0, "train_recon": -5.0}, {"epoch": 2, "train_kl": 2.0}]
     t = E.geco_trajectory(hist)
