@@ -132,12 +132,13 @@ class RecurrentCanvasModel(nn.Module):
         if isinstance(looked, Window):
             record.setdefault("write", []).append(box(looked).reshape(-1, 4))
 
-    def write_pictures(self, run_dir, guide=None, data: Optional[torch.Tensor] = None, num: int = 8) -> list:
+    def write_pictures(self, run_dir, guide=None, data: Optional[torch.Tensor] = None, num: int = 8, suffix: str = "") -> list:
         """Write ``draw_generation.png`` (rows = samples, columns = steps), ``draw_generation.gif`` and, given the
-        guide and data, ``draw_reconstruction.png`` and ``draw_attention.png`` (read/write windows) to ``run_dir``."""
+        guide and data, ``draw_reconstruction.png`` and ``draw_attention.png`` (read/write windows) to ``run_dir``,
+        each name with ``suffix`` before its extension."""
         from pyrovae.pictures import write_draw_pictures
 
-        return write_draw_pictures(self, guide, data, run_dir, num)
+        return write_draw_pictures(self, guide, data, run_dir, num, suffix)
 
 
 class DRAW(RecurrentCanvasModel):

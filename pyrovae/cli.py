@@ -493,7 +493,7 @@ def _evaluate(
         except ValueError as e:  # a discrete 2-D code has no manifold to draw
             print(f"pyrovae: no manifold.png: {e}")
     if hasattr(model, "write_pictures"):  # models that draw over steps (DRAW): canvases, attention, GIF
-        model.write_pictures(run_dir, guide=guide, data=test)
+        written += [p.name for p in model.write_pictures(run_dir, guide=guide, data=test, suffix=suffix)]
     print(json.dumps(result, indent=2))
     print(f"pyrovae: wrote {', '.join(written)} to {run_dir}")
     return 0
@@ -529,9 +529,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     runs.check_writable(out.parent, "the --out folder")
     x_shape = tuple(cfg.get("x_shape") or splits.x_shape)
     E.save_image_grid(E.sample(model, args.num, x_shape, device=device), out)
-    if hasattr(model, "write_pictures"):  # models that draw over steps (DRAW): canvases per step and a GIF
-        model.write_pictures(out.parent, num=min(args.num, 16))
-    print(f"pyrovae: wrote {args.num} samples to {out}")
+    also = []
+    if hasattr(model, "write_pictures"):  # models that draw over steps (DRAW): canvases per step and a GIF, named after out
+        also = [p.name for p in model.write_pictures(out.parent, num=min(args.num, 16), suffix=f"-{out.stem}")]
+    print(f"pyrovae: wrote {args.num} samples to {out}" + (f" (and {', '.join(also)} beside it)" if also else ""))
     return 0
 
 

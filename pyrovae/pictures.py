@@ -103,23 +103,24 @@ def attention_figure(trajectory: dict, path, data: Optional[torch.Tensor] = None
     return Path(path)
 
 
-def write_draw_pictures(model, guide, data: Optional[torch.Tensor], run_dir, num: int = 8) -> list[Path]:
+def write_draw_pictures(model, guide, data: Optional[torch.Tensor], run_dir, num: int = 8, suffix: str = "") -> list[Path]:
     """The DRAW pictures of a trained model into ``run_dir``: ``draw_generation.png`` / ``.gif`` (from the prior;
     skipped for a conditional model, which needs contexts) and, given the guide and data, ``draw_reconstruction.png``
-    and, for a model with attention, ``draw_attention.png``."""
+    and, for a model with attention, ``draw_attention.png``; ``suffix`` goes before each extension (so that a
+    partial evaluation or a ``sample`` call names its own files rather than replacing the evaluation's)."""
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
     written = []
     if getattr(model, "context_shape", None) is None:
         generated = model.trajectory(num, device=device)
-        written.append(step_grid(generated["canvas"], run_dir / "draw_generation.png"))
-        written.append(generation_gif(generated["canvas"], run_dir / "draw_generation.gif"))
+        written.append(step_grid(generated["canvas"], run_dir / f"draw_generation{suffix}.png"))
+        written.append(generation_gif(generated["canvas"], run_dir / f"draw_generation{suffix}.gif"))
     if guide is not None and data is not None and getattr(model, "context_shape", None) is None:
         x = data[:num]
         recon = guide.trajectory(x)
-        written.append(step_grid(recon["canvas"], run_dir / "draw_reconstruction.png"))
+        written.append(step_grid(recon["canvas"], run_dir / f"draw_reconstruction{suffix}.png"))
         if "read" in recon or "write" in recon:
-            written.append(attention_figure(recon, run_dir / "draw_attention.png", data=x))
+            written.append(attention_figure(recon, run_dir / f"draw_attention{suffix}.png", data=x))
     return written
 
 

@@ -394,6 +394,8 @@ def test_cli_trains_evaluates_and_samples_draw_with_pictures(data_root, tmp_path
     assert math.isfinite(result["test_nll"]) and set(result["active_units"]) == {"z_1", "z_2", "z_3"}
     for name in ("draw_generation.png", "draw_generation.gif", "draw_reconstruction.png", "draw_attention.png"):
         assert (run / name).stat().st_size > 0, name
-    (run / "draw_generation.gif").unlink()
+    before = {name: (run / name).read_bytes() for name in ("draw_generation.png", "draw_generation.gif")}
     assert main(["sample", str(run), "-n", "4", "--device", "cpu"]) == 0
-    assert (run / "draw_generation.gif").exists()
+    # sample names its pictures after its own output and leaves the evaluation's in place
+    assert (run / "draw_generation-samples-seed0-n4.gif").stat().st_size > 0 and (run / "draw_generation-samples-seed0-n4.png").exists()
+    assert {name: (run / name).read_bytes() for name in before} == before
