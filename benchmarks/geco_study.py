@@ -34,9 +34,9 @@ from pyrovae import evaluate as E  # noqa: E402
 from pyrovae import fixed_points as FP  # noqa: E402
 from pyrovae.data import load_dataset  # noqa: E402
 from pyrovae.derived_data import Pairs  # noqa: E402
-from pyrovae.guides import FlowEncoder, GaussianEncoder  # noqa: E402
+from pyrovae.guides import ConvDRAWGuide, FlowEncoder, GaussianEncoder  # noqa: E402
 from pyrovae.guides.conditional import ConditionalEncoder  # noqa: E402
-from pyrovae.models import VAE  # noqa: E402
+from pyrovae.models import VAE, ConvDRAW  # noqa: E402
 from pyrovae.models.conditional import ConditionalVAE  # noqa: E402
 from pyrovae.objectives import ELBO, GECO, BetaELBO  # noqa: E402
 from pyrovae.train import Trainer  # noqa: E402
@@ -58,6 +58,17 @@ def train(model, guide, objective, data, epochs, batch_size=100, lr=1e-3, seed=0
 #: batch 100 are 12,000 steps, enough for lambda to overshoot, meet the constraint and come back down (at 1,500 steps
 #: GECO-RE at ELBO's error ended with lambda at its cap, the tolerance not met)
 N_TRAIN, EPOCHS = None, 20
+#: the derived data sets hold 20,000 examples: they train for as many epochs as give at least this many steps
+MIN_STEPS = 12000
+
+
+def epochs_for(n: int, epochs: int = EPOCHS, batch_size: int = 100) -> int:
+    """At least ``epochs``, and enough epochs of ``n`` examples for MIN_STEPS steps."""
+    return max(epochs, math.ceil(MIN_STEPS / math.ceil(n / batch_size)))
+#: epochs of the conditional ConvDRAW runs (a ConvDRAW step costs about 20 MLP-VAE steps on CPU)
+CONVDRAW_EPOCHS = 5
+#: epochs of the longer Figure 5 run
+LONG_EPOCHS = 60
 
 
 def geco(tol):
@@ -118,8 +129,9 @@ def vae_pair(s, z_dim: int = 16, hidden: int = 200):
 
 def info_plane_study(name: str, out: Path, quick: bool, data_dir) -> dict:
     s = load_dataset(name, data_dir=data_dir, valid_size=0)
-    n_train, n_test, epochs = (1000, 300, 2) if quick else (N_TRAIN, 1000, EPOCHS)
+    n_train, n_test, epochs = (1000, 300, 2) if quick else (N_TRAIN, 1000, None)
     x, xt = s.train[:n_train], s.test[:n_test]
+    epochs = epochs or epochs_for(x.shape[0])
 
     def pair():
         return vae_pair(s)
@@ -177,13 +189,45 @@ def info_plane_study(name: str, out: Path, quick: bool, data_dir) -> dict:
     return {"n_train": x.shape[0], "n_test": n_test, "epochs": epochs, "model": model, "elbo_train_rms": elbo_rms, "runs": rows}
 
 
+def fixed_error_long_study(out: Path, quick: bool, data_dir, name: str = "mnist") -> dict:
+    """Figure 5 with a longer budget: ELBO for LONG_EPOCHS epochs, then GECO-RE set to its final training error for as
+    many; KL per epoch of both (at 20 epochs GECO's KL was still falling when training stopped)."""
+    s = load_dataset(name, data_dir=data_dir, valid_size=0)
+    n_train, n_test, epochs = (1000, 300, 3) if quick else (N_TRAIN, 1000, LONG_EPOCHS)
+    x, xt = s.train[:n_train], s.test[:n_test]
+    m, g = vae_pair(s)
+    hist, sec = train(m, g, ELBO(), x, epochs)
+    tol = rms_error(m, g, x)
+    runs = {"ELBO": (m, g, hist, sec)}
+    m2, g2 = vae_pair(s)
+    label = f"GECO-RE tol={tol:.3f} (ELBO's RMS)"
+    runs[label] = (m2, g2, *train(m2, g2, geco(tol), x, epochs))
+    rows = {}
+    for k, (m, g, hist, sec) in runs.items():
+        p = E.information_plane(m, g, xt)
+        lam = E.geco_trajectory(hist)["lambda"][-1]
+        p.update({"rms": rms_error(m, g, xt), "train_rms": rms_error(m, g, x), "seconds": round(sec, 1), "kl_per_epoch": [h.get("train_kl") for h in hist],
+                  "lambda": None if math.isnan(lam) else lam})
+        rows[k] = p
+    fig, a = plt.subplots(figsize=(5.5, 4))
+    for k in runs:
+        a.plot(range(1, epochs + 1), rows[k]["kl_per_epoch"], ".-", label=k)
+    a.set_yscale("log"), a.set_xlabel("epoch"), a.set_ylabel("train KL [nats]"), a.legend(fontsize=7)
+    a.set_title(f"{name}: KL at ELBO's reconstruction error, {epochs} epochs")
+    fig.tight_layout()
+    fig.savefig(out / f"geco_kl_at_fixed_error_{name}_long.png", dpi=100)
+    plt.close(fig)
+    return {"dataset": name, "n_train": x.shape[0], "n_test": n_test, "epochs": epochs, "runs": rows}
+
+
 # ------------------------------------------------------------------------------------------- Table 2
 
 
 def marginal_kl_study(out: Path, quick: bool, data_dir) -> dict:
     s = load_dataset("color-mnist", data_dir=data_dir, valid_size=0)
-    n_train, n_test, epochs = (1000, 200, 2) if quick else (N_TRAIN, 1000, 15)
+    n_train, n_test, epochs = (1000, 200, 2) if quick else (N_TRAIN, 1000, None)
     x, xt = s.train[:n_train], s.test[:n_test]
+    epochs = epochs or epochs_for(x.shape[0])
 
     def pair():
         return VAE(s.x_shape, (16,), [(400,)]), FlowEncoder(s.x_shape, 16, (400,), "realnvp", 4)
@@ -208,31 +252,42 @@ def marginal_kl_study(out: Path, quick: bool, data_dir) -> dict:
 # -------------------------------------------------------------------------------------- conditional
 
 
-def conditional_study(out: Path, quick: bool, data_dir) -> dict:
-    s = load_dataset("mnist-sum", data_dir=data_dir, valid_size=0)
-    n_train, n_test, epochs = (1000, 200, 2) if quick else (N_TRAIN, 500, EPOCHS)
+def conditional_study(out: Path, quick: bool, data_dir, name: str = "mnist-sum", model: str = "cvae") -> dict:
+    """ELBO against GECO-RE (at ELBO's training error and 1.25 times it) on a conditional task: test NLL, KL, errors and
+    a grid of samples p(x | c) per run (``geco_{name}_{model}_{run}.png``). ``model``: ``cvae`` (the conditional VAE) or
+    ``convdraw`` (the conditional ConvDRAW, 8 steps, 4 z channels, 32 ConvLSTM channels: the paper's model, small)."""
+    s = load_dataset(name, data_dir=data_dir, valid_size=0)
+    n_train, n_test, epochs = (1000, 200, 2) if quick else (N_TRAIN, 500, None)
     x, xt = s.train[:n_train], s.test[:n_test]
+    epochs = epochs or (epochs_for(x.shape[0]) if model == "cvae" else CONVDRAW_EPOCHS)
+    ctx = tuple(s.train.context.shape[1:])
 
     def pair():
-        return vae_pair(s, hidden=400)
+        if model == "cvae":
+            return vae_pair(s, hidden=400)
+        m = ConvDRAW(s.x_shape, steps=8, z_channels=4, hidden=32, context_shape=ctx)
+        return m, ConvDRAWGuide(m)
 
     m, g = pair()
-    _, sec = train(m, g, ELBO(), x, epochs)
+    hist, sec = train(m, g, ELBO(), x, epochs)
     tol = rms_error(m, g, x)
-    runs = {"ELBO": (m, g, sec)}
-    m2, g2 = pair()
-    _, sec2 = train(m2, g2, geco(tol), x, epochs)
-    runs[f"GECO-RE tol={tol:.3f}"] = (m2, g2, sec2)
+    runs = {"ELBO": (m, g, hist, sec)}
+    for factor, note in ((1.0, "ELBO's RMS"), (1.25, "1.25 x ELBO's RMS")):
+        m2, g2 = pair()
+        hist2, sec2 = train(m2, g2, geco(factor * tol), x, epochs)
+        runs[f"GECO-RE tol={factor * tol:.3f} ({note})"] = (m2, g2, hist2, sec2)
     res = {}
-    for label, (m, g, sec) in runs.items():
+    for i, (label, (m, g, hist, sec)) in enumerate(runs.items()):
         ll = E.log_likelihood(m, g, xt, num_samples=100)
         terms = E.elbo_terms(m, g, xt)
-        res[label] = {"test_nll": float(-ll.values.mean()), "kl": terms["kl"], "rms": rms_error(m, g, xt), "train_rms": rms_error(m, g, x), "seconds": round(sec, 1)}
+        lam = E.geco_trajectory(hist)["lambda"][-1]
+        res[label] = {"test_nll": float(-ll.values.mean()), "kl": terms["kl"], "rms": rms_error(m, g, xt), "train_rms": rms_error(m, g, x),
+                      "lambda": None if math.isnan(lam) else lam, "seconds": round(sec, 1), "picture": f"geco_{name}_{model}_{i}.png"}
         c = xt.context[:6]
         samples = E.sample(m, 6 * 6, s.x_shape, inputs=(c.repeat_interleave(6, 0),)).reshape(6, 6, *s.x_shape)
-        grid = torch.cat([c[:, :1].unsqueeze(1), c[:, 1:2].unsqueeze(1), samples], 1).reshape(-1, *s.x_shape)
-        E.save_image_grid(grid, out / f"geco_mnist_sum_{'elbo' if label == 'ELBO' else 'geco'}.png", nrow=8)
-    return {"n_train": x.shape[0], "n_test": n_test, "epochs": epochs, "runs": res}
+        grid = torch.cat([c.unsqueeze(2), samples], 1).reshape(-1, *s.x_shape)  # per row: each context channel, then 6 samples
+        E.save_image_grid(grid, out / res[label]["picture"], nrow=ctx[0] + 6)
+    return {"dataset": name, "model": model, "n_train": x.shape[0], "n_test": n_test, "epochs": epochs, "context_channels": ctx[0], "runs": res}
 
 
 # ------------------------------------------------------------------------------------------ Figure 8
@@ -341,6 +396,17 @@ def report(results: dict, out: Path, info: dict) -> None:
             lam = p.get("trajectory", {}).get("lambda", [None])[-1]
             L.append(f"| {label} | {p['kl']:.2f} | {p['recon_nll']:.1f} | {p['sigma']:.4f} | {p.get('train_rms', float('nan')):.4f} | {p['rms']:.4f} | {_met(label, p)} | {'-' if lam is None else f'{lam:.3g}'} | {p['seconds']} |")
         L += ["", f"![information plane](geco_info_plane_{name}.png)", "", f"![KL at fixed error](geco_kl_at_fixed_error_{name}.png)", ""]
+    r = results.get("fixed_error_long")
+    if r:
+        L += [f"## Figure 5, longer: KL at ELBO's reconstruction error on {r['dataset']}, {r['epochs']} epochs", "",
+              f"The same VAE, {r['n_train']} training images, {r['epochs']} epochs at batch 100 for each run; GECO-RE's tolerance is "
+              f"ELBO's final training RMS error. Test points on {r['n_test']} images.", "",
+              "| objective | KL (test) [nats] | recon NLL, re-fitted | RMS error (train) | RMS error (test) | tolerance met | final lambda | train s |",
+              "|---|---|---|---|---|---|---|---|"]
+        for label, p in r["runs"].items():
+            lam = p.get("lambda")
+            L.append(f"| {label} | {p['kl']:.2f} | {p['recon_nll']:.1f} | {p['train_rms']:.4f} | {p['rms']:.4f} | {_met(label, p)} | {'-' if lam is None else f'{lam:.3g}'} | {p['seconds']} |")
+        L += ["", f"![KL at fixed error, long](geco_kl_at_fixed_error_{r['dataset']}_long.png)", ""]
     r = results.get("marginal_kl")
     if r:
         L += ["## Table 2: marginal KL on Color-MNIST (VAE + RealNVP posterior)", "",
@@ -351,14 +417,23 @@ def report(results: dict, out: Path, info: dict) -> None:
             paper = "182.5 (ELBO)" if label == "ELBO" else "10.3 (GECO)"
             L.append(f"| {label} | {p['marginal_kl']:.2f} | {p['stderr']:.2f} | {p['mean_kl']:.2f} | {p['mutual_information']:.2f} ({p['log_n']:.2f}) | {p.get('train_rms', float('nan')):.4f} | {p['rms']:.4f} | {_met(label, p)} | {paper} |")
         L += [""]
-    r = results.get("conditional")
-    if r:
-        L += ["## Conditional task: mnist-sum (target = (a + b) mod 10)", "",
-              f"Conditional VAE (learned prior p(z | c)), {r['n_train']} training pairs, {r['epochs']} epochs; {r['n_test']} test pairs, NLL with 100 importance samples.", "",
-              "| objective | test NLL [nats] | KL | RMS error (train) | RMS error (test) | tolerance met | train s |", "|---|---|---|---|---|---|---|"]
+    for key in ("conditional", "convdraw"):
+        r = results.get(key)
+        if not r:
+            continue
+        name, model = r.get("dataset", "mnist-sum"), r.get("model", "cvae")
+        what = {"mnist-sum": "target = (a + b) mod 10", "mnist-rotate": "target: another instance of the context's digit, rotated 90 degrees"}[name]
+        net = ("Conditional VAE (learned prior p(z | c), one hidden layer of 400)" if model == "cvae" else
+               "Conditional ConvDRAW (8 steps, 4 z channels on a 7 x 7 grid, 32 ConvLSTM channels, context features into prior and decoder)")
+        L += [f"## Conditional task: {name} ({what}), {model}", "",
+              f"{net}, {r['n_train']} training pairs, {r['epochs']} epochs at batch 100; {r['n_test']} test pairs, NLL with 100 importance samples.", "",
+              "| objective | test NLL [nats] | KL | RMS error (train) | RMS error (test) | tolerance met | final lambda | train s |", "|---|---|---|---|---|---|---|---|"]
         for label, p in r["runs"].items():
-            L.append(f"| {label} | {p['test_nll']:.1f} | {p['kl']:.2f} | {p.get('train_rms', float('nan')):.4f} | {p['rms']:.4f} | {_met(label, p)} | {p['seconds']} |")
-        L += ["", "Rows: the two context digits, then 6 samples of p(x | c).", "", "ELBO: ![](geco_mnist_sum_elbo.png) GECO: ![](geco_mnist_sum_geco.png)", ""]
+            lam = p.get("lambda")
+            L.append(f"| {label} | {p['test_nll']:.1f} | {p['kl']:.2f} | {p.get('train_rms', float('nan')):.4f} | {p['rms']:.4f} | {_met(label, p)} | "
+                     f"{'-' if lam is None else f'{lam:.3g}'} | {p['seconds']} |")
+        L += ["", f"Per row: the context's {r.get('context_channels', 2)} channel(s), then 6 samples of p(x | c).", ""]
+        L += [f"{label}: ![]({p['picture']})" for label, p in r["runs"].items() if "picture" in p] + [""]
     r = results.get("tiling")
     if r:
         L += ["## Figure 8: posterior tiling on Micro-MNIST", "", f"2-d latent VAE, RealNVP posterior (4 layers), the 7 images, {r['steps']} full-batch steps. GECO-CLA's classifier: "
@@ -395,7 +470,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test (use another --out)")
     ap.add_argument("--report-only", action="store_true", help="rewrite geco_study.md from geco_study.json")
-    ap.add_argument("--parts", nargs="+", default=["fixed_points", *INFO_PLANE_SETS, "marginal_kl", "conditional", "tiling"])
+    ap.add_argument("--parts", nargs="+", default=["fixed_points", *INFO_PLANE_SETS, "fixed_error_long", "marginal_kl", "conditional", "convdraw", "tiling"])
     args = ap.parse_args(argv)
     if args.quick and args.out.resolve() == RESULTS.resolve():
         print("--quick would overwrite the committed results: pass --out elsewhere", file=sys.stderr)
@@ -418,6 +493,10 @@ def main(argv=None) -> int:
             results[part] = marginal_kl_study(args.out, args.quick, args.data_dir)
         elif part == "conditional":
             results[part] = conditional_study(args.out, args.quick, args.data_dir)
+        elif part == "fixed_error_long":
+            results[part] = fixed_error_long_study(args.out, args.quick, args.data_dir)
+        elif part == "convdraw":
+            results[part] = conditional_study(args.out, args.quick, args.data_dir, "mnist-rotate", "convdraw")
         elif part == "tiling":
             results[part] = tiling_study(args.out, args.quick, args.data_dir)
         else:
