@@ -366,14 +366,52 @@ def _met(label: str, p: dict) -> str:
     return "yes" if value <= tol else f"no ({value / tol:.2f} x tol)"
 
 
+#: what the committed run (2026-12-03) shows against the paper; written by hand from its numbers above (a re-run with
+#: other budgets must revise it)
+DISCUSSION = [
+    "- **Budgets.** Tens of minutes per data set on a 2-core CPU with MLP VAEs, against the paper's long GPU runs of "
+    "ConvDRAW; one small conditional ConvDRAW (5 epochs) stands in for the paper's models.",
+    "- **Figure 3 (trajectory).** Reproduced in shape: with the tolerance at ELBO's error, lambda climbs to its cap in "
+    "the first epochs, the KL rises to about 90 nats while the error falls below the tolerance, then lambda decays "
+    "and the KL comes back down at fixed error (`geco_info_plane_mnist.png`, middle and right).",
+    "- **Figure 5 (KL at ELBO's error).** Not reproduced: the paper has GECO ending below ELBO's KL. Here GECO ends at "
+    "ELBO's point: after 60 epochs of MNIST its test KL is 23.6 against ELBO's 23.3 at the same training error, "
+    "with lambda at about 2,400 at the end and the KL gap closing (24.3 against 23.7 on the training set in the last epoch). "
+    "After 20 epochs (12,000 steps) it was still above (26.4 against 22.6 on MNIST, 17.8 against 15.8 on "
+    "Fashion-MNIST, 68.5 against 34.0 on Color-MNIST), and at 4,000 steps (MNIST-triplets) lambda had not left its "
+    "cap. In the first version of this study (5,000 images, 1,500 steps) the tolerance was never met and lambda "
+    "stayed at its cap: the dynamics need many steps, so GECO at a tight tolerance costs training time.",
+    "- **Looser tolerances (information plane).** GECO-RE at 1.25 x ELBO's error meets it and lands at a third to a "
+    "half of ELBO's KL on every data set (MNIST 12.4 vs 22.6, Fashion-MNIST 6.3 vs 15.8, Color-MNIST 8.9 vs 34.0); "
+    "a fixed beta = 4 lands on a similar curve (sometimes a better point: Fashion-MNIST), with no control over "
+    "where. That the user states the error and gets the least KL that meets it is the paper's point, and it holds.",
+    "- **Table 2 (marginal KL).** The paper's direction holds at a tolerance GECO meets: 5.0 nats for GECO-RE at 1.25 x "
+    "ELBO's error against 28.9 for ELBO (paper: 10.3 against 182.5, fully trained ConvDRAW models). With the "
+    "tolerance at ELBO's own error GECO's KL was still falling after 12,000 steps (64.1). Our values are over 1000 "
+    "test images, so they cannot fall below mean KL - log 1000 (ELBO's I(n; z) sits at log N: its value is that floor).",
+    "- **Conditional VAE (mnist-sum).** GECO at ELBO's training error gave a better test NLL than ELBO (111.6 against "
+    "116.3 nats) at a slightly higher KL: ELBO overfits the 20,000 pairs over 60 epochs (train RMS 0.109, test "
+    "0.147), GECO's constraint stops at the tolerance.",
+    "- **Micro-MNIST tiling (Figure 8).** Reproduced: ELBO's posteriors are tight islands, partly outside the "
+    "prior's bulk; GECO-RE at 0.10 spreads them to tile the prior; GECO-CLA keeps every reconstruction's class "
+    "while posteriors of the same class merge (the two 4s and the two 7s overlap), as in the paper. At tolerance "
+    "0.25 the constraint is met by the mean image and the posterior collapses onto the prior.",
+    "- **Fixed points.** 'Exponential smoothing' is read as damping of the decoder update; the paper's exact mixture "
+    "is not given. The first split is detected one grid step from the predicted beta.",
+]
+
+
 def report(results: dict, out: Path, info: dict) -> None:
     L = ["# GECO studies (Rezende & Viola 2018, \"Taming VAEs\") at a small CPU budget", ""]
     L += [f"Run {info['date']} on {info['hardware']['cpu']} ({info['hardware']['cpu_cores']} cores, torch threads {info['hardware']['torch_threads']}), "
           f"torch {info['hardware']['torch']}, pyro {info['hardware']['pyro']}; total {info['seconds'] / 60:.1f} min. Command: `{info['command']}`.", ""]
-    L += ["Everything here is orders of magnitude smaller than the paper (5000 training images, 8-30 epochs, MLP "
-          "decoders instead of ConvDRAW), so the numbers show the code working and the direction of the effects, not the "
-          "paper's values. GECO uses the paper's multiplier rule (lambda <- lambda exp(C_ma), alpha = 0.99, lambda starts at 1); RE "
-          "tolerances are RMS errors per pixel.", ""]
+    L += ["Budgets: the whole training sets (60,000 MNIST / Fashion-MNIST images; 20,000 examples of the derived sets), "
+          "batch 100, at least 12,000 steps for the information-plane, marginal-KL and conditional-VAE runs (20 epochs of "
+          "MNIST, 60 of a derived set; sections give their own), MLP VAEs with one hidden layer, and one small conditional "
+          "ConvDRAW; the paper trains ConvDRAW models far longer on GPUs, so the numbers show the protocols working and the "
+          "direction of the effects, not the paper's values. GECO uses the paper's multiplier rule (lambda <- lambda "
+          "exp(C_ma), alpha = 0.99, lambda starts at 1, kept in [1e-6, 1e6]); RE tolerances are RMS errors per pixel, "
+          "judged on the training set (the data the constraint is defined on).", ""]
     fp = results.get("fixed_points")
     if fp:
         L += ["## Figure 2 / Appendix A: reconstruction fixed points", "",
@@ -445,22 +483,7 @@ def report(results: dict, out: Path, info: dict) -> None:
         for label, p in r["runs"].items():
             L.append(f"| {label} | {p['rms']:.4f} | {p.get('recon_accuracy', float('nan')):.2f} | {p.get('recon_cross_entropy', float('nan')):.3f} | {_met(label, p)} | {p['marginal_kl']:.2f} | {p['mean_kl']:.2f} | {p['seconds']} |")
         L += ["", "![tiling](geco_tiling.png)", ""]
-    L += ["## Distance from the paper", "",
-          "- Budgets: minutes on a shared 2-core CPU instead of long GPU runs; MLP VAEs instead of ConvDRAW (the conditional "
-          "ConvDRAW exists, `--model convdraw` on a conditional data set, but was not trained here).",
-          "- Table 2: the paper's 182.5 vs 10.3 come from fully trained models on the full Color-MNIST; our marginal KLs are "
-          "estimated on 1000 test images, so they saturate at mean KL - log 1000 when posteriors do not overlap (ELBO's "
-          "I(n; z) = log N above: its value is that lower bound). Within 8 epochs neither GECO run met its tolerance, and "
-          "their marginal KL is *higher* than ELBO's: the paper's direction is not reproduced at this budget.",
-          "- GECO with the tolerance set to ELBO's own final error (Figure 5's protocol) did not reach it within the budget: "
-          "lambda hit its cap (1e6) and the KL grew to about 3x ELBO's while the error approached the tolerance from above. "
-          "With a looser tolerance (0.2 RMS) GECO met it on MNIST at half ELBO's KL, the paper's qualitative claim; on "
-          "Fashion-MNIST it ended 2% above it.",
-          "- Micro-MNIST tiling reproduces the paper's picture: ELBO's posteriors are tight, separate islands partly outside "
-          "the prior's bulk; GECO-RE at a loose tolerance spreads them to tile the prior (marginal KL 3.7 -> 0.33 -> 0.02).",
-          "- The conditional GECO run (mnist-sum) did not meet its tolerance in 8 epochs and nearly ignored z (KL 0.09).",
-          "- GECO-CLA (Figure 8) needs a trained classifier and is not run here; the Python API supports it (`GECO(constraint='CLA', classifier=...)`).",
-          "- Fixed points: 'exponential smoothing' is read as damping of the decoder update; the paper's exact mixture is not given.", ""]
+    L += ["## Distance from the paper", "", *DISCUSSION, ""]
     (out / "geco_study.md").write_text("\n".join(L))
 
 
