@@ -21,6 +21,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 
@@ -356,14 +357,19 @@ def class_agreement(classifier, model, guide, x, draws: int = 20) -> tuple[float
 # ------------------------------------------------------------------------------------------------ report
 
 
-def _met(label: str, p: dict) -> str:
+def _met(label: str, p: dict, elbo_rms: Optional[float] = None) -> str:
     """Whether a GECO run met its tolerance on its training data, the data its constraint is defined on (label
-    "GECO-RE tol=0.123 ..." or "GECO-CLA tol=..."); RE's value is the RMS error, CLA's the mean cross-entropy."""
+    "GECO-RE tol=0.123 ..." or "GECO-CLA tol=..."); RE's value is the RMS error, CLA's the mean cross-entropy.
+    A tolerance set from ELBO's error is taken unrounded from ``elbo_rms``. Within 0.5% above it reads "at
+    tolerance": the error is a one-draw Monte Carlo estimate, and C_ma hovers around 0 once lambda has settled."""
     if not label.startswith("GECO-"):
         return "-"
     tol = float(label.split("=")[1].split()[0])
+    if elbo_rms is not None and "ELBO's RMS" in label:
+        tol = elbo_rms * (1.25 if "1.25 x" in label else 1.0)
     value = p.get("recon_cross_entropy") if label.startswith("GECO-CLA") else p.get("train_rms", p["rms"])
-    return "yes" if value <= tol else f"no ({value / tol:.2f} x tol)"
+    ratio = value / tol
+    return "yes" if ratio <= 1 else f"at tolerance ({ratio:.3f} x)" if ratio <= 1.005 else f"no ({ratio:.2f} x tol)"
 
 
 #: what the committed run (2026-12-03) shows against the paper; written by hand from its numbers above (a re-run with
@@ -432,7 +438,7 @@ def report(results: dict, out: Path, info: dict) -> None:
               "| objective | KL [nats] | recon NLL, re-fitted [nats] | sigma* | RMS error (train) | RMS error (test) | tolerance met | final lambda | train s |", "|---|---|---|---|---|---|---|---|---|"]
         for label, p in r["runs"].items():
             lam = p.get("trajectory", {}).get("lambda", [None])[-1]
-            L.append(f"| {label} | {p['kl']:.2f} | {p['recon_nll']:.1f} | {p['sigma']:.4f} | {p.get('train_rms', float('nan')):.4f} | {p['rms']:.4f} | {_met(label, p)} | {'-' if lam is None else f'{lam:.3g}'} | {p['seconds']} |")
+            L.append(f"| {label} | {p['kl']:.2f} | {p['recon_nll']:.1f} | {p['sigma']:.4f} | {p.get('train_rms', float('nan')):.4f} | {p['rms']:.4f} | {_met(label, p, r.get('elbo_train_rms'))} | {'-' if lam is None else f'{lam:.3g}'} | {p['seconds']} |")
         L += ["", f"![information plane](geco_info_plane_{name}.png)", "", f"![KL at fixed error](geco_kl_at_fixed_error_{name}.png)", ""]
     r = results.get("fixed_error_long")
     if r:
@@ -443,7 +449,7 @@ def report(results: dict, out: Path, info: dict) -> None:
               "|---|---|---|---|---|---|---|---|"]
         for label, p in r["runs"].items():
             lam = p.get("lambda")
-            L.append(f"| {label} | {p['kl']:.2f} | {p['recon_nll']:.1f} | {p['train_rms']:.4f} | {p['rms']:.4f} | {_met(label, p)} | {'-' if lam is None else f'{lam:.3g}'} | {p['seconds']} |")
+            L.append(f"| {label} | {p['kl']:.2f} | {p['recon_nll']:.1f} | {p['train_rms']:.4f} | {p['rms']:.4f} | {_met(label, p, r['runs']['ELBO'].get('train_rms'))} | {'-' if lam is None else f'{lam:.3g}'} | {p['seconds']} |")
         L += ["", f"![KL at fixed error, long](geco_kl_at_fixed_error_{r['dataset']}_long.png)", ""]
     r = results.get("marginal_kl")
     if r:
@@ -453,7 +459,7 @@ def report(results: dict, out: Path, info: dict) -> None:
               "| objective | marginal KL (ours) | stderr | mean KL | I(n; z) (<= log N) | RMS error (train) | RMS error (test) | tolerance met | paper's marginal KL |", "|---|---|---|---|---|---|---|---|---|"]
         for label, p in r["runs"].items():
             paper = "182.5 (ELBO)" if label == "ELBO" else "10.3 (GECO)"
-            L.append(f"| {label} | {p['marginal_kl']:.2f} | {p['stderr']:.2f} | {p['mean_kl']:.2f} | {p['mutual_information']:.2f} ({p['log_n']:.2f}) | {p.get('train_rms', float('nan')):.4f} | {p['rms']:.4f} | {_met(label, p)} | {paper} |")
+            L.append(f"| {label} | {p['marginal_kl']:.2f} | {p['stderr']:.2f} | {p['mean_kl']:.2f} | {p['mutual_information']:.2f} ({p['log_n']:.2f}) | {p.get('train_rms', float('nan')):.4f} | {p['rms']:.4f} | {_met(label, p, r['runs']['ELBO'].get('train_rms'))} | {paper} |")
         L += [""]
     for key in ("conditional", "convdraw"):
         r = results.get(key)
@@ -468,7 +474,7 @@ def report(results: dict, out: Path, info: dict) -> None:
               "| objective | test NLL [nats] | KL | RMS error (train) | RMS error (test) | tolerance met | final lambda | train s |", "|---|---|---|---|---|---|---|---|"]
         for label, p in r["runs"].items():
             lam = p.get("lambda")
-            L.append(f"| {label} | {p['test_nll']:.1f} | {p['kl']:.2f} | {p.get('train_rms', float('nan')):.4f} | {p['rms']:.4f} | {_met(label, p)} | "
+            L.append(f"| {label} | {p['test_nll']:.1f} | {p['kl']:.2f} | {p.get('train_rms', float('nan')):.4f} | {p['rms']:.4f} | {_met(label, p, r['runs']['ELBO'].get('train_rms'))} | "
                      f"{'-' if lam is None else f'{lam:.3g}'} | {p['seconds']} |")
         L += ["", f"Per row: the context's {r.get('context_channels', 2)} channel(s), then 6 samples of p(x | c).", ""]
         L += [f"{label}: ![]({p['picture']})" for label, p in r["runs"].items() if "picture" in p] + [""]
