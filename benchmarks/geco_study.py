@@ -47,6 +47,12 @@ RESULTS = Path(__file__).parent / "results"
 INFO_PLANE_SETS = ("mnist", "fashion-mnist", "color-mnist", "mnist-triplets", "mnist-sum")
 
 
+def seeded(build, seed: int = 0):
+    """``build()`` under a fixed seed: the models' initial weights, not only their training, are reproducible."""
+    pyro.set_rng_seed(seed)
+    return build()
+
+
 def train(model, guide, objective, data, epochs, batch_size=100, lr=1e-3, seed=0):
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()
@@ -128,6 +134,30 @@ def vae_pair(s, z_dim: int = 16, hidden: int = 200):
     return VAE(s.x_shape, (z_dim,), [(hidden,)]), GaussianEncoder(s.x_shape, (z_dim,), [(hidden,)])
 
 
+def point(m, g, hist, sec, x, xt) -> dict:
+    """A trained run's row: its information-plane point on ``xt``, RMS errors on ``xt`` and ``x``, training time,
+    KL per epoch and the final lambda (None without a multiplier)."""
+    p = E.information_plane(m, g, xt)
+    lam = E.geco_trajectory(hist)["lambda"][-1]
+    p.update({"rms": rms_error(m, g, xt), "train_rms": rms_error(m, g, x), "seconds": round(sec, 1), "kl_per_epoch": [h.get("train_kl") for h in hist],
+              "lambda": None if math.isnan(lam) else lam})
+    return p
+
+
+def kl_plot(rows: dict, labels, epochs: int, title: str, path: Path, log: bool = False) -> None:
+    """Training KL per epoch of the runs ``labels`` (Figure 5)."""
+    fig, a = plt.subplots(figsize=(5.5 if log else 5, 4))
+    for k in labels:
+        a.plot(range(1, epochs + 1), rows[k]["kl_per_epoch"], ".-", label=k)
+    if log:
+        a.set_yscale("log")
+    a.set_xlabel("epoch"), a.set_ylabel("train KL [nats]"), a.legend(fontsize=7)
+    a.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def info_plane_study(name: str, out: Path, quick: bool, data_dir) -> dict:
     s = load_dataset(name, data_dir=data_dir, valid_size=0)
     n_train, n_test, epochs = (1000, 300, 2) if quick else (N_TRAIN, 1000, None)
@@ -138,23 +168,20 @@ def info_plane_study(name: str, out: Path, quick: bool, data_dir) -> dict:
         return vae_pair(s)
 
     runs = {}
-    m, g = pair()
+    m, g = seeded(pair)
     hist, sec = train(m, g, ELBO(), x, epochs)
     elbo_rms = rms_error(m, g, x)
     runs["ELBO"] = (m, g, hist, sec)
     steps = epochs * math.ceil(x.shape[0] / 100)
     for label, obj in ((f"GECO-RE tol={elbo_rms:.3f} (ELBO's RMS)", geco(elbo_rms)), (f"GECO-RE tol={1.25 * elbo_rms:.3f} (1.25 x ELBO's RMS)", geco(1.25 * elbo_rms)),
                        ("beta=4 (fixed)", BetaELBO(beta=4.0)), ("KL annealing (beta 0 -> 1 over half the steps)", BetaELBO(beta=1.0, schedule="linear", warmup_steps=steps // 2))):
-        m, g = pair()
+        m, g = seeded(pair)
         hist, sec = train(m, g, obj, x, epochs)
         runs[label] = (m, g, hist, sec)
-    rows = {}
-    for label, (m, g, hist, sec) in runs.items():
-        p = E.information_plane(m, g, xt)
-        p.update({"rms": rms_error(m, g, xt), "train_rms": rms_error(m, g, x), "seconds": round(sec, 1), "kl_per_epoch": [h.get("train_kl") for h in hist]})
+    rows = {label: point(m, g, hist, sec, x, xt) for label, (m, g, hist, sec) in runs.items()}
+    for label, (_, _, hist, _) in runs.items():
         if label.startswith("GECO"):
-            p["trajectory"] = E.geco_trajectory(hist)
-        rows[label] = p
+            rows[label]["trajectory"] = E.geco_trajectory(hist)
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
     for label, p in rows.items():
         ax[0].scatter(p["kl"], p["recon_nll"], label=label)
@@ -163,7 +190,7 @@ def info_plane_study(name: str, out: Path, quick: bool, data_dir) -> dict:
     ax[0].legend(fontsize=7)
     label = next(k for k in rows if k.startswith("GECO-RE tol=") and "ELBO" in k)
     t = rows[label]["trajectory"]
-    sc = ax[1].scatter(t["kl"], [math.sqrt(max(c + float(label.split("=")[1].split()[0]) ** 2, 0)) for c in t["constraint"]], c=t["epoch"], cmap="viridis")
+    sc = ax[1].scatter(t["kl"], [math.sqrt(max(c + elbo_rms**2, 0)) for c in t["constraint"]], c=t["epoch"], cmap="viridis")
     fig.colorbar(sc, ax=ax[1], label="epoch")
     ax[1].set_xlabel("train KL"), ax[1].set_ylabel("train RMS error (moving average)")
     ax[1].set_title(f"GECO trajectory ({label})")
@@ -177,15 +204,7 @@ def info_plane_study(name: str, out: Path, quick: bool, data_dir) -> dict:
     fig.tight_layout()
     fig.savefig(out / f"geco_info_plane_{name}.png", dpi=100)
     plt.close(fig)
-    # Figure 5: KL per epoch, ELBO vs GECO-RE at ELBO's error
-    fig, a = plt.subplots(figsize=(5, 4))
-    for k in ("ELBO", label):
-        a.plot(range(1, epochs + 1), rows[k]["kl_per_epoch"], ".-", label=k)
-    a.set_xlabel("epoch"), a.set_ylabel("train KL [nats]"), a.legend(fontsize=7)
-    a.set_title(f"{name}: KL at ELBO's reconstruction error")
-    fig.tight_layout()
-    fig.savefig(out / f"geco_kl_at_fixed_error_{name}.png", dpi=100)
-    plt.close(fig)
+    kl_plot(rows, ("ELBO", label), epochs, f"{name}: KL at ELBO's reconstruction error", out / f"geco_kl_at_fixed_error_{name}.png")
     model = type(m).__name__
     return {"n_train": x.shape[0], "n_test": n_test, "epochs": epochs, "model": model, "elbo_train_rms": elbo_rms, "runs": rows}
 
@@ -196,28 +215,15 @@ def fixed_error_long_study(out: Path, quick: bool, data_dir, name: str = "mnist"
     s = load_dataset(name, data_dir=data_dir, valid_size=0)
     n_train, n_test, epochs = (1000, 300, 3) if quick else (N_TRAIN, 1000, LONG_EPOCHS)
     x, xt = s.train[:n_train], s.test[:n_test]
-    m, g = vae_pair(s)
+    m, g = seeded(lambda: vae_pair(s))
     hist, sec = train(m, g, ELBO(), x, epochs)
     tol = rms_error(m, g, x)
     runs = {"ELBO": (m, g, hist, sec)}
-    m2, g2 = vae_pair(s)
+    m2, g2 = seeded(lambda: vae_pair(s))
     label = f"GECO-RE tol={tol:.3f} (ELBO's RMS)"
     runs[label] = (m2, g2, *train(m2, g2, geco(tol), x, epochs))
-    rows = {}
-    for k, (m, g, hist, sec) in runs.items():
-        p = E.information_plane(m, g, xt)
-        lam = E.geco_trajectory(hist)["lambda"][-1]
-        p.update({"rms": rms_error(m, g, xt), "train_rms": rms_error(m, g, x), "seconds": round(sec, 1), "kl_per_epoch": [h.get("train_kl") for h in hist],
-                  "lambda": None if math.isnan(lam) else lam})
-        rows[k] = p
-    fig, a = plt.subplots(figsize=(5.5, 4))
-    for k in runs:
-        a.plot(range(1, epochs + 1), rows[k]["kl_per_epoch"], ".-", label=k)
-    a.set_yscale("log"), a.set_xlabel("epoch"), a.set_ylabel("train KL [nats]"), a.legend(fontsize=7)
-    a.set_title(f"{name}: KL at ELBO's reconstruction error, {epochs} epochs")
-    fig.tight_layout()
-    fig.savefig(out / f"geco_kl_at_fixed_error_{name}_long.png", dpi=100)
-    plt.close(fig)
+    rows = {k: point(m, g, hist, sec, x, xt) for k, (m, g, hist, sec) in runs.items()}
+    kl_plot(rows, runs, epochs, f"{name}: KL at ELBO's reconstruction error, {epochs} epochs", out / f"geco_kl_at_fixed_error_{name}_long.png", log=True)
     return {"dataset": name, "n_train": x.shape[0], "n_test": n_test, "epochs": epochs, "runs": rows}
 
 
@@ -233,12 +239,12 @@ def marginal_kl_study(out: Path, quick: bool, data_dir) -> dict:
     def pair():
         return VAE(s.x_shape, (16,), [(400,)]), FlowEncoder(s.x_shape, 16, (400,), "realnvp", 4)
 
-    m, g = pair()
+    m, g = seeded(pair)
     hist, sec = train(m, g, ELBO(), x, epochs)
     tol = rms_error(m, g, x)
     rows = {"ELBO": (m, g, sec)}
     for factor, note in ((1.0, "ELBO's RMS"), (1.25, "1.25 x ELBO's RMS")):
-        m2, g2 = pair()
+        m2, g2 = seeded(pair)
         _, sec2 = train(m2, g2, geco(factor * tol), x, epochs)
         rows[f"GECO-RE tol={factor * tol:.3f} ({note})"] = (m2, g2, sec2)
     res = {}
@@ -269,12 +275,12 @@ def conditional_study(out: Path, quick: bool, data_dir, name: str = "mnist-sum",
         m = ConvDRAW(s.x_shape, steps=8, z_channels=4, hidden=32, context_shape=ctx)
         return m, ConvDRAWGuide(m)
 
-    m, g = pair()
+    m, g = seeded(pair)
     hist, sec = train(m, g, ELBO(), x, epochs)
     tol = rms_error(m, g, x)
     runs = {"ELBO": (m, g, hist, sec)}
     for factor, note in ((1.0, "ELBO's RMS"), (1.25, "1.25 x ELBO's RMS")):
-        m2, g2 = pair()
+        m2, g2 = seeded(pair)
         hist2, sec2 = train(m2, g2, geco(factor * tol), x, epochs)
         runs[f"GECO-RE tol={factor * tol:.3f} ({note})"] = (m2, g2, hist2, sec2)
     res = {}
@@ -323,7 +329,7 @@ def tiling_study(out: Path, quick: bool, data_dir) -> dict:
     fig, ax = plt.subplots(1, len(objectives), figsize=(5 * len(objectives), 4.5))
     res = {}
     for a, (label, obj) in zip(ax, objectives.items()):
-        m, g = VAE(s.x_shape, (2,), [(200,)]), FlowEncoder(s.x_shape, 2, (200,), "realnvp", 4)
+        m, g = seeded(lambda: (VAE(s.x_shape, (2,), [(200,)]), FlowEncoder(s.x_shape, 2, (200,), "realnvp", 4)))
         _, sec = train(m, g, obj, x, epochs, batch_size=7, lr=1e-3)
         with torch.no_grad():
             z = torch.stack([pyro.poutine.trace(g).get_trace(x).nodes["z"]["value"] for _ in range(100)])  # [100, 7, 2]
