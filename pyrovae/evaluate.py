@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Optional, Union
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
 
@@ -348,12 +349,20 @@ def active_units(guide, data: Data, threshold: float = 1e-2, *args, batch_size: 
 
 
 def _observed_mean(trace, data: torch.Tensor) -> torch.Tensor:
-    """The mean of the model's observed site holding ``data`` (its value where the distribution has no mean)."""
+    """The mean of the model's observed site holding ``data``. A distribution without a mean is refused: its
+    observed value is the data (or the sampler's placeholder), which must not be passed off as a model output."""
     site = observed_site(trace, data=data)
     try:
         return site_mean(trace, site)
     except NotImplementedError:
-        return trace.nodes[site]["value"]
+        fn = trace.nodes[site]["fn"]
+        while isinstance(fn, (torch.distributions.Independent, MaskedDistribution)):
+            fn = fn.base_dist
+        raise ValueError(
+            f"the model's observed site {site!r} has a {type(fn).__name__}, which defines no mean, so there is no "
+            "p(x | z) mean to show: give the likelihood a distribution with a .mean (or draw from the model with "
+            "pyro.infer.Predictive to get samples instead of means)"
+        ) from None
 
 
 def _extra_inputs(inputs: tuple, num: int, what: str) -> tuple:

@@ -117,6 +117,25 @@ def test_images_samples_reconstructions_and_manifold(tmp_path):
     assert scatter.stat().st_size > 1000
 
 
+def test_a_likelihood_without_a_mean_is_refused_not_answered_with_the_data():
+    """Before: reconstruct returned x itself and sample the zero placeholder when p(x | z) had no .mean."""
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(1))
+            base = dist.Normal(z.sum(-1, keepdim=True).expand(-1, 3), 1.0)
+            pyro.sample("x", dist.TransformedDistribution(base, [dist.transforms.AffineTransform(0.0, 2.0)]).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(1))
+
+    x = torch.randn(4, 3)
+    for call in (lambda: E.reconstruct(model, guide, x), lambda: E.sample(model, 5, (3,))):
+        with pytest.raises(ValueError, match="'x' has a TransformedDistribution, which defines no mean"):
+            call()
+
+
 def test_bad_num_samples():
     model, x = _problem(n=2)
     with pytest.raises(ValueError, match="num_samples"):

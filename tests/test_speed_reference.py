@@ -20,14 +20,14 @@ from pyrovae.objectives import ELBO, IWAE
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_reference():
-    spec = importlib.util.spec_from_file_location("pyrovae_bench_reference", ROOT / "benchmarks" / "reference.py")
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"pyrovae_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-reference = _load_reference()
+reference = _load("reference")
 
 X_SHAPE = (1, 28, 28)
 ARCHS = {
@@ -152,3 +152,9 @@ def test_speed_quick_runs(tmp_path):
     assert "IWAE K=5" in text and "log p(x), k=5000" in text
     assert "## Targets" in text and "torch threads: 1" in text
     assert not list(tmp_path.glob(".speed.md.*.tmp"))  # written atomically, nothing left behind
+    # speed_ab.py reads each row's ratios back from such a file
+    row = next(line for line in text.splitlines() if line.startswith("| 784-400-20 relu | ELBO | 128 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    parsed = _load("speed_ab").ratios(out)
+    assert parsed["784-400-20 relu · ELBO · batch 128"]["pyrovae"] == float(cells[9].strip("*"))
+    assert set(parsed["784-200-200-50 tanh · IWAE K=5 · batch 128"]) == {"pyrovae"}  # --quick times no compile column
