@@ -14,8 +14,10 @@ Usage::
         --out benchmarks/results/speed_ab.md
 
 Each worktree's own ``speed.py`` times it, so ``--base`` must have ``speed.py`` with ``--only`` and ``--impls``.
-An editable install maps ``pyrovae.models``/``pyrovae.guides`` to this checkout's folders; the base worktree
-gets links from ``pyrovae/models`` and ``pyrovae/guides`` to its own, so that each run imports one commit only.
+Each run imports its own commit's library: ``PYTHONPATH`` puts its worktree first (an editable install would
+otherwise resolve ``pyrovae`` to this checkout from any script; the script checks where ``pyrovae`` comes from
+before each run), and the base worktree gets links from ``pyrovae/models`` and ``pyrovae/guides`` to its own
+``models/`` and ``guides/`` folders, which an install maps there.
 """
 from __future__ import annotations
 
@@ -127,20 +129,30 @@ print(json.dumps(out))
 def graphs(tree: Path, args) -> dict[str, list]:
     """``{'arch label batch': [hash of the replayed step graph, µs per step around it]}`` at the commit in ``tree``."""
     done = subprocess.run([sys.executable, "-c", GRAPHS, str(tree), *args.only], cwd=tree, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env=environment(tree))
     if done.returncode != 0:
         print(f"speed_ab.py: could not record the step graphs in {tree}: {done.stderr.strip().splitlines()[-1:]}", flush=True)
         return {}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def environment(tree: Path) -> dict[str, str]:
+    """The environment that makes ``speed.py`` in ``tree`` import ``tree``'s library: an editable install would
+    otherwise resolve ``pyrovae`` to this checkout whichever script runs."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    where = subprocess.run([sys.executable, "-c", "import pyrovae; print(pyrovae.__file__)"], cwd=tree / "benchmarks", env=env,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    if not Path(where).resolve().is_relative_to(tree.resolve()):
+        raise SystemExit(f"speed_ab.py: a script in {tree} imports pyrovae from {where}, not from {tree}")
+    return env
+
+
 def run(tree: Path, args, out: Path) -> dict[str, dict[str, float]]:
     cmd = [sys.executable, str(tree / "benchmarks" / "speed.py"), "--threads", "1", "--rounds", str(args.rounds),
-           "--impls", *args.impls, "--only", *args.only, "--out", str(out)]
+           "--block-seconds", str(args.block_seconds), "--impls", *args.impls, "--only", *args.only, "--out", str(out)]
     if tree == ROOT:
         cmd.append("--no-epochs")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=tree, env=environment(tree), capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"speed_ab.py: {' '.join(cmd)} failed in {tree}:\n{done.stderr[-2000:]}")
     return ratios(out)
@@ -156,7 +168,7 @@ def report(base: str, head: str, runs: dict[str, list[dict]], args, started: str
         f"- command: `{command_line()}`",
         f"- date: {started}; CPU: {cpu_model()}; torch threads 1",
         f"- base: `{base}`; current: `{head}`" + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""),
-        *([f"- method: `speed.py --rounds {args.rounds} --impls {' '.join(args.impls)} --only ...` run {args.repeats} times "
+        *([f"- method: `speed.py --rounds {args.rounds} --block-seconds {args.block_seconds} --impls {' '.join(args.impls)} --only ...` run {args.repeats} times "
            "from each commit's worktree, alternating (base, current, base, ...); each entry is one run's ratio of medians "
            "(pyrovae / hand-written, rounds interleaved within the run)."] if args.repeats else []),
         *[f"- note: {n}" for n in args.note],
@@ -192,6 +204,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="implementations to time (default: hand pyrovae)")
     p.add_argument("--repeats", type=int, default=3, help="runs per commit (default 3; 0: only compare the step graphs and the Python around them)")
     p.add_argument("--rounds", type=int, default=7, help="speed.py --rounds (default 7)")
+    p.add_argument("--block-seconds", type=float, default=2.0, help="speed.py --block-seconds (default 2)")
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "pyrovae-speed-ab.md", help="markdown file to write")
     p.add_argument("--note", action="append", default=[], help="a line recorded in the results file; repeatable")
     args = p.parse_args(argv)
