@@ -218,7 +218,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run still removes its worktree
-    base, head = git("rev-parse", "--short", args.base), git("rev-parse", "--short", "HEAD")
+    try:
+        base, head = git("rev-parse", "--short", "--verify", f"{args.base}^{{commit}}"), git("rev-parse", "--short", "HEAD")
+    except subprocess.CalledProcessError as e:
+        raise SystemExit(f"speed_ab.py: --base {args.base!r} is not a commit of this repository ({e.stderr.strip()}); give a commit id, tag or branch")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     runs: dict[str, list[dict]] = {"base": [], "current": []}
     with tempfile.TemporaryDirectory(prefix="pyrovae-ab-") as tmp:
