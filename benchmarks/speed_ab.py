@@ -84,7 +84,7 @@ def ratios(md: Path) -> dict[str, dict[str, float]]:
 GRAPHS = r"""
 import hashlib, json, re, statistics, sys, time, torch
 tree, only = sys.argv[1], sys.argv[2:]
-sys.path[:0] = [tree + "/benchmarks", tree]
+sys.path.insert(0, tree + "/benchmarks")  # for speed.py; the library comes first on PYTHONPATH (environment())
 import pyrovae.capture as cap
 codes = []
 name = "build" if hasattr(cap, "build") else "_build"
