@@ -126,15 +126,63 @@ def _config(args: argparse.Namespace) -> dict:
     return cfg
 
 
+#: a run's config.json is a few kB; larger ones are refused unread (a run folder may come from a stranger)
+MAX_CONFIG_BYTES = 2**20
+#: the vocabulary of a text run (PTB's: 90 kB); larger files are refused unread
+MAX_VOCAB_BYTES = 64 * 2**20
+VOCAB_FILE = "vocab.json"
+
+
+def _read_json(path: Path, what: str, limit: int) -> Any:
+    """The JSON value in ``path``, read only when it is at most ``limit`` bytes; a :class:`UsageError` naming the file
+    otherwise (unreadable, too large, not JSON, nested too deeply)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise UsageError(f"{path} is larger than {limit:,} bytes, far more than {what} holds; it is not one (restore it, or start a new run)")
+        return json.loads(data)
+    except RecursionError as e:
+        raise UsageError(f"{path} cannot be read as {what}: its JSON is nested too deeply; restore it, or start a new run") from e
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(f"{path} cannot be read as {what} ({type(e).__name__}: {e}); restore it, or start a new run") from e
+
+
 def read_config(path: Path) -> dict:
     """A run's ``config.json`` as a dict, or a :class:`UsageError` naming the file."""
-    try:
-        cfg = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UsageError(f"{path} cannot be read as a run configuration ({type(e).__name__}: {e}); restore it, or start a new run") from e
+    cfg = _read_json(path, "a run configuration", MAX_CONFIG_BYTES)
     if not isinstance(cfg, dict):
         raise UsageError(f"{path} holds a JSON {type(cfg).__name__}, not a run configuration (a JSON object of options); restore it, or start a new run")
     return cfg
+
+
+def _save_vocab(run_dir: Path, splits) -> None:
+    """Keep the vocabulary of a text run (``splits.vocab``) in ``RUN/vocab.json``: the data folder is read again by
+    ``evaluate``, ``sample`` and ``--resume``, and a corpus with other words must not pass for the run's."""
+    vocab = getattr(splits, "vocab", None)
+    if vocab is not None and distributed.is_main():  # distributed: rank 0 writes the run folder
+        write_json(run_dir / VOCAB_FILE, vocab.state_dict())
+
+
+def _check_vocab(run_dir: Path, splits) -> None:
+    """Refuse text data whose vocabulary is not the one in ``RUN/vocab.json`` (runs written before it: not checked)."""
+    vocab, path = getattr(splits, "vocab", None), Path(run_dir) / VOCAB_FILE
+    if vocab is None or not os.path.lexists(path):
+        return
+    stored = _read_json(path, "a vocabulary", MAX_VOCAB_BYTES)
+    itos = stored.get("itos") if isinstance(stored, dict) else None
+    if not (isinstance(itos, list) and all(isinstance(w, str) for w in itos)):
+        raise UsageError(f"{path} is not a vocabulary (a JSON object with a list of words 'itos'); restore it from the run's data, or start a new run")
+    if itos != vocab.itos:
+        i = next((i for i, (a, b) in enumerate(zip(itos, vocab.itos)) if a != b), min(len(itos), len(vocab.itos)))
+        first = f"word {i} is {itos[i]!r} in the run but {vocab.itos[i]!r} in the data" if i < min(len(itos), len(vocab.itos)) else "one list is a prefix of the other"
+        raise UsageError(
+            f"the {splits.name} data read now has another vocabulary than the run's {path} ({len(vocab.itos)} words vs the run's {len(itos)}; "
+            f"{first}): the model's word indices would print other words. Pass --data-dir with the data the run was trained on"
+        )
 
 
 def _changed_by_resume(args: argparse.Namespace, saved: dict) -> list[str]:
@@ -284,6 +332,8 @@ def _train(run_dir: Path, args: argparse.Namespace, lock: runs.RunLock) -> int:
     _check_likelihood(cfg, splits)
     _check_bayes(cfg)
     _record_data(cfg, splits)
+    if saved is not None:
+        _check_vocab(run_dir, splits)
     if cfg.get("num_data") is None:
         cfg["num_data"] = int(as_inputs(splits.train, "train")[0].shape[0])  # weighs global latents' terms batch/N (models that have them)
     names = {**{k: k for k in cfg}, **_ARG_FLAGS}
@@ -297,6 +347,8 @@ def _train(run_dir: Path, args: argparse.Namespace, lock: runs.RunLock) -> int:
     lock.acquire()
     if args.overwrite and distributed.is_main():  # everything above is valid: move the old run aside; it comes back unless the new one writes a checkpoint
         runs.set_aside(run_dir)
+    if saved is None:
+        _save_vocab(run_dir, splits)
     try:
         if args.resume:
             trainer.resume(run_dir / "checkpoints" / "last.pt", *as_inputs(splits.train[: cfg["batch_size"]]))
@@ -386,6 +438,8 @@ def _load_run(run_dir: Path, device: torch.device, checkpoint: str = "best", spl
     dtype = getattr(torch, str(cfg.get("x_dtype", "")).replace("torch.", ""), None) if cfg.get("x_shape") else None
     if splits is None and (need_data or not (isinstance(dtype, torch.dtype) and dtype.is_floating_point)):
         splits = _load_data({**cfg, "data_dir": data_dir} if data_dir else cfg, device)
+    if splits is not None:
+        _check_vocab(run_dir, splits)
     x_shape = tuple(splits.x_shape) if splits is not None else tuple(cfg["x_shape"])
     example = as_inputs(splits.test[: min(10, splits.test.shape[0])]) if splits is not None else (torch.zeros(2, *x_shape, dtype=dtype, device=device),)
     pyro.clear_param_store()
@@ -520,6 +574,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if hasattr(model, "sample_run"):  # a model that samples something other than images (text: sentences, printed)
         if splits is None:
             splits = _load_data({**cfg, "data_dir": args.data_dir} if args.data_dir else cfg, device)
+            _check_vocab(Path(args.run_dir), splits)
         print("\n".join(model.sample_run(splits, args.num)))
         return 0
     default = f"samples-seed{args.seed}-n{args.num}{'-last' if args.checkpoint == 'last' else ''}.png"  # never evaluate's samples.png

@@ -29,7 +29,7 @@ except ImportError:  # Windows: no advisory locks; the folder is not protected a
 LOCK = ".lock"
 REPLACED = ".replaced"
 #: what a run writes into its folder (all of it is moved aside by --overwrite)
-RUN_FILES = ("config.json", "metrics.jsonl", "evaluation.json", "samples.png", "reconstructions.png", "latent.png", "manifold.png", "checkpoints")
+RUN_FILES = ("config.json", "metrics.jsonl", "evaluation.json", "samples.png", "reconstructions.png", "latent.png", "manifold.png", "vocab.json", "checkpoints")
 
 PathLike = Union[str, Path]
 
