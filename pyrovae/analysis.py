@@ -19,17 +19,20 @@ from pyrovae.engine import observed_site, site_mean
 
 @dataclass
 class MarginalKL:
-    """KL(q(z) || p(z)) of the aggregate posterior q(z) = (1/N) sum_n q(z | x_n), in nats.
+    """KL(q(z) || p(z)) of the aggregate posterior q(z) = (1/N) sum_n q(z | x_n), in nats; with a conditional
+    prior p(z | c), E_c KL(q(z | c) || p(z | c)) with q(z | c) aggregated over the data points of context c.
 
     ``value`` is the Monte Carlo mean of log q(z) - log p(z) over ``num_samples`` draws z ~ q(z) (stratified:
     ``rounds`` draws from each q(z | x_n)); ``stderr`` its standard error. ``mean_kl`` = (1/N) sum_n
     KL(q(z | x_n) || p(z)) estimated from the same draws, and ``mutual_information`` = ``mean_kl - value``, the
-    information between the data index and z, which lies in [0, log N].
+    information between the data index and z (given the context), which lies in [0, log N] ([0, log of the largest
+    context's count]). ``num_contexts``: the distinct contexts (1 for an unconditional prior).
 
-    Bias: log q(z) is the exact log-mean-exp over all N components, so ``value`` is unbiased for the KL of the
+    Bias: log q(z) is the exact log-mean-exp over the components, so ``value`` is unbiased for the KL of the
     aggregate posterior *of the data passed*. As an estimate of the population's q(z) = E_x q(z | x) it is a
-    plug-in with O(1/N) bias; it can never exceed ``mean_kl`` (convexity of KL) nor fall below ``mean_kl - log N``,
-    so with posteriors far narrower than the spread of their means the estimate saturates at ``mean_kl - log N``.
+    plug-in with O(1/N) bias (O(1/count) per context); it can never exceed ``mean_kl`` (convexity of KL) nor fall
+    below ``mean_kl - log N``, so with posteriors far narrower than the spread of their means the estimate
+    saturates at ``mean_kl - log N``.
     """
 
     value: float
@@ -38,6 +41,7 @@ class MarginalKL:
     mutual_information: float
     num_samples: int
     num_components: int
+    num_contexts: int = 1
 
 
 def _site(trace, site: Optional[str]) -> str:
@@ -49,6 +53,26 @@ def _site(trace, site: Optional[str]) -> str:
     if site not in latents:
         raise ValueError(f"site={site!r} is not a latent site of the guide; choose one of {latents}")
     return site
+
+
+def _context_groups(parts: tuple, probes: torch.Tensor, site: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(group index [N], group sizes [G]) of the data points by their context ``parts[1:]`` (exact equality), for a
+    prior that differs between data points; refused where p(z | c) is not a function of the context alone."""
+    n = probes.shape[0]
+    if len(parts) < 2:
+        raise ValueError(f"the model's prior at site {site!r} differs between data points, but the data is one tensor with no context: "
+                         "a prior that depends on x or on another latent has no marginal KL here; pass prior= (a fixed p(z)) or data = (x, context)")
+    ctx = torch.cat([t.reshape(n, -1).to(torch.float64) for t in parts[1:]], 1)
+    _, group, counts = torch.unique(ctx, dim=0, return_inverse=True, return_counts=True)
+    first = torch.full((counts.shape[0],), n, dtype=torch.long, device=group.device).scatter_reduce(0, group, torch.arange(n, device=group.device), "amin")
+    if not torch.allclose(probes, probes[first[group]], rtol=1e-5, atol=1e-6):
+        raise ValueError(f"the model's prior at site {site!r} differs between data points with the same context: it depends on x or on another "
+                         "latent, so p(z | c) is not a function of the context and the marginal KL is not defined; pass prior= (a fixed p(z))")
+    if int(counts.max()) < 2:
+        raise ValueError(f"the model's prior at site {site!r} depends on the context, and every context in data is distinct: q(z | c) aggregated "
+                         "over the data points of one context is a single posterior, so E_c KL(q(z | c) || p(z | c)) would be the mean KL, not a "
+                         "marginal one; pass data with several targets per context (each context repeated), or prior= (a fixed p(z))")
+    return group, counts
 
 
 @torch.no_grad()
@@ -66,12 +90,19 @@ def marginal_kl(
 
         KL = E_{z ~ q(z)} [log q(z) - log p(z)],   log q(z) = logsumexp_n log q(z | x_n) - log N
 
+    With a conditional prior p(z | c) (a model ``model(x, context)`` whose prior differs between data points), the
+    KL against the prior the model uses, averaged over the data's contexts:
+
+        E_c KL(q(z | c) || p(z | c)),   q(z | c) = mean of q(z | x_n, c) over the data points n with context c
+
+    (contexts compared for exact equality; refused where no context repeats, where the data holds no context, or
+    where p(z | c) also depends on x or on another latent).
+
     Args:
         guide: the guide program ``guide(*batch)``; its site's distribution must have a ``log_prob`` that
             broadcasts over a leading sample dimension (diagonal Gaussians, full-covariance Gaussians, flows).
-        data: ``[N, ...]`` or a tuple of tensors (all N components of the mixture).
-        model: the model, to score log p(z) at its site of the same name (the guide's draws replayed in it);
-            a conditional prior p(z | c) is then read at each draw's own context.
+        data: ``[N, ...]`` or a tuple of tensors ``(x, context...)`` (all N components of the mixture).
+        model: the model, to score log p(z) at its site of the same name (the guide's draws replayed in it).
         prior: a distribution over one z (event shape of the site) used instead of the model; with neither,
             N(0, I).
         site: the latent site (default: the guide's only one).
@@ -87,38 +118,52 @@ def marginal_kl(
         raise ValueError(f"rounds={rounds!r} must be an int >= 1 (draws from each q(z | x_n))")
     parts = as_inputs(data, "data")
     n = parts[0].shape[0]
-    fns, draws, own_q, log_p = [], [], [], []
+    fns, draws, comps, own_q, log_p, probes, probe = [], [], [], [], [], [], None
     for start in range(0, n, batch_size):
         chunk = tuple(t[start : start + batch_size] for t in parts)
         for r in range(rounds):
             tr = poutine.trace(guide).get_trace(*chunk)
             site = _site(tr, site)
             node = tr.nodes[site]
+            z = node["value"]
             if r == 0:
                 fns.append(node["fn"])
-            z = node["value"]
             draws.append(z)
+            comps.append(torch.arange(start, start + z.shape[0], device=z.device))
             own_q.append(node["fn"].log_prob(z))
             if model is not None:
                 mtr = poutine.trace(poutine.replay(model, trace=tr)).get_trace(*chunk)
-                log_p.append(mtr.nodes[site]["fn"].log_prob(z))
+                mfn = mtr.nodes[site]["fn"]
+                log_p.append(mfn.log_prob(z))
+                if r == 0:  # each datum's prior at two fixed points: equal for all data iff the prior is unconditional
+                    probe = torch.stack([z[0], z[-1]]) if probe is None else probe
+                    probes.append(torch.stack([mfn.log_prob(p.expand_as(z)) for p in probe], -1))
             else:
                 p = prior if prior is not None else dist.Normal(torch.zeros_like(z[0]), 1.0).to_event(z.dim() - 1)
                 log_p.append(p.log_prob(z))
-    z_all, own_q, log_p = torch.cat(draws), torch.cat(own_q), torch.cat(log_p)
+    z_all, comp, own_q, log_p = torch.cat(draws), torch.cat(comps), torch.cat(own_q), torch.cat(log_p)
     event_dims = z_all.dim() - 1
+    if event_dims < 1:
+        raise ValueError(f"site {site!r} has no event dimension; the guide must sample z of shape [batch, *event]")
+    group, counts = torch.zeros(n, dtype=torch.long, device=z_all.device), torch.full((1,), n, device=z_all.device)
+    if probes:
+        probes = torch.cat(probes)
+        if not torch.allclose(probes, probes[:1].expand_as(probes), rtol=1e-5, atol=1e-6):
+            group, counts = _context_groups(parts, probes, site)
     log_q = []
     for start in range(0, z_all.shape[0], batch_size):
         z = z_all[start : start + batch_size]
         z = z.unsqueeze(1)  # [m, B, *event] against each chunk's batch [B] (expanded: Pyro's flow nets do not broadcast)
-        log_q.append(torch.logsumexp(torch.cat([fn.log_prob(z.expand(-1, fn.batch_shape[-1], *z.shape[2:])) for fn in fns], -1), -1) - math.log(n))
-    if event_dims < 1:
-        raise ValueError(f"site {site!r} has no event dimension; the guide must sample z of shape [batch, *event]")
+        lq = torch.cat([fn.log_prob(z.expand(-1, fn.batch_shape[-1], *z.shape[2:])) for fn in fns], -1)  # [m, N]
+        own = group[comp[start : start + batch_size]]
+        if counts.shape[0] > 1:  # q(z | c): the components of the draw's own context only
+            lq = lq.masked_fill(group[None, :] != own[:, None], -math.inf)
+        log_q.append(torch.logsumexp(lq, -1) - counts[own].to(lq.dtype).log())
     f = torch.cat(log_q) - log_p
     m = f.shape[0]
     value = float(f.mean())
     mean_kl = float((own_q - log_p).mean())
-    return MarginalKL(value, float(f.std() / math.sqrt(m)) if m > 1 else float("nan"), mean_kl, mean_kl - value, m, n)
+    return MarginalKL(value, float(f.std() / math.sqrt(m)) if m > 1 else float("nan"), mean_kl, mean_kl - value, m, n, int(counts.shape[0]))
 
 
 @dataclass
