@@ -12,7 +12,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from pyrovae.models.bayesian import BayesVAE, global_scale
+from pyrovae.models.bayesian import BayesVAE, global_scale, register_weight_posterior
 from pyrovae.nn import BayesianLinear, Flatten, VariationalDropoutLinear, activation, add_dropout_kl, diag_normal, dropout_mlp, mlp
 from pyrovae.poutine import local_reparameterization
 
@@ -21,8 +21,9 @@ class NormalWeights(nn.Module):
     """q(W) = prod N(loc, softplus(rho)^2) over every :class:`~pyrovae.nn.BayesianLinear` site of ``model``.
 
     Means start as ``nn.Linear``'s initialisation (uniform on +-1/sqrt(fan_in)), scales at ``init_scale``. In
-    eval mode it draws nothing: the model then fixes the weights at these means (the posterior-mean network),
-    which it finds in Pyro's parameter store under :data:`pyrovae.models.bayesian.POSTERIOR_MEAN_PARAM`.
+    eval mode it draws nothing: the model then fixes the weights at these means (the posterior-mean network), which
+    it reads from this module (registered with ``model``) or, for another copy of the model, from Pyro's parameter
+    store under :data:`pyrovae.models.bayesian.POSTERIOR_MEAN_PARAM`.
     The local reparameterisation (:func:`pyrovae.poutine.local_reparameterization`) recognises these Normals.
     """
 
@@ -46,6 +47,11 @@ class NormalWeights(nn.Module):
                 self.sites.append((name, key))
         if not self.sites:
             raise ValueError(f"{type(model).__name__} has no BayesianLinear layers, so there are no weights to infer")
+        register_weight_posterior(model, self)
+
+    def means(self) -> dict[str, torch.Tensor]:
+        """{weight site: posterior mean}."""
+        return {name: self.locs[key] for name, key in self.sites}
 
     def forward(self, scale: float = 1.0) -> None:
         if not self.training:  # eval mode: the model reads the means itself (models.bayesian.posterior_means)

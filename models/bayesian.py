@@ -12,14 +12,17 @@ With ``local_reparam`` the decoder runs under :func:`pyrovae.poutine.local_repar
 each example draws its own pre-activations N(A mu, A^2 sigma^2) from the guide's weight posterior instead of
 sharing one weight sample, the same ELBO with a lower-variance gradient (Kingma, Salimans & Welling 2015).
 In eval mode (``model.eval()``) the dropout layers are deterministic and their KL is left out, and the
-Bayesian weights are fixed at the guide's posterior means (read from Pyro's parameter store, log-densities
-masked): a plain VAE, which is what ``pyrovae evaluate`` measures and ``pyrovae sample`` draws from.
+Bayesian weights are fixed at the guide's posterior means (log-densities masked): a plain VAE, which is what
+``pyrovae evaluate`` measures and ``pyrovae sample`` draws from. The means come from
+:meth:`BayesVAE.set_posterior_means`, else the :class:`pyrovae.guides.bayesian.NormalWeights` built for this model,
+else Pyro's parameter store; a weight with none of them is an error, never a draw from the prior.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional, Sequence
+import weakref
+from typing import Mapping, Optional, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -43,16 +46,29 @@ def global_scale(batch: int, num_data: Optional[int]) -> float:
 POSTERIOR_MEAN_PARAM = "encoder$$$weights.locs.{}"
 
 
+#: model -> the weight posterior built for it (:class:`pyrovae.guides.bayesian.NormalWeights` registers itself), whose
+#: ``means()`` the model reads in eval mode; weak on both sides, so neither keeps the other alive nor is pickled with it
+_WEIGHT_POSTERIORS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def register_weight_posterior(model: nn.Module, posterior) -> None:
+    """Let ``model`` read its Bayesian weights' posterior means from ``posterior.means()`` ({site: mean}) in eval mode."""
+    _WEIGHT_POSTERIORS[model] = weakref.ref(posterior)
+
+
 def posterior_means(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{weight site: posterior mean} of ``model``'s Bayesian layers, as far as the parameter store has them."""
+    """{weight site: posterior mean} of ``model``'s Bayesian layers: from the weight posterior registered for this model
+    (:func:`register_weight_posterior`), else from Pyro's parameter store, as far as either has them."""
+    ref = _WEIGHT_POSTERIORS.get(model)
+    posterior = ref() if ref is not None else None
+    out = {k: v.detach() for k, v in posterior.means().items()} if posterior is not None else {}
     store = pyro.get_param_store()
-    out = {}
     for m in model.modules():
         if isinstance(m, BayesianLinear):
             for what in ("weight", "bias") if m.bias is not None else ("weight",):
                 site = f"{m._pyro_name}.{what}"
                 key = POSTERIOR_MEAN_PARAM.format(site.replace(".", "__"))
-                if key in store:
+                if site not in out and key in store:
                     out[site] = store.get_param(key).detach()
     return out
 
@@ -116,11 +132,51 @@ class BayesVAE(nn.Module):
         else:
             net = mlp(sizes, activation)
         self.decoder = net
+        self._posterior_means: Optional[dict[str, torch.Tensor]] = None  # set_posterior_means
         self.unflatten = Unflatten((self.x_shape[0] * factor, *self.x_shape[1:]))
 
     def bayesian_layers(self) -> list[tuple[str, BayesianLinear]]:
         """(site-name prefix, layer) of the decoder's Bayesian layers."""
         return [(m._pyro_name, m) for m in self.decoder.modules() if isinstance(m, BayesianLinear)]
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{site: shape} of the decoder's Bayesian weights and biases."""
+        out = {}
+        for name, m in self.bayesian_layers():
+            out[f"{name}.weight"] = (m.out_features, m.in_features)
+            if m.bias is not None:
+                out[f"{name}.bias"] = (m.out_features,)
+        return out
+
+    def set_posterior_means(self, means: Optional[Mapping[str, torch.Tensor]]) -> None:
+        """Fix the eval-mode weights at ``means`` ({site: mean}, other keys ignored), e.g. ``guide.median(x)`` of an
+        ``AutoNormal``; ``None`` forgets them (the guide's :class:`NormalWeights` or the parameter store then)."""
+        if means is None:
+            self._posterior_means = None
+            return
+        if not isinstance(means, Mapping):
+            raise TypeError(f"means must be a dict {{site: tensor}}, got {type(means).__name__}; e.g. model.set_posterior_means(guide.median(x))")
+        shapes = self.weight_shapes()
+        missing = sorted(set(shapes) - set(means))
+        if missing:
+            raise ValueError(f"means has no entry for the weight sites {missing}; pass every one of {sorted(shapes)}")
+        bad = {k: tuple(means[k].shape) for k in shapes if tuple(means[k].shape) != shapes[k]}
+        if bad:
+            raise ValueError(f"means has shapes {bad} where the weight sites have {({k: shapes[k] for k in bad})}: pass this model's posterior means")
+        self._posterior_means = {k: means[k].detach() for k in shapes}
+
+    def eval_weights(self) -> dict[str, torch.Tensor]:
+        """The posterior means the eval-mode decoder uses; a ``ValueError`` naming the sites it has none for."""
+        means = dict(getattr(self, "_posterior_means", None) or posterior_means(self))
+        missing = sorted(set(self.weight_shapes()) - set(means))
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__} in eval mode fixes its Bayesian weights at their posterior means, but has none for {missing}: "
+                "build the guide with this model (BayesEncoder(model=model) or NormalWeights(model)), run it once so that Pyro's "
+                "parameter store holds its means, or pass them with model.set_posterior_means({site: mean}) "
+                "(for an AutoNormal guide: model.set_posterior_means(guide.median(x)))"
+            )
+        return means
 
     def decode(self, z: torch.Tensor, batch: int) -> dist.Distribution:
         if self.bayesian_decoder and self.training:
@@ -129,9 +185,8 @@ class BayesVAE(nn.Module):
             with poutine.scale(scale=global_scale(batch, self.num_data)), local:
                 out = self.decoder(z)
         elif self.bayesian_decoder:
-            # eval mode: the posterior-mean network, with the means of :class:`pyrovae.guides.bayesian.NormalWeights`
-            # from Pyro's parameter store (the prior's draws if the guide never ran); log-densities masked
-            with poutine.condition(data=posterior_means(self)), poutine.mask(mask=False):
+            # eval mode: the posterior-mean network (an error, not the prior's draws, where a mean is unknown); log-densities masked
+            with poutine.condition(data=self.eval_weights()), poutine.mask(mask=False):
                 out = self.decoder(z)
         else:
             out = self.decoder(z)

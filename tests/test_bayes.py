@@ -291,6 +291,47 @@ def test_eval_mode_is_the_posterior_mean_network():
     assert not [n for n, s in pp.trace(guide).get_trace(x).nodes.items() if s["type"] == "sample" and n.startswith("decoder.")]
 
 
+def test_eval_mode_reads_the_guides_means_before_the_guide_runs():
+    # a fresh process: the guide's weights are loaded but it never ran, so Pyro's parameter store is empty; the
+    # eval-mode model still uses the guide's means (it used to draw its weights from the prior in silence)
+    from pyrovae.guides.bayesian import BayesEncoder
+    from pyrovae.models.bayesian import BayesVAE
+
+    x = _binary_data(8)
+    model = BayesVAE((1, 8, 8), 4, (16,), bayesian_decoder=True, prior_scale=10.0)
+    guide = BayesEncoder((1, 8, 8), 4, (16,), model=model)
+    model.eval(), guide.eval()
+    assert not pyro.get_param_store().keys()
+    trace = pp.trace(model).get_trace(x)
+    for name, key in guide.weights.sites:
+        assert torch.equal(trace.nodes[name]["value"], guide.weights.locs[key].detach()), name
+
+
+def test_eval_mode_refuses_unknown_means_and_takes_them_from_autonormal():
+    # an AutoNormal guide keeps its means under its own names: the eval-mode model raises (naming the fix) instead
+    # of drawing the weights from the prior, and runs at the means once given them
+    from pyro.infer.autoguide import AutoNormal
+
+    from pyrovae.models.bayesian import BayesVAE
+
+    x = _binary_data(8)
+    model = BayesVAE((1, 8, 8), 4, (16,), bayesian_decoder=True)
+    guide = AutoNormal(model)
+    guide(x)
+    model.eval()
+    with pytest.raises(ValueError, match=r"set_posterior_means\(guide.median\(x\)\)"):
+        pp.trace(model).get_trace(x)
+    model.set_posterior_means(guide.median(x))
+    trace = pp.trace(model).get_trace(x)
+    medians = guide.median(x)
+    for name in model.weight_shapes():
+        assert torch.equal(trace.nodes[name]["value"], medians[name].detach()), name
+    with pytest.raises(ValueError, match="decoder.0.bias"):
+        model.set_posterior_means({"decoder.0.weight": medians["decoder.0.weight"]})
+    with pytest.raises(TypeError, match="means"):
+        model.set_posterior_means([1, 2])
+
+
 def test_natural_gradient_trains_a_vae_with_the_trainer():
     from pyrovae.guides import GaussianEncoder
     from pyrovae.models import VAE
