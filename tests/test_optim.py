@@ -188,3 +188,145 @@ def test_bad_arguments_name_the_fix():
         NaturalGradient(p, damping=-1.0)
     with pytest.raises(ValueError, match="reduction"):
         NaturalGradient(p, reduction="max")
+
+
+# --- a layer used several times per step -------------------------------------------------------------------------
+
+T_USES = 8
+
+
+def _repeated_linear_gaussian(n=4000, d_in=3, d_out=2, scales=(1.0, 2.0, 0.5)):
+    """One ``nn.Linear`` applied to T independent inputs per example, y_t = W x_t + b + eps_t, eps_t ~ N(0, I), at
+    the true weights: the per-example gradient is -sum_t eps_t a_t^T (a_t = [x_t, 1]), so the Fisher is exactly
+    E[F] = T I (x) diag(scales^2, 1) and the cross-use terms vanish (eps_t independent, zero mean)."""
+    torch.manual_seed(3)
+    layer = nn.Linear(d_in, d_out)
+    x = torch.randn(n, T_USES, d_in) * torch.tensor(scales)
+    with torch.no_grad():
+        y = layer(x) + torch.randn(n, T_USES, d_out)
+    return layer, x, y
+
+
+def _per_example_loss(layer, x, y):
+    """sum_t 0.5 |y_t - layer(x_t)|^2 over ``[*, T, in]``, the layer called once per use (as an RNN cell is)."""
+    return sum(0.5 * ((y[..., t, :] - layer(x[..., t, :])) ** 2).sum(-1) for t in range(x.shape[-2]))
+
+
+def _per_example_grads(layer, loss_fn, *data):
+    """vec(d l_n / d [W, b]) for every example, row-major over ``[out, in + 1]`` (the order of kron(G, A)). Call it
+    before an optimiser hooks ``layer``: ``functional_call`` runs the forward hooks, inside ``vmap``."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    g = vmap(grad(lambda p, *d: loss_fn(lambda h: functional_call(layer, p, (h,)), *d)), in_dims=(None,) + (0,) * len(data))(params, *data)
+    return torch.cat([g["weight"], g["bias"][:, :, None]], 2).reshape(g["weight"].shape[0], -1).detach()
+
+
+def _rel_se(terms: torch.Tensor) -> float:
+    """Relative standard error of the mean of ``terms`` (first dim)."""
+    return float(terms.std(0) / math.sqrt(terms.shape[0]) / terms.mean(0))
+
+
+def _one_step(module, loss, **kwargs) -> dict:
+    """The optimiser's state for ``module.weight`` after one undamped step on ``loss()`` (no running average)."""
+    opt = NaturalGradient(module.parameters(), lr=1.0, damping=0.0, kl_clip=None, modules=[module], decay=0.0, **kwargs)
+    loss().backward()
+    opt.step()
+    opt.remove_hooks()
+    return opt.state[module.weight]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_kfac_trace_of_a_layer_used_eight_times_matches_the_exact_per_example_fisher(reduction):
+    """Eight uses per step: tr(G (x) A) = tr G tr A against tr F, F = E_n[v_n v_n^T] with v_n the exact
+    per-example gradient (torch.func), and both against the closed form T d_out (sum scales^2 + 1) = 100.
+    Tolerances: each trace's relative standard error from its own per-example (per-row for A) terms.
+    ``sum``: the Fisher of a sum is N times the datum's. Measured approx/exact 1.012; before repeated uses were
+    handled 0.126 (G was averaged over the uses instead of summed)."""
+    layer, x, y = _repeated_linear_gaussian()
+    n = x.shape[0]
+    v = _per_example_grads(layer, _per_example_loss, x, y)  # before the step moves the weights
+    with torch.no_grad():
+        eps = y - layer(x)
+    reduce = torch.mean if reduction == "mean" else torch.sum
+    state = _one_step(layer, lambda: reduce(_per_example_loss(layer, x, y)), reduction=reduction)
+    approx = float(state["G"].trace() * state["A"].trace()) / (n if reduction == "sum" else 1)
+    exact = float((v * v).sum(1).mean())
+    a = torch.cat([x, torch.ones(n, T_USES, 1)], 2)
+    rel_exact = _rel_se((v * v).sum(1))
+    rel_approx = math.hypot(_rel_se((eps**2).sum((1, 2))), _rel_se((a**2).sum(2).reshape(-1)))
+    truth = T_USES * 2 * (1.0 + 4.0 + 0.25 + 1.0)
+    assert abs(exact / truth - 1) <= Z * rel_exact, (exact, truth)
+    assert abs(approx / truth - 1) <= Z * rel_approx, (approx, truth)
+    assert abs(approx / exact - 1) <= Z * math.hypot(rel_exact, rel_approx), approx / exact
+
+
+def test_kfac_factors_of_a_layer_used_eight_times_are_the_exact_fisher():
+    """Where K-FAC is exact (one linear layer, Gaussian output, uses independent): A is the inputs' second moment
+    over all N T uses, G is T I within its standard errors (diagonal sqrt(2T/n), off-diagonal sqrt(T/n)), and
+    every entry of G (x) A is within standard errors of the exact per-example Fisher E_n[v_n v_n^T] (the
+    entries' errors from the per-example terms; G (x) A's by the delta method)."""
+    layer, x, y = _repeated_linear_gaussian()
+    n = x.shape[0]
+    v = _per_example_grads(layer, _per_example_loss, x, y)
+    with torch.no_grad():
+        eps = y - layer(x)
+    state = _one_step(layer, lambda: _per_example_loss(layer, x, y).mean())
+    A, G = state["A"], state["G"]
+    a = torch.cat([x, torch.ones(n, T_USES, 1)], 2).reshape(-1, 4)
+    assert torch.allclose(A, a.T @ a / (n * T_USES), rtol=1e-5)
+    se_g = torch.full((2, 2), math.sqrt(T_USES / n)).fill_diagonal_(math.sqrt(2 * T_USES / n))
+    assert ((G - T_USES * torch.eye(2)).abs() <= Z * se_g).all(), G
+
+    outer = v[:, :, None] * v[:, None, :]
+    exact, se_exact = outer.mean(0), outer.std(0) / math.sqrt(n)
+    g_terms = torch.einsum("nti,ntj->nij", eps, eps)
+    a_terms = a[:, :, None] * a[:, None, :]
+    se_G, se_A = g_terms.std(0) / math.sqrt(n), a_terms.std(0) / math.sqrt(a.shape[0])
+    se = torch.sqrt(se_exact**2 + torch.kron(se_G**2, A**2) + torch.kron(G**2, se_A**2))
+    z = (torch.kron(G, A) - exact).abs() / se
+    assert (z <= Z).all(), z.max()
+
+
+def test_diagonal_fisher_of_a_layer_used_eight_times_matches_the_exact_diagonal():
+    """fisher='diagonal' with eight uses: F_jk = E_n[sum_t d_tj^2 a_tk^2] against the exact diagonal E_n[v_n^2]
+    (cross-use terms vanish here), within the standard errors of both means."""
+    layer, x, y = _repeated_linear_gaussian()
+    n = x.shape[0]
+    v = _per_example_grads(layer, _per_example_loss, x, y)
+    with torch.no_grad():
+        eps = y - layer(x)
+    F = _one_step(layer, lambda: _per_example_loss(layer, x, y).mean(), fisher="diagonal")["F"].reshape(-1)
+    a = torch.cat([x, torch.ones(n, T_USES, 1)], 2)
+    terms = torch.einsum("ntj,ntk->njk", eps**2, a**2).reshape(n, -1)
+    se = torch.sqrt(terms.var(0) / n + (v**2).var(0) / n)
+    assert ((F - (v**2).mean(0)).abs() <= Z * se).all(), (F, (v**2).mean(0))
+
+
+def _rnn_loss(cell, u, x, y):
+    """A tanh RNN, h_t = tanh(cell(h_{t-1}) + u(x_t)), with a squared-error loss at every step: ``cell`` is
+    used T times per example, and its uses are correlated through the state."""
+    h = x.new_zeros(*x.shape[:-2], y.shape[-1])
+    loss = 0.0
+    for t in range(x.shape[-2]):
+        h = torch.tanh(cell(h) + u(x[..., t, :]))
+        loss = loss + 0.5 * ((h - y[..., t, :]) ** 2).sum(-1)
+    return loss
+
+
+@pytest.mark.parametrize("weight_scale", [0.3, 1.0, 3.0])
+def test_kfac_trace_of_a_recurrent_cell_is_within_the_approximation_of_the_exact_fisher(weight_scale):
+    """An RNN cell used T = 8 times: the uses are not independent, so the independence-across-uses approximation
+    drops the cross-use terms of the exact per-example Fisher. Measured approx/exact traces: 0.98, 0.97, 1.30
+    (weight scales 0.3, 1, 3); before repeated uses were handled 0.12, 0.12, 0.16. The bound, a factor 2, is the
+    approximation's, not a sampling error."""
+    torch.manual_seed(4)
+    n, hidden, d_in = 512, 6, 4
+    cell, u = nn.Linear(hidden, hidden), nn.Linear(d_in, hidden)
+    with torch.no_grad():
+        cell.weight.mul_(weight_scale)
+    x, y = torch.randn(n, T_USES, d_in), torch.randn(n, T_USES, hidden)
+    v = _per_example_grads(cell, lambda c, xn, yn: _rnn_loss(c, u, xn, yn), x, y)
+    state = _one_step(cell, lambda: _rnn_loss(cell, u, x, y).mean())
+    ratio = float(state["G"].trace() * state["A"].trace()) / float((v * v).sum(1).mean())
+    assert 0.5 <= ratio <= 2.0, ratio
