@@ -25,7 +25,7 @@ from pyrovae.nn import Flatten, activation, diag_normal, mlp, x_decoder
 class ConditionalRunHooks:
     """``pyrovae evaluate`` hook of a model ``model(x, context)``: test NLL, ELBO terms and conditional samples."""
 
-    def evaluate_run(self, guide, splits, test, run_dir, num_samples: int) -> dict:
+    def evaluate_run(self, guide, splits, test, run_dir, num_samples: int, suffix: str = "") -> dict:
         from pyrovae import evaluate as E
 
         ll = E.log_likelihood(self, guide, test, num_samples=num_samples)
@@ -38,13 +38,13 @@ class ConditionalRunHooks:
             samples = E.sample(self, 8, splits.x_shape, device=ctx.device, inputs=(ctx,))
             shown = torch.cat([contexts[i].unsqueeze(1), test.target[i : i + 1]], 0)  # context channels, the true target
             rows.append(torch.cat([_grey(shown, splits.x_shape), _grey(samples, splits.x_shape)], 0))
-        E.save_image_grid(torch.cat(rows), Path(run_dir) / "samples.png", nrow=rows[0].shape[0])
+        E.save_image_grid(torch.cat(rows), Path(run_dir) / f"samples{suffix}.png", nrow=rows[0].shape[0])
         return {
             "num_test": n, "num_samples": num_samples, "test_nll": float(-ll.values.mean()),
             "test_nll_stderr_over_data": float(ll.values.std() / math.sqrt(n)) if n > 1 else float("nan"),
             "test_nll_importance_stderr": float(ll.stderr.pow(2).mean().sqrt() / math.sqrt(n)),
             "test_elbo": terms["elbo"], "test_recon": terms["recon"], "test_kl": terms["kl"],
-            "outputs": ["samples.png (per row: the context's channels, the true target, 8 samples of p(x | context))"],
+            "outputs": [f"samples{suffix}.png (per row: the context's channels, the true target, 8 samples of p(x | context))"],
         }
 
 

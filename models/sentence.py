@@ -117,21 +117,21 @@ class _TextModel(nn.Module):
         return self.decoder.generate(z, num, max_length, greedy, temperature)
 
     # --- hooks of the command line (``pyrovae evaluate`` / ``pyrovae sample``) ----------------------
-    def evaluate_run(self, guide, splits, test, run_dir, num_samples: int) -> dict:
+    def evaluate_run(self, guide, splits, test, run_dir, num_samples: int, suffix: str = "") -> dict:
         """Test metrics by length bucket (:func:`pyrovae.text.evaluate_text`: NLL with ``num_samples`` importance
         samples, perplexity, KL, active units) and the text outputs in ``run_dir``
-        (:func:`pyrovae.text.write_text_outputs`)."""
+        (:func:`pyrovae.text.write_text_outputs`, named with ``suffix``: ``samples-limit10.txt``)."""
         from pyrovae.text import evaluate_text, write_text_outputs
 
         r = evaluate_text(self, guide, test, num_samples=num_samples)
-        write_text_outputs(self, guide, test, splits.vocab, run_dir)
+        write_text_outputs(self, guide, test, splits.vocab, run_dir, suffix=suffix)
         return {
             "num_test": r["num_sentences"], "num_tokens": r["num_tokens"], "num_samples": num_samples, "test_nll": r["nll"],
             "test_nll_stderr_over_data": r["nll_stderr_over_data"], "test_nll_importance_stderr": r["nll_importance_stderr"],
             "test_perplexity": r["perplexity"], "perplexity_note": "exp(total NLL / predicted tokens), <eos> included",
             "test_elbo": r["elbo"], "test_recon": r["recon"], "test_kl": r["kl"], "active_units": r["active_units"],
             "data": splits.describe() if hasattr(splits, "describe") else None,  # states the length limit and what it did
-            "outputs": ["samples.txt"] + (["reconstructions.txt", "homotopies.txt"] if getattr(self, "z_dim", None) else []),
+            "outputs": [f"{name}{suffix}.txt" for name in ["samples"] + (["reconstructions", "homotopies"] if getattr(self, "z_dim", None) else [])],
         }
 
     def sample_run(self, splits, num: int, max_length: int = 40) -> list[str]:

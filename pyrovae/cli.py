@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -345,7 +346,9 @@ def _train(run_dir: Path, args: argparse.Namespace, lock: runs.RunLock) -> int:
     ), names)
     print(f"pyrovae: training {cfg['model']}/{cfg['guide']} with {trainer.objective!r} on {cfg['dataset']} ({splits.train.shape[0]} examples) on {device}; run folder {run_dir}")
     lock.acquire()
-    if args.overwrite and distributed.is_main():  # everything above is valid: move the old run aside; it comes back unless the new one writes a checkpoint
+    replacing = runs.ReplaceLock(run_dir) if args.overwrite and distributed.is_main() else None  # no evaluate or sample of the old run meanwhile
+    if replacing is not None:  # everything above is valid: move the old run aside; it comes back unless the new one writes a checkpoint
+        replacing.acquire()
         runs.set_aside(run_dir)
     if saved is None:
         _save_vocab(run_dir, splits)
@@ -362,11 +365,15 @@ def _train(run_dir: Path, args: argparse.Namespace, lock: runs.RunLock) -> int:
         print(f"pyrovae: {e}", file=sys.stderr)
         return 3
     finally:
-        if args.overwrite and distributed.is_main() and runs.settle(run_dir) == "restored":
-            print(f"pyrovae: the new run failed before its first checkpoint; the old run in {run_dir} is back as it was", file=sys.stderr)
+        if replacing is not None:
+            if runs.settle(run_dir) == "restored":
+                print(f"pyrovae: the new run failed before its first checkpoint; the old run in {run_dir} is back as it was", file=sys.stderr)
+            replacing.release()
     print(f"pyrovae: training steps: {trainer.capture_report}")
     if cfg["eval_samples"] > 0:
-        return _evaluate(run_dir, device, "best", cfg["eval_samples"], cfg["eval_limit"], splits, capture=cfg.get("eval_capture", "auto"), progress=cfg["progress"])
+        return _evaluate(  # the run's own evaluation (its limit in config.json and in the file): evaluation.json
+            run_dir, device, "best", cfg["eval_samples"], cfg["eval_limit"], splits, capture=cfg.get("eval_capture", "auto"), progress=cfg["progress"], suffix="",
+        )
     return 0
 
 
@@ -385,7 +392,7 @@ class LoadedRun:
 
 def _run_marginal_kl(run_dir, device, checkpoint: str = "best", limit: Optional[int] = None, data_dir=None) -> dict:
     """``pyrovae evaluate RUN --marginal-kl``: :func:`marginal_kl` of a run's guide over its first ``limit`` (default
-    1000) test examples, with the model's prior, added to ``RUN/evaluation.json`` under ``marginal_kl``."""
+    1000) test examples, with the model's prior, added under ``marginal_kl`` to the ``RUN/evaluation*.json`` of the same checkpoint and limit."""
     import dataclasses
 
     from pyrovae.analysis import marginal_kl
@@ -397,7 +404,7 @@ def _run_marginal_kl(run_dir, device, checkpoint: str = "best", limit: Optional[
         gen = torch.Generator(device=test.device).manual_seed(cfg.get("seed", 0) + 1)
         test = torch.bernoulli(test, generator=gen)
     result = dataclasses.asdict(marginal_kl(guide, test, model=model))
-    path = Path(run_dir) / "evaluation.json"
+    path = Path(run_dir) / f"evaluation{_output_suffix(checkpoint, limit, splits.test.shape[0])}.json"  # beside the evaluation it adds to
     saved = json.loads(path.read_text()) if path.exists() else {}
     saved["marginal_kl"] = result
     write_json(path, saved)
@@ -468,36 +475,29 @@ def eval_capture_mode(choice: str, num_test: int, num_samples: int, device: torc
     return "compile" if device.type == "cpu" and num_test * num_samples >= AUTO_COMPILE_WORK else "off"
 
 
-def _output_suffix(run_dir: Path, limit: Optional[int], num_test: int) -> str:
-    """``""`` for a full evaluation, or for a partial one (``limit`` < the test set) where no full evaluation was
-    written; ``-limitN`` for a partial one beside a full ``evaluation.json``, which it never replaces."""
-    if not limit or limit >= num_test:
-        return ""
-    try:
-        old = json.loads((run_dir / "evaluation.json").read_text())
-    except (OSError, ValueError):
-        return ""
-    full = isinstance(old, dict) and not old.get("limit") and old.get("num_test", 0) >= num_test
-    return f"-limit{limit}" if full else ""
+def _output_suffix(checkpoint: str, limit: Optional[int], num_test: int) -> str:
+    """What an evaluation's outputs add to their names, from what produced them alone (never from what the folder
+    holds, which another process may change meanwhile): ``-last`` for ``--checkpoint last``, ``-limitN`` for the
+    first N < all test examples; ``""`` for the full evaluation of the best checkpoint."""
+    return ("-last" if checkpoint == "last" else "") + (f"-limit{limit}" if limit and limit < num_test else "")
 
 
 def _evaluate(
     run_dir: Path, device, checkpoint: str, num_samples: int, limit: Optional[int], splits=None, data_dir: Optional[str] = None,
-    capture: str = "auto", progress: bool = True,
+    capture: str = "auto", progress: bool = True, suffix: Optional[str] = None,
 ) -> int:
+    """Evaluate a run; its outputs are named with ``suffix`` (default :func:`_output_suffix`: by checkpoint and limit)."""
     from pyrovae import evaluate as E
     from pyrovae.pictures import labelled_grids
 
     runs.check_writable(run_dir)  # before the log-likelihood, not after: evaluation.json and the pictures go there
     cfg, model, guide, splits, path, _ = _load_run(run_dir, device, checkpoint, splits, data_dir)
-    suffix = _output_suffix(run_dir, limit, splits.test.shape[0])
-    if suffix:
-        print(f"pyrovae: {run_dir / 'evaluation.json'} holds the full test set's evaluation; this one (--limit {limit}) goes to evaluation{suffix}.json and *{suffix}.png")
+    suffix = _output_suffix(checkpoint, limit, splits.test.shape[0]) if suffix is None else suffix
     test = splits.test if not limit else splits.test[:limit]
     if hasattr(model, "evaluate_run") and not distributed.is_main():  # distributed: rank 0 evaluates these models alone
         return 0
     if hasattr(model, "evaluate_run"):  # a model with its own metrics and outputs (text: perplexity, sentences)
-        result = {"checkpoint": str(path), "limit": limit, **model.evaluate_run(guide, splits, test, run_dir, num_samples)}
+        result = {"checkpoint": str(path), "limit": limit, **model.evaluate_run(guide, splits, test, run_dir, num_samples, suffix=suffix)}
         write_json(run_dir / f"evaluation{suffix}.json", result)
         print(json.dumps(result, indent=2))
         print(f"pyrovae: wrote evaluation{suffix}.json and {', '.join(result.get('outputs', []))} to {run_dir}")
@@ -554,6 +554,11 @@ def _evaluate(
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    with runs.ReadLock(args.run_dir, "pyrovae evaluate") if Path(args.run_dir).is_dir() else contextlib.nullcontext():  # not while train --overwrite replaces the run
+        return _cmd_evaluate(args)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
     code = _evaluate(
         Path(args.run_dir), distributed.init(resolve_device(args.device)), args.checkpoint, args.num_samples, args.limit, data_dir=args.data_dir,
         capture=args.capture, progress=args.progress,
@@ -564,6 +569,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    with runs.ReadLock(args.run_dir, "pyrovae sample") if Path(args.run_dir).is_dir() else contextlib.nullcontext():  # not while train --overwrite replaces the run
+        return _cmd_sample(args)
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
     from pyrovae import evaluate as E
 
     device = resolve_device(args.device)
@@ -686,8 +696,8 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="test log-likelihood (k samples), ELBO, KL, active units and plots of a run", formatter_class=HelpFormatter)
     e.add_argument("run_dir")
     e.add_argument("--num-samples", "-k", type=positive_int, default=5000, help="importance samples per test image")
-    e.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint (best: by validation ELBO)")
-    e.add_argument("--limit", type=positive_int, default=None, help="first N test examples only; written to evaluation-limitN.json when a full evaluation.json is there (default: all)")
+    e.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint (best: by validation ELBO); last writes evaluation-last.json and *-last.png")
+    e.add_argument("--limit", type=positive_int, default=None, help="first N test examples only; written to evaluation-limitN.json and *-limitN.png / *-limitN.txt, never over the full evaluation (default: all)")
     e.add_argument("--data-dir", default=None, help="folder with the dataset files (default: the run's, then $PYROVAE_DATA, then the cache)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     e.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)

@@ -25,6 +25,7 @@ from pyrovae.capture import MODES as CAPTURE_MODES
 from pyrovae.capture import GraphCache, owner, shared_cache
 from pyrovae.data import as_inputs
 from pyrovae.engine import LogWeightEngine, observed_site, site_mean
+from pyrovae.pictures import save_atomic
 
 #: a tensor ``[N, ...]`` or a tuple of tensors with first dimension N
 Data = Union[torch.Tensor, tuple]
@@ -418,7 +419,7 @@ def save_image_grid(images: torch.Tensor, path, nrow: int = 8) -> Path:
         images = images[:, None, None, :]
     elif images.dim() == 3:
         images = images[:, None]
-    save_image(images.clamp(0, 1), path, nrow=nrow)
+    save_atomic(path, lambda f, fmt: save_image(images.clamp(0, 1), f, format=fmt, nrow=nrow))
     return path
 
 
@@ -444,7 +445,7 @@ def latent_scatter(guide, data: Data, labels: Optional[torch.Tensor], path, site
         fig.colorbar(points, ax=ax)
     ax.set_title(f"E_q[{name} | x]" + (" (first two principal directions)" if means[name].shape[1] > 2 else ""))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_atomic(path, lambda f, fmt: fig.savefig(f, format=fmt, dpi=120))
     plt.close(fig)
     return Path(path)
 from pyrovae.analysis import MarginalKL, geco_trajectory, information_plane, marginal_kl, refit_gaussian_scale  # noqa: E402,F401  (GECO-paper analyses)

@@ -13,6 +13,20 @@ from typing import Optional
 
 import torch
 
+from pyrovae.checkpoint import atomic_write
+
+
+def save_atomic(path, write) -> Path:
+    """Call ``write(file, format)`` on a temporary file beside ``path`` and rename it over ``path``
+    (:func:`~pyrovae.checkpoint.atomic_write`): a reader never sees half a picture, and an evaluation killed
+    mid-write leaves the previous one. ``format`` is the image format of the extension (``png``, ``jpeg``, ``gif``)."""
+    from PIL import Image
+
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG").lower()
+    atomic_write(path, lambda f: write(f, fmt))
+    return path
+
 
 def labelled_grids(panels: list[tuple[str, torch.Tensor]], path, nrow: int = 8) -> Path:
     """One PNG of image grids stacked top to bottom, each titled with its label: ``panels`` = ``[(label, [N, C, H, W]
@@ -37,7 +51,7 @@ def labelled_grids(panels: list[tuple[str, torch.Tensor]], path, nrow: int = 8) 
         ax.set_title(label, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=max(100, int(width / 6)))
+    save_atomic(path, lambda f, fmt: fig.savefig(f, format=fmt, dpi=max(100, int(width / 6))))
     plt.close(fig)
     return Path(path)
 
@@ -48,7 +62,7 @@ def step_grid(canvas: torch.Tensor, path, max_steps: int = 64) -> Path:
 
     steps = _steps(canvas.shape[0], max_steps)
     images = canvas[steps].transpose(0, 1).float().cpu().clamp(0, 1)  # [B, S, C, H, W]
-    save_image(images.reshape(-1, *images.shape[2:]), path, nrow=len(steps), padding=1)
+    save_atomic(path, lambda f, fmt: save_image(images.reshape(-1, *images.shape[2:]), f, format=fmt, nrow=len(steps), padding=1))
     return Path(path)
 
 
@@ -65,7 +79,7 @@ def generation_gif(canvas: torch.Tensor, path, scale: int = 2, ms_per_step: int 
         image = Image.fromarray(array if array.shape[2] == 3 else array[:, :, 0])
         frames.append(image.resize((image.width * scale, image.height * scale), Image.NEAREST))
     durations = [ms_per_step] * (len(frames) - 1) + [1500]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    save_atomic(path, lambda f, fmt: frames[0].save(f, format=fmt, save_all=True, append_images=frames[1:], duration=durations, loop=0))
     return Path(path)
 
 
@@ -98,7 +112,7 @@ def attention_figure(trajectory: dict, path, data: Optional[torch.Tensor] = None
                     ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False, edgecolor=colour, linewidth=1))
     fig.suptitle("read (red) and write (green) windows", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_atomic(path, lambda f, fmt: fig.savefig(f, format=fmt, dpi=100))
     plt.close(fig)
     return Path(path)
 

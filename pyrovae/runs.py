@@ -27,6 +27,7 @@ except ImportError:  # Windows: no advisory locks; the folder is not protected a
     fcntl = None
 
 LOCK = ".lock"
+READERS = ".readers"
 REPLACED = ".replaced"
 #: what a run writes into its folder (all of it is moved aside by --overwrite)
 RUN_FILES = ("config.json", "metrics.jsonl", "evaluation.json", "samples.png", "reconstructions.png", "latent.png", "manifold.png", "vocab.json", "checkpoints")
@@ -107,7 +108,8 @@ class RunLock:
         self.held = True
         try:
             settle(self.run_dir)
-            remove_temporaries(self.run_dir)
+            if _no_readers(self.run_dir):  # an evaluate or sample writing beside the run: its temporaries are alive
+                remove_temporaries(self.run_dir)
         except BaseException:
             self.release()
             raise
@@ -131,6 +133,99 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# --- readers: evaluate and sample beside the run, never while --overwrite replaces it -----------------
+def _open_readers(run_dir: PathLike) -> Optional[int]:
+    """A descriptor of ``RUN/.readers`` (created if missing), or None in a folder where it cannot be opened."""
+    path = Path(run_dir) / READERS
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    for flags in (os.O_RDWR | os.O_CREAT | nofollow, os.O_RDONLY | nofollow):
+        try:
+            return os.open(path, flags, 0o644)
+        except OSError:
+            continue
+    return None
+
+
+def _no_readers(run_dir: PathLike) -> bool:
+    """True when no process holds a :class:`ReadLock` on ``run_dir`` (nor a :class:`ReplaceLock`)."""
+    if fcntl is None:
+        return True
+    fd = _open_readers(run_dir)
+    if fd is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # drops the trial lock
+
+
+class _ReadersLock:
+    shared = True
+
+    def __init__(self, run_dir: PathLike, what: str = "pyrovae evaluate"):
+        self.run_dir, self.what, self.fd = Path(run_dir), what, None
+
+    def acquire(self):
+        if self.fd is not None or fcntl is None:
+            return self
+        fd = _open_readers(self.run_dir)
+        if fd is None:  # a folder no one can write in: no one can replace the run in it either
+            return self
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 64).decode(errors="replace").strip()
+            os.close(fd)
+            raise RunFolderError(self._refusal(holder)) from e
+        if not self.shared:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            if not self.shared:
+                os.ftruncate(self.fd, 0)  # no stale process id
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class ReadLock(_ReadersLock):
+    """Shared lock of a command that reads a run and writes its outputs beside it (``pyrovae evaluate``, ``sample``):
+    any number of them at once, and beside training, but not while ``train --overwrite`` replaces the run
+    (:class:`ReplaceLock`), whose folder would get the old run's outputs."""
+
+    def _refusal(self, holder: str) -> str:
+        who = f"process {holder}" if holder.isdigit() else "another process"
+        return (
+            f"the run in {self.run_dir} is being replaced by 'pyrovae train --overwrite' ({who}); {self.what} would read the old run "
+            "and write its outputs into the new one's folder: wait until that training has finished, or pass another run folder"
+        )
+
+
+class ReplaceLock(_ReadersLock):
+    """Exclusive lock that ``train --overwrite`` holds from moving the old run aside until the new one is settled:
+    refused while an ``evaluate`` or ``sample`` (:class:`ReadLock`) reads the old run."""
+
+    shared = False
+
+    def _refusal(self, holder: str) -> str:
+        return (
+            f"run folder {self.run_dir} is being read by 'pyrovae evaluate' or 'pyrovae sample', which write their outputs "
+            "into it; --overwrite would mix them into the new run: wait for them to finish, or pass another --run-dir"
+        )
 
 
 def remove_temporaries(run_dir: PathLike) -> list[Path]:

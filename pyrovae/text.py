@@ -26,6 +26,7 @@ from typing import Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 import torch
 from pyro.infer.util import is_validation_enabled
 
+from pyrovae.checkpoint import atomic_write
 from pyrovae.data import DataError, PathLike, register_loader, resolve
 
 PAD, SOS, EOS, UNK = "<pad>", "<sos>", "<eos>", "<unk>"
@@ -454,8 +455,8 @@ def homotopy(z0: torch.Tensor, z1: torch.Tensor, steps: int = 5) -> torch.Tensor
 
 
 @torch.no_grad()
-def write_text_outputs(model, guide, data: Sentences, vocab: Vocab, run_dir: PathLike, num: int = 10, max_length: int = 40, seed: int = 0) -> dict:
-    """Write the text outputs of a sentence model into ``run_dir`` and return them:
+def write_text_outputs(model, guide, data: Sentences, vocab: Vocab, run_dir: PathLike, num: int = 10, max_length: int = 40, seed: int = 0, suffix: str = "") -> dict:
+    """Write the text outputs of a sentence model into ``run_dir`` (each atomically, named ``NAME{suffix}.txt``) and return them:
 
     - ``reconstructions.txt``: ``num`` test sentences and their greedy decoding from the posterior mean;
     - ``samples.txt``: decodings of ``num`` codes z ~ p(z), greedy and sampled (one per code);
@@ -497,5 +498,6 @@ def write_text_outputs(model, guide, data: Sentences, vocab: Vocab, run_dir: Pat
         for p, mode in zip(programs, modes):
             p.train(mode)
     for name, items in out.items():
-        (run_dir / f"{name}.txt").write_text("\n\n".join(items) + "\n", encoding="utf-8")
+        text = ("\n\n".join(items) + "\n").encode("utf-8")
+        atomic_write(run_dir / f"{name}{suffix}.txt", lambda f: f.write(text))
     return out

@@ -179,7 +179,7 @@ def test_cli_trains_and_evaluates_a_planar_flow_guide(data_root, tmp_path):
     assert record["epoch"] == 1 and math.isfinite(record["valid_elbo"])
     # the run folder rebuilds the flow guide from its config and loads the weights
     assert main(["evaluate", str(run), "-k", "10", "--limit", "10", *common]) == 0
-    assert json.loads((run / "evaluation.json").read_text())["num_test"] == 10
+    assert json.loads((run / "evaluation-limit10.json").read_text())["num_test"] == 10  # named by its limit, beside the run's own
 
 
 def test_cli_reports_a_flow_without_inverse_for_the_variance_loss(data_root, tmp_path, capsys):

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -88,11 +89,49 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def run_cli(tmp_path: Path, argv: list) -> subprocess.CompletedProcess:
-    """The CLI in a process of its own (tiny-test registered), one thread."""
+def cli_process(tmp_path: Path, argv: list, extra: str = "") -> subprocess.Popen:
+    """The CLI in a process of its own (tiny-test registered, one thread), with ``extra`` code run before ``main``."""
     script = tmp_path / "pyrovae_tiny.py"
-    script.write_text(CLI_SCRIPT)
-    return subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    script.write_text(CLI_SCRIPT.replace("from pyrovae.cli import main", extra + "\nfrom pyrovae.cli import main"))
+    return subprocess.Popen([sys.executable, str(script), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def run_cli(tmp_path: Path, argv: list, extra: str = "") -> tuple[int, str, str]:
+    p = cli_process(tmp_path, argv, extra)
+    out, err = p.communicate(timeout=300)
+    return p.returncode, out, err
+
+
+#: ``extra`` code that makes ``FUNCTION`` (``module:attribute.path``) touch ``MARKER`` and wait (at most 60 s) for ``MARKER.go``
+PAUSE = r"""
+import importlib, os, time
+from pathlib import Path
+_module, _path = "{function}".split(":")
+_module = importlib.import_module(_module)
+*_owners, _name = _path.split(".")
+for _owner in _owners:
+    _module = getattr(_module, _owner)
+_real = getattr(_module, _name)
+def _paused(*args, **kwargs):
+    Path("{marker}").touch()
+    deadline = time.monotonic() + 60
+    while not Path("{marker}.go").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return _real(*args, **kwargs)
+setattr(_module, _name, _paused)
+"""
+
+
+def paused_cli(tmp_path: Path, argv: list, function: str) -> tuple[subprocess.Popen, Path]:
+    """The CLI in a process of its own, paused on entering ``function`` until ``marker.go`` exists; returns it and
+    ``marker`` once the process has reached the pause."""
+    marker = tmp_path / "paused"
+    p = cli_process(tmp_path, argv, PAUSE.format(function=function, marker=marker))
+    deadline = time.monotonic() + 120
+    while not marker.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), p.communicate()[1]
+    return p, marker
 
 
 # ================================================================================================
@@ -134,3 +173,62 @@ def test_a_text_run_refuses_data_with_another_vocabulary(text_run, capsys):
     assert main(["sample", str(run), "-n", "3", "--device", "cpu", "--data-dir", str(ours)]) == 0
     words = set(capsys.readouterr().out.split()) - {"greedy:", "sampled:"}
     assert words <= {"apple", "banana", "cherry", "date", "elder", "fig", "<unk>"}, words
+
+
+# ================================================================================================
+# issue 26, item 2: outputs named by what produced them, written atomically, and a lock --overwrite respects
+
+
+def test_a_partial_evaluation_never_takes_the_full_evaluations_name(data_dir, finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path)
+    assert not (run / "evaluation.json").exists()
+    # a partial evaluation first: it must not take evaluation.json, which a full one started beside it would write
+    assert main(["evaluate", str(run), "-k", "2", "--limit", "10", "--device", "cpu", "--data-dir", str(data_dir)]) == 0
+    assert json.loads((run / "evaluation-limit10.json").read_text())["limit"] == 10
+    assert not (run / "evaluation.json").exists() and not (run / "samples.png").exists()
+    assert (run / "samples-limit10.png").is_file() and (run / "reconstructions-limit10.png").is_file()
+    # the last checkpoint's evaluation does not replace the best one's
+    assert main(["evaluate", str(run), "-k", "2", "--device", "cpu", "--data-dir", str(data_dir)]) == 0
+    best = (run / "evaluation.json").read_bytes()
+    assert main(["evaluate", str(run), "-k", "2", "--checkpoint", "last", "--device", "cpu", "--data-dir", str(data_dir)]) == 0
+    assert (run / "evaluation.json").read_bytes() == best and (run / "evaluation-last.json").is_file()
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_a_partial_text_evaluation_names_its_text_outputs(text_run, tmp_path, capsys):
+    run, ours, _ = text_run
+    run = copy_run(run, tmp_path)
+    assert main(["evaluate", str(run), "-k", "2", "--limit", "3", "--device", "cpu", "--data-dir", str(ours)]) == 0
+    assert (run / "evaluation-limit3.json").is_file() and (run / "samples-limit3.txt").read_text().strip()
+    assert not (run / "samples.txt").exists() and not (run / "evaluation.json").exists()
+    assert json.loads((run / "evaluation-limit3.json").read_text())["outputs"] == ["samples-limit3.txt"]
+
+
+def test_overwrite_waits_for_no_evaluation_and_evaluations_wait_for_no_overwrite(data_dir, finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path)
+    # an evaluate of the old run, paused before its log-likelihood: --overwrite is refused, and the folder unchanged
+    evaluate, marker = paused_cli(tmp_path, ["evaluate", str(run), "-k", "2", "--device", "cpu", "--data-dir", str(data_dir), "--no-progress"],
+                                  "pyrovae.distributed:log_likelihood")
+    try:
+        before = sorted(p.name for p in run.iterdir())
+        err = cli_error(capsys, train_args(data_dir, run, "--epochs", "1", "--overwrite"))
+        assert "being read by 'pyrovae evaluate' or 'pyrovae sample'" in err and "--overwrite" in err, err
+        assert sorted(p.name for p in run.iterdir()) == before and not (run / ".replaced").exists()
+    finally:
+        Path(f"{marker}.go").touch()
+        out, err = evaluate.communicate(timeout=120)
+    assert evaluate.returncode == 0, err
+    assert (run / "evaluation.json").is_file()
+    # a train --overwrite paused in its first epoch: evaluate and sample are refused, and write nothing
+    marker.unlink(), Path(f"{marker}.go").unlink()
+    train, marker = paused_cli(tmp_path, train_args(data_dir, run, "--epochs", "1", "--overwrite"), "pyrovae.train:Trainer.fit")
+    try:
+        for argv in (["evaluate", str(run), "-k", "2"], ["sample", str(run), "-n", "4"]):
+            err = cli_error(capsys, [*argv, "--device", "cpu", "--data-dir", str(data_dir)])
+            assert "being replaced by 'pyrovae train --overwrite'" in err and f"process {train.pid}" in err, err
+        assert not (run / "evaluation.json").exists() and not list(run.glob("samples*"))
+    finally:
+        Path(f"{marker}.go").touch()
+        out, err = train.communicate(timeout=120)
+    assert train.returncode == 0, err
+    assert sorted(p.name for p in run.iterdir() if p.name not in (".lock", ".readers")) == ["checkpoints", "config.json", "metrics.jsonl"]

@@ -63,7 +63,7 @@ def test_cli_train_evaluate_sample(data_root, tmp_path, capsys):
     assert record["epoch"] == 1 and math.isfinite(record["valid_elbo"])
 
     assert main(["evaluate", str(run), "-k", "10", "--limit", "30", "--data-dir", str(data_root), "--device", "cpu"]) == 0
-    assert json.loads((run / "evaluation.json").read_text())["num_test"] == 30
+    assert json.loads((run / "evaluation-limit30.json").read_text())["num_test"] == 30  # named by its limit, beside the run's own
 
     out = tmp_path / "s.png"
     assert main(["sample", str(run), "-n", "9", "--out", str(out), "--device", "cpu"]) == 0
