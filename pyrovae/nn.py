@@ -283,6 +283,21 @@ def dropout_neg_kl(log_alpha: torch.Tensor, approx: str = "molchanov") -> torch.
 
 
 ALPHA_SHAPES = ("layer", "unit", "weight")
+#: width of the bend below ``max_log_alpha`` where :func:`soft_clip` leaves the identity (in log alpha)
+CLIP_KNEE = 0.5
+
+
+def soft_clip(log_alpha: torch.Tensor, max_log_alpha: float, knee: float = CLIP_KNEE) -> torch.Tensor:
+    """``log_alpha`` bent to stay below ``max_log_alpha`` = m with a gradient everywhere (a hard clamp's is 0 above
+    m, so alpha = e^m was absorbing): the identity up to k = m - knee, then ``m - knee exp(-(x - k) / knee)``,
+    continuous with its slope at k and increasing."""
+    k = max_log_alpha - knee
+    return torch.where(log_alpha > k, max_log_alpha - knee * torch.exp(-(log_alpha.clamp(min=k) - k) / knee), log_alpha)
+
+
+def _soft_clip_inverse(value: float, max_log_alpha: float, knee: float = CLIP_KNEE) -> float:
+    k = max_log_alpha - knee
+    return value if value <= k else k - knee * math.log((max_log_alpha - value) / knee)
 
 
 class VariationalDropoutLinear(nn.Module):
@@ -299,6 +314,10 @@ class VariationalDropoutLinear(nn.Module):
     variant B only). :meth:`kl` is the sum over weights of ``KL(alpha)`` (:func:`dropout_neg_kl`); with variant
     A an input unit's noise scales ``out_features`` weights, which count once each, as in KSW15 section 3.3.
     Add ``-kl()`` to the model's log-density (``pyro.factor``), see :func:`add_dropout_kl`.
+
+    log alpha is kept below ``max_log_alpha`` (KSW15 clip alpha at 1) by :func:`soft_clip` of the parameter
+    ``log_alpha``: the identity below ``max_log_alpha - 0.5`` and a smooth bend above it, so that the gradient
+    can bring alpha back down (``init_alpha`` is the alpha it starts at).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, variant: str = "A", alpha_shape: str = "unit",
@@ -312,15 +331,18 @@ class VariationalDropoutLinear(nn.Module):
             raise ValueError("alpha_shape='weight' needs variant='B' (variant A has one noise per input unit); use alpha_shape='unit'")
         if not init_alpha > 0:
             raise ValueError(f"init_alpha={init_alpha!r} must be positive (the initial noise variance)")
+        if not math.log(init_alpha) < max_log_alpha:
+            raise ValueError(f"init_alpha={init_alpha!r} must be below exp(max_log_alpha) = {math.exp(max_log_alpha):.4g}; lower it or raise max_log_alpha")
         dropout_neg_kl(torch.zeros(1), approx)  # validates the name
         self.in_features, self.out_features, self.variant, self.alpha_shape, self.approx = in_features, out_features, variant, alpha_shape, approx
         self.max_log_alpha = float(max_log_alpha)
         self.linear = nn.Linear(in_features, out_features, bias=bias)
         shape = {"layer": (), "unit": (in_features,), "weight": (out_features, in_features)}[alpha_shape]
-        self.log_alpha = nn.Parameter(torch.full(shape, math.log(init_alpha)))
+        self.log_alpha = nn.Parameter(torch.full(shape, _soft_clip_inverse(math.log(init_alpha), self.max_log_alpha)))
 
     def clipped_log_alpha(self) -> torch.Tensor:
-        return self.log_alpha.clamp(max=self.max_log_alpha)
+        """The log alpha the layer uses: :func:`soft_clip` of the parameter ``log_alpha``."""
+        return soft_clip(self.log_alpha, self.max_log_alpha)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:

@@ -220,11 +220,51 @@ def test_variational_dropout_output_moments(variant):
     a = torch.randn(1, 4)
     with torch.no_grad():
         out = layer(a.repeat(S, 1))
-    w, alpha = layer.linear.weight.detach(), layer.log_alpha.exp().detach()
+    w, alpha = layer.linear.weight.detach(), layer.clipped_log_alpha().exp().detach()
     mean_true = (layer.linear(a)).detach()[0]
     var_true = ((a * a * alpha) @ (w * w).T)[0]
     assert ((out.mean(0) - mean_true).abs() <= Z * (var_true / S).sqrt()).all()
     assert ((out.var(0) - var_true).abs() <= Z * var_true * math.sqrt(2 / (S - 1))).all()
+
+
+def test_alpha_clip_is_smooth_and_keeps_init_alpha():
+    from pyrovae.nn import soft_clip
+
+    m, knee = 0.0, 0.5
+    x = torch.linspace(-3, 6, 2001, dtype=torch.float64, requires_grad=True)
+    y = soft_clip(x, m, knee)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    below = x.detach() <= m - knee
+    assert torch.equal(y[below], x[below]) and (y < m).all() and (g > 0).all()
+    assert (y.diff() > 0).all() and g.diff().abs().max() < 0.01  # increasing, slope continuous (step 0.0045)
+    for a in (0.1, 0.5, 0.9, 0.99):  # in the bend too
+        layer = VariationalDropoutLinear(3, 2, init_alpha=a)
+        assert abs(float(layer.clipped_log_alpha().detach().exp().mean()) - a) < 1e-6
+    with pytest.raises(ValueError, match="init_alpha"):
+        VariationalDropoutLinear(3, 2, init_alpha=1.0)
+
+
+@pytest.mark.parametrize("variant", ["A", "B"])
+def test_alpha_above_the_clip_gets_a_gradient_and_comes_back(variant):
+    # alpha = 1 used to be absorbing: the clamp's gradient is 0 above it. The noise's squared error, minimised by
+    # alpha -> 0, must reach log_alpha from above the clip and bring alpha back below 1
+    torch.manual_seed(0)
+    layer = VariationalDropoutLinear(6, 4, variant=variant, alpha_shape="layer")
+    x = torch.randn(256, 6)
+    with torch.no_grad():
+        layer.log_alpha.fill_(1.0)
+    assert float(layer.clipped_log_alpha().detach().exp()) > 0.9
+
+    def loss():
+        return (layer(x) - layer.linear(x).detach()).pow(2).mean()
+    (g,) = torch.autograd.grad(loss(), layer.log_alpha)
+    assert float(g) > 0  # d loss / d log_alpha: alpha should go down
+    opt = torch.optim.Adam([layer.log_alpha], lr=0.1)
+    for _ in range(50):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    assert float(layer.clipped_log_alpha().detach().exp()) < 0.5
 
 
 def test_dropout_kl_counts_every_weight():
