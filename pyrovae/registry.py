@@ -364,33 +364,33 @@ def default_guide(model: str) -> str:
 
 
 def _objective_entries() -> dict[str, Entry]:
-    from pyrovae.objectives import GECO, IWAE, ELBO, BetaELBO, LogVarianceLoss, Renyi, VarianceLoss
-    from pyrovae.sequence_objectives import AnnealedELBO, TokenGECO
+    """An :class:`Entry` for every objective of :data:`pyrovae.objectives.OBJECTIVES` (the one list of names), with
+    the options declared here (``--num-particles`` alone where none are)."""
+    from pyrovae.objectives import OBJECTIVES as CLASSES
 
     schedule = (BETA, BETA_SCHEDULE, WARMUP_STEPS, CYCLE_STEPS)
-    return {
-        "elbo": Entry(ELBO, (NUM_PARTICLES, Arg("--analytic-kl", action="store_true", group=OBJECTIVE_GROUP, help="closed-form KL in the ELBO (mean-field guides; default off)"))),
-        "iwae": Entry(IWAE, (NUM_PARTICLES, ESTIMATOR)),
-        "renyi": Entry(Renyi, (NUM_PARTICLES, Arg("--alpha", type=float, group=OBJECTIVE_GROUP, help="Renyi alpha (default 0.5)"), ESTIMATOR)),
-        "variance": Entry(VarianceLoss, (NUM_PARTICLES,)),
-        "logvariance": Entry(LogVarianceLoss, (NUM_PARTICLES,)),
-        "beta": Entry(BetaELBO, (NUM_PARTICLES, *schedule)),
-        "geco": Entry(GECO, (
+    options = {
+        "elbo": (NUM_PARTICLES, Arg("--analytic-kl", action="store_true", group=OBJECTIVE_GROUP, help="closed-form KL in the ELBO (mean-field guides; default off)")),
+        "iwae": (NUM_PARTICLES, ESTIMATOR),
+        "renyi": (NUM_PARTICLES, Arg("--alpha", type=float, group=OBJECTIVE_GROUP, help="Renyi alpha (default 0.5)"), ESTIMATOR),
+        "beta": (NUM_PARTICLES, *schedule),
+        "geco": (
             NUM_PARTICLES,
             Arg("--constraint", choices=("RE", "pNCC"), group=OBJECTIVE_GROUP, help="GECO constraint (default RE; FRE/CLA need Python callables)"),
             TOLERANCE, GECO_ALPHA, GECO_NU,
             Arg("--geco-multiplier-step", choices=("paper", "clamped"), param="multiplier_step", group=OBJECTIVE_GROUP,
                 help="GECO multiplier update: the paper's lambda*exp(nu*C_ma), or its step clamped to +-(1-alpha) (default paper)"),
-        )),
-        "annealed": Entry(AnnealedELBO, (
-            NUM_PARTICLES, *schedule, Arg("--free-bits", type=float, group=TEXT_GROUP, help="free bits per latent dimension, nats (--objective annealed; default 0)"),
-        )),
-        "token-geco": Entry(TokenGECO, (NUM_PARTICLES, TOLERANCE, GECO_ALPHA, GECO_NU)),
+        ),
+        "annealed": (NUM_PARTICLES, *schedule, Arg("--free-bits", type=float, group=TEXT_GROUP, help="free bits per latent dimension, nats (--objective annealed; default 0)")),
+        "token-geco": (NUM_PARTICLES, TOLERANCE, GECO_ALPHA, GECO_NU),
     }
+    unknown = sorted(set(options) - set(CLASSES))
+    if unknown:
+        raise ValueError(f"options declared for objectives {unknown} that pyrovae.objectives.OBJECTIVES does not list; register them there")
+    return {name: Entry(CLASSES[name], options.get(name, (NUM_PARTICLES,))) for name in CLASSES}
 
 
-#: objective name -> :class:`Entry` of its class and options (:data:`pyrovae.objectives.OBJECTIVES` and the
-#: sequence objectives of :mod:`pyrovae.sequence_objectives`)
+#: objective name -> :class:`Entry` of its class and options, one for each name of :data:`pyrovae.objectives.OBJECTIVES`
 OBJECTIVES: dict[str, Entry] = _objective_entries()
 #: objective name -> class (read-only view kept for older code; register in :data:`OBJECTIVES`)
 ALL_OBJECTIVES: dict[str, type] = {name: e.build for name, e in OBJECTIVES.items()}

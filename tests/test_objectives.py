@@ -30,6 +30,7 @@ from pyrovae.objectives import (
     VarianceLoss,
     make_objective,
 )
+from pyrovae.sequence_objectives import AnnealedELBO, TokenGECO
 from pyrovae.train import Trainer
 
 DT = torch.float64
@@ -139,6 +140,7 @@ BOUNDS_AT_POSTERIOR = [
     pytest.param(lambda: Renyi(alpha=0.5, num_particles=7), id="renyi-0.5"),
     pytest.param(lambda: Renyi(alpha=-1.0, num_particles=7), id="renyi--1"),
     pytest.param(lambda: Renyi(alpha=1.0, num_particles=7), id="renyi-1"),
+    pytest.param(lambda: AnnealedELBO(beta=1.0, schedule="constant", num_particles=3), id="annealed-1"),
 ]
 
 
@@ -364,6 +366,7 @@ NO_LATENT = [
     pytest.param(lambda: Renyi(alpha=0.5, num_particles=5), "elbo", id="renyi"),
     pytest.param(lambda: VarianceLoss(num_particles=4), "zero", id="variance"),
     pytest.param(lambda: LogVarianceLoss(num_particles=4), "zero-value-elbo-gradient", id="logvariance"),
+    pytest.param(lambda: AnnealedELBO(beta=1.0, schedule="logistic", warmup_steps=100), "elbo", id="annealed-warmup"),
 ]
 
 
@@ -590,7 +593,8 @@ def test_training_decreases_the_loss_through_trainer(make):
 
 def test_every_registered_objective_is_covered_by_the_exact_cases():
     # a new registry entry must come with exact cases: q = the posterior, or no latents (GECO: lambda * C there)
-    exact = {type(p.values[0]()) for p in (*BOUNDS_AT_POSTERIOR, *NO_LATENT)} | {GECO}
+    # (TokenGECO: its loss is the NLL per token for a model without latents, tests/test_text.py::test_language_model_loss_is_its_log_likelihood_under_every_objective)
+    exact = {type(p.values[0]()) for p in (*BOUNDS_AT_POSTERIOR, *NO_LATENT)} | {GECO, TokenGECO}
     missing = sorted(name for name, cls in OBJECTIVES.items() if not any(issubclass(c, cls) and c.estimate is cls.estimate for c in exact))
     assert not missing, f"registered objectives without an exact test case: {missing}"
 
