@@ -50,8 +50,12 @@ def filterbank(centre: torch.Tensor, delta: torch.Tensor, sigma2: torch.Tensor, 
 def window(raw: torch.Tensor, height: int, width: int, size: int) -> Window:
     """The window of a linear layer's 5 outputs ``[*, 5]`` = (g~X, g~Y, log sigma^2, log delta~, log gamma).
 
-    g = (L - 1) / 2 (g~ + 1) maps g~ in [-1, 1] onto the image, delta = (max(H, W) - 1) / (N - 1) delta~ so
-    that delta~ = 1 spans the image (the paper's scalings, in 0-based pixel coordinates)."""
+    Centres g = (L - 1) / 2 (g~ + 1) (L = W for g_X, H for g_Y), in 0-based pixel coordinates: g~ = 0 is the
+    image's centre and g~ = +-1 its first and last pixel centres. The paper (eq. 22-23) has g = (L + 1) / 2 (g~ + 1)
+    in 1-based coordinates: the same centre at g~ = 0, but g~ = +-1 lands one pixel outside the image (0 and L + 1),
+    a (L + 1) / (L - 1) larger scale of g~. As g~ is an unconstrained linear output, the two are the same family
+    of windows (the layer's g~ weights rescaled); this one is kept so that trained runs keep their meaning. The
+    stride is the paper's (eq. 24): delta = (max(H, W) - 1) / (N - 1) delta~, so delta~ = 1 spans the image."""
     gx_, gy_, log_sigma2, log_delta, log_gamma = raw.unbind(-1)
     gx = (width - 1) / 2 * (gx_ + 1)
     gy = (height - 1) / 2 * (gy_ + 1)

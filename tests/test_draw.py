@@ -89,6 +89,18 @@ def test_window_parameters_of_zero_outputs_cover_the_image():
     torch.testing.assert_close(w.fy[0], torch.eye(9), atol=1e-6, rtol=0)
 
 
+def test_window_centres_are_the_documented_scaling_not_the_papers():
+    # what window()'s docstring states: g = (L - 1)/2 (g~ + 1) in 0-based pixels (g~ = -1, 0, 1 -> 0, (L-1)/2, L-1),
+    # on a non-square image; the paper's (L + 1)/2 (g~ + 1) in 1-based pixels would give -1, (L-1)/2, L (0-based)
+    height, width = 9, 13
+    raw = torch.tensor([[-1.0, -1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0, 0.0]])
+    w = window(raw, height, width, 3)
+    torch.testing.assert_close(w.gx, torch.tensor([0.0, (width - 1) / 2, width - 1]))
+    torch.testing.assert_close(w.gy, torch.tensor([0.0, (height - 1) / 2, height - 1]))
+    torch.testing.assert_close(w.delta, torch.full((3,), (max(height, width) - 1) / 2))  # the paper's stride, eq. 24
+    assert "(L - 1) / 2 (g~ + 1)" in window.__doc__ and "(L + 1) / 2 (g~ + 1)" in window.__doc__
+
+
 def test_writing_a_patch_then_reading_the_same_window_returns_it():
     patch = torch.randn(2, 1, 3, 3)
     w = _window(12, 10, 3, gx=4.0, gy=6.0, delta=2.0, sigma2=0.01, gamma=2.5)
