@@ -156,6 +156,13 @@ def _z_dims(cfg: dict) -> tuple[int, ...]:
     return tuple(cfg.get("z_dims") or (50,))
 
 
+def _given(cfg: dict, key: str, default):
+    """``cfg[key]``, or ``default`` when the option was not given (None): a given 0 stays 0, for the model to accept
+    or refuse (``cfg.get(key) or default`` would silently replace it while config.json records 0)."""
+    value = cfg.get(key)
+    return default if value is None else value
+
+
 def _hidden(cfg: dict):
     return cfg.get("hidden")  # None: the IWAE paper's sizes
 
@@ -165,7 +172,7 @@ def _vae(cfg: dict, x_shape) -> nn.Module:
 
     return VAE(
         x_shape, _z_dims(cfg), _hidden(cfg), cfg.get("likelihood", "bernoulli"), cfg.get("scale"), cfg.get("arch", "mlp"),
-        cfg.get("activation", "tanh"), cfg.get("prior_flow"), cfg.get("prior_flow_length") or 2,
+        cfg.get("activation", "tanh"), cfg.get("prior_flow"), _given(cfg, "prior_flow_length", 2),
     )
 
 
@@ -212,8 +219,8 @@ def _text_sizes(cfg: dict, x_shape) -> dict:
     """Sizes of the text models: ``x_shape`` is ``(vocab size,)`` (:class:`pyrovae.text.TextSplits`)."""
     hidden = _hidden(cfg)
     return {
-        "vocab_size": x_shape[0], "embed_dim": cfg.get("embed_dim") or 353, "hidden_dim": hidden[0][0] if hidden else 191,
-        "num_layers": cfg.get("rnn_layers") or 1, "rnn": cfg.get("rnn") or "lstm",
+        "vocab_size": x_shape[0], "embed_dim": _given(cfg, "embed_dim", 353), "hidden_dim": hidden[0][0] if hidden else 191,
+        "num_layers": _given(cfg, "rnn_layers", 1), "rnn": cfg.get("rnn") or "lstm",
     }
 
 
@@ -254,7 +261,7 @@ def _bayes_vae(cfg: dict, x_shape) -> nn.Module:
     z_dim, hidden = _one_layer(cfg, "model='bayes_vae'")
     return BayesVAE(
         x_shape, z_dim, hidden, cfg.get("likelihood", "bernoulli"), cfg.get("scale"), cfg.get("activation", "tanh"),
-        bool(cfg.get("bayesian_decoder")), cfg.get("prior_scale") or 1.0, cfg.get("decoder_dropout"), cfg.get("num_data"),
+        bool(cfg.get("bayesian_decoder")), _given(cfg, "prior_scale", 1.0), cfg.get("decoder_dropout"), cfg.get("num_data"),
         bool(cfg.get("local_reparam")),
     )
 
@@ -274,8 +281,8 @@ def _draw(cfg: dict, x_shape) -> nn.Module:
     from pyrovae.models import DRAW
 
     return DRAW(
-        x_shape, cfg.get("draw_steps") or 64, cfg.get("draw_z") or 100, cfg.get("lstm_size") or 256, bool(cfg.get("attention")),
-        cfg.get("read_size") or 2, cfg.get("write_size") or 5, cfg.get("likelihood", "bernoulli"), cfg.get("scale"),
+        x_shape, _given(cfg, "draw_steps", 64), _given(cfg, "draw_z", 100), _given(cfg, "lstm_size", 256), bool(cfg.get("attention")),
+        _given(cfg, "read_size", 2), _given(cfg, "write_size", 5), cfg.get("likelihood", "bernoulli"), cfg.get("scale"),
     )
 
 
@@ -285,7 +292,7 @@ def _convdraw(cfg: dict, x_shape) -> nn.Module:
 
     ctx = _context_shape(cfg)  # a conditional data set (mnist-sum, ...) gets the conditional ConvDRAW
     cls, extra = (ConvDRAW, {}) if ctx is None else (ConditionalConvDRAW, {"context_shape": ctx})
-    return cls(x_shape, cfg.get("draw_steps") or 8, cfg.get("draw_z") or 4, cfg.get("lstm_size") or 32, likelihood=cfg.get("likelihood", "bernoulli"), scale=cfg.get("scale"), **extra)
+    return cls(x_shape, _given(cfg, "draw_steps", 8), _given(cfg, "draw_z", 4), _given(cfg, "lstm_size", 32), likelihood=cfg.get("likelihood", "bernoulli"), scale=cfg.get("scale"), **extra)
 
 
 def _context_shape(cfg: dict):

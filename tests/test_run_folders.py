@@ -232,3 +232,45 @@ def test_overwrite_waits_for_no_evaluation_and_evaluations_wait_for_no_overwrite
         out, err = train.communicate(timeout=120)
     assert train.returncode == 0, err
     assert sorted(p.name for p in run.iterdir() if p.name not in (".lock", ".readers")) == ["checkpoints", "config.json", "metrics.jsonl"]
+
+
+# ================================================================================================
+# issue 26, item 3: --prior-scale 0 is refused, not replaced by 1 while config.json records 0
+
+
+def test_prior_scale_zero_is_refused_naming_the_flag(data_dir, tmp_path, capsys):
+    bayes = ["--model", "bayes_vae", "--guide", "bayes_gaussian", "--bayesian-decoder", "--epochs", "1"]
+    err = cli_error(capsys, train_args(data_dir, tmp_path / "run", *bayes, "--prior-scale", "0"))
+    assert "--prior-scale 0" in err and "positive" in err, err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # a scale that is given is the one used (and the one recorded)
+    from pyrovae.cli import load_run
+
+    assert main(train_args(data_dir, tmp_path / "ok", *bayes, "--prior-scale", "0.5")) == 0
+    run = load_run(tmp_path / "ok", "cpu")
+    assert run.config["prior_scale"] == 0.5
+    assert {m.prior_scale for m in run.model.modules() if hasattr(m, "prior_scale")} == {0.5}
+
+
+# ================================================================================================
+# issue 26, item 4: Trainer.fit checks the validation data before the first step
+
+
+@pytest.mark.parametrize("valid, message", [
+    (torch.rand(10, D_X + 3), "shape"),
+    (torch.rand(10, D_X).double(), "dtype"),
+    ((torch.rand(10, D_X), torch.rand(10, D_X)), r"2 tensor\(s\)"),
+])
+def test_fit_refuses_validation_data_unlike_the_training_data_before_the_first_step(valid, message, tmp_path):
+    from pyrovae.guides import GaussianEncoder
+    from pyrovae.models import VAE
+    from pyrovae.objectives import ELBO
+    from pyrovae.train import Trainer
+
+    steps = []
+    trainer = Trainer(VAE((D_X,), (2,), hidden=((16,),)), GaussianEncoder((D_X,), (2,), hidden=((16,),)), ELBO(), run_dir=tmp_path / "run", progress=False)
+    real_step = trainer.step
+    trainer.step = lambda *batch: steps.append(1) or real_step(*batch)
+    with pytest.raises((ValueError, TypeError), match=message) as e:
+        trainer.fit(torch.rand(40, D_X), epochs=1, batch_size=10, valid=valid)
+    assert "valid" in str(e.value) and not steps and not (tmp_path / "run" / "checkpoints").exists()
