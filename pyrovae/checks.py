@@ -66,6 +66,29 @@ def _first_tensor(data):
     return data[0] if isinstance(data, (tuple, list)) and data else data
 
 
+def check_valid_data(train: tuple, valid: tuple, *programs) -> None:
+    """Raise ``TypeError``/``ValueError`` when validation data is not like the training data (tuples of tensors, as
+    ``as_inputs`` makes them): another number of tensors, another dtype or number of dimensions, or examples of
+    another shape than the programs' ``x_shape``. Checked before the first step, not after an epoch's training."""
+    if len(valid) != len(train):
+        raise ValueError(
+            f"valid has {len(valid)} tensor(s) but the training data has {len(train)}: pass valid as the same kind of "
+            f"tuple as train (e.g. (x, y) for both)"
+        )
+    for i, (t, v) in enumerate(zip(train, valid)):
+        which = "valid" if len(valid) == 1 else f"valid[{i}]"
+        if v.dtype != t.dtype:
+            raise TypeError(f"{which} has dtype {v.dtype} but the training data has {t.dtype}: convert it, e.g. valid.to({t.dtype})")
+        if v.dim() != t.dim():
+            raise ValueError(f"{which} has shape {tuple(v.shape)} but the training data {tuple(t.shape)}: pass validation examples of the training examples' shape")
+        if v.device != t.device:
+            raise ValueError(f"{which} is on {v.device} but the training data on {t.device}: move it, e.g. valid.to({str(t.device)!r})")
+    try:
+        check_data_shape(valid[0][:1], *programs)
+    except ValueError as e:
+        raise ValueError(f"valid: {e}") from None
+
+
 def check_fit_data(model, train, valid=None) -> None:
     """Raise ``TypeError``/``ValueError`` for training (or validation) data a model cannot learn from: not a
     floating-point tensor, NaN/inf values, or values outside [0, 1] when the model's likelihood needs them

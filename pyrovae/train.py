@@ -29,7 +29,7 @@ from pyrovae.engine import LogWeightEngine
 from pyrovae.objectives.base import Objective
 from pyrovae import distributed, runs
 from pyrovae.checkpoint import save_checkpoint  # looked up here by Trainer.save (tests replace pyrovae.train.save_checkpoint)
-from pyrovae.checks import check_data_shape, check_fit_data, check_sites  # noqa: F401  (re-exported)
+from pyrovae.checks import check_data_shape, check_fit_data, check_sites, check_valid_data  # noqa: F401  (re-exported)
 from pyrovae.data import Batches, as_inputs
 from pyrovae.divergence import POLICIES, DivergenceError, Rollback, Snapshot, nonfinite_sites  # noqa: F401  (re-exported)
 from pyrovae.resume import Cursor, TrainingInterrupted, interrupt, run_folder, stop_signals  # noqa: F401  (re-exported)
@@ -310,6 +310,22 @@ class Trainer:
         # distributed: each rank evaluates its shard, the mean is reduced
         return distributed.sharded_mean(lambda part: elbo_terms(self.model, self.guide, part, batch_size=batch_size, engine=self._valid_engine)["elbo"], valid)
 
+    @torch.no_grad()
+    def _check_valid(self, train: tuple, valid: tuple) -> None:
+        """Refuse validation data the epoch's end could not evaluate, now rather than after an epoch of training:
+        unlike the training data (:func:`check_valid_data`), or failing on two examples (the random state is kept,
+        so that a resumed run goes on as if never stopped)."""
+        from pyrovae.evaluate import elbo_terms
+
+        check_valid_data(train, valid, self.model, self.guide)
+        rng = get_rng_state()
+        try:
+            elbo_terms(self.model, self.guide, tuple(v[:2] for v in valid), batch_size=2)
+        except (RuntimeError, TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"valid does not run through the model and guide ({type(e).__name__}: {e}); pass validation data like the training data") from e
+        finally:
+            set_rng_state(rng)
+
     def fit(
         self,
         train: Union[torch.Tensor, tuple],
@@ -363,6 +379,8 @@ class Trainer:
             self.setup(*batch(Cursor(perm=torch.arange(min(n, batch_size), device=train[0].device))))
         else:
             check_data_shape(train[0][:1], self.model, self.guide)
+        if valid is not None and valid[0].shape[0] > 0:
+            self._check_valid(train, valid)
         runs.check_cursor(self.cursor.perm, self.cursor.pos, n, num_batches)
         self.epochs, self.num_batches, self.batch_size = int(epochs), num_batches, int(batch_size)
         self.stop_training = False
