@@ -29,7 +29,8 @@ except ImportError:  # Windows: no advisory locks; the folder is not protected a
 LOCK = ".lock"
 READERS = ".readers"
 REPLACED = ".replaced"
-#: what a run writes into its folder (all of it is moved aside by --overwrite)
+KEPT = ".kept.json"  # in REPLACED: the entries of the folder that --overwrite left in place
+#: what a run writes into its folder under fixed names (--overwrite moves every entry of a run folder aside)
 RUN_FILES = ("config.json", "metrics.jsonl", "evaluation.json", "samples.png", "reconstructions.png", "latent.png", "manifold.png", "vocab.json", "checkpoints")
 
 PathLike = Union[str, Path]
@@ -323,10 +324,12 @@ def set_aside(run_dir: PathLike) -> Optional[Path]:
     aside = run_dir / REPLACED
     if aside.exists():  # left by an earlier failed attempt and not settled (settle runs when the lock is taken)
         shutil.rmtree(aside)
-    names = [n for n in RUN_FILES if os.path.lexists(run_dir / n)]
+    names = _run_entries(run_dir)
     if not names:
         return None
     aside.mkdir()
+    kept = sorted(set(_run_entries(run_dir, every=True)) - set(names))  # not the run's: left alone by settle too
+    atomic_write(aside / KEPT, lambda f: f.write(json.dumps(kept).encode()))
     for name in names:
         os.replace(run_dir / name, aside / name)
     return aside
@@ -342,16 +345,34 @@ def settle(run_dir: PathLike) -> Optional[str]:
     if (run_dir / "checkpoints" / "last.pt").exists():
         shutil.rmtree(aside)
         return "replaced"
-    for name in RUN_FILES:
+    try:
+        kept = set(json.loads((aside / KEPT).read_text()))
+    except (OSError, ValueError, TypeError):  # set aside by an older version: it moved the known names only
+        kept = set(_run_entries(run_dir, every=True)) - set(RUN_FILES)
+    for name in _run_entries(run_dir, every=True):  # what the new run wrote
         new = run_dir / name
+        if name in kept:
+            continue
         if new.is_dir() and not new.is_symlink():
             shutil.rmtree(new)
-        elif os.path.lexists(new):
+        else:
             new.unlink()
-        if os.path.lexists(aside / name):
-            os.replace(aside / name, new)
+    for old in aside.iterdir():
+        if old.name != KEPT:
+            os.replace(old, run_dir / old.name)
+    (aside / KEPT).unlink(missing_ok=True)
     aside.rmdir()
     return "restored"
+
+
+def _run_entries(run_dir: Path, every: bool = False) -> list[str]:
+    """What ``--overwrite`` moves aside: every entry of a folder that holds a run (config.json, checkpoints/ or
+    metrics.jsonl: its evaluations, pictures, text outputs and whatever else it wrote), the known names of
+    :data:`RUN_FILES` otherwise (``every``: every entry); never the locks or the folder set aside."""
+    names = sorted(n for n in os.listdir(run_dir) if n not in (LOCK, READERS, REPLACED))
+    if every or any(n in names for n in ("config.json", "checkpoints", "metrics.jsonl")):
+        return names
+    return [n for n in names if n in RUN_FILES]
 
 
 # --- checkpoint contents ----------------------------------------------------------------------------

@@ -274,3 +274,29 @@ def test_fit_refuses_validation_data_unlike_the_training_data_before_the_first_s
     with pytest.raises((ValueError, TypeError), match=message) as e:
         trainer.fit(torch.rand(40, D_X), epochs=1, batch_size=10, valid=valid)
     assert "valid" in str(e.value) and not steps and not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ================================================================================================
+# issue 28, item 1: train --overwrite moves every output of the old run, not only the known names
+
+
+def _entries(run: Path) -> dict:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name not in (".lock", ".readers")}
+
+
+def test_overwrite_replaces_every_output_of_the_old_run(data_dir, finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path)
+    for name in ("evaluation.json", "evaluation-limit5.json", "samples-limit5.png", "samples-seed1-n4.png", "samples.txt",
+                 "homotopies-limit3.txt", "draw_generation-samples-seed0-n64.gif", "notes.md"):
+        (run / name).write_bytes(b"old " + name.encode())
+    (run / "tb").mkdir()
+    (run / "tb" / "events.out").write_bytes(b"old events")
+    old = _entries(run)
+    # a new run that diverges before its first checkpoint: the old run comes back whole
+    code, _, err = run_cli(tmp_path, train_args(data_dir, run, "--epochs", "1", "--overwrite", "--activation", "relu", "--lr", "1e20"))
+    assert code == 3, err
+    assert _entries(run) == old and not (run / ".replaced").exists()
+    # a new run that gets going: nothing of the old one is left beside it
+    code, _, err = run_cli(tmp_path, train_args(data_dir, run, "--epochs", "1", "--overwrite"))
+    assert code == 0, err
+    assert sorted(p.name for p in run.iterdir() if p.name not in (".lock", ".readers")) == ["checkpoints", "config.json", "metrics.jsonl"]
