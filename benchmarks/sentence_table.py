@@ -165,6 +165,19 @@ def fmt(x, nd=2):
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
+def ppl_note(entries: dict) -> str:
+    """What the PPL column counts. PPL = exp(sum NLL / sum tokens), so mean NLL / log PPL is the tokens per sentence."""
+    r = next(e["result"] for e in entries.values() if e)
+    tokens = r["nll"] / math.log(r["perplexity"])
+    lm = PAPER["LM"]
+    return (
+        f"- PPL: exp(total NLL / number of predicted tokens), counting each sentence's words and its `<eos>` ({tokens:.1f} tokens per "
+        f"sentence on these test sentences). The paper does not say what its PPL counts: its LM's NLL {lm['nll']:.0f} and PPL {lm['ppl']:.0f} "
+        f"imply {lm['nll'] / math.log(lm['ppl']):.1f} tokens per sentence, while at this count NLL {lm['nll']:.0f} is PPL "
+        f"{math.exp(lm['nll'] / tokens):.1f}. Compare the NLL with the paper's, not the PPL; the PPL column compares the rows here."
+    )
+
+
 def render(args, entries: dict, hw: dict, splits_info: str) -> str:
     pr = protocol(args)
     lines = [
@@ -201,7 +214,7 @@ def render(args, entries: dict, hw: dict, splits_info: str) -> str:
         f"- test NLL: -log p(x) per sentence, mean over the {pr['test_size']} test sentences; for the VAEs importance sampled with k = {k} samples of q "
         "(`pyrovae.text.evaluate_text`, which calls `pyrovae.evaluate.log_likelihood` per length bucket), exact for the LM (no latent variable). "
         "± (data): standard error over sentences. The same sentences for every row: differences between rows are paired.",
-        "- PPL: exp(total NLL / number of predicted tokens), `<eos>` included (the paper's convention for PTB).",
+        ppl_note(entries),
         "- KL: single-sample estimate of KL(q(z|x) || p(z)) per sentence on the same test sentences; active units: Cov_x(E_q[z_u|x]) > 0.01.",
         f"- paper rows: the LM row against the paper's LSTM LM, VAE+anneal+wdrop against the paper's VAE (annealing and word dropout). KL annealing here: "
         f"logistic, beta from 0.007 to 0.993 over the first {pr['warmup_fraction']:.0%} of the steps (`AnnealedELBO`); word dropout p = {pr['word_dropout']}.",
