@@ -201,6 +201,26 @@ def _changed_by_resume(args: argparse.Namespace, saved: dict) -> list[str]:
     return changed
 
 
+#: config keys that may differ between a run's config.json and its checkpoint: options --resume takes anew, and the
+#: folder its data was last found in
+_RESUME_MAY_CHANGE = {*RESUME_OVERRIDES, "data_found_in"}
+
+
+def _check_same_run(saved: dict, stored: Any, config_path: Path, checkpoint: Path) -> None:
+    """Refuse ``--resume`` when ``config.json`` no longer describes the run in the checkpoint (edited by hand: another
+    dataset, model, ...): the checkpoint's own copy of the configuration is compared with it, field by field."""
+    if not isinstance(stored, dict):  # checkpoints written without a configuration (the Python API): nothing to compare
+        return
+    plain = lambda v: json.loads(json.dumps(v, default=str))  # tuples as lists, as in config.json
+    differ = [k for k in sorted(set(saved) | set(stored)) if k not in _RESUME_MAY_CHANGE and plain(saved.get(k)) != plain(stored.get(k))]
+    if differ:
+        shown = "; ".join(f"{k}: {saved.get(k)!r} in config.json, {stored.get(k)!r} in the checkpoint" for k in differ[:8])
+        raise UsageError(
+            f"--resume: {config_path} does not describe the run in {checkpoint} ({shown}{'; ...' if len(differ) > 8 else ''}): it was edited "
+            "after the run started. Restore those fields, or start a new run with them (another --run-dir, or --overwrite)"
+        )
+
+
 def _prepare_run_dir(run_dir: Path, args: argparse.Namespace) -> Optional[dict]:
     """Check ``--resume`` / ``--overwrite`` against what ``run_dir`` holds; returns the saved config when resuming.
     Nothing is deleted here: ``--overwrite`` moves the old run aside only once the new one is known to be valid."""
@@ -215,6 +235,7 @@ def _prepare_run_dir(run_dir: Path, args: argparse.Namespace) -> Optional[dict]:
         saved = read_config(run_dir / "config.json")
         state = load_checkpoint(last)
         check_state(state, last)
+        _check_same_run(saved, state.get("config"), run_dir / "config.json", last)
         done, pos = state["cursor"]["epoch"], state["cursor"]["pos"]
         epochs = args.epochs if args.epochs is not None else saved.get("epochs", done)
         if state.get("finished") and epochs <= done:

@@ -300,3 +300,31 @@ def test_overwrite_replaces_every_output_of_the_old_run(data_dir, finished_run, 
     code, _, err = run_cli(tmp_path, train_args(data_dir, run, "--epochs", "1", "--overwrite"))
     assert code == 0, err
     assert sorted(p.name for p in run.iterdir() if p.name not in (".lock", ".readers")) == ["checkpoints", "config.json", "metrics.jsonl"]
+
+
+# ================================================================================================
+# issue 28, item 2: --resume refuses a config.json edited after the run started
+
+
+OTHER_DATASET = r"""
+from pyrovae.data import RawData, register_dataset
+
+@register_dataset("tiny-test-other", ["tiny.npz"])
+def read_other(folder):
+    z = np.load(folder / "tiny.npz")
+    return RawData(train=torch.from_numpy(z["train"]), test=torch.from_numpy(z["test"]))
+"""
+
+
+def test_resume_refuses_a_config_edited_to_other_data(data_dir, tmp_path):
+    shutil.copytree(data_dir / TINY, data_dir / "tiny-test-other", dirs_exist_ok=True)
+    run = tmp_path / "run"
+    code, _, err = run_cli(tmp_path, train_args(data_dir, run, "--epochs", "1"), OTHER_DATASET)
+    assert code == 0, err
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "dataset": "tiny-test-other", "lr": 0.5}))
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    code, _, err = run_cli(tmp_path, ["train", "--resume", "--epochs", "2", "--run-dir", str(run), "--data-dir", str(data_dir)], OTHER_DATASET)
+    assert code == 2 and "Traceback" not in err, err
+    assert "dataset: 'tiny-test-other' in config.json, 'tiny-test' in the checkpoint" in err and "lr: 0.5" in err, err
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
