@@ -26,22 +26,57 @@ from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
-from pyro.util import check_model_guide_match, check_site_shape
+from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
 
 from pyrovae.rng import get_rng_state, set_rng_state
 
 PARTICLE_PLATE = "num_particles_vectorized"
 
 
+@dataclass(frozen=True)
+class SiteTerm:
+    """One sample site's scaled log-density, kept with its plates so that a score-function estimator can sum it
+    to the plates of another site (Rao-Blackwellisation over conditionally independent terms, as in Pyro's
+    ``Trace_ELBO``).
+
+    Attributes:
+        part: the :class:`LogWeights` field it adds to (``log_px``, ``log_pz``, ``log_qz`` or their ``glob_``
+            forms).
+        frames: ``(name, dim)`` of the vectorised plates it sits in, the particle plate aside.
+        value: the log-density (scale and mask applied) reshaped to the full plate rank, particles at dim 0.
+    """
+
+    name: str
+    part: str
+    frames: frozenset
+    value: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ScoreSite:
+    """A guide site without a reparameterised sampler: its unscaled log q(z) (Pyro's ``score_function``: neither
+    scaled nor masked, since a masked or down-weighted z still shapes the terms that use its value), full rank."""
+
+    name: str
+    frames: frozenset
+    score: torch.Tensor
+
+
 @dataclass
 class TracePair:
     """One (model, guide) trace pair behind some of the particles of a :class:`LogWeights`, and ``reduce``:
-    ``(site, log_density=None) -> ([P', B] or None, [P'] or None)``, a site's term per datum or as a global."""
+    ``(site, log_density=None) -> ([P', B] or None, [P'] or None)``, a site's term per datum or as a global.
+    ``terms`` and ``scores`` keep every site's log-density and every non-reparameterised site's score function
+    with their plates; ``data_frame`` is the data plate's ``(name, dim)`` (None without one)."""
 
     model_trace: Trace
     guide_trace: Trace
     reduce: Callable
     num_particles: int
+    terms: tuple = ()
+    scores: tuple = ()
+    data_frame: Optional[tuple] = None
+    rank: int = 0
 
 
 @dataclass
@@ -49,9 +84,9 @@ class LogWeights:
     """Parts of the per-datum log weights: local parts ``[P, B]``, global parts ``[P]``.
 
     ``log_w = log_px + log_pz - log_qz`` per datum; ``glob = glob_px + glob_pz - glob_qz`` is the log weight of
-    the sites outside the data plate (global latents and observations), shared by the batch. ``score`` sums
-    ``log q`` of the guide's non-reparameterisable sites per datum (zero when every site is reparameterised),
-    ``glob_score`` that of such sites outside the data plate. ``pairs`` are the traces (one pair when the
+    the sites outside the data plate (global latents and observations), shared by the batch. ``score`` sums the
+    unscaled ``log q`` of the guide's non-reparameterisable sites per datum (zero when every site is
+    reparameterised), ``glob_score`` that of such sites outside the data plate. ``pairs`` are the traces (one pair when the
     particles were vectorised, one per particle otherwise).
     """
 
@@ -152,13 +187,15 @@ def _plate_size(trace: Trace, name: str, dim: int) -> int:
     return size
 
 
-def find_data_plate(model_trace: Trace, data_plate: Union[str, None, bool], batch_hint: Optional[int] = None) -> Optional[str]:
+def find_data_plate(model_trace: Trace, data_plate: Union[str, None, bool], batch_hint: Optional[int] = None, any_plate: bool = False) -> Optional[str]:
     """The name of the plate over data points.
 
     Args:
         model_trace: a trace of the model.
         data_plate: a plate name (used as given), ``None`` (find it), or ``False`` (the call is one data point).
         batch_hint: the leading dimension of the program's first tensor argument, if any.
+        any_plate: when several plates could be the data plate, take the first by name instead of refusing (for
+            a caller whose value does not depend on the choice, such as the ELBO summed over the batch).
     Raises:
         ValueError: when the plate cannot be found unambiguously, or a named plate does not exist.
     """
@@ -187,6 +224,8 @@ def find_data_plate(model_trace: Trace, data_plate: Union[str, None, bool], batc
     sized = [n for n, fs in plates.items() if batch_hint is not None and _plate_size(model_trace, n, fs[0].dim) == batch_hint]
     if len(sized) == 1:
         return sized[0]
+    if any_plate:
+        return sorted(sized or plates)[0]
     raise ValueError(
         f"cannot tell which plate indexes the data points: the observed sites sit in plates {sorted(plates)}"
         + (f", and {sorted(sized)} all span the batch's {batch_hint} rows" if len(sized) > 1 else "")
@@ -194,11 +233,41 @@ def find_data_plate(model_trace: Trace, data_plate: Union[str, None, bool], batc
     )
 
 
-def _split(lp: torch.Tensor, rank: int, data_dim: Optional[int], num_particles: int, batch: int):
-    """Reduce a site's batch-shaped log-density to ``([P, B], None)`` or ``(None, [P])``."""
+def full_rank(lp, rank: int) -> torch.Tensor:
+    """A batch-shaped log-density with singleton dims prepended up to ``rank`` (particles at dim 0)."""
     if not torch.is_tensor(lp):
         lp = torch.as_tensor(lp)
-    lp = lp.reshape((1,) * (rank - lp.dim()) + lp.shape)
+    return lp.reshape((1,) * (rank - lp.dim()) + lp.shape)
+
+
+def _check_plate_dims(name: str, value: torch.Tensor, frames: frozenset, rank: int) -> None:
+    """Refuse a log-density with a batch dimension that no plate of its site declares: the per-datum sums (and
+    the particles) would be read from the wrong dimension. Typical cause: a program that reduces over a plate's
+    dimension (``z.sum(-1)``) under vectorised particles, where the reduced tensor's particle dimension shifts
+    right."""
+    declared = {rank + dim for _, dim in frames} | {0}
+    stray = [d - rank for d in range(1, value.dim()) if value.shape[d] != 1 and d not in declared]
+    if stray:
+        raise ValueError(
+            f"site {name!r}: its log-density has shape {tuple(value.shape)}, with size {value.shape[rank + stray[0]]} at "
+            f"dim {stray[0]}, where none of its plates sits (its plates: {sorted(frames) or 'none'}). Put the site in the "
+            "plate of that dimension, move event dimensions into the distribution (.to_event), or keep reduced "
+            "dimensions (x.sum(-1, keepdim=True)) so that batch dimensions stay where the plates are; with "
+            "vectorised particles, vectorize_particles=False runs the program as written."
+        )
+
+
+def score_function(site) -> torch.Tensor:
+    """A guide site's score function: its unscaled, unmasked log q(z) (Pyro's ``ScoreParts.score_function``)."""
+    parts = site.get("score_parts")
+    if parts is None:
+        parts = site["fn"].score_parts(site["value"], *site["args"], **site["kwargs"])
+    return parts.score_function
+
+
+def _split(lp: torch.Tensor, rank: int, data_dim: Optional[int], num_particles: int, batch: int):
+    """Reduce a site's batch-shaped log-density to ``([P, B], None)`` or ``(None, [P])``."""
+    lp = full_rank(lp, rank)
     if data_dim is None:
         out = lp.reshape(lp.shape[0], -1).sum(-1)
         return None, out.expand(num_particles)
@@ -216,6 +285,7 @@ def log_weights_from_traces(
     max_plate_nesting: int,
     data_plate: Union[str, None, bool] = None,
     batch_hint: Optional[int] = None,
+    any_plate: bool = False,
 ) -> LogWeights:
     """Per-datum log-weight parts of a (model, guide) trace pair with ``log_prob`` computed.
 
@@ -226,8 +296,9 @@ def log_weights_from_traces(
         max_plate_nesting: the particle dimension included.
         data_plate: see :func:`find_data_plate`; a program without a data plate is one datum.
         batch_hint: the leading dimension of the program's first tensor argument.
+        any_plate: see :func:`find_data_plate`.
     """
-    name = find_data_plate(model_trace, data_plate, batch_hint)
+    name = find_data_plate(model_trace, data_plate, batch_hint, any_plate)
     frame_dim = None
     if name is not None:
         frame_dim = next(f.dim for s in model_trace.nodes.values() if s["type"] == "sample" for f in s["cond_indep_stack"] if f.name == name)
@@ -250,35 +321,49 @@ def log_weights_from_traces(
     def add(part, value):  # sums start from the first term: no zeros + term in the graph
         parts[part] = value if parts[part] is None else parts[part] + value
 
+    def frames(site) -> frozenset:
+        return frozenset((f.name, f.dim) for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE)
+
+    def term(site_name, site, part) -> SiteTerm:
+        value = full_rank(site["log_prob"], max_plate_nesting)
+        its = frames(site)
+        _check_plate_dims(site_name, value, its, max_plate_nesting)
+        return SiteTerm(site_name, part, its, value)
+
     global_latents, nonreparam, global_sites = [], [], []
+    terms, scores = [], []
     for site_name, site in model_trace.nodes.items():
         if site["type"] != "sample":
             continue
         local, g = reduce(site)
         observed = site["is_observed"]
+        part = ("log_px" if observed else "log_pz") if local is not None else ("glob_px" if observed else "glob_pz")
+        add(part, local if local is not None else g)
+        terms.append(term(site_name, site, part))
         if local is None:
-            add("glob_px" if observed else "glob_pz", g)
             global_sites.append(site_name)
-        else:
-            add("log_px" if observed else "log_pz", local)
     for site_name, site in guide_trace.nodes.items():
         if site["type"] != "sample":
             continue
         local, g = reduce(site)  # an observed guide site (a pyro.factor) counts as log q, as in Pyro's ELBOs
+        part = "log_qz" if local is not None else "glob_qz"
+        add(part, local if local is not None else g)
+        terms.append(term(site_name, site, part))
         if local is None:
-            add("glob_qz", g)
             global_sites.append(site_name)
             if not site["is_observed"]:
                 global_latents.append(site_name)
-        else:
-            add("log_qz", local)
         if not site["is_observed"] and not site["fn"].has_rsample:
             nonreparam.append(site_name)
+            score = score_function(site)
+            scores.append(ScoreSite(site_name, frames(site), full_rank(score, max_plate_nesting)))
+            local, g = reduce(site, score)
             add("score" if local is not None else "glob_score", local if local is not None else g)
     for part, value in parts.items():
         if value is None:
             parts[part] = zeros if not part.startswith("glob") else zeros[:, 0]
-    pair = TracePair(model_trace, guide_trace, reduce, num_particles)
+    data_frame = (name, frame_dim) if name is not None else None
+    pair = TracePair(model_trace, guide_trace, reduce, num_particles, tuple(terms), tuple(scores), data_frame, max_plate_nesting)
     return LogWeights(
         **parts, global_latents=tuple(global_latents), nonreparam_sites=tuple(nonreparam), global_sites=tuple(dict.fromkeys(global_sites)), pairs=[pair]
     )
@@ -340,6 +425,10 @@ class LogWeightEngine:
         #: the program's plate nesting plus the particle dimension (inf until guessed)
         self.max_plate_nesting = max_plate_nesting + 1 if math.isfinite(max_plate_nesting) else float("inf")
         self.data_plate = data_plate
+        #: take any candidate data plate when the program leaves it ambiguous (set by objectives whose value
+        #: does not depend on which plate indexes the data)
+        self.any_data_plate = False
+        self.warn_enumerated = True  # warn, as Trace_ELBO does, of guide sites marked for enumeration
         self.particle_mode = vectorize_particles
 
     def ensure_nesting(self, model, guide, args: tuple, kwargs: dict) -> None:
@@ -352,7 +441,9 @@ class LogWeightEngine:
         return pyro.plate(PARTICLE_PLATE, num, dim=-self.max_plate_nesting)(fn) if num > 1 else fn
 
     def _from_traces(self, model_trace, guide_trace, num: int, args) -> LogWeights:
-        return log_weights_from_traces(model_trace, guide_trace, num, self.max_plate_nesting, self.data_plate, _batch_hint(args))
+        if self.warn_enumerated and is_validation_enabled():
+            check_if_enumerated(guide_trace)  # Trace_ELBO's warning: these objectives sample every site
+        return log_weights_from_traces(model_trace, guide_trace, num, self.max_plate_nesting, self.data_plate, _batch_hint(args), self.any_data_plate)
 
     def _one_at_a_time(self, run: Callable[[int], LogWeights], first: Optional[LogWeights] = None) -> LogWeights:
         parts = [first] if first is not None else []

@@ -16,7 +16,7 @@ import torch
 from pyro.distributions import MaskedDistribution
 from pyro.distributions.kl import kl_divergence
 
-from pyrovae.objectives.base import Estimate, LogWeights, TracePair, score_function_term
+from pyrovae.objectives.base import ELBO_COEFFICIENTS, Estimate, LogWeights, TracePair, score_function_term
 from pyrovae.objectives.elbo import BetaELBO
 from pyrovae.objectives.geco import GECO
 
@@ -68,6 +68,7 @@ class AnnealedELBO(BetaELBO):
             raise ValueError(f"free_bits={free_bits!r} must be a finite number of nats >= 0 per latent dimension (0: no free bits)")
         super().__init__(beta, schedule, warmup_steps, cycle_steps, ratio, num_particles, analytic_kl, **kwargs)
         self.free_bits = float(free_bits)
+        self.engine.any_data_plate = self.free_bits == 0.0  # free bits average the KL over data points
 
     def estimate(self, model, guide, args, kwargs, state):
         lw, recon, kl = self._bound_parts(model, guide, args, kwargs)
@@ -85,7 +86,8 @@ class AnnealedELBO(BetaELBO):
         metrics = self._record(lw, elbo=elbo / lw.batch_size, beta_t=beta, free_bits_kl=kl_fb.mean())
         if not lw.nonreparam_sites:
             return Estimate(-objective, -objective, metrics, next_state)
-        return Estimate(-objective, -(objective + score_function_term(lw, recon - beta * kl_fb, lw.glob).mean(0)), metrics, next_state)
+        coefficients = {**ELBO_COEFFICIENTS, "log_pz": 0.0, "log_qz": 0.0}  # the local KL is the floored one
+        return Estimate(-objective, -(objective + score_function_term(lw, coefficients, -beta * kl_fb).mean(0)), metrics, next_state)
 
     def __repr__(self) -> str:
         return f"AnnealedELBO(beta={self.beta}, schedule={self.schedule!r}, free_bits={self.free_bits}, warmup_steps={self.warmup_steps}, num_particles={self.num_particles})"

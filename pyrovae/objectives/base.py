@@ -33,14 +33,93 @@ def leave_one_out(signal: torch.Tensor) -> torch.Tensor:
     return (signal - (signal.sum(0, keepdim=True) - signal) / (num - 1)).detach()
 
 
-def score_function_term(lw: LogWeights, per_datum: torch.Tensor, glob: Union[torch.Tensor, float] = 0.0) -> torch.Tensor:
-    """``[P]``: the surrogate whose gradient is the score-function part of the gradient of
-    ``E_q[sum_b f_b + g]``, where ``per_datum`` is ``f [P, B]`` and ``glob`` is ``g [P]``: each datum's
-    non-reparameterised sites are weighted by that datum's ``f`` (the other data do not depend on them), the
-    global ones by the whole ``sum_b f_b + g``, each with a leave-one-out baseline over particles. Zero when the
-    guide is fully reparameterised."""
-    local = (leave_one_out(per_datum) * lw.score).sum(1)
-    return local + leave_one_out(per_datum.sum(1) + glob) * lw.glob_score
+#: the coefficients of the log-weight parts in the ELBO: log p(x, z) - log q(z | x), local and global sites alike
+ELBO_COEFFICIENTS = {"log_px": 1.0, "log_pz": 1.0, "log_qz": -1.0, "glob_px": 1.0, "glob_pz": 1.0, "glob_qz": -1.0}
+
+
+def score_function_term(
+    lw: LogWeights,
+    coefficients: dict,
+    extra: Optional[torch.Tensor] = None,
+    extra_glob: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``[P]``: the surrogate whose gradient is the score-function part of the gradient of ``E_q[f]`` with
+
+        f = sum over sites s of c[part(s)] * log-density_s  +  sum_b extra_b  +  extra_glob,
+
+    where ``coefficients`` maps :class:`~pyrovae.engine.LogWeights` part names (``log_px``, ``log_pz``,
+    ``log_qz``, ``glob_px``, ``glob_pz``, ``glob_qz``; absent parts count 0) to weights, ``extra [P, B]`` is a
+    per-datum term that does not split over sites (a constraint on g(z), a closed-form KL correction) and
+    ``extra_glob [P]`` a term shared by the batch.
+
+    Each non-reparameterised guide site's unscaled log q(z) is weighted by the terms of f that are not
+    conditionally independent of it given the plates: a term in plates the site is not in is summed over
+    those plates, one in the same plates is kept element by element (Pyro's ``Trace_ELBO`` rule; Schulman et al.
+    2015). Each weight gets a leave-one-out baseline over particles. Zero when the guide is fully
+    reparameterised.
+    """
+    if not lw.nonreparam_sites:
+        return lw.log_w.new_zeros(lw.num_particles)
+    total = None
+    for site in lw.pairs[0].scores:
+        costs = [_cost_to(pair, site.frames, coefficients, extra, extra_glob, offset) for pair, offset in _offsets(lw)]
+        scores = [next(s.score for s in pair.scores if s.name == site.name) for pair in lw.pairs]
+        term = _weighted_scores(scores, costs)
+        total = term if total is None else total + term
+    return total
+
+
+def _offsets(lw: LogWeights):
+    offset = 0
+    for pair in lw.pairs:
+        yield pair, offset
+        offset += pair.num_particles
+
+
+def _cost_to(pair: TracePair, frames: frozenset, coefficients: dict, extra, extra_glob, offset: int) -> torch.Tensor:
+    """The part of the cost that a site in plates ``frames`` can influence, full rank (particles at dim 0)."""
+    rank, total = pair.rank, None
+
+    def add(value, its_frames):
+        nonlocal total
+        dims = [rank + dim for name, dim in its_frames if (name, dim) not in frames and value.shape[rank + dim] != 1]
+        value = value.sum(dims, keepdim=True) if dims else value
+        total = value if total is None else total + value
+
+    for term in pair.terms:
+        c = coefficients.get(term.part, 0.0)
+        if isinstance(c, (int, float)) and c == 0:
+            continue
+        add(c * term.value, term.frames)
+    rows = slice(offset, offset + pair.num_particles)
+    if extra is not None:
+        if pair.data_frame is None:
+            add(extra[rows].sum(1).reshape((-1,) + (1,) * (rank - 1)), frozenset())
+        else:
+            shape = [1] * rank
+            shape[0], shape[rank + pair.data_frame[1]] = -1, extra.shape[1]
+            add(extra[rows].reshape(shape), frozenset([pair.data_frame]))
+    if extra_glob is not None:
+        add(extra_glob[rows].reshape((-1,) + (1,) * (rank - 1)), frozenset())
+    if total is None:  # every coefficient zero: no cost for this site to weight
+        return pair.scores[0].score.new_zeros((1,) * rank)
+    return total
+
+
+def _weighted_scores(scores: list, costs: list) -> torch.Tensor:
+    """``[P]``: sum of score * leave-one-out(cost) per particle, the particles of every trace pair together."""
+    shapes = {tuple(torch.broadcast_shapes(s.shape, c.shape)[1:]) for s, c in zip(scores, costs)}
+    if len(scores) > 1 and len(shapes) == 1:  # particles run one at a time: one baseline over all of them
+        shape = next(iter(shapes))
+        score = torch.cat([s.expand(s.shape[0], *shape) for s in scores])
+        cost = torch.cat([c.expand(c.shape[0], *shape) for c in costs])
+        return (score * leave_one_out(cost)).reshape(score.shape[0], -1).sum(1)
+    # one trace pair (the baseline over its particle dim), or pairs of different shapes (no baseline across them)
+    out = []
+    for s, c in zip(scores, costs):
+        c = leave_one_out(c) if c.shape[0] > 1 else c.detach()
+        out.append((s * c).reshape(max(s.shape[0], c.shape[0]), -1).sum(1))
+    return torch.cat(out)
 
 
 @dataclass
@@ -83,14 +162,46 @@ class Objective(PyroELBO):
     Args:
         num_particles: samples of z per data point.
         max_plate_nesting, data_plate, vectorize_particles: the :class:`~pyrovae.engine.LogWeightEngine`'s.
+        strict_enumeration_warning: warn of guide sites marked for enumeration (these objectives sample them), as
+            ``Trace_ELBO`` does.
+        retain_graph: passed to ``backward()`` in :meth:`loss_and_grads`, as in Pyro.
+        max_iarange_nesting, ignore_jit_warnings, jit_options: accepted as ``pyro.infer.Trace_ELBO`` accepts them
+            (the first is the deprecated name of ``max_plate_nesting``; the JIT ones only matter to Pyro's
+            ``JitTrace_ELBO``: this library captures steps with :mod:`pyrovae.capture` instead).
     """
 
     min_particles = 1
+    #: whether the value depends on which plate indexes the data (per-datum bounds); when not, an ambiguous
+    #: program is accepted and any candidate plate serves
+    needs_data_plate = True
 
-    def __init__(self, num_particles: int = 1, max_plate_nesting: float = float("inf"), data_plate: Union[str, None, bool] = None, vectorize_particles: Optional[bool] = None):
+    def __init__(
+        self,
+        num_particles: int = 1,
+        max_plate_nesting: float = float("inf"),
+        data_plate: Union[str, None, bool] = None,
+        vectorize_particles: Optional[bool] = None,
+        *,
+        strict_enumeration_warning: bool = True,
+        retain_graph: Optional[bool] = None,
+        max_iarange_nesting: Optional[float] = None,
+        ignore_jit_warnings: bool = False,
+        jit_options: Optional[dict] = None,
+    ):
         check_num_particles(num_particles, self.min_particles, self._particles_hint())
+        if max_iarange_nesting is not None:
+            max_plate_nesting = max_iarange_nesting
         self.engine = LogWeightEngine(num_particles, max_plate_nesting, data_plate, vectorize_particles)
-        super().__init__(num_particles=num_particles, vectorize_particles=True)
+        self.engine.any_data_plate = not self.needs_data_plate
+        self.engine.warn_enumerated = bool(strict_enumeration_warning)
+        super().__init__(
+            num_particles=num_particles,
+            vectorize_particles=True,
+            strict_enumeration_warning=strict_enumeration_warning,
+            retain_graph=retain_graph,
+            ignore_jit_warnings=ignore_jit_warnings,
+            jit_options=jit_options,
+        )
         self.metrics: dict[str, torch.Tensor] = {}
         self._state: Optional[dict] = None  # made by initial_state() on first use (subclasses set it up after this)
         self._next_state: Optional[dict] = None
@@ -176,7 +287,8 @@ class Objective(PyroELBO):
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        loss.backward()
+        if loss.requires_grad:  # a program with no trainable parameter has nothing to differentiate (as in Pyro)
+            loss.backward(retain_graph=self.retain_graph)
         self.step()
         return loss.item()
 
@@ -224,6 +336,25 @@ def no_global_latents(lw: LogWeights, objective: str) -> None:
             "(global latents); use ELBO or VarianceLoss for such models, or put every latent inside "
             "pyro.plate('data', batch)."
         )
+
+
+def global_observations_are_constant(lw: LogWeights, objective: str) -> None:
+    """Refuse a program whose observed sites outside the data plate depend on the latents: a per-datum bound
+    takes the log-mean-exp of each datum's log weight, which such a site's term does not split into."""
+    if lw.num_particles < 2 or not lw.global_sites:
+        return
+    for name in lw.global_sites:
+        values = [t.value for pair in lw.pairs for t in pair.terms if t.name == name and t.part == "glob_px"]
+        if not values:
+            continue
+        v = torch.cat([x.expand(x.shape[0], *values[0].shape[1:]) for x in values]).detach()
+        v = v.reshape(v.shape[0], -1)
+        if (v - v[:1]).abs().max() > 1e-6 * (1.0 + v.abs().max()):
+            raise ValueError(
+                f"{objective} is a per-datum bound, but observed site {name!r} sits outside the data plate and depends "
+                "on the latents (its log-density varies over the samples), so the log weight does not split into one "
+                "term per datum; use ELBO or VarianceLoss for such models, or move the site into pyro.plate('data')."
+            )
 
 
 def reparam_only(lw: LogWeights, objective: str, instead: str = "use ELBO (score-function gradient), VarianceLoss or LogVarianceLoss") -> None:

@@ -13,7 +13,7 @@ import torch
 from pyro.distributions.kl import kl_divergence
 from pyro.distributions.util import scale_and_mask
 
-from pyrovae.objectives.base import Estimate, LogWeights, Objective, TracePair, score_function_term
+from pyrovae.objectives.base import ELBO_COEFFICIENTS, Estimate, LogWeights, Objective, TracePair, score_function_term
 
 
 def analytic_kl_sites(model_trace, guide_trace) -> tuple[str, ...]:
@@ -74,6 +74,8 @@ class ELBO(Objective):
             ``vectorize_particles``.
     """
 
+    needs_data_plate = False  # the bound summed over the batch is the same whichever plate is the data
+
     def __init__(self, num_particles: int = 1, analytic_kl: bool = False, **kwargs):
         super().__init__(num_particles=num_particles, **kwargs)
         self.analytic_kl = bool(analytic_kl)
@@ -99,7 +101,13 @@ class ELBO(Objective):
             objective = weighted.mean(0).sum() + lw.glob.mean()
         metrics = self._record(lw, elbo=elbo / lw.batch_size, kl=kl.mean(), **extra)
         loss = -objective
-        surrogate = loss if not lw.nonreparam_sites else -(objective + score_function_term(lw, weighted, lw.glob).mean(0))
+        if not lw.nonreparam_sites:
+            return Estimate(loss, loss, metrics, state)
+        # the score-function signal of each site: recon - beta KL split over sites (global sites unweighted, as in
+        # the objective), plus whatever closed-form KL replaced of the sampled one (per datum)
+        coefficients = {**ELBO_COEFFICIENTS, "log_pz": beta, "log_qz": -beta}
+        extra = None if kl is lw.kl else -beta * (kl - lw.kl)
+        surrogate = -(objective + score_function_term(lw, coefficients, extra).mean(0))
         return Estimate(loss, surrogate, metrics, state)
 
     def estimate(self, model, guide, args, kwargs, state):

@@ -192,7 +192,7 @@ class _Callable(Constraint):
 
 
 MULTIPLIER_STEPS = ("paper", "clamped")
-_BASE_ARGS = ("max_plate_nesting", "data_plate", "vectorize_particles")
+_BASE_ARGS = ("max_plate_nesting", "data_plate", "vectorize_particles", "strict_enumeration_warning", "retain_graph", "max_iarange_nesting", "ignore_jit_warnings", "jit_options")
 
 
 class GECO(Objective):
@@ -288,7 +288,8 @@ class GECO(Objective):
         metrics = self._record(lw, **{"kl": kl / batch, "lambda": lam, "constraint": c_ma, "constraint_batch": c_hat})
         surrogate = lagrangian
         if lw.nonreparam_sites:  # d/dphi E_q[KL + lambda C] through q's own density
-            surrogate = surrogate + score_function_term(lw, lw.kl + lam * c, glob_kl).mean(0)
+            kl_coefficients = {"log_pz": -1.0, "log_qz": 1.0, "glob_pz": -1.0, "glob_qz": 1.0}
+            surrogate = surrogate + score_function_term(lw, kl_coefficients, lam * c).mean(0)
         delta = self.nu * c_ma
         if self.multiplier_step == "clamped":
             rate = 1.0 - self.alpha

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from pyrovae.objectives.base import Estimate, LogWeights, Objective, no_global_latents, reparam_only
+from pyrovae.objectives.base import Estimate, LogWeights, Objective, global_observations_are_constant, no_global_latents, reparam_only
 
 ESTIMATORS = ("standard", "dreg", "vimco", "score")
 
@@ -56,6 +56,7 @@ class IWAE(Objective):
         lw = self.log_weights(model, guide, *args, **kwargs)
         name = f"{type(self).__name__}(estimator={self.estimator!r})"
         no_global_latents(lw, name)
+        global_observations_are_constant(lw, name)
         if self.estimator in ("standard", "dreg"):
             reparam_only(lw, name, "use estimator='vimco' (or 'score')")
         bound = self._bound(lw.log_w)
