@@ -320,8 +320,29 @@ def default_run_name(cfg: dict, when: Optional[str] = None) -> str:
     return f"{cfg.get('dataset', 'mnist')}-{model}{likelihood}-{guide}_guide-{cfg.get('objective', 'elbo')}-{when or time.strftime('%Y%m%d-%H%M%S')}"
 
 
+#: options that may differ between the ranks of one distributed run: where each machine finds its data (the data
+#: itself is compared), its CPU threads, and what only rank 0 shows or writes
+_PER_RANK_OPTIONS = {"func", "data_dir", "threads", "progress", "tensorboard"}
+
+
+def _check_same_options(options: dict, what: str = "options") -> None:
+    """Refuse to run unless every rank of a distributed run has the same ``options`` (the same error on every rank):
+    ranks that run different programs wait for each other for ever, or abort in the backend."""
+    differ = distributed.differing_options({k: v for k, v in options.items() if k not in _PER_RANK_OPTIONS})
+    if differ:
+        flag = lambda v: " ".join(map(str, v)) if isinstance(v, list) else "(not given)" if v is None else str(v)
+        shown = "; ".join(
+            f"--{k.replace('_', '-')}: " + ", ".join(f"{flag(v)} on rank {r}" for r, v in enumerate(values)) for k, values in differ.items()
+        )
+        raise UsageError(
+            f"the {distributed.world_size()} processes of this distributed run were started with different {what} ({shown}): every rank "
+            "must run the same command (torchrun --nproc-per-node N -m pyrovae ... starts them so); relaunch them all with the same options"
+        )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     distributed.init(resolve_device(args.device or "auto"))  # distributed: join torchrun's process group (nothing for one process)
+    _check_same_options(vars(args))  # distributed: before the first collective that depends on them
     run_dir = Path(distributed.from_main(str(args.run_dir or Path("runs") / default_run_name(vars(args)))))
     lock = distributed.run_lock(run_dir)  # distributed: rank 0 alone locks and writes the run folder
     if os.path.lexists(run_dir):  # one writer at a time, from the first look at the folder (a new one is made later)
@@ -340,6 +361,7 @@ def _train(run_dir: Path, args: argparse.Namespace, lock: runs.RunLock) -> int:
     if saved is not None:
         saved.update({k: getattr(args, k) for k in RESUME_OVERRIDES if getattr(args, k) is not None})
         cfg = saved
+        _check_same_options(cfg, "configurations (each rank's config.json in --run-dir)")  # distributed: the run each rank resumes
     device = distributed.init(resolve_device(cfg["device"]))  # distributed: cuda -> cuda:LOCAL_RANK
     objective = _build_objective(cfg)  # bad objective settings fail here, before the data is loaded
     try:
@@ -451,6 +473,33 @@ def load_run(run_dir, device="cpu", checkpoint: str = "best", data_dir: Optional
     return LoadedRun(model, guide, objective, cfg, path, tuple(cfg.get("x_shape") or splits.x_shape), splits)
 
 
+#: parameters a configuration may describe beyond its checkpoint's before it is refused unbuilt (40 MB of float32)
+_SIZE_SLACK = 10**7
+
+
+def _check_sizes(cfg: dict, x_shape: tuple, state: dict, checkpoint: Path, config_path: Path) -> None:
+    """Refuse a configuration whose model and guide hold far more numbers than the checkpoint's parameters, before
+    they are built: a run folder is input from anyone, and ``z_dims: [2e9]`` would allocate terabytes. The modules
+    are built on the meta device (shapes, no memory) and their parameters counted."""
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in x_shape):
+        raise UsageError(f"{config_path}: x_shape {list(x_shape)} is not a list of positive integers; restore config.json, or start a new run")
+    stored = sum(math.prod(shape) for shape in state["signature"].values())
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg, x_shape)
+            modules = [model, build_guide(cfg, x_shape, model)]
+    except (TypeError, ValueError, OverflowError) as e:  # sizes of the wrong type or value: the real build would say the same
+        raise UsageError(f"{config_path} does not build a model: {_in_flags(str(e), {k: k for k in cfg})}; restore config.json, or start a new run") from e
+    except Exception:  # a module that cannot be built on the meta device: the checkpoint's shapes are compared after building
+        return
+    wanted = sum(p.numel() for m in modules if isinstance(m, torch.nn.Module) for p in m.parameters())
+    if wanted > stored + max(stored, _SIZE_SLACK):  # a smaller difference is built, and named shape by shape when the weights are loaded
+        raise CheckpointError(
+            f"{config_path} describes a model and guide of {wanted:,} parameters, but {checkpoint} holds {stored:,}: config.json does not "
+            "belong to this checkpoint (edited, or from another run); nothing was built. Restore config.json, or start a new run"
+        )
+
+
 def _load_run(run_dir: Path, device: torch.device, checkpoint: str = "best", splits=None, data_dir: Optional[str] = None, need_data: bool = True):
     """(cfg, model, guide, splits, checkpoint path, objective) of a run; the data is loaded when ``need_data`` (unless
     ``splits`` are given) or when the config lacks ``x_shape``/``x_dtype`` (runs before they were saved, text and
@@ -463,12 +512,14 @@ def _load_run(run_dir: Path, device: torch.device, checkpoint: str = "best", spl
     if not path.exists() and checkpoint == "best":
         path = run_dir / "checkpoints" / "last.pt"
     state = load_checkpoint(path, map_location=device)
+    check_state(state, path)
     dtype = getattr(torch, str(cfg.get("x_dtype", "")).replace("torch.", ""), None) if cfg.get("x_shape") else None
     if splits is None and (need_data or not (isinstance(dtype, torch.dtype) and dtype.is_floating_point)):
         splits = _load_data({**cfg, "data_dir": data_dir} if data_dir else cfg, device)
     if splits is not None:
         _check_vocab(run_dir, splits)
     x_shape = tuple(splits.x_shape) if splits is not None else tuple(cfg["x_shape"])
+    _check_sizes(cfg, x_shape, state, path, run_dir / "config.json")  # before anything the size of the config is allocated
     example = as_inputs(splits.test[: min(10, splits.test.shape[0])]) if splits is not None else (torch.zeros(2, *x_shape, dtype=dtype, device=device),)
     pyro.clear_param_store()
     model, guide = _build(cfg, x_shape, device)
@@ -580,8 +631,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    device = distributed.init(resolve_device(args.device))
+    _check_same_options(vars(args))  # distributed: ranks with another --limit would gather shards of other sizes
     code = _evaluate(
-        Path(args.run_dir), distributed.init(resolve_device(args.device)), args.checkpoint, args.num_samples, args.limit, data_dir=args.data_dir,
+        Path(args.run_dir), device, args.checkpoint, args.num_samples, args.limit, data_dir=args.data_dir,
         capture=args.capture, progress=args.progress,
     )
     if code == 0 and args.marginal_kl and distributed.is_main():
@@ -772,6 +825,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as e:  # a full disk, a read-only or vanished folder: the system's message names the file
         print(f"pyrovae {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except distributed.DistributedError as e:  # another rank died, or never reached a collective: its own output says why
+        print(f"pyrovae {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # a second Ctrl-C while training, or one outside it (loading, evaluating)
         print(f"pyrovae {args.command}: interrupted", file=sys.stderr)
         return 130

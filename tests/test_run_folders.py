@@ -328,3 +328,38 @@ def test_resume_refuses_a_config_edited_to_other_data(data_dir, tmp_path):
     assert code == 2 and "Traceback" not in err, err
     assert "dataset: 'tiny-test-other' in config.json, 'tiny-test' in the checkpoint" in err and "lr: 0.5" in err, err
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+# ================================================================================================
+# issue 28, item 3: a run folder from a stranger cannot exhaust the machine
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"z_dims": [2e9]}, "parameters, but"),
+    ({"z_dims": [2_000_000_000]}, "parameters, but"),
+    ({"hidden": [[2_000_000_000]]}, "parameters, but"),
+    ({"x_shape": [100_000, 100_000]}, "parameters, but"),
+])
+def test_a_config_describing_a_huge_model_is_refused_before_anything_is_built(edit, message, data_dir, finished_run, tmp_path, capsys, monkeypatch):
+    import pyrovae.cli as cli
+
+    run = copy_run(finished_run, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, **edit}))
+    built = []
+    monkeypatch.setattr(cli, "_build", lambda *a, **k: built.append(a) or pytest.fail("built the modules"))
+    commands = [["sample", str(run), "-n", "4"]] + ([] if "x_shape" in edit else [["evaluate", str(run), "-k", "2", "--data-dir", str(data_dir)]])  # evaluate: the data's shape
+    for argv in commands:
+        err = cli_error(capsys, [*argv, "--device", "cpu"])
+        assert message in err and "config.json" in err, err
+    with pytest.raises(ValueError, match="config.json"):
+        cli.load_run(run, "cpu")
+    assert not built
+
+
+@pytest.mark.parametrize("text, message", [("[" * 10_000_000, "larger than"), ("[" * 200_000, "nested too deeply")])
+def test_a_config_that_is_too_large_or_too_deep_is_refused(text, message, finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path)
+    (run / "config.json").write_text(text)
+    err = cli_error(capsys, ["sample", str(run), "-n", "4", "--device", "cpu"])
+    assert message in err and "config.json" in err, err
