@@ -20,7 +20,7 @@ import torch
 from pyrovae import distributed, runs
 from pyrovae.callbacks import TensorBoard
 from pyrovae.capture import MODES as CAPTURE_MODES
-from pyrovae.checkpoint import CheckpointError, check_state, load_checkpoint, write_json
+from pyrovae.checkpoint import CheckpointError, atomic_write, check_state, load_checkpoint, write_json
 from pyrovae.data import as_inputs
 from pyrovae.objectives import ELBO, Objective
 from pyrovae.registry import (
@@ -513,6 +513,14 @@ def _load_run(run_dir: Path, device: torch.device, checkpoint: str = "best", spl
         path = run_dir / "checkpoints" / "last.pt"
     state = load_checkpoint(path, map_location=device)
     check_state(state, path)
+    nonfinite = sorted(k for k, v in state["params"].items() if not bool(torch.isfinite(v).all()))
+    if nonfinite:
+        shown = ", ".join(nonfinite[:6]) + (f" and {len(nonfinite) - 6} more" if len(nonfinite) > 6 else "")
+        other = "best" if checkpoint == "last" else "last"
+        raise CheckpointError(
+            f"{path} holds non-finite weights (NaN or inf) in {len(nonfinite)} of its {len(state['params'])} tensors: {shown}. The run diverged "
+            f"before this checkpoint was written, or the file was altered: try --checkpoint {other}, or train the run again"
+        )
     dtype = getattr(torch, str(cfg.get("x_dtype", "")).replace("torch.", ""), None) if cfg.get("x_shape") else None
     if splits is None and (need_data or not (isinstance(dtype, torch.dtype) and dtype.is_floating_point)):
         splits = _load_data({**cfg, "data_dir": data_dir} if data_dir else cfg, device)
@@ -647,19 +655,33 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return _cmd_sample(args)
 
 
+#: ``pyrovae sample --num`` at most (a grid of 10,000 MNIST images is 8 MB; 10 million would be 31 GB at once)
+MAX_SAMPLES = 10_000
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     from pyrovae import evaluate as E
 
     device = resolve_device(args.device)
     if args.num < 1:
         raise UsageError(f"--num {args.num} must be at least 1")
+    if args.num > MAX_SAMPLES:
+        raise UsageError(f"--num {args.num}: at most {MAX_SAMPLES:,} samples in one picture or listing; draw more with several runs of 'pyrovae sample' and different --seed")
+    if args.out and not Path(args.out).parent.is_dir():
+        raise UsageError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist; create it or write elsewhere")
     cfg, model, guide, splits, _, _ = _load_run(Path(args.run_dir), device, args.checkpoint, data_dir=args.data_dir, need_data=False)
     pyro.set_rng_seed(args.seed)
     if hasattr(model, "sample_run"):  # a model that samples something other than images (text: sentences, printed)
         if splits is None:
             splits = _load_data({**cfg, "data_dir": args.data_dir} if args.data_dir else cfg, device)
             _check_vocab(Path(args.run_dir), splits)
-        print("\n".join(model.sample_run(splits, args.num)))
+        text = "\n".join(model.sample_run(splits, args.num))
+        if not args.out:
+            print(text)
+            return 0
+        runs.check_writable(Path(args.out).parent, "the --out folder")
+        atomic_write(args.out, lambda f: f.write((text + "\n").encode("utf-8")))
+        print(f"pyrovae: wrote {args.num} samples to {args.out}")
         return 0
     default = f"samples-seed{args.seed}-n{args.num}{'-last' if args.checkpoint == 'last' else ''}.png"  # never evaluate's samples.png
     out = Path(args.out or Path(args.run_dir) / default)
@@ -782,9 +804,9 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="draw images from a trained model", formatter_class=HelpFormatter)
     s.add_argument("run_dir")
-    s.add_argument("--num", "-n", type=int, default=64, help="images to draw")
+    s.add_argument("--num", "-n", type=int, default=64, help="images (text runs: sentences) to draw, at most 10,000")
     s.add_argument("--seed", type=int, default=0, help="random seed of the draw")
-    s.add_argument("--out", default=None, help="PNG file (default: RUN_DIR/samples-seedS-nN.png, -last added for --checkpoint last)")
+    s.add_argument("--out", default=None, help="PNG file (default: RUN_DIR/samples-seedS-nN.png, -last added for --checkpoint last); text runs: a text file (default: printed)")
     s.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint (best: by validation ELBO)")
     s.add_argument("--data-dir", default=None, help="folder with the dataset files, needed only by runs whose config.json lacks x_shape (default: the run's, then $PYROVAE_DATA)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

@@ -363,3 +363,38 @@ def test_a_config_that_is_too_large_or_too_deep_is_refused(text, message, finish
     (run / "config.json").write_text(text)
     err = cli_error(capsys, ["sample", str(run), "-n", "4", "--device", "cpu"])
     assert message in err and "config.json" in err, err
+
+
+# ================================================================================================
+# issue 28, items 6 and 7: bounded sample counts; NaN checkpoints named; --out for text samples
+
+
+def test_sample_refuses_a_count_past_its_limit_before_loading(finished_run, capsys, monkeypatch):
+    import pyrovae.cli as cli
+
+    monkeypatch.setattr(cli, "_load_run", lambda *a, **k: pytest.fail("loaded the run"))
+    err = cli_error(capsys, ["sample", str(finished_run), "-n", "10000000", "--device", "cpu"])
+    assert "--num 10000000" in err and "10,000" in err and "--seed" in err, err
+
+
+def test_a_checkpoint_with_nan_weights_is_named_with_its_tensors(data_dir, finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path)
+    for name in ("best.pt", "last.pt"):
+        state = load_checkpoint(run / "checkpoints" / name)
+        key = sorted(state["params"])[0]
+        state["params"][key] = torch.full_like(state["params"][key], float("nan"))
+        state.pop("format")
+        save_checkpoint(state, run / "checkpoints" / name)
+    for argv in (["sample", str(run), "-n", "4"], ["evaluate", str(run), "-k", "2", "--data-dir", str(data_dir)]):
+        err = cli_error(capsys, [*argv, "--device", "cpu"])
+        assert "best.pt holds non-finite weights" in err and key in err and "--checkpoint last" in err, err
+        assert len(err.splitlines()) == 1
+
+
+def test_text_samples_go_to_out(text_run, tmp_path, capsys):
+    run, ours, _ = text_run
+    out = tmp_path / "sentences.txt"
+    capsys.readouterr()
+    assert main(["sample", str(run), "-n", "3", "--out", str(out), "--device", "cpu", "--data-dir", str(ours)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote 3 samples to {out}" in printed and len(out.read_text().splitlines()) == 3  # one line per sentence (an empty one too)
