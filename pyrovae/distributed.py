@@ -12,7 +12,12 @@ shard of each global batch, and the ranks agree through collectives:
   (:func:`agree`), so all ranks roll back, or stop, at the same step;
 - files: rank 0 alone writes under the run folder (config, metrics, checkpoints, pictures); every rank reads
   a checkpoint to resume. A checkpoint holds every rank's random-number-generator state;
-- evaluation: :func:`log_likelihood` and :func:`sharded_mean` split the data over ranks and gather.
+- evaluation: :func:`log_likelihood` and :func:`sharded_mean` split the data over ranks and gather;
+- options: the CLI compares the ranks' options at start-up (:func:`differing_options`), since ranks that run
+  different programs would wait for each other for ever, or abort in gloo on collectives of other sizes;
+- time: every collective waits at most :func:`timeout_seconds` (``PYROVAE_DIST_TIMEOUT``, default
+  :data:`DEFAULT_TIMEOUT`) for the other ranks, then raises :class:`DistributedError` with a message, as it does
+  when another rank dies (a manual launch has no torchrun to stop the survivors).
 
 Why not ``DistributedDataParallel``: DDP averages gradients from hooks on one module's ``forward``. A Pyro
 program is not one ``forward()`` call (the objective runs the guide, replays the model, perhaps several
@@ -26,11 +31,15 @@ runs never touch ``torch.distributed``: every function here is then the identity
 from __future__ import annotations
 
 import atexit
+import hashlib
+import json
 import math
 import os
 import sys
 import zlib
-from typing import Any, Callable, Optional, Union
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, Callable, Iterator, Optional, Union
 
 import pyro
 import torch
@@ -42,6 +51,50 @@ from pyrovae.rng import get_rng_state, set_rng_state
 
 #: torchrun's environment variables that :func:`init` needs
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+#: seconds a collective waits for the other ranks (joining included) unless ``PYROVAE_DIST_TIMEOUT`` says otherwise:
+#: far above a step, a checkpoint write or a graph compilation, far below "for ever"
+DEFAULT_TIMEOUT = 600.0
+TIMEOUT_ENV = "PYROVAE_DIST_TIMEOUT"
+
+
+class DistributedError(RuntimeError):
+    """A collective that did not complete: another rank died, or did not reach it within :func:`timeout_seconds`."""
+
+
+def timeout_seconds() -> float:
+    """How long a collective waits for the other ranks: ``$PYROVAE_DIST_TIMEOUT`` seconds, else :data:`DEFAULT_TIMEOUT`."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{TIMEOUT_ENV}={text!r} must be a number of seconds > 0 (default {DEFAULT_TIMEOUT:g}); fix or unset it")
+    return value
+
+
+@contextmanager
+def _collective(what: str) -> Iterator[None]:
+    """Turn the backend's error from a collective (a peer that closed its connection, a timeout) into a
+    :class:`DistributedError` that names this rank, the collective and the likely causes."""
+    try:
+        yield
+    except DistributedError:
+        raise
+    except RuntimeError as e:  # DistBackendError, DistStoreError, gloo's own RuntimeErrors: all RuntimeErrors
+        first = (str(e).strip().splitlines() or [""])[0].split(" This is typically caused")[0][:300]  # gloo's advice: replaced by ours
+        who = f"rank {rank()} of {os.environ.get('WORLD_SIZE', '?')}"
+        if "timed out" in str(e).lower() or "timeout" in str(e).lower():
+            why = (
+                f"the other ranks did not reach it within {timeout_seconds():g} s: one of them is stuck or stopped, or runs another "
+                f"program (other options or data); raise the limit with {TIMEOUT_ENV}=SECONDS if a rank is only slow"
+            )
+        else:
+            why = "another rank left the process group (it failed, was killed or stopped: its own output says why)"
+        raise DistributedError(f"{who}: {what} did not complete: {why} [{type(e).__name__}: {first}]") from None
 
 
 # --- the process group ----------------------------------------------------------------------------------
@@ -103,7 +156,9 @@ def init(device: Union[str, torch.device, None] = None, backend: Optional[str] =
         device = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"))
+        timeout = timedelta(seconds=timeout_seconds())
+        with _collective(f"joining the process group at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"):
+            dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"), timeout=timeout)
         atexit.register(shutdown)
     if quiet and not is_main():
         sys.stdout = open(os.devnull, "w")
@@ -119,7 +174,8 @@ def shutdown() -> None:
 def barrier() -> None:
     """Wait for every rank (e.g. until rank 0 has written the checkpoint the others read next)."""
     if active():
-        dist.barrier(device_ids=[torch.cuda.current_device()] if dist.get_backend() == "nccl" else None)
+        with _collective("a barrier (waiting for rank 0 to write the run folder)"):
+            dist.barrier(device_ids=[torch.cuda.current_device()] if dist.get_backend() == "nccl" else None)
 
 
 def on_main(write: Callable[[], Any]) -> Any:
@@ -135,8 +191,35 @@ def from_main(value: Any) -> Any:
     if not active():
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    with _collective("taking a value from rank 0 (the run folder)"):
+        dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=repr)
+
+
+def differing_options(options: dict) -> dict[str, list]:
+    """The options that differ between the ranks: ``{name: [the value on rank 0, on rank 1, ...]}``, the same
+    on every rank (``{}`` when they agree, or in a single process).
+
+    Every rank gathers a hash of its options (JSON, sorted keys); only when the hashes differ are the options
+    themselves gathered, to name the differences."""
+    if not active():
+        return {}
+    mine = _canonical(options)
+    digests = [None] * world_size()
+    with _collective("comparing the ranks' options"):
+        dist.all_gather_object(digests, hashlib.sha256(mine.encode()).hexdigest())
+    if len(set(digests)) == 1:
+        return {}
+    every = [None] * world_size()
+    with _collective("comparing the ranks' options"):
+        dist.all_gather_object(every, mine)
+    every = [json.loads(text) for text in every]
+    keys = sorted(set().union(*every), key=lambda k: (list(options).index(k) if k in options else len(options), k))
+    return {k: [o.get(k) for o in every] for k in keys if len({_canonical(o.get(k)) for o in every}) > 1}
 
 
 class _NoLock:
@@ -174,7 +257,8 @@ def _check_same_data(parts: tuple) -> None:
     sums of other devices may round differently)."""
     mine = [(list(t.shape), float(t.sum(dtype=torch.float64))) for t in parts]
     gathered = [None] * world_size()
-    dist.all_gather_object(gathered, mine)
+    with _collective("comparing the ranks' training data"):
+        dist.all_gather_object(gathered, mine)
     for theirs in gathered:
         if [s for s, _ in theirs] != [s for s, _ in mine] or any(abs(a - b) > 1e-6 * max(1.0, abs(a)) for (_, a), (_, b) in zip(theirs, mine)):
             raise ValueError(
@@ -212,7 +296,8 @@ class ShardedBatches:
     def permutation(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         perm = self.source.permutation(generator) if generator is not None else self.source.permutation()
         buf = perm.to(_comm_device())
-        dist.broadcast(buf, src=0)
+        with _collective("taking rank 0's order of the epoch's examples"):
+            dist.broadcast(buf, src=0)
         return buf.to(perm.device)
 
     def batch(self, perm: torch.Tensor, index: int):
@@ -259,12 +344,14 @@ def prepare(trainer) -> None:
         for module in (trainer.model, trainer.guide):
             if isinstance(module, torch.nn.Module):
                 tensors += list(module.buffers())
-        for t in tensors:
-            buf = t.detach().to(_comm_device())
-            dist.broadcast(buf, src=0)
-            t.copy_(buf)
+        with _collective("copying rank 0's parameters to every rank"):
+            for t in tensors:
+                buf = t.detach().to(_comm_device())
+                dist.broadcast(buf, src=0)
+                t.copy_(buf)
     sums = [None] * world_size()
-    dist.all_gather_object(sums, _checksum(torch.get_rng_state()))
+    with _collective("comparing the ranks' random streams"):
+        dist.all_gather_object(sums, _checksum(torch.get_rng_state()))
     if rank() > 0 and sums[rank()] == sums[0]:
         pyro.set_rng_seed((sums[0] + 104729 * rank()) % 2**32)
     trainer.progress = trainer.progress and is_main()
@@ -293,7 +380,8 @@ def average_gradients(trainer, loss: torch.Tensor, norm: torch.Tensor, n: int) -
     head = [loss.detach().reshape(()).to(device, dtype), *(metrics[k].detach().reshape(()).to(device, dtype) for k in keys)]
     buf = torch.cat([*grads, torch.stack(head)]) * w
     buf = torch.cat([buf, w.reshape(1)])
-    dist.all_reduce(buf)
+    with _collective(f"averaging the gradients of step {trainer.cursor.step + 1}" if hasattr(trainer, "cursor") else "averaging the gradients"):
+        dist.all_reduce(buf)
     buf = buf[:-1] / buf[-1]
     offset = 0
     for p in params:
@@ -321,7 +409,8 @@ def average_state(state: dict, n: int) -> dict:
     device = _comm_device()
     w = torch.tensor(float(n), dtype=torch.float64, device=device)
     buf = torch.cat([torch.cat([state[k].detach().reshape(-1).to(device, torch.float64) for k in keys]) * w, w.reshape(1)])
-    dist.all_reduce(buf)
+    with _collective("averaging the objective's state"):
+        dist.all_reduce(buf)
     mean = buf[:-1] / buf[-1]
     out, offset = dict(state), 0
     for k in keys:
@@ -341,7 +430,8 @@ def agree(trainer, finite) -> Union[bool, torch.Tensor]:
     total = torch.stack([p.detach().sum(dtype=torch.float64) for p in trainer.params.values()]).sum().to(device)
     flags = torch.stack([(~torch.as_tensor(finite, device=device).bool()).to(torch.float64).reshape(()),
                          torch.tensor(float(trainer._stop_signal or 0), dtype=torch.float64, device=device), total, -total])
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    with _collective(f"the check at step {trainer.cursor.step}"):
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     bad, signum, high, low = flags.tolist()
     if not bad and high + low > 1e-6 * max(1.0, abs(high)):  # identical operations keep them bit-equal; allow rounding
         raise RuntimeError(
@@ -367,7 +457,8 @@ def rank_rng_states() -> dict:
     if not active():
         return {}
     states = [None] * world_size()
-    dist.all_gather_object(states, get_rng_state())
+    with _collective("gathering the ranks' random states for a checkpoint"):
+        dist.all_gather_object(states, get_rng_state())
     return {"rank_rng": states}
 
 
@@ -399,7 +490,8 @@ def sharded_mean(fn: Callable[..., float], data) -> float:
     part, lo, hi = _shard(data)
     local = fn(part if len(part) > 1 else part[0]) * (hi - lo) if hi > lo else 0.0
     t = torch.tensor([local, float(hi - lo)], dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t)
+    with _collective("averaging over the ranks' shards (validation)"):
+        dist.all_reduce(t)
     return float(t[0] / t[1])
 
 
@@ -426,7 +518,8 @@ def log_likelihood(model, guide, data, num_samples: int = 5000, batch_size: int 
     buf = torch.zeros(2, width, dtype=torch.float64, device=_comm_device())
     buf[0, : hi - lo], buf[1, : hi - lo] = values.to(buf), stderr.to(buf)
     gathered = [torch.empty_like(buf) for _ in range(world_size())]
-    dist.all_gather(gathered, buf)
+    with _collective("gathering the ranks' log-likelihoods"):
+        dist.all_gather(gathered, buf)
     sizes = [shard_bounds(n, world_size(), r) for r in range(world_size())]
     out = torch.cat([g[:, : b - a] for g, (a, b) in zip(gathered, sizes)], dim=1).to(values.device, values.dtype)
     return LogLikelihood(out[0], out[1], f"{report} (rank {rank()} of {world_size()}, data points {lo}..{hi - 1} of {n})")

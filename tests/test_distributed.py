@@ -13,6 +13,12 @@ A VAE (latent draws, which differ by rank) must still keep identical parameters 
 import os
 import signal
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
 
 import pyro
 import pyro.distributions as dist
@@ -290,3 +296,119 @@ def test_one_process_never_touches_torch_distributed():
     loss, norm = torch.tensor(1.0), torch.tensor(2.0)
     assert distributed.average_gradients(None, loss, norm, 4) == (loss, norm)
     assert distributed.sharded_mean(lambda x: float(x.mean()), gaussian_data()) == float(gaussian_data().mean())
+
+
+# --- a manual launch of the CLI: two processes started by hand, each with its own options -----------------------
+CLI_SCRIPT = """
+import sys
+import numpy as np
+import torch
+from pyrovae.data import RawData, register_dataset
+
+@register_dataset("tiny-dist", ["tiny.npz"])
+def read(folder):
+    z = np.load(folder / "tiny.npz")
+    return RawData(train=torch.from_numpy(z["train"]), test=torch.from_numpy(z["test"]))
+
+from pyrovae.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _launch(tmp_path: Path, *per_rank: list, timeout: float = 60):
+    """``pyrovae train`` on a tiny data set as ranks 0 and 1 of a process group, started by hand (no torchrun to stop
+    the survivors), rank r with the extra options ``per_rank[r]``, every collective bounded by ``timeout`` seconds."""
+    data = tmp_path / "data" / "tiny-dist"
+    data.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    np.savez(data / "tiny.npz", train=rng.random((60, 6)).astype(np.float32), test=rng.random((10, 6)).astype(np.float32))
+    script = tmp_path / "pyrovae_tiny.py"
+    script.write_text(CLI_SCRIPT)
+    common = [
+        "train", "--dataset", "tiny-dist", "--data-dir", str(tmp_path / "data"), "--valid-size", "10", "--hidden", "8", "--device", "cpu",
+        "--capture", "off", "--eval-samples", "0", "--no-progress", "--run-dir", str(tmp_path / "run"),
+    ]
+    port = _free_port()
+    procs = []
+    for r, extra in enumerate(per_rank):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r), "LOCAL_RANK": str(r),
+               "WORLD_SIZE": str(len(per_rank)), distributed.TIMEOUT_ENV: str(timeout), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(script), *common, *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _finish(procs, timeout=120):
+    """(exit code, stderr) of each process, killing every one still running after ``timeout`` seconds in all."""
+    deadline, results = time.monotonic() + timeout, []
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append((p.returncode, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return results
+
+
+def _wait_for_training(tmp_path: Path, procs, timeout=90):
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while not (metrics.exists() and metrics.read_text().strip()):
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            pytest.fail(f"the two ranks did not finish an epoch: {[p.communicate()[1][-2000:] for p in procs]}")
+        time.sleep(0.1)
+
+
+def test_ranks_started_with_different_options_refuse_on_every_rank_naming_each_option(tmp_path):
+    # issue 26 item 5 (--epochs: both ranks hung in gloo) and issue 28 item 5 (--batch-size, --z-dims, --objective:
+    # "collective mismatch" abort on one rank, a raw traceback on the other)
+    procs = _launch(
+        tmp_path,
+        ["--epochs", "2", "--batch-size", "10", "--z-dims", "2", "--objective", "elbo"],
+        ["--epochs", "4", "--batch-size", "20", "--z-dims", "3", "--objective", "iwae"],
+    )
+    for r, (code, err) in enumerate(_finish(procs)):
+        assert code == 2 and "Traceback" not in err, (r, code, err[-3000:])
+        assert "started with different options" in err, err
+        for shown in ("--epochs: 2 on rank 0, 4 on rank 1", "--batch-size: 10 on rank 0, 20 on rank 1", "--z-dims: 2 on rank 0, 3 on rank 1",
+                      "--objective: elbo on rank 0, iwae on rank 1"):
+            assert shown in err, (shown, err)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_rank_killed_in_a_manual_launch_gives_the_survivor_a_message(tmp_path):
+    procs = _launch(tmp_path, ["--epochs", "100000"], ["--epochs", "100000"])
+    _wait_for_training(tmp_path, procs)
+    procs[1].kill()
+    (code, err), _ = _finish(procs)
+    assert code == 1 and "Traceback" not in err, err[-3000:]
+    assert "rank 0 of 2:" in err and "another rank left the process group" in err, err
+
+
+def test_a_rank_that_stops_answering_ends_the_others_after_the_timeout(tmp_path):
+    procs = _launch(tmp_path, ["--epochs", "100000"], ["--epochs", "100000"], timeout=5)
+    _wait_for_training(tmp_path, procs)
+    procs[1].send_signal(signal.SIGSTOP)  # stuck, not dead: its connection stays open
+    try:
+        start = time.monotonic()
+        code, err = _finish(procs[:1], timeout=60)[0]
+        waited = time.monotonic() - start
+    finally:
+        procs[1].kill()
+        procs[1].communicate()
+    assert code == 1 and "Traceback" not in err, err[-3000:]
+    assert "did not reach it within 5 s" in err and distributed.TIMEOUT_ENV in err, err
+    assert waited < 30
+
+
+def test_a_bad_timeout_setting_is_refused_with_the_variable(monkeypatch):
+    for text in ("0", "-1", "nan", "soon"):
+        monkeypatch.setenv(distributed.TIMEOUT_ENV, text)
+        with pytest.raises(ValueError, match=f"{distributed.TIMEOUT_ENV}=.*must be a number of seconds > 0"):
+            distributed.timeout_seconds()
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "2.5")
+    assert distributed.timeout_seconds() == 2.5
