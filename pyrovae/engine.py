@@ -102,6 +102,9 @@ class LogWeights:
     nonreparam_sites: tuple
     global_sites: tuple = ()  # every sample site outside the data plate, of model and guide
     pairs: list = field(default_factory=list)
+    #: the one scale (poutine.scale, a subsampled data plate) that every site inside the data plate carries,
+    #: None when they carry different ones
+    local_scale: Optional[float] = 1.0
 
     @property
     def log_w(self) -> torch.Tensor:
@@ -158,7 +161,7 @@ class LogWeights:
             return parts[0]
         first = parts[0]
         tensors = {name: torch.cat([getattr(p, name) for p in parts]) for name in _TENSOR_FIELDS}
-        return LogWeights(**tensors, global_latents=first.global_latents, nonreparam_sites=first.nonreparam_sites, global_sites=first.global_sites, pairs=[q for p in parts for q in p.pairs])
+        return LogWeights(**tensors, global_latents=first.global_latents, nonreparam_sites=first.nonreparam_sites, global_sites=first.global_sites, pairs=[q for p in parts for q in p.pairs], local_scale=first.local_scale)
 
 
 _TENSOR_FIELDS = ("log_px", "log_pz", "log_qz", "score", "glob_px", "glob_pz", "glob_qz", "glob_score")
@@ -331,7 +334,12 @@ def log_weights_from_traces(
         return SiteTerm(site_name, part, its, value)
 
     global_latents, nonreparam, global_sites = [], [], []
-    terms, scores = [], []
+    terms, scores, local_scales = [], [], set()
+
+    def note_scale(site):
+        scale = site["scale"]
+        local_scales.add(float(scale) if isinstance(scale, (int, float)) else id(scale))
+
     for site_name, site in model_trace.nodes.items():
         if site["type"] != "sample":
             continue
@@ -342,6 +350,8 @@ def log_weights_from_traces(
         terms.append(term(site_name, site, part))
         if local is None:
             global_sites.append(site_name)
+        else:
+            note_scale(site)
     for site_name, site in guide_trace.nodes.items():
         if site["type"] != "sample":
             continue
@@ -353,6 +363,8 @@ def log_weights_from_traces(
             global_sites.append(site_name)
             if not site["is_observed"]:
                 global_latents.append(site_name)
+        else:
+            note_scale(site)
         if not site["is_observed"] and not site["fn"].has_rsample:
             nonreparam.append(site_name)
             score = score_function(site)
@@ -365,7 +377,8 @@ def log_weights_from_traces(
     data_frame = (name, frame_dim) if name is not None else None
     pair = TracePair(model_trace, guide_trace, reduce, num_particles, tuple(terms), tuple(scores), data_frame, max_plate_nesting)
     return LogWeights(
-        **parts, global_latents=tuple(global_latents), nonreparam_sites=tuple(nonreparam), global_sites=tuple(dict.fromkeys(global_sites)), pairs=[pair]
+        **parts, global_latents=tuple(global_latents), nonreparam_sites=tuple(nonreparam), global_sites=tuple(dict.fromkeys(global_sites)), pairs=[pair],
+        local_scale=(next(iter(local_scales)) if len(local_scales) == 1 and isinstance(next(iter(local_scales)), float) else 1.0 if not local_scales else None),
     )
 
 

@@ -249,3 +249,56 @@ def test_elbo_takes_an_ambiguous_data_plate_and_per_datum_bounds_refuse_it():
     assert ELBO().loss(model, lambda x: None, x) == pytest.approx(expected, rel=1e-12)
     with pytest.raises(ValueError, match="cannot tell which plate"):
         IWAE(num_particles=2).loss(model, lambda x: None, x)
+
+
+# --- per-datum bounds under subsampling -----------------------------------------------------------------------
+def _subsampled_vae(size, reparameterized: bool = True):
+    Normal = dist.Normal if reparameterized else NonreparameterizedNormal
+    x = torch.tensor([0.4, -1.2, 2.2, 0.1], dtype=DT)
+
+    def model(idx):
+        with pyro.plate("data", len(x), subsample=idx if size else None) as ind:
+            z = pyro.sample("z", Normal(torch.zeros(len(ind), dtype=DT), 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x[ind])
+
+    def guide(idx):
+        loc = pyro.param("loc", torch.tensor([0.3, -0.2, 0.5, 0.0], dtype=DT))
+        with pyro.plate("data", len(x), subsample=idx if size else None) as ind:
+            pyro.sample("z", Normal(loc[ind], 0.8))
+
+    return model, guide
+
+
+@pytest.mark.parametrize("make", [lambda: IWAE(num_particles=5), lambda: Renyi(alpha=0.5, num_particles=5), lambda: IWAE(num_particles=5, estimator="vimco")], ids=["iwae", "renyi", "vimco"])
+def test_a_subsampled_datum_counts_n_over_b_times_its_bound(make):
+    """Under a data plate of 4 subsampled to 2, the bound is 2 x (IWAE of the two data's unscaled weights), on the
+    same samples; before, the weights were scaled inside the log-mean-exp."""
+    idx = torch.tensor([1, 3])
+    reparam = "vimco" not in repr(make())
+    sub_model, sub_guide = _subsampled_vae(2, reparam)
+    pyro.set_rng_seed(3)
+    subsampled = make().loss(sub_model, sub_guide, idx)
+
+    x = torch.tensor([0.4, -1.2, 2.2, 0.1], dtype=DT)[idx]
+    Normal = dist.Normal if reparam else NonreparameterizedNormal
+
+    def model(_):
+        with pyro.plate("data", 2):
+            z = pyro.sample("z", Normal(torch.zeros(2, dtype=DT), 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(_):
+        with pyro.plate("data", 2):
+            pyro.sample("z", Normal(torch.tensor([0.3, -0.2, 0.5, 0.0], dtype=DT)[idx], 0.8))
+
+    pyro.set_rng_seed(3)
+    assert subsampled == pytest.approx(2 * make().loss(model, guide, idx), rel=1e-10)
+
+
+def test_per_datum_bounds_refuse_a_partly_scaled_datum():
+    model, guide = _subsampled_vae(None)
+    kl_only = poutine.scale(guide, scale=0.5)  # guide sites down-weighted, the model's not
+    with pytest.raises(ValueError, match="different scales"):
+        IWAE(num_particles=3).loss(model, kl_only, None)
+    with pytest.raises(ValueError, match="dreg.*subsampled"):
+        IWAE(num_particles=3, estimator="dreg").loss(poutine.scale(model, scale=2.0), poutine.scale(guide, scale=2.0), None)

@@ -59,7 +59,11 @@ class IWAE(Objective):
         global_observations_are_constant(lw, name)
         if self.estimator in ("standard", "dreg"):
             reparam_only(lw, name, "use estimator='vimco' (or 'score')")
-        bound = self._bound(lw.log_w)
+        scale = self._data_scale(lw, name)
+        # a subsampled (or scaled) datum counts `scale` times: scale * IWAE of its unscaled weights, not the IWAE
+        # of scaled weights (a different, wrong quantity for K > 1)
+        log_w = lw.log_w if scale == 1.0 else lw.log_w / scale
+        bound = scale * self._bound(log_w) if scale != 1.0 else self._bound(log_w)
         metrics = self._record(lw, bound=bound.mean())
         # glob holds only observed sites outside the data plate here (e.g. a pyro.factor): not per datum, so
         # not inside the log-mean-exp, but part of log p(x) all the same
@@ -68,8 +72,23 @@ class IWAE(Objective):
             return Estimate(loss, loss, metrics, state)
         if self.estimator == "dreg":
             return Estimate(loss, -(self._dreg_surrogate(model, guide, args, kwargs, lw) + lw.glob.mean()), metrics, state)
-        signal = self._vimco_signal(lw.log_w, bound) if self.estimator == "vimco" else bound.detach().expand_as(lw.score)
+        signal = scale * self._vimco_signal(log_w, bound / scale) if self.estimator == "vimco" else bound.detach().expand_as(lw.score)
         return Estimate(loss, -(bound.sum() + (signal * lw.score).sum() + lw.glob.mean()), metrics, state)
+
+    def _data_scale(self, lw: LogWeights, name: str) -> float:
+        """The scale every site inside the data plate carries (1 unless subsampled or under poutine.scale)."""
+        scale = lw.local_scale
+        if scale is None:
+            raise ValueError(
+                f"{name}: the sites inside the data plate carry different scales (poutine.scale on some of them, or a "
+                "tensor scale), so the importance weights are those of a re-weighted density and the bound bounds "
+                "nothing; scale the whole program (e.g. a subsampled pyro.plate) or use ELBO / BetaELBO for a weighted KL"
+            )
+        if scale <= 0:
+            raise ValueError(f"{name}: the sites inside the data plate carry scale {scale}; a per-datum bound needs a positive one")
+        if scale != 1.0 and self.estimator == "dreg":
+            raise ValueError(f"{name}: estimator='dreg' does not take a scaled (subsampled) program; use estimator='standard'")
+        return scale
 
     def _vimco_signal(self, log_w: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
         """``[K, B]``: L - L_{-k}, with L_{-k} the bound with log w_k replaced by the mean of the other K-1 log
