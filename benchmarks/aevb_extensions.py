@@ -1,5 +1,5 @@
 """The AEVB-extensions report's Figure 4 on MNIST: a VAE trained with Adam, with the natural gradient
-(:class:`pyrovae.optim.NaturalGradient`, K-FAC blocks) and with variational Gaussian dropout on the encoder's
+(:class:`pyrovae.train.optim.NaturalGradient`, K-FAC blocks) and with variational Gaussian dropout on the encoder's
 activations (:class:`pyrovae.guides.bayesian.BayesEncoder`, ``encoder_dropout="A"``, Adam), same architecture
 and the same number of steps; ELBO, KL and reconstruction on held-out images against steps and against
 wall-clock time, and the per-step cost of each method.
@@ -28,13 +28,13 @@ import pyro
 import torch
 
 from common import command_line, fixed_binarization, hardware_info, now
-from pyrovae.checkpoint import atomic_write
+from pyrovae.utils.files import atomic_write
 from pyrovae.data import load_dataset
 from pyrovae.evaluate import elbo_terms
 from pyrovae.guides.bayesian import BayesEncoder
 from pyrovae.models.bayesian import BayesVAE
 from pyrovae.objectives import ELBO
-from pyrovae.optim import NaturalGradient
+from pyrovae.train.optim import NaturalGradient
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("adam", "natural gradient", "variational dropout")

@@ -17,8 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pyrovae.attention import read, write
-from pyrovae.recurrent import LSTMState
+from pyrovae.nn.attention import read, write
+from pyrovae.nn.recurrent import LSTMState
 
 LOG_2PI_HALF = 0.5 * math.log(2 * math.pi)
 

@@ -36,7 +36,7 @@ import pyro
 import torch
 
 from common import command_line, hardware_info, now
-from pyrovae.checkpoint import atomic_write
+from pyrovae.utils.files import atomic_write
 from pyrovae.data import load_dataset
 from pyrovae.evaluate import elbo_terms, log_likelihood
 from pyrovae.guides import DRAWGuide, GaussianEncoder

@@ -12,7 +12,7 @@ One VAE (x-h-h-z, tanh MLPs, Bernoulli likelihood) is trained with the ELBO and 
     sylvester      Householder-Sylvester flow (van den Berg et al. 2018)
     realnvp        affine coupling layers (an extra; neither paper has it)
 
-``FAMILY:K`` (e.g. ``planar:5``) adds any other family of :data:`pyrovae.flows.FLOWS` and length. Every
+``FAMILY:K`` (e.g. ``planar:5``) adds any other family of :data:`pyrovae.nn.flows.FLOWS` and length. Every
 configuration gets the same data, optimiser, learning rate, batch size and number of epochs; the model with
 the best validation ELBO (the dataset's own 10,000-image validation split) is evaluated on the test set:
 -ELBO (one sample per image, all test images) and NLL = -log p(x) with k importance samples
@@ -43,12 +43,12 @@ import pyro
 import torch
 
 from common import command_line, hardware_info, now
-from pyrovae.callbacks import EachEpoch
-from pyrovae.checkpoint import atomic_write
+from pyrovae.train.callbacks import EachEpoch
+from pyrovae.utils.files import atomic_write
 from pyrovae.cli import UsageError, resolve_device
 from pyrovae.data import load_dataset
 from pyrovae.evaluate import log_likelihood
-from pyrovae.flows import FLOWS
+from pyrovae.nn.flows import FLOWS
 from pyrovae.guides import FlowEncoder, GaussianEncoder
 from pyrovae.models import VAE
 from pyrovae.objectives import ELBO, BetaELBO
@@ -92,7 +92,7 @@ OPTIMIZERS = {"adam": (torch.optim.Adam, {}), "adamax": (torch.optim.Adamax, {"e
 
 
 def parse_config(name: str) -> tuple[Optional[str], int]:
-    """A key of :data:`CONFIGS`, or ``FAMILY:K`` for any family of :data:`pyrovae.flows.FLOWS`."""
+    """A key of :data:`CONFIGS`, or ``FAMILY:K`` for any family of :data:`pyrovae.nn.flows.FLOWS`."""
     if name in CONFIGS:
         return CONFIGS[name]
     family, _, k = name.partition(":")

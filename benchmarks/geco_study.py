@@ -31,10 +31,10 @@ import pyro  # noqa: E402
 import torch  # noqa: E402
 
 import common  # noqa: E402
-from pyrovae import evaluate as E  # noqa: E402
-from pyrovae import fixed_points as FP  # noqa: E402
+import pyrovae.evaluate as E  # noqa: E402
+import pyrovae.evaluate.fixed_points as FP  # noqa: E402
 from pyrovae.data import load_dataset  # noqa: E402
-from pyrovae.derived_data import Pairs  # noqa: E402
+from pyrovae.data.derived import Pairs  # noqa: E402
 from pyrovae.guides import ConvDRAWGuide, FlowEncoder, GaussianEncoder  # noqa: E402
 from pyrovae.guides.conditional import ConditionalEncoder  # noqa: E402
 from pyrovae.models import VAE, ConvDRAW  # noqa: E402

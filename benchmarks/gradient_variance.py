@@ -17,7 +17,7 @@ the top and bottom layers' theta is drawn ``--reps`` times (a fresh minibatch an
 Reported: the per-coordinate variance across draws, averaged over the layer's weights.
 
 Part 2, a VAE with a Bayesian decoder (:class:`pyrovae.models.bayesian.BayesVAE`, the full-Bayes AEVB) trained
-with the ELBO under :func:`pyrovae.poutine.local_reparameterization`; the same variance for the gradient with
+with the ELBO under :func:`pyrovae.nn.poutine.local_reparameterization`; the same variance for the gradient with
 respect to the posterior means of the decoder's top and bottom weights, with and without the handler.
 
 Usage::
@@ -39,13 +39,13 @@ import torch
 from torch import nn
 
 from common import command_line, hardware_info, now
-from pyrovae.checkpoint import atomic_write
+from pyrovae.utils.files import atomic_write
 from pyrovae.data import load_dataset
 from pyrovae.guides.bayesian import BayesEncoder
 from pyrovae.models.bayesian import BayesVAE
 from pyrovae.nn import VariationalDropoutLinear, dropout_kl
 from pyrovae.objectives import ELBO
-from pyrovae.poutine import local_reparameterization
+from pyrovae.nn.poutine import local_reparameterization
 
 ESTIMATORS = ("local reparameterization", "separate weight samples", "single weight sample", "variational dropout A", "no noise")
 DEFAULT_OUT = Path(__file__).parent / "results" / "gradient_variance.md"

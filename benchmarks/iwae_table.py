@@ -36,8 +36,8 @@ import pyro
 import torch
 
 from common import command_line, fixed_binarization, hardware_info, now
-from pyrovae.callbacks import EachEpoch
-from pyrovae.checkpoint import atomic_write
+from pyrovae.train.callbacks import EachEpoch
+from pyrovae.utils.files import atomic_write
 from pyrovae.data import load_dataset
 from pyrovae.evaluate import active_units, elbo_terms, log_likelihood
 from pyrovae.guides import GaussianEncoder

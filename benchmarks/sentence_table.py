@@ -36,14 +36,15 @@ import pyro
 import torch
 
 from common import command_line, hardware_info, now
-from pyrovae.callbacks import EachEpoch
-from pyrovae.checkpoint import atomic_write
+from pyrovae.train.callbacks import EachEpoch
+from pyrovae.utils.files import atomic_write
 from pyrovae.data import load_dataset
 from pyrovae.guides import NoLatentGuide, SentenceEncoder
 from pyrovae.models import RNNLM, SentenceVAE
 from pyrovae.objectives import ELBO
-from pyrovae.sequence_objectives import AnnealedELBO
-from pyrovae.text import BucketBatches, Sentences, evaluate_text, write_text_outputs
+from pyrovae.objectives.sequence import AnnealedELBO
+from pyrovae.evaluate.text import evaluate_text, write_text_outputs
+from pyrovae.data.text import BucketBatches, Sentences
 from pyrovae.train import Trainer
 
 #: name -> (latent model?, KL annealing?, word dropout p)
@@ -212,7 +213,7 @@ def render(args, entries: dict, hw: dict, splits_info: str) -> str:
     lines += [
         "",
         f"- test NLL: -log p(x) per sentence, mean over the {pr['test_size']} test sentences; for the VAEs importance sampled with k = {k} samples of q "
-        "(`pyrovae.text.evaluate_text`, which calls `pyrovae.evaluate.log_likelihood` per length bucket), exact for the LM (no latent variable). "
+        "(`pyrovae.evaluate.text.evaluate_text`, which calls `pyrovae.evaluate.log_likelihood` per length bucket), exact for the LM (no latent variable). "
         "± (data): standard error over sentences. The same sentences for every row: differences between rows are paired.",
         ppl_note(entries),
         "- KL: single-sample estimate of KL(q(z|x) || p(z)) per sentence on the same test sentences; active units: Cov_x(E_q[z_u|x]) > 0.01.",

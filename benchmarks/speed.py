@@ -48,7 +48,7 @@ from common import command_line, cpu_model  # noqa: E402
 from draw_reference import HandDRAW  # noqa: E402
 from reference import HandTrainer, HandVAE  # noqa: E402
 
-from pyrovae.checkpoint import atomic_write  # noqa: E402
+from pyrovae.utils.files import atomic_write  # noqa: E402
 from pyrovae.evaluate import default_max_elements, log_likelihood  # noqa: E402
 from pyrovae.models import VAE  # noqa: E402
 from pyrovae.objectives import ELBO, IWAE  # noqa: E402

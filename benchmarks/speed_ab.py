@@ -36,7 +36,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, cpu_model  # noqa: E402
 
-from pyrovae.checkpoint import atomic_write  # noqa: E402
+from pyrovae.utils.files import atomic_write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = {"pyrovae": "**pyrovae / hand**", "compile": "compile / hand"}

@@ -2,13 +2,13 @@
 
 Bowman et al. (2016)'s sizes (vocabulary 10,002, LSTM 353/191, z 16, unidirectional encoder) and a small model
 (32/64, the slow tests' sizes), a batch of
-``--batch`` PTB training sentences drawn by :class:`pyrovae.text.BucketBatches` (the most common batch width),
+``--batch`` PTB training sentences drawn by :class:`pyrovae.data.text.BucketBatches` (the most common batch width),
 ``pyrovae.objectives.ELBO``, Adam. Three implementations, same initial weights, timed interleaved in rounds
 (medians and per-round paired ratios, as ``speed.py``):
 
 - ``torch-lstm``: the model with ``torch.nn.LSTM`` layers (the fused kernel, the text models before they moved
-  to :class:`pyrovae.recurrent.RNN`), ``capture="off"`` (its backward cannot be recorded on CPU);
-- ``plain``: the library's text models (:class:`pyrovae.recurrent.RNN`, a loop of cells), ``capture="off"``;
+  to :class:`pyrovae.nn.recurrent.RNN`), ``capture="off"`` (its backward cannot be recorded on CPU);
+- ``plain``: the library's text models (:class:`pyrovae.nn.recurrent.RNN`, a loop of cells), ``capture="off"``;
 - ``replay``: the same with the trainer's default ``capture="replay"`` (recorded once, checked, then replayed;
   recording is in the warm-up, not in the timed blocks).
 
@@ -34,12 +34,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, cpu_model, now  # noqa: E402
 
-from pyrovae.checkpoint import atomic_write  # noqa: E402
+from pyrovae.utils.files import atomic_write  # noqa: E402
 from pyrovae.data import load_dataset  # noqa: E402
 from pyrovae.guides import SentenceEncoder  # noqa: E402
 from pyrovae.models import SentenceVAE  # noqa: E402
 from pyrovae.objectives import ELBO  # noqa: E402
-from pyrovae.text import BucketBatches, Sentences  # noqa: E402
+from pyrovae.data.text import BucketBatches, Sentences  # noqa: E402
 from pyrovae.train import Trainer  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "text_speed.md"
@@ -59,8 +59,8 @@ def ptb_batch(data_dir: Optional[str], batch: int) -> tuple[Sentences, int]:
 
 
 def with_torch_lstm(module: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``module`` whose :class:`pyrovae.recurrent.RNN` layers are ``torch.nn.LSTM`` with the same weights."""
-    from pyrovae.recurrent import RNN
+    """A copy of ``module`` whose :class:`pyrovae.nn.recurrent.RNN` layers are ``torch.nn.LSTM`` with the same weights."""
+    from pyrovae.nn.recurrent import RNN
 
     module = copy.deepcopy(module)
     for parent in list(module.modules()):
@@ -163,7 +163,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "|---|---|---|---|",
         *tables,
         "",
-        "`torch-lstm`: `torch.nn.LSTM` layers (fused kernel), plain steps only; `plain`: `pyrovae.recurrent.RNN` "
+        "`torch-lstm`: `torch.nn.LSTM` layers (fused kernel), plain steps only; `plain`: `pyrovae.nn.recurrent.RNN` "
         "(loop of cells), `capture='off'`; `replay`: the same, `capture='replay'` (the trainer's default).",
         "",
         "| sizes | ratio of step times | median ratio | per-round range | CPU-time ratio |",

@@ -14,7 +14,7 @@ from torch import nn
 
 from pyrovae.models.bayesian import BayesVAE, global_scale, register_weight_posterior
 from pyrovae.nn import BayesianLinear, Flatten, VariationalDropoutLinear, activation, add_dropout_kl, diag_normal, dropout_mlp, mlp
-from pyrovae.poutine import local_reparameterization
+from pyrovae.nn.poutine import local_reparameterization
 
 
 class NormalWeights(nn.Module):
@@ -24,7 +24,7 @@ class NormalWeights(nn.Module):
     eval mode it draws nothing: the model then fixes the weights at these means (the posterior-mean network), which
     it reads from this module (registered with ``model``) or, for another copy of the model, from Pyro's parameter
     store under :data:`pyrovae.models.bayesian.POSTERIOR_MEAN_PARAM`.
-    The local reparameterisation (:func:`pyrovae.poutine.local_reparameterization`) recognises these Normals.
+    The local reparameterisation (:func:`pyrovae.nn.poutine.local_reparameterization`) recognises these Normals.
     """
 
     def __init__(self, model: nn.Module, init_scale: float = 1e-3):
@@ -72,7 +72,7 @@ class BayesEncoder(nn.Module):
     (subtracted with log q), weighted ``batch / num_data`` like the model's global terms.
 
     ``local_reparam`` (default: ``model.local_reparam``): the weight posterior draws under
-    :func:`pyrovae.poutine.local_reparameterization` (shared records), so that a model with ``local_reparam=True``
+    :func:`pyrovae.nn.poutine.local_reparameterization` (shared records), so that a model with ``local_reparam=True``
     draws its pre-activations per example from these Normals.
     """
 

@@ -13,7 +13,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyrovae.checks import check_z_dim
+from pyrovae.nn.checks import check_z_dim
 from pyrovae.nn import x_encoder
 
 

@@ -15,9 +15,9 @@ import pyro
 import torch
 from torch import nn
 
-from pyrovae.attention import Attention, box, read
+from pyrovae.nn.attention import Attention, box, read
 from pyrovae.nn import diag_normal
-from pyrovae.recurrent import ConvLSTMCell, LSTMCell, conv2d
+from pyrovae.nn.recurrent import ConvLSTMCell, LSTMCell, conv2d
 
 
 class _GuideOf(nn.Module):

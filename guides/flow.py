@@ -4,7 +4,7 @@
 
 Sampled and scored as one site ``z`` (a ``TransformedDistribution``), so every objective sees an ordinary
 latent site. References: Rezende & Mohamed (2015) for amortised flows; the families are listed in
-:data:`pyrovae.flows.FLOWS`.
+:data:`pyrovae.nn.flows.FLOWS`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyrovae.flows import build_flow, conditioned_distribution
+from pyrovae.nn.flows import build_flow, conditioned_distribution
 from pyrovae.nn import activation as make_activation
 from pyrovae.nn import diag_normal, x_encoder
 
@@ -27,14 +27,14 @@ class FlowEncoder(nn.Module):
         x_shape: shape of one data point.
         z_dim: size of z (the model's ``z_dims=(z_dim,)``).
         hidden: hidden sizes of the x-trunk.
-        flow: a family of :data:`pyrovae.flows.FLOWS` (``planar``, ``radial``, ``iaf``, ``realnvp``,
+        flow: a family of :data:`pyrovae.nn.flows.FLOWS` (``planar``, ``radial``, ``iaf``, ``realnvp``,
             ``householder``, ``sylvester``).
         num_flows: number of flow layers.
         arch: ``mlp`` or ``conv`` trunk.
         activation: nonlinearity of the trunk.
         context_dim: size of the flows' context; ``None`` uses the trunk features h directly, otherwise
             a linear layer (plus ``activation``) maps h to a context of this size.
-        flow_hidden: hidden sizes of each flow layer's hypernetwork (default: see :func:`pyrovae.flows.build_flow`).
+        flow_hidden: hidden sizes of each flow layer's hypernetwork (default: see :func:`pyrovae.nn.flows.build_flow`).
     """
 
     def __init__(

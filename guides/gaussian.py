@@ -13,7 +13,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyrovae.checks import check_layers
+from pyrovae.nn.checks import check_layers
 from pyrovae.nn import diag_normal, latent_names, mlp, x_encoder
 
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from pyrovae.nn import diag_normal
-from pyrovae.recurrent import RNN, check_int
-from pyrovae.text import check_batch
+from pyrovae.nn.recurrent import RNN, check_int
+from pyrovae.data.text import check_batch
 
 
 class NoLatentGuide(nn.Module):

@@ -8,7 +8,7 @@ Generative model (one stochastic layer, MLP decoder ``f_W``)::
 
 With ``decoder_dropout`` the decoder's hidden layers are :class:`pyrovae.nn.VariationalDropoutLinear` and the
 model adds ``-KL`` of their weights to its log-density (a ``pyro.factor`` outside the data plate).
-With ``local_reparam`` the decoder runs under :func:`pyrovae.poutine.local_reparameterization` (shared records):
+With ``local_reparam`` the decoder runs under :func:`pyrovae.nn.poutine.local_reparameterization` (shared records):
 each example draws its own pre-activations N(A mu, A^2 sigma^2) from the guide's weight posterior instead of
 sharing one weight sample, the same ELBO with a lower-variance gradient (Kingma, Salimans & Welling 2015).
 In eval mode (``model.eval()``) the dropout layers are deterministic and their KL is left out, and the
@@ -30,9 +30,9 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from pyrovae.likelihoods import likelihood_head
+from pyrovae.nn.likelihoods import likelihood_head
 from pyrovae.nn import BayesianLinear, Unflatten, add_dropout_kl, bayesian_mlp, dropout_mlp, mlp
-from pyrovae.poutine import local_reparameterization
+from pyrovae.nn.poutine import local_reparameterization
 
 
 def global_scale(batch: int, num_data: Optional[int]) -> float:

@@ -1,5 +1,5 @@
 """Conditional generative models ``model(target, context)`` for the GECO paper's conditional tasks
-(Rezende & Viola 2018, Section 5; data: :mod:`pyrovae.derived_data`'s ``mnist-sum``, ``mnist-rotate``, ...)::
+(Rezende & Viola 2018, Section 5; data: :mod:`pyrovae.data.derived`'s ``mnist-sum``, ``mnist-rotate``, ...)::
 
     z | c ~ p(z | c) = N(mu(h(c)), diag sigma(h(c))^2)        a learned conditional prior
     x | z, c ~ Bernoulli / Gaussian (decoder([z, h(c)]))       h: an MLP on the flattened context image
@@ -17,44 +17,12 @@ import pyro
 import torch
 from torch import nn
 
-from pyrovae.likelihoods import likelihood_head
+from pyrovae.nn.likelihoods import likelihood_head
 from pyrovae.models.draw import ConvDRAW
 from pyrovae.nn import Flatten, activation, diag_normal, mlp, x_decoder
 
 
-class ConditionalRunHooks:
-    """``pyrovae evaluate`` hook of a model ``model(x, context)``: test NLL, ELBO terms and conditional samples."""
-
-    def evaluate_run(self, guide, splits, test, run_dir, num_samples: int, suffix: str = "") -> dict:
-        from pyrovae import evaluate as E
-
-        ll = E.log_likelihood(self, guide, test, num_samples=num_samples)
-        terms = E.elbo_terms(self, guide, test)
-        n = test.shape[0]
-        contexts = test.context[:8]
-        rows = []
-        for i in range(contexts.shape[0]):
-            ctx = contexts[i : i + 1].expand(8, *contexts.shape[1:])
-            samples = E.sample(self, 8, splits.x_shape, device=ctx.device, inputs=(ctx,))
-            shown = torch.cat([contexts[i].unsqueeze(1), test.target[i : i + 1]], 0)  # context channels, the true target
-            rows.append(torch.cat([_grey(shown, splits.x_shape), _grey(samples, splits.x_shape)], 0))
-        E.save_image_grid(torch.cat(rows), Path(run_dir) / f"samples{suffix}.png", nrow=rows[0].shape[0])
-        return {
-            "num_test": n, "num_samples": num_samples, "test_nll": float(-ll.values.mean()),
-            "test_nll_stderr_over_data": float(ll.values.std() / math.sqrt(n)) if n > 1 else float("nan"),
-            "test_nll_importance_stderr": float(ll.stderr.pow(2).mean().sqrt() / math.sqrt(n)),
-            "test_elbo": terms["elbo"], "test_recon": terms["recon"], "test_kl": terms["kl"],
-            "outputs": [f"samples{suffix}.png (per row: the context's channels, the true target, 8 samples of p(x | context))"],
-        }
-
-
-def _grey(images: torch.Tensor, x_shape) -> torch.Tensor:
-    """One-channel images of the target's height and width (the context channels are shown one by one)."""
-    images = images.reshape(-1, *images.shape[-3:])
-    return images[:, :1].expand(-1, 1, *x_shape[1:]) if images.shape[1] != 1 else images
-
-
-class ConditionalVAE(ConditionalRunHooks, nn.Module):
+class ConditionalVAE(nn.Module):
     """A conditional VAE with a learned prior p(z | c) and decoder p(x | z, c).
 
     Args:
@@ -105,5 +73,5 @@ class ConditionalVAE(ConditionalRunHooks, nn.Module):
             pyro.sample("x", self.likelihood.build(self.decoder(hz), len(self.x_shape), self.scale), obs=x)
 
 
-class ConditionalConvDRAW(ConditionalRunHooks, ConvDRAW):
-    """:class:`pyrovae.models.ConvDRAW` with a context (``context_shape`` required) and the conditional run hooks."""
+class ConditionalConvDRAW(ConvDRAW):
+    """:class:`pyrovae.models.ConvDRAW` with a context (``context_shape`` required)."""

@@ -3,7 +3,7 @@
 Generative model::
 
     z_k ~ Bernoulli(sigmoid(a_k)),  k = 1..K      (a = 0: the uniform prior; or learned logits a)
-    x | z ~ Bernoulli(decoder(z))                  (or another likelihood of :mod:`pyrovae.likelihoods`)
+    x | z ~ Bernoulli(decoder(z))                  (or another likelihood of :mod:`pyrovae.nn.likelihoods`)
 
 z cannot be reparameterised, so train it with objectives that need no pathwise gradient: ``ELBO``
 (score-function gradient with a leave-one-out baseline) or ``LogVarianceLoss`` (the variance loss for the
@@ -24,8 +24,8 @@ from pyro.distributions.torch_distribution import TorchDistribution
 from torch import nn
 from torch.distributions import constraints
 
-from pyrovae.checks import check_z_dim
-from pyrovae.likelihoods import likelihood_head
+from pyrovae.nn.checks import check_z_dim
+from pyrovae.nn.likelihoods import likelihood_head
 from pyrovae.nn import x_decoder
 
 PRIORS = ("uniform", "learned")

@@ -26,10 +26,10 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyrovae.attention import Attention, Window, box, write
-from pyrovae.likelihoods import likelihood_head
+from pyrovae.nn.attention import Attention, Window, box, write
+from pyrovae.nn.likelihoods import likelihood_head
 from pyrovae.nn import diag_normal
-from pyrovae.recurrent import ConvLSTMCell, LSTMCell, LSTMState, conv2d
+from pyrovae.nn.recurrent import ConvLSTMCell, LSTMCell, LSTMState, conv2d
 
 
 class DrawState(NamedTuple):
@@ -78,7 +78,7 @@ class RecurrentCanvasModel(nn.Module):
 
     def step(self, z: torch.Tensor, state: DrawState, *extra) -> tuple[DrawState, Any]:
         """One decoder step: h_dec_t = LSTM(h_dec_{t-1}, z_t), c_t = c_{t-1} + write(h_dec_t). Returns the new
-        state and what the step's write looked at (an attention :class:`~pyrovae.attention.Window` or None)."""
+        state and what the step's write looked at (an attention :class:`~pyrovae.nn.attention.Window` or None)."""
         return self._memoised(self._step, z, state.dec.h, state.dec.c, state.canvas, *extra, full=True)
 
     def _memoised(self, fn, *inputs, full: bool = False):
@@ -131,14 +131,6 @@ class RecurrentCanvasModel(nn.Module):
         record.setdefault("canvas", []).append(self.canvas_mean(state.canvas).reshape(-1, *self.x_shape))
         if isinstance(looked, Window):
             record.setdefault("write", []).append(box(looked).reshape(-1, 4))
-
-    def write_pictures(self, run_dir, guide=None, data: Optional[torch.Tensor] = None, num: int = 8, suffix: str = "") -> list:
-        """Write ``draw_generation.png`` (rows = samples, columns = steps), ``draw_generation.gif`` and, given the
-        guide and data, ``draw_reconstruction.png`` and ``draw_attention.png`` (read/write windows) to ``run_dir``,
-        each name with ``suffix`` before its extension."""
-        from pyrovae.pictures import write_draw_pictures
-
-        return write_draw_pictures(self, guide, data, run_dir, num, suffix)
 
 
 class DRAW(RecurrentCanvasModel):

@@ -1,6 +1,6 @@
 """Sentence VAE (Bowman et al. 2016) and its RNN language-model baseline, as Pyro programs on padded text.
 
-Both take a batch of :class:`pyrovae.text.Sentences`, ``model(tokens, lengths)``: ``tokens`` ``[B, T + 1]`` =
+Both take a batch of :class:`pyrovae.data.text.Sentences`, ``model(tokens, lengths)``: ``tokens`` ``[B, T + 1]`` =
 ``<sos> w_1 .. w_L <eos> <pad>..``, ``lengths`` ``[B]`` = ``L + 1``. The decoder is teacher-forced on
 ``tokens[:, :-1]`` and scores ``tokens[:, 1:]`` with a Categorical per position, masked at ``t >= lengths``::
 
@@ -21,16 +21,16 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyrovae.recurrent import RNN, check_int
-from pyrovae.text import check_batch, token_mask
+from pyrovae.nn.recurrent import RNN, check_int
+from pyrovae.data.text import check_batch, token_mask
 
 
-#: indices fixed by :class:`pyrovae.text.Vocab`
+#: indices fixed by :class:`pyrovae.data.text.Vocab`
 PAD, SOS, EOS, UNK = 0, 1, 2, 3
 
 
 class SentenceDecoder(nn.Module):
-    """Embedding, RNN (:class:`pyrovae.recurrent.RNN`, ``lstm`` or ``gru``: cells the captured step can record) and a
+    """Embedding, RNN (:class:`pyrovae.nn.recurrent.RNN`, ``lstm`` or ``gru``: cells the captured step can record) and a
     softmax layer; the initial state is a function of ``z`` or zero.
 
     Args:
@@ -115,34 +115,6 @@ class _TextModel(nn.Module):
 
     def generate(self, z: Optional[torch.Tensor], num: int, max_length: int = 50, greedy: bool = True, temperature: float = 1.0) -> torch.Tensor:
         return self.decoder.generate(z, num, max_length, greedy, temperature)
-
-    # --- hooks of the command line (``pyrovae evaluate`` / ``pyrovae sample``) ----------------------
-    def evaluate_run(self, guide, splits, test, run_dir, num_samples: int, suffix: str = "") -> dict:
-        """Test metrics by length bucket (:func:`pyrovae.text.evaluate_text`: NLL with ``num_samples`` importance
-        samples, perplexity, KL, active units) and the text outputs in ``run_dir``
-        (:func:`pyrovae.text.write_text_outputs`, named with ``suffix``: ``samples-limit10.txt``)."""
-        from pyrovae.text import evaluate_text, write_text_outputs
-
-        r = evaluate_text(self, guide, test, num_samples=num_samples)
-        write_text_outputs(self, guide, test, splits.vocab, run_dir, suffix=suffix)
-        return {
-            "num_test": r["num_sentences"], "num_tokens": r["num_tokens"], "num_samples": num_samples, "test_nll": r["nll"],
-            "test_nll_stderr_over_data": r["nll_stderr_over_data"], "test_nll_importance_stderr": r["nll_importance_stderr"],
-            "test_perplexity": r["perplexity"], "perplexity_note": "exp(total NLL / predicted tokens), <eos> included",
-            "test_elbo": r["elbo"], "test_recon": r["recon"], "test_kl": r["kl"], "active_units": r["active_units"],
-            "data": splits.describe() if hasattr(splits, "describe") else None,  # states the length limit and what it did
-            "outputs": [f"{name}{suffix}.txt" for name in ["samples"] + (["reconstructions", "homotopies"] if getattr(self, "z_dim", None) else [])],
-        }
-
-    def sample_run(self, splits, num: int, max_length: int = 40) -> list[str]:
-        """``num`` sentences from the model: greedy and sampled decodings of z ~ p(z) (sampled only without z)."""
-        z_dim = getattr(self, "z_dim", None)
-        z = None if z_dim is None else torch.randn(num, z_dim, device=self.decoder.out.weight.device)
-        lines = splits.vocab.decode_batch(self.generate(z, num, max_length, greedy=False))
-        if z is None:
-            return lines
-        greedy = splits.vocab.decode_batch(self.generate(z, num, max_length, greedy=True))
-        return [f"greedy:  {g}\nsampled: {s}" for g, s in zip(greedy, lines)]
 
 
 class SentenceVAE(_TextModel):

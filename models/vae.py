@@ -15,9 +15,9 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyrovae.checks import IWAE_HIDDEN, check_layers, default_hidden  # noqa: F401  (IWAE_HIDDEN, default_hidden: their old home)
-from pyrovae.flows import build_flow, conditioned_distribution
-from pyrovae.likelihoods import likelihood_head
+from pyrovae.nn.checks import IWAE_HIDDEN, check_layers, default_hidden  # noqa: F401  (IWAE_HIDDEN, default_hidden: their old home)
+from pyrovae.nn.flows import build_flow, conditioned_distribution
+from pyrovae.nn.likelihoods import likelihood_head
 from pyrovae.nn import diag_normal, latent_names, mlp, x_decoder
 
 #: flow families usable as a learned prior: invertible in closed form, and not volume-preserving rotations

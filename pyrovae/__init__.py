@@ -9,7 +9,7 @@ __all__ = ["load_run", "LoadedRun"]
 
 def __getattr__(name: str):
     if name in ("load_run", "LoadedRun"):  # imported on first use: `import pyrovae` stays light
-        from pyrovae import cli
+        import pyrovae.cli as cli
 
         return getattr(cli, name)
     raise AttributeError(f"module 'pyrovae' has no attribute {name!r}")

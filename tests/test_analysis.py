@@ -6,7 +6,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyrovae import evaluate as E
+import pyrovae.evaluate as E
 from pyrovae.models import ExactPosteriorGuide, LinearGaussian, LinearGaussianGuide
 
 

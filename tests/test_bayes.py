@@ -14,11 +14,9 @@ from pyro.nn import PyroModule, PyroSample
 from scipy import integrate
 from torch import nn
 
-from pyrovae.nn import (
-    BayesianLinear, VariationalDropoutLinear, bayesian_mlp, dropout_kl, dropout_neg_kl,
-)
+from pyrovae.nn import BayesianLinear, VariationalDropoutLinear, bayesian_mlp, dropout_kl, dropout_neg_kl
 from pyrovae.objectives import ELBO
-from pyrovae.poutine import local_reparameterization
+from pyrovae.nn.poutine import local_reparameterization
 
 Z = 5.0  # standard errors allowed in the statistical checks
 
@@ -375,7 +373,7 @@ def test_eval_mode_refuses_unknown_means_and_takes_them_from_autonormal():
 def test_natural_gradient_trains_a_vae_with_the_trainer():
     from pyrovae.guides import GaussianEncoder
     from pyrovae.models import VAE
-    from pyrovae.optim import NaturalGradient
+    from pyrovae.train.optim import NaturalGradient
     from pyrovae.train import Trainer
 
     x = _binary_data()
@@ -506,7 +504,7 @@ def test_cli_local_reparam(data_root, tmp_path):
 
     from pyrovae.cli import main
     from pyrovae.models.bayesian import BayesVAE
-    from pyrovae.registry import build_guide, build_model
+    from pyrovae.cli.registry import build_guide, build_model
 
     common = ["train", "--dataset", "mnist", "--data-dir", str(data_root), "--train-limit", "200", "--valid-size", "100",
               "--epochs", "1", "--eval-samples", "4", "--eval-limit", "20", "--no-progress", "--hidden", "20", "--z-dims", "4",

@@ -8,9 +8,10 @@ import pyro
 import pytest
 import torch
 
-from pyrovae import checks, progress
-from pyrovae.callbacks import Callback, Checkpoints, EachEpoch, MetricsFile, Progress, TensorBoard
-from pyrovae.checkpoint import load_checkpoint
+import pyrovae.train.checks as checks
+import pyrovae.utils.progress as progress
+from pyrovae.train.callbacks import Callback, Checkpoints, EachEpoch, MetricsFile, Progress, TensorBoard
+from pyrovae.train.checkpoint import load_checkpoint
 from pyrovae.guides import GaussianEncoder
 from pyrovae.models import VAE
 from pyrovae.objectives import ELBO
@@ -90,7 +91,7 @@ def test_trainer_and_fit_callbacks_run_in_that_order_before_the_builtins(tmp_pat
 
 def test_a_callback_that_is_not_one_is_refused_before_training():
     t = trainer()
-    with pytest.raises(TypeError, match="pyrovae.callbacks.Callback"):
+    with pytest.raises(TypeError, match="pyrovae.train.callbacks.Callback"):
         t.fit(data(20), epochs=1, batch_size=10, callbacks=[lambda trainer: None])
     assert t.optim is None and t.cursor.step == 0
     with pytest.raises(TypeError, match="Callback"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO
 
-from pyrovae import evaluate as E
+import pyrovae.evaluate as E
 from pyrovae.guides import BernoulliEncoder, FlowEncoder, GaussianEncoder
 from pyrovae.models import VAE, DiscreteVAE
 from pyrovae.objectives import ELBO, GECO, IWAE, BetaELBO, LogVarianceLoss, Objective, Renyi, VarianceLoss
@@ -463,7 +463,7 @@ def test_the_evaluation_cache_does_not_keep_models_alive():
     model, guide = _vae()
     _ll(model, guide, _data(8), "replay")
     refs = weakref.ref(model), weakref.ref(guide)
-    from pyrovae import capture as C
+    import pyrovae.capture as C
 
     key = (C.identity(model), C.identity(guide), "log_likelihood", "replay")
     assert key in C._SHARED

@@ -15,13 +15,14 @@ import torch
 import pyro
 import pyrovae
 import pyrovae.data as D
-from pyrovae import cli, registry
-from pyrovae import evaluate as E
-from pyrovae.checkpoint import load_checkpoint
+import pyrovae.cli as cli
+import pyrovae.cli.registry as registry
+import pyrovae.evaluate as E
+from pyrovae.train.checkpoint import load_checkpoint
 from pyrovae.cli import main, parser
 from pyrovae.guides import GaussianEncoder
 from pyrovae.models import VAE
-from pyrovae.registry import Arg, Entry
+from pyrovae.cli.registry import Arg, Entry
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tiny-cli"
@@ -191,7 +192,7 @@ def test_train_and_evaluate_print_no_pyro_info_lines(objective, data_dir, tmp_pa
 # ---------------------------------------------------------------------------------------------- 4. progress bar
 
 def test_log_likelihood_shows_a_bar_on_a_terminal(monkeypatch, capsys):
-    import pyrovae.progress as P
+    import pyrovae.utils.progress as P
 
     model, guide = VAE((D_X,), (2,), hidden=((8,),)), GaussianEncoder((D_X,), (2,), hidden=((8,),))
     x = torch.rand(30, D_X).round()

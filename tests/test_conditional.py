@@ -5,12 +5,12 @@ import pytest
 import torch
 from pyro import poutine
 
-from pyrovae import evaluate as E
-from pyrovae.derived_data import Pairs
+import pyrovae.evaluate as E
+from pyrovae.data.derived import Pairs
 from pyrovae.guides.conditional import ConditionalEncoder
 from pyrovae.models.conditional import ConditionalConvDRAW, ConditionalVAE
 from pyrovae.objectives import ELBO, GECO
-from pyrovae.registry import build_guide, build_model
+from pyrovae.cli.registry import build_guide, build_model
 from pyrovae.train import Trainer
 
 X, C = (1, 8, 8), (2, 8, 8)

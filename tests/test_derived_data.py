@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyrovae import derived_data as DD
+import pyrovae.data.derived as DD
 from pyrovae.data import Batches, load_dataset
 
 

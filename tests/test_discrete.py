@@ -8,14 +8,14 @@ import pytest
 import torch
 from pyro import poutine
 
-from pyrovae import evaluate as E
+import pyrovae.evaluate as E
 from pyrovae.cli import main
 from pyrovae.data import load_dataset
 from pyrovae.guides import BernoulliEncoder
 from pyrovae.models import BinaryCodeCategorical, DiscreteVAE, EnumeratedPosteriorGuide
 from pyrovae.models.discrete import binary_codes
 from pyrovae.objectives import ELBO, IWAE, LogVarianceLoss, VarianceLoss
-from pyrovae.registry import build_guide, build_model, build_objective
+from pyrovae.cli.registry import build_guide, build_model, build_objective
 from pyrovae.train import Trainer
 
 X_DIM, K = 6, 3

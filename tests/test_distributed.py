@@ -1,4 +1,4 @@
-"""Training and evaluation on 2 gloo processes on the CPU (pyrovae.distributed) against one process.
+"""Training and evaluation on 2 gloo processes on the CPU (pyrovae.train.distributed) against one process.
 
 Exact comparisons need gradients and estimates that do not depend on the ranks' random draws (each rank has
 its own stream, so 2 processes cannot reproduce a single process's draws):
@@ -27,8 +27,8 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from pyrovae import distributed
-from pyrovae import evaluate as E
+import pyrovae.train.distributed as distributed
+import pyrovae.evaluate as E
 from pyrovae.data import Batches
 from pyrovae.models import ExactPosteriorGuide, LinearGaussian, LinearGaussianGuide
 from pyrovae.objectives import ELBO, GECO

@@ -8,12 +8,13 @@ import pytest
 import torch
 from torch.nn.functional import binary_cross_entropy_with_logits
 
-from pyrovae import evaluate as E
-from pyrovae.attention import Window, filterbank, read, window, write
+import pyrovae.evaluate as E
+from pyrovae.evaluate.pictures import write_draw_pictures
+from pyrovae.nn.attention import Window, filterbank, read, window, write
 from pyrovae.guides import ConvDRAWGuide, DRAWGuide
 from pyrovae.models import DRAW, ConvDRAW
 from pyrovae.objectives import ELBO, GECO, IWAE, BetaELBO, LogVarianceLoss, Renyi, VarianceLoss
-from pyrovae.registry import build_guide, build_model
+from pyrovae.cli.registry import build_guide, build_model
 from pyrovae.train import Trainer
 
 SIDE = 8
@@ -331,7 +332,7 @@ def test_pictures_are_written(tmp_path):
     from PIL import Image
 
     model, guide = _draw(True, steps=3)
-    written = model.write_pictures(tmp_path, guide=guide, data=_images(5), num=5)
+    written = write_draw_pictures(model, guide, _images(5), tmp_path, num=5)
     names = sorted(p.name for p in written)
     assert names == ["draw_attention.png", "draw_generation.gif", "draw_generation.png", "draw_reconstruction.png"]
     grid = Image.open(tmp_path / "draw_generation.png")

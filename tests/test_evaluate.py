@@ -6,7 +6,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyrovae import evaluate as E
+import pyrovae.evaluate as E
 from pyrovae.models.linear_gaussian import ExactPosteriorGuide, LinearGaussian, LinearGaussianGuide
 from pyrovae.objectives import Objective
 
@@ -192,7 +192,7 @@ D_AU = 8
 
 
 def _guide_families():
-    from pyrovae.flows import FLOWS
+    from pyrovae.nn.flows import FLOWS
     from pyrovae.guides import BernoulliEncoder, FlowEncoder, GaussianEncoder
 
     families = {

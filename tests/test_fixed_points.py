@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from pyrovae import fixed_points as F
+import pyrovae.evaluate.fixed_points as F
 
 
 def log_range(center, n=41, decades=1.0):

@@ -12,10 +12,10 @@ import pyro
 import pytest
 import torch
 
-from pyrovae import evaluate as E
+import pyrovae.evaluate as E
 from pyrovae.cli import main, parser
 from pyrovae.data import load_dataset
-from pyrovae.flows import ANALYTIC_INVERSE, FLOWS
+from pyrovae.nn.flows import ANALYTIC_INVERSE, FLOWS
 from pyrovae.guides import FlowEncoder
 from pyrovae.models import VAE
 from pyrovae.objectives import ELBO, GECO, IWAE, BetaELBO, LogVarianceLoss, Renyi, VarianceLoss

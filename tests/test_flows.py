@@ -12,7 +12,7 @@ from pyro.poutine.util import prune_subsample_sites
 from torch.autograd.functional import jacobian
 from torch.distributions import ComposeTransform
 
-from pyrovae.flows import ANALYTIC_INVERSE, FLOWS, build_flow, conditioned_distribution
+from pyrovae.nn.flows import ANALYTIC_INVERSE, FLOWS, build_flow, conditioned_distribution
 from pyrovae.guides import FlowEncoder
 from pyrovae.models import VAE
 

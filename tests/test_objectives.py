@@ -18,19 +18,8 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.poutine.trace_struct import Trace
 
 from pyrovae.models.linear_gaussian import ExactPosteriorGuide, LinearGaussian, LinearGaussianGuide
-from pyrovae.objectives import (
-    ELBO,
-    GECO,
-    IWAE,
-    OBJECTIVES,
-    BetaELBO,
-    LogVarianceLoss,
-    Objective,
-    Renyi,
-    VarianceLoss,
-    make_objective,
-)
-from pyrovae.sequence_objectives import AnnealedELBO, TokenGECO
+from pyrovae.objectives import ELBO, GECO, IWAE, OBJECTIVES, BetaELBO, LogVarianceLoss, Objective, Renyi, VarianceLoss, make_objective
+from pyrovae.objectives.sequence import AnnealedELBO, TokenGECO
 from pyrovae.train import Trainer
 
 DT = torch.float64
@@ -1000,7 +989,7 @@ def test_the_data_plate_is_found_from_the_program(plate, sized):
     """Before: with pyro.plate('batch', N) IWAE folded the batch into one data point (4585 against 4359), and an
     unsized pyro.plate('data') failed with 'zeros: Dimension size must be non-negative'. Now both give the
     per-datum bound: the batch's loss is the sum of each datum's loss on the same draws."""
-    from pyrovae import evaluate
+    import pyrovae.evaluate as evaluate
 
     model, guide = _plate_program(plate, sized)
     obj = IWAE(num_particles=6)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pyrovae.optim import NaturalGradient
+from pyrovae.train.optim import NaturalGradient
 
 Z = 5.0
 

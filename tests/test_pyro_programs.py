@@ -20,7 +20,7 @@ from pyro.distributions.testing.fakes import NonreparameterizedNormal
 from pyro.infer import Trace_ELBO
 
 from pyrovae.objectives import ELBO, IWAE, BetaELBO, Renyi, VarianceLoss
-from pyrovae.sequence_objectives import AnnealedELBO
+from pyrovae.objectives.sequence import AnnealedELBO
 
 DT = torch.float64
 Z = 5.0  # standard errors allowed between a Monte-Carlo mean and its exact value

@@ -1,5 +1,5 @@
 """The CLI's registries: one list of objectives (``pyrovae.objectives.OBJECTIVES``), which the CLI reads."""
-from pyrovae import registry
+import pyrovae.cli.registry as registry
 from pyrovae.objectives import OBJECTIVES, make_objective
 
 

@@ -22,10 +22,10 @@ import pytest
 import torch
 
 import pyrovae.data as D
-from pyrovae import registry
-from pyrovae.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+import pyrovae.cli.registry as registry
+from pyrovae.train.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from pyrovae.cli import main
-from pyrovae.flows import FLOWS
+from pyrovae.nn.flows import FLOWS
 from pyrovae.guides import GaussianEncoder
 from pyrovae.models import VAE
 from pyrovae.objectives import ELBO, GECO, OBJECTIVES, BetaELBO
@@ -437,7 +437,7 @@ KILL_SCRIPT = r"""
 import json, os, random, signal, sys, time
 import torch
 torch.set_num_threads(1)
-from pyrovae.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from pyrovae.train.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 
 path, kills, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 folder, rng, N = os.path.dirname(path), random.Random(seed), 2_000_000  # 8 MB of float32
@@ -804,7 +804,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(data_dir
 SIGKILL_AT_FIRST_CHECKPOINT = r"""
 import os, signal
 import pyrovae.train as T
-from pyrovae.checkpoint import atomic_write
+from pyrovae.utils.files import atomic_write
 
 def killed_while_saving(state, path):  # the first checkpoint (best.pt, after epoch 1's metrics line): half written, then SIGKILL
     def half(f):
@@ -1129,7 +1129,7 @@ def test_metrics_are_not_appended_through_a_planted_symlink(tmp_path):
     assert target.read_text() == "precious\n"
     # planted after the start (between two epochs): the append refuses it too
     (run / "metrics.jsonl").unlink()
-    from pyrovae import runs
+    import pyrovae.train.runs as runs
 
     runs.append_metrics(run, {"epoch": 1})
     (run / "metrics.jsonl").unlink()

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import pyrovae.data as D
-from pyrovae.checkpoint import load_checkpoint, save_checkpoint
+from pyrovae.train.checkpoint import load_checkpoint, save_checkpoint
 from pyrovae.cli import main
 
 D_X = 20
@@ -208,7 +208,7 @@ def test_overwrite_waits_for_no_evaluation_and_evaluations_wait_for_no_overwrite
     run = copy_run(finished_run, tmp_path)
     # an evaluate of the old run, paused before its log-likelihood: --overwrite is refused, and the folder unchanged
     evaluate, marker = paused_cli(tmp_path, ["evaluate", str(run), "-k", "2", "--device", "cpu", "--data-dir", str(data_dir), "--no-progress"],
-                                  "pyrovae.distributed:log_likelihood")
+                                  "pyrovae.train.distributed:log_likelihood")
     try:
         before = sorted(p.name for p in run.iterdir())
         err = cli_error(capsys, train_args(data_dir, run, "--epochs", "1", "--overwrite"))

@@ -12,8 +12,9 @@ from pyrovae.data import load_dataset
 from pyrovae.guides import NoLatentGuide, SentenceEncoder
 from pyrovae.models import RNNLM, SentenceVAE
 from pyrovae.objectives import ELBO, GECO, IWAE, BetaELBO, LogVarianceLoss, Renyi, VarianceLoss
-from pyrovae.sequence_objectives import AnnealedELBO, TokenGECO, observed_counts
-from pyrovae.text import BucketBatches, Sentences, Vocab, buckets, encode_corpus, evaluate_text, limit_length, perplexity, unsort, write_text_outputs
+from pyrovae.objectives.sequence import AnnealedELBO, TokenGECO, observed_counts
+from pyrovae.evaluate.text import evaluate_text, write_text_outputs
+from pyrovae.data.text import BucketBatches, Sentences, Vocab, buckets, encode_corpus, limit_length, perplexity, unsort
 
 CORPUS = [
     "the cat sat on the mat",
@@ -497,8 +498,8 @@ def test_user_written_sequence_model_trains_and_evaluates():
 
 @pytest.mark.parametrize("rnn", ["lstm", "gru"])
 def test_rnn_is_torch_rnn_written_as_cells(rnn):
-    """pyrovae.recurrent.RNN: torch.nn.LSTM / GRU's parameters (names, initial values) and outputs."""
-    from pyrovae.recurrent import RNN
+    """pyrovae.nn.recurrent.RNN: torch.nn.LSTM / GRU's parameters (names, initial values) and outputs."""
+    from pyrovae.nn.recurrent import RNN
 
     torch.manual_seed(4)
     ref = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[rnn](5, 7, 2, batch_first=True)

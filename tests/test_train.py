@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pyrovae import evaluate as E
+import pyrovae.evaluate as E
 from pyrovae.cli import main
 from pyrovae.data import load_dataset
 from pyrovae.guides import GaussianEncoder

@@ -11,7 +11,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.trace_struct import Trace
 
-from pyrovae import evaluate as E
+import pyrovae.evaluate as E
 from pyrovae.data import Batches, as_inputs
 from pyrovae.objectives import ELBO, IWAE, Objective
 from pyrovae.train import DivergenceError, Trainer, TrainingInterrupted

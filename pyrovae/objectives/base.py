@@ -1,7 +1,7 @@
 """The base of every objective: an estimate computed from per-datum log weights and a small state.
 
-An objective is a function of :class:`~pyrovae.engine.LogWeights` (drawn by its
-:class:`~pyrovae.engine.LogWeightEngine`) and a dict of state tensors (BetaELBO's step, GECO's multiplier and
+An objective is a function of :class:`~pyrovae.objectives.engine.LogWeights` (drawn by its
+:class:`~pyrovae.objectives.engine.LogWeightEngine`) and a dict of state tensors (BetaELBO's step, GECO's multiplier and
 moving average): :meth:`Objective.estimate` returns an :class:`Estimate` with the true loss, the surrogate whose
 gradient is the estimator's, the metrics and the next state. :class:`Objective` is also a thin
 ``pyro.infer.ELBO`` adapter, so ``SVI(model, guide, optim, loss=objective)`` works: it keeps the state, and its
@@ -15,7 +15,7 @@ from typing import Optional, Union
 import torch
 from pyro.infer import ELBO as PyroELBO
 
-from pyrovae.engine import (  # noqa: F401  (re-exported: the objectives' common currency)
+from pyrovae.objectives.engine import (  # noqa: F401  (re-exported: the objectives' common currency)
     PARTICLE_PLATE,
     LogWeightEngine,
     LogWeights,
@@ -24,6 +24,8 @@ from pyrovae.engine import (  # noqa: F401  (re-exported: the objectives' common
     find_data_plate,
     log_weights_from_traces,
 )
+
+
 def leave_one_out(signal: torch.Tensor) -> torch.Tensor:
     """Detached ``signal`` minus the mean of the other particles (dim 0): a baseline that keeps the
     score-function estimate unbiased (each particle's baseline is independent of its own sample)."""
@@ -47,7 +49,7 @@ def score_function_term(
 
         f = sum over sites s of c[part(s)] * log-density_s  +  sum_b extra_b  +  extra_glob,
 
-    where ``coefficients`` maps :class:`~pyrovae.engine.LogWeights` part names (``log_px``, ``log_pz``,
+    where ``coefficients`` maps :class:`~pyrovae.objectives.engine.LogWeights` part names (``log_px``, ``log_pz``,
     ``log_qz``, ``glob_px``, ``glob_pz``, ``glob_qz``; absent parts count 0) to weights, ``extra [P, B]`` is a
     per-datum term that does not split over sites (a constraint on g(z), a closed-form KL correction) and
     ``extra_glob [P]`` a term shared by the batch.
@@ -161,7 +163,7 @@ class Objective(PyroELBO):
 
     Args:
         num_particles: samples of z per data point.
-        max_plate_nesting, data_plate, vectorize_particles: the :class:`~pyrovae.engine.LogWeightEngine`'s.
+        max_plate_nesting, data_plate, vectorize_particles: the :class:`~pyrovae.objectives.engine.LogWeightEngine`'s.
         strict_enumeration_warning: warn of guide sites marked for enumeration (these objectives sample them), as
             ``Trace_ELBO`` does.
         retain_graph: passed to ``backward()`` in :meth:`loss_and_grads`, as in Pyro.

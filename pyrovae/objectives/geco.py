@@ -26,7 +26,7 @@ from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from pyrovae.engine import observed_mean, observed_site  # noqa: F401  (observed_site: re-exported)
+from pyrovae.objectives.engine import observed_mean, observed_site  # noqa: F401  (observed_site: re-exported)
 from pyrovae.objectives.base import Estimate, LogWeights, Objective, score_function_term
 
 ConstraintFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -24,7 +24,7 @@ What keeps it honest:
   NumPy's generators, and graphs that write into tensors they did not create (running statistics) keep the
   plain call; module buffers are restored after the trial runs.
 
-The torch-internal graph passes live in :mod:`pyrovae.fx_passes`.
+The torch-internal graph passes live in :mod:`pyrovae.capture.fx_passes`.
 """
 from __future__ import annotations
 
@@ -41,9 +41,9 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_map
 
-from pyrovae.fx_passes import CaptureRefused, build
-from pyrovae.fx_passes import lift_params as lift_params  # noqa: F401  (public)
-from pyrovae.rng import get_rng_state, set_rng_state
+from pyrovae.capture.fx_passes import CaptureRefused, build
+from pyrovae.capture.fx_passes import lift_params as lift_params  # noqa: F401  (public)
+from pyrovae.utils.rng import get_rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +362,7 @@ def _why_not_traced(e: Exception, limit: int = 200) -> str:
 
 
 def _same_draws(a: dict, b: dict, generators: tuple[str, ...]) -> bool:
-    """Whether two :func:`~pyrovae.checkpoint.get_rng_state` snapshots agree on ``generators``."""
+    """Whether two :func:`~pyrovae.train.checkpoint.get_rng_state` snapshots agree on ``generators``."""
     flat_a, _ = tree_flatten([a[g] for g in generators])
     flat_b, _ = tree_flatten([b[g] for g in generators])
     return len(flat_a) == len(flat_b) and all(

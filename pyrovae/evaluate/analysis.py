@@ -14,7 +14,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from pyrovae.data import as_inputs
-from pyrovae.engine import observed_site, site_mean
+from pyrovae.objectives.engine import observed_site, site_mean
 
 
 @dataclass
@@ -223,7 +223,7 @@ def information_plane(model, guide, data, num_samples: int = 1, batch_size: int 
     """One point of the information plane: ``kl`` = mean KL(q(z | x) || p(z)) (from the ELBO's terms) and
     ``recon_nll`` = the re-fitted Gaussian reconstruction NLL (:func:`refit_gaussian_scale`), with ``sigma`` and
     the model's own ``recon`` term (its likelihood as trained)."""
-    from pyrovae.evaluate import elbo_terms
+    from pyrovae.evaluate.likelihood import elbo_terms
 
     terms = elbo_terms(model, guide, data, batch_size=batch_size)
     refit = refit_gaussian_scale(model, guide, data, num_samples, batch_size)

@@ -28,7 +28,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
 
-from pyrovae.rng import get_rng_state, set_rng_state
+from pyrovae.utils.rng import get_rng_state, set_rng_state
 
 PARTICLE_PLATE = "num_particles_vectorized"
 
@@ -526,7 +526,7 @@ class LogWeightEngine:
         try:
             guide_trace.compute_log_prob()
         except (NotImplementedError, KeyError) as e:
-            from pyrovae.flows import ANALYTIC_INVERSE, FLOWS  # the one record of which flows invert
+            from pyrovae.nn.flows import ANALYTIC_INVERSE, FLOWS  # the one record of which flows invert
 
             raise ValueError(
                 f"{who} scores samples detached from the guide, which needs log q(z|x) at a given z; "

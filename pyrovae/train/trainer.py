@@ -4,10 +4,10 @@ The hot loop keeps everything on the device: batches are drawn by on-device inde
 and metrics are summed on the device, and the host synchronises only every ``check_every`` steps (to
 check that the loss and gradients stayed finite) and at the end of an epoch.
 
-The loop's other work lives elsewhere: :mod:`pyrovae.callbacks` (progress output, ``metrics.jsonl``,
-checkpoints, TensorBoard, and the user's own per-epoch work), :mod:`pyrovae.divergence` (rollback to the
-last good state and the report naming the failing step and sites), :mod:`pyrovae.resume` (checkpoints,
-resuming, SIGINT/SIGTERM) and :mod:`pyrovae.checks` (data and model/guide checks before the first step).
+The loop's other work lives elsewhere: :mod:`pyrovae.train.callbacks` (progress output, ``metrics.jsonl``,
+checkpoints, TensorBoard, and the user's own per-epoch work), :mod:`pyrovae.train.divergence` (rollback to the
+last good state and the report naming the failing step and sites), :mod:`pyrovae.train.resume` (checkpoints,
+resuming, SIGINT/SIGTERM) and :mod:`pyrovae.train.checks` (data and model/guide checks before the first step).
 """
 from __future__ import annotations
 
@@ -21,19 +21,20 @@ import torch
 from pyro import poutine
 from pyro.infer.util import is_validation_enabled
 
-from pyrovae import resume as _resume
-from pyrovae.callbacks import Callback, CallbackList, Checkpoints, MetricsFile, Progress, check_callbacks
+import pyrovae.train.resume as _resume
+from pyrovae.train.callbacks import Callback, CallbackList, Checkpoints, MetricsFile, Progress, check_callbacks
 from pyrovae.capture import MODES as CAPTURE_MODES
 from pyrovae.capture import GraphCache, grad_norm
-from pyrovae.engine import LogWeightEngine
+from pyrovae.objectives.engine import LogWeightEngine
 from pyrovae.objectives.base import Objective
-from pyrovae import distributed, runs
-from pyrovae.checkpoint import save_checkpoint  # looked up here by Trainer.save (tests replace pyrovae.train.save_checkpoint)
-from pyrovae.checks import check_data_shape, check_fit_data, check_sites, check_valid_data  # noqa: F401  (re-exported)
+import pyrovae.train.distributed as distributed
+import pyrovae.train.runs as runs
+from pyrovae.train.checkpoint import save_checkpoint  # looked up here by Trainer.save (tests replace pyrovae.train.save_checkpoint)
+from pyrovae.train.checks import check_data_shape, check_fit_data, check_sites, check_valid_data  # noqa: F401  (re-exported)
 from pyrovae.data import Batches, as_inputs
-from pyrovae.divergence import POLICIES, DivergenceError, Rollback, Snapshot, nonfinite_sites  # noqa: F401  (re-exported)
-from pyrovae.resume import Cursor, TrainingInterrupted, interrupt, run_folder, stop_signals  # noqa: F401  (re-exported)
-from pyrovae.rng import get_rng_state, set_rng_state
+from pyrovae.train.divergence import POLICIES, DivergenceError, Rollback, Snapshot, nonfinite_sites  # noqa: F401  (re-exported)
+from pyrovae.train.resume import Cursor, TrainingInterrupted, interrupt, run_folder, stop_signals  # noqa: F401  (re-exported)
+from pyrovae.utils.rng import get_rng_state, set_rng_state
 
 SCHEDULES = ("constant", "exponential", "cosine", "iwae")
 
@@ -83,9 +84,9 @@ class Trainer:
         on_divergence: ``stop`` (raise :class:`DivergenceError`) or ``reduce_lr`` (halve the learning rate
             and continue from the last good state, at most ``max_lr_reductions`` times).
         valid_particles: particles of the validation ELBO.
-        progress: show a tqdm progress bar (when stderr is a terminal) and a line per epoch (:class:`~pyrovae.callbacks.Progress`).
-        callbacks: :class:`~pyrovae.callbacks.Callback` instances called by every ``fit`` (``fit`` takes more); with a
-            ``run_dir`` the trainer adds :class:`~pyrovae.callbacks.MetricsFile` and :class:`~pyrovae.callbacks.Checkpoints`.
+        progress: show a tqdm progress bar (when stderr is a terminal) and a line per epoch (:class:`~pyrovae.train.callbacks.Progress`).
+        callbacks: :class:`~pyrovae.train.callbacks.Callback` instances called by every ``fit`` (``fit`` takes more); with a
+            ``run_dir`` the trainer adds :class:`~pyrovae.train.callbacks.MetricsFile` and :class:`~pyrovae.train.callbacks.Checkpoints`.
         validate_every_step: keep Pyro's validation (if enabled) on every step, not only the first (such steps
             are never captured).
         capture: the step's fast path (:mod:`pyrovae.capture`): ``replay`` records each step signature once
@@ -275,9 +276,9 @@ class Trainer:
             p.grad = g
         return loss, norm
 
-    # --- checkpoints (pyrovae.resume) -----------------------------------------------------------------
+    # --- checkpoints (pyrovae.train.resume) -----------------------------------------------------------------
     def state_dict(self, finished: bool = False) -> dict:
-        """Everything a resumed run needs (:func:`pyrovae.resume.state_dict`)."""
+        """Everything a resumed run needs (:func:`pyrovae.train.resume.state_dict`)."""
         return _resume.state_dict(self, finished)
 
     def load_weights(self, state: dict) -> None:
@@ -343,10 +344,10 @@ class Trainer:
         ``model(*batch)``, ``guide(*batch)``. ``dynamic_binarize`` resamples the first tensor only.
 
         ``train`` may also be a batch source with :class:`~pyrovae.data.Batches`'s ``__len__``, ``permutation()``,
-        ``batch(perm, index)`` and ``data`` (e.g. :class:`pyrovae.text.BucketBatches`, batches of sentences of
+        ``batch(perm, index)`` and ``data`` (e.g. :class:`pyrovae.data.text.BucketBatches`, batches of sentences of
         similar length): its batches are used as they come (``batch_size`` then only sizes validation).
 
-        ``callbacks`` are called after the trainer's own (:mod:`pyrovae.callbacks`); one that sets
+        ``callbacks`` are called after the trainer's own (:mod:`pyrovae.train.callbacks`); one that sets
         ``trainer.stop_training = True`` ends ``fit`` cleanly at the next step boundary."""
         if int(batch_size) < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer")

@@ -17,16 +17,15 @@ from typing import Any, Optional, Sequence
 import pyro
 import torch
 
-from pyrovae import distributed, runs
-from pyrovae.callbacks import TensorBoard
+import pyrovae.train.distributed as distributed
+import pyrovae.train.runs as runs
+from pyrovae.train.callbacks import TensorBoard
 from pyrovae.capture import MODES as CAPTURE_MODES
-from pyrovae.checkpoint import CheckpointError, atomic_write, check_state, load_checkpoint, write_json
+from pyrovae.train.checkpoint import CheckpointError, atomic_write, check_state, load_checkpoint, write_json
 from pyrovae.data import as_inputs
 from pyrovae.objectives import ELBO, Objective
-from pyrovae.registry import (
-    BAYES_GROUP, DRAW_GROUP, GUIDES, MODEL_GROUP, MODEL_GUIDES, MODELS, OBJECTIVE_GROUP, OBJECTIVES, TEXT_GROUP, all_args, build_guide,
-    build_model, build_objective, default_guide, entry_args, objective_kwargs, positive_int,
-)
+import pyrovae.cli.reports as reports
+from pyrovae.cli.registry import BAYES_GROUP, DRAW_GROUP, GUIDES, MODEL_GROUP, MODEL_GUIDES, MODELS, OBJECTIVE_GROUP, OBJECTIVES, TEXT_GROUP, all_args, build_guide, build_model, build_objective, default_guide, entry_args, objective_kwargs, positive_int
 from pyrovae.train import SCHEDULES, DivergenceError, Trainer, TrainingInterrupted
 
 
@@ -95,7 +94,7 @@ def _record_data(cfg: dict, splits) -> None:
 
 def _check_likelihood(cfg: dict, splits) -> None:
     from pyrovae.data import check_data
-    from pyrovae.likelihoods import get_likelihood
+    from pyrovae.nn.likelihoods import get_likelihood
 
     unit = get_likelihood(cfg.get("likelihood", "bernoulli")).needs_unit_interval
     for name in ("train", "valid", "test"):
@@ -304,7 +303,7 @@ def _optimizer(cfg: dict, model, guide) -> dict:
     """Trainer arguments for ``--optimizer``: Adam with the captured step, or NaturalGradient with plain steps."""
     if cfg.get("optimizer", "adam") == "adam":
         return {"capture": cfg.get("capture", "replay")}
-    from pyrovae.optim import NaturalGradient
+    from pyrovae.train.optim import NaturalGradient
 
     kwargs = {"modules": [model, guide], "damping": cfg.get("damping", 1.0), "kl_clip": cfg.get("kl_clip", 10.0), "fisher": cfg.get("fisher", "kfac")}
     return {"optimizer": NaturalGradient, "optimizer_kwargs": kwargs, "capture": "off"}
@@ -438,7 +437,7 @@ def _run_marginal_kl(run_dir, device, checkpoint: str = "best", limit: Optional[
     1000) test examples, with the model's prior, added under ``marginal_kl`` to the ``RUN/evaluation*.json`` of the same checkpoint and limit."""
     import dataclasses
 
-    from pyrovae.analysis import marginal_kl
+    from pyrovae.evaluate.analysis import marginal_kl
 
     run = load_run(Path(run_dir), device, checkpoint, data_dir=data_dir, with_data=True)
     cfg, model, guide, splits = run.config, run.model, run.guide, run.splits
@@ -567,17 +566,18 @@ def _evaluate(
     capture: str = "auto", progress: bool = True, suffix: Optional[str] = None,
 ) -> int:
     """Evaluate a run; its outputs are named with ``suffix`` (default :func:`_output_suffix`: by checkpoint and limit)."""
-    from pyrovae import evaluate as E
-    from pyrovae.pictures import labelled_grids
+    import pyrovae.evaluate as E
+    from pyrovae.evaluate.pictures import labelled_grids
 
     runs.check_writable(run_dir)  # before the log-likelihood, not after: evaluation.json and the pictures go there
     cfg, model, guide, splits, path, _ = _load_run(run_dir, device, checkpoint, splits, data_dir)
     suffix = _output_suffix(checkpoint, limit, splits.test.shape[0]) if suffix is None else suffix
     test = splits.test if not limit else splits.test[:limit]
-    if hasattr(model, "evaluate_run") and not distributed.is_main():  # distributed: rank 0 evaluates these models alone
+    report = reports.evaluation_for(model)  # a kind of model with its own metrics and outputs (text: perplexity, sentences)
+    if report is not None and not distributed.is_main():  # distributed: rank 0 evaluates these models alone
         return 0
-    if hasattr(model, "evaluate_run"):  # a model with its own metrics and outputs (text: perplexity, sentences)
-        result = {"checkpoint": str(path), "limit": limit, **model.evaluate_run(guide, splits, test, run_dir, num_samples, suffix=suffix)}
+    if report is not None:
+        result = {"checkpoint": str(path), "limit": limit, **report(model, guide, splits, test, run_dir, num_samples, suffix=suffix)}
         write_json(run_dir / f"evaluation{suffix}.json", result)
         print(json.dumps(result, indent=2))
         print(f"pyrovae: wrote evaluation{suffix}.json and {', '.join(result.get('outputs', []))} to {run_dir}")
@@ -599,9 +599,7 @@ def _evaluate(
         "num_test": n,
         "limit": limit if limit and limit < splits.test.shape[0] else None,
         "num_samples": num_samples,
-        "test_nll": float(-ll.values.mean()),
-        "test_nll_stderr_over_data": float(ll.values.std() / math.sqrt(n)) if n > 1 else float("nan"),
-        "test_nll_importance_stderr": float(ll.stderr.pow(2).mean().sqrt() / math.sqrt(n)),
+        **ll.summary(),
         "test_elbo": terms["elbo"],
         "test_recon": terms["recon"],
         "test_kl": terms["kl"],
@@ -626,8 +624,9 @@ def _evaluate(
             written.append(f"manifold{suffix}.png")
         except ValueError as e:  # a discrete 2-D code has no manifold to draw
             print(f"pyrovae: no manifold.png: {e}")
-    if hasattr(model, "write_pictures"):  # models that draw over steps (DRAW): canvases, attention, GIF
-        written += [p.name for p in model.write_pictures(run_dir, guide=guide, data=test, suffix=suffix)]
+    pictures = reports.pictures_for(model)  # models that draw over steps (DRAW): canvases, attention, GIF
+    if pictures is not None:
+        written += [p.name for p in pictures(model, guide, test, run_dir, suffix=suffix)]
     print(json.dumps(result, indent=2))
     print(f"pyrovae: wrote {', '.join(written)} to {run_dir}")
     return 0
@@ -660,7 +659,7 @@ MAX_SAMPLES = 10_000
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from pyrovae import evaluate as E
+    import pyrovae.evaluate as E
 
     device = resolve_device(args.device)
     if args.num < 1:
@@ -671,11 +670,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist; create it or write elsewhere")
     cfg, model, guide, splits, _, _ = _load_run(Path(args.run_dir), device, args.checkpoint, data_dir=args.data_dir, need_data=False)
     pyro.set_rng_seed(args.seed)
-    if hasattr(model, "sample_run"):  # a model that samples something other than images (text: sentences, printed)
+    sampler = reports.sampler_for(model)
+    if sampler is not None:  # a model that samples something other than images (text: sentences, printed)
         if splits is None:
             splits = _load_data({**cfg, "data_dir": args.data_dir} if args.data_dir else cfg, device)
             _check_vocab(Path(args.run_dir), splits)
-        text = "\n".join(model.sample_run(splits, args.num))
+        text = "\n".join(sampler(model, splits, args.num))
         if not args.out:
             print(text)
             return 0
@@ -691,8 +691,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     x_shape = tuple(cfg.get("x_shape") or splits.x_shape)
     E.save_image_grid(E.sample(model, args.num, x_shape, device=device), out)
     also = []
-    if hasattr(model, "write_pictures"):  # models that draw over steps (DRAW): canvases per step and a GIF, named after out
-        also = [p.name for p in model.write_pictures(out.parent, num=min(args.num, 16), suffix=f"-{out.stem}")]
+    pictures = reports.pictures_for(model)  # models that draw over steps (DRAW): canvases per step and a GIF, named after out
+    if pictures is not None:
+        also = [p.name for p in pictures(model, None, None, out.parent, num=min(args.num, 16), suffix=f"-{out.stem}")]
     print(f"pyrovae: wrote {args.num} samples to {out}" + (f" (and {', '.join(also)} beside it)" if also else ""))
     return 0
 
@@ -752,7 +753,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--overlong", default=None, choices=["cut", "drop"], help="sentences over --max-length: cut them (default) or drop them")
     g = groups[OBJECTIVE_GROUP]
     g.add_argument("--objective", default="elbo", choices=sorted(OBJECTIVES), help="inference objective")
-    for arg in all_args():  # the registries' options (pyrovae.registry), each in its section
+    for arg in all_args():  # the registries' options (pyrovae.cli.registry), each in its section
         title = arg.group or (OBJECTIVE_GROUP if arg.flag in _objective_flags() else MODEL_GROUP)
         if title not in groups:
             groups[title] = t.add_argument_group(title)
@@ -771,7 +772,7 @@ def parser() -> argparse.ArgumentParser:
     )
     g = groups[BAYES_GROUP]
     g.add_argument("--optimizer", default="adam", choices=["adam", "natural"],
-                   help="natural: pyrovae.optim.NaturalGradient (runs with --capture off); give it --lr 1, its plain natural-gradient step")
+                   help="natural: pyrovae.train.optim.NaturalGradient (runs with --capture off); give it --lr 1, its plain natural-gradient step")
     g.add_argument("--fisher", default="kfac", choices=["kfac", "diagonal"], help="Fisher blocks of --optimizer natural")
     g.add_argument("--damping", type=float, default=1.0, help="damping of --optimizer natural (see README, 'Bayesian layers')")
     g.add_argument("--kl-clip", type=float, default=10.0, help="trust-region bound of --optimizer natural")

@@ -170,10 +170,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     """``x W^T + b`` for a weight of shape ``[out, in]`` or a batch of weights ``[*batch, out, in]`` (one per
     particle, as Pyro's vectorised ELBOs draw them), broadcasting the weight's batch dims against ``x[..., :-1]``.
 
-    Inside :func:`pyrovae.poutine.local_reparameterization` a weight drawn from a Normal in the guide gives
+    Inside :func:`pyrovae.nn.poutine.local_reparameterization` a weight drawn from a Normal in the guide gives
     pre-activations drawn per example instead (the handler patches ``torch.nn.functional.linear``, which this
     calls for unbatched weights, and is asked directly for batched ones)."""
-    from pyrovae import poutine as _poutine
+    import pyrovae.nn.poutine as _poutine
 
     handler = _poutine._active_local_reparameterization()
     if handler is not None:

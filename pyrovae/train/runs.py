@@ -19,7 +19,7 @@ from typing import Optional, Union
 
 import torch
 
-from pyrovae.checkpoint import CheckpointError, atomic_write
+from pyrovae.train.checkpoint import CheckpointError, atomic_write
 
 try:
     import fcntl
@@ -302,7 +302,7 @@ def start_fresh(run_dir: PathLike) -> None:
     run_dir = Path(run_dir)
     last = run_dir / "checkpoints" / "last.pt"
     if last.exists():
-        from pyrovae.checkpoint import load_checkpoint
+        from pyrovae.train.checkpoint import load_checkpoint
 
         try:
             what = "a finished run" if load_checkpoint(last).get("finished") else "an unfinished run"

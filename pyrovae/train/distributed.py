@@ -47,7 +47,7 @@ import torch.distributed as dist
 
 from pyrovae.capture import grad_norm
 from pyrovae.data import Batches, as_inputs
-from pyrovae.rng import get_rng_state, set_rng_state
+from pyrovae.utils.rng import get_rng_state, set_rng_state
 
 #: torchrun's environment variables that :func:`init` needs
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -231,9 +231,9 @@ class _NoLock:
 
 
 def run_lock(run_dir):
-    """The run folder's :class:`pyrovae.runs.RunLock` on rank 0, a lock that does nothing on the other ranks
+    """The run folder's :class:`pyrovae.train.runs.RunLock` on rank 0, a lock that does nothing on the other ranks
     (they write nothing there)."""
-    from pyrovae.runs import RunLock
+    from pyrovae.train.runs import RunLock
 
     return RunLock(run_dir) if is_main() else _NoLock()
 
@@ -269,7 +269,7 @@ def _check_same_data(parts: tuple) -> None:
 
 # --- batches -----------------------------------------------------------------------------------------------
 class ShardedBatches:
-    """A batch source (:class:`~pyrovae.data.Batches`, :class:`pyrovae.text.BucketBatches`, ...) of global
+    """A batch source (:class:`~pyrovae.data.Batches`, :class:`pyrovae.data.text.BucketBatches`, ...) of global
     batches, of which each rank gets its contiguous slice (:func:`shard_bounds`).
 
     ``permutation()`` is rank 0's, broadcast, so every rank slices the same global batch. The last batch of
@@ -332,7 +332,7 @@ def prepare(trainer) -> None:
     trainer._stop_agreed = False
     if not active():
         return
-    from pyrovae.optim import NaturalGradient
+    from pyrovae.train.optim import NaturalGradient
 
     if isinstance(trainer.optim, NaturalGradient):
         raise ValueError(

@@ -24,8 +24,8 @@ from pyro.poutine.util import prune_subsample_sites
 from pyrovae.capture import MODES as CAPTURE_MODES
 from pyrovae.capture import GraphCache, owner, shared_cache
 from pyrovae.data import as_inputs
-from pyrovae.engine import LogWeightEngine, observed_site, site_mean
-from pyrovae.pictures import save_atomic
+from pyrovae.objectives.engine import LogWeightEngine, observed_site, site_mean
+from pyrovae.evaluate.pictures import save_atomic
 
 #: a tensor ``[N, ...]`` or a tuple of tensors with first dimension N
 Data = Union[torch.Tensor, tuple]
@@ -92,6 +92,22 @@ class LogLikelihood:
     stderr: torch.Tensor
     capture: str = ""  # how the chunks ran: captured graphs or plain Pyro, and why (see pyrovae.capture)
 
+    def summary(self, prefix: str = "test_") -> dict[str, float]:
+        """The mean NLL over the data and its two standard errors: over the data (the spread of -log p(x) across
+        data points, what a second test set would move) and of the importance sampling (the per-datum delta-method
+        errors combined, what more samples would shrink)."""
+        return nll_summary(-self.values, self.stderr, prefix)
+
+
+def nll_summary(nll: torch.Tensor, importance_stderr: torch.Tensor, prefix: str = "test_") -> dict[str, float]:
+    """``{prefix}nll``, ``{prefix}nll_stderr_over_data`` and ``{prefix}nll_importance_stderr`` of per-datum NLLs."""
+    n = nll.numel()
+    return {
+        f"{prefix}nll": float(nll.mean()),
+        f"{prefix}nll_stderr_over_data": float(nll.std() / math.sqrt(n)) if n > 1 else float("nan"),
+        f"{prefix}nll_importance_stderr": float(importance_stderr.pow(2).mean().sqrt() / math.sqrt(n)),
+    }
+
 
 def default_max_elements(device: torch.device) -> int:
     """The default memory budget of one :func:`log_likelihood` pass, in floats of decoder output: 2^22 (16 MB
@@ -140,7 +156,7 @@ def log_likelihood(
             kept for the same (model, guide) pair between calls; each is checked against Pyro on its first
             chunk in every call, and the plain chunk runs wherever a graph does not apply (the result's
             ``capture`` says why).
-        progress: show a bar (images done, images/s, time left) on a terminal (:func:`pyrovae.progress.bar`).
+        progress: show a bar (images done, images/s, time left) on a terminal (:func:`pyrovae.utils.progress.bar`).
     Returns:
         :class:`LogLikelihood` with ``values`` and ``stderr``, each ``[N]``, and the ``capture`` report.
     """
@@ -155,7 +171,7 @@ def log_likelihood(
     values, errors = [], []
     run = _chunk_log_weights(model, guide, capture, inputs)
     validate = is_validation_enabled()
-    from pyrovae.progress import bar as progress_bar
+    from pyrovae.utils.progress import bar as progress_bar
 
     bar = progress_bar(inputs.n, enabled=progress, desc=f"log p(x), k={num_samples}", unit="img", leave=False)
     for start in range(0, inputs.n, batch_size):
@@ -222,7 +238,7 @@ def elbo_terms(model, guide, data: Data, num_particles: int = 1, batch_size: int
     """Mean per-datum ELBO, reconstruction term E_q[log p(x|z)] and KL estimate over ``data`` (a tensor or a
     tuple of tensors, sliced in chunks together with the per-datum tensors of ``args``/``kwargs``).
 
-    ``engine``: a :class:`~pyrovae.engine.LogWeightEngine` to reuse across calls (it keeps the plate nesting it
+    ``engine``: a :class:`~pyrovae.objectives.engine.LogWeightEngine` to reuse across calls (it keeps the plate nesting it
     guessed on its first call); by default a new one with ``num_particles``."""
     engine = LogWeightEngine(num_particles) if engine is None else engine
     inputs = _Inputs(data, args, kwargs)
@@ -448,4 +464,3 @@ def latent_scatter(guide, data: Data, labels: Optional[torch.Tensor], path, site
     save_atomic(path, lambda f, fmt: fig.savefig(f, format=fmt, dpi=120))
     plt.close(fig)
     return Path(path)
-from pyrovae.analysis import MarginalKL, geco_trajectory, information_plane, marginal_kl, refit_gaussian_scale  # noqa: E402,F401  (GECO-paper analyses)

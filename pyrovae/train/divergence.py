@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 
-from pyrovae.progress import write
-from pyrovae.resume import Cursor, copy_sums, load_objective_state, objective_state
-from pyrovae.rng import get_rng_state, set_rng_state
-
-if TYPE_CHECKING:
-    from pyrovae.train import Trainer
+from pyrovae.utils.progress import write
+from pyrovae.train.resume import Cursor, copy_sums, load_objective_state, objective_state
+from pyrovae.utils.rng import get_rng_state, set_rng_state
 
 POLICIES = ("stop", "reduce_lr")
 

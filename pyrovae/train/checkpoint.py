@@ -7,65 +7,22 @@ only; a pickle that would run code is refused.
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 
-from pyrovae.rng import get_rng_state, set_rng_state  # noqa: F401  (checkpoints store them)
+from pyrovae.utils.files import atomic_write, write_json  # noqa: F401  (re-exported: checkpoints are written with them)
+from pyrovae.utils.rng import get_rng_state, set_rng_state  # noqa: F401  (checkpoints store them)
 
 FORMAT = "pyrovae-checkpoint-v1"
 
 
 class CheckpointError(ValueError):
     """A file that is not a pyrovae checkpoint, or one that does not fit the model it is loaded into."""
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Union[str, Path], write) -> Path:
-    """Call ``write(file_object)`` on a temporary file next to ``path``, fsync it, then rename it over
-    ``path``. On any error the temporary file is removed and ``path`` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
 
 
 def save_checkpoint(state: dict, path: Union[str, Path]) -> Path:
@@ -100,11 +57,6 @@ def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a torch file but not a pyrovae checkpoint (no '{FORMAT}' tag)")
     return state
-
-
-def write_json(path: Union[str, Path], obj: Any) -> Path:
-    data = json.dumps(obj, indent=2, sort_keys=True).encode()
-    return atomic_write(path, lambda f: f.write(data))
 
 
 def _is_int(v: Any) -> bool:

@@ -29,8 +29,8 @@ from typing import Any, Callable, Optional, Sequence
 
 from torch import nn
 
-from pyrovae.flows import FLOWS
-from pyrovae.likelihoods import LIKELIHOODS
+from pyrovae.nn.flows import FLOWS
+from pyrovae.nn.likelihoods import LIKELIHOODS
 from pyrovae.objectives import Objective
 
 #: ``--help`` sections of the registries' options (``pyrovae train --help`` shows them in this order, among the CLI's own)
@@ -216,7 +216,7 @@ def _bernoulli(cfg: dict, x_shape) -> nn.Module:
 
 
 def _text_sizes(cfg: dict, x_shape) -> dict:
-    """Sizes of the text models: ``x_shape`` is ``(vocab size,)`` (:class:`pyrovae.text.TextSplits`)."""
+    """Sizes of the text models: ``x_shape`` is ``(vocab size,)`` (:class:`pyrovae.data.text.TextSplits`)."""
     hidden = _hidden(cfg)
     return {
         "vocab_size": x_shape[0], "embed_dim": _given(cfg, "embed_dim", 353), "hidden_dim": hidden[0][0] if hidden else 191,
@@ -296,7 +296,7 @@ def _convdraw(cfg: dict, x_shape) -> nn.Module:
 
 
 def _context_shape(cfg: dict):
-    from pyrovae.derived_data import context_shape
+    from pyrovae.data.derived import context_shape
 
     return context_shape(cfg.get("dataset", ""))
 

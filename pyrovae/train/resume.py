@@ -12,17 +12,15 @@ import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, NoReturn, Optional, Union
+from typing import Iterator, NoReturn, Optional, Union
 
 import torch
 
-from pyrovae import distributed, runs
-from pyrovae.checkpoint import CheckpointError, check_state, load_checkpoint, write_json
+import pyrovae.train.distributed as distributed
+import pyrovae.train.runs as runs
+from pyrovae.train.checkpoint import CheckpointError, check_state, load_checkpoint, write_json
 from pyrovae.data import as_inputs
-from pyrovae.rng import get_rng_state, set_rng_state
-
-if TYPE_CHECKING:
-    from pyrovae.train import Trainer
+from pyrovae.utils.rng import get_rng_state, set_rng_state
 
 
 class TrainingInterrupted(KeyboardInterrupt):

@@ -122,7 +122,7 @@ def register_dataset(
 
 
 #: name -> ``fn(data_dir=, device=, download=, **options)`` for datasets that build their own splits (text:
-#: :mod:`pyrovae.text`); :func:`load_dataset` hands such names over to their loader.
+#: :mod:`pyrovae.data.text`); :func:`load_dataset` hands such names over to their loader.
 LOADERS: dict[str, Callable] = {}
 
 
@@ -499,7 +499,7 @@ def load_dataset(
         device: where the tensors live.
         download: allow a torchvision download into the cache when the files are not found.
         options: settings of a dataset with its own loader (:data:`LOADERS`), e.g. ``max_length`` for
-            ``ptb`` (:func:`pyrovae.text.load_ptb`), which returns its own splits object.
+            ``ptb`` (:func:`pyrovae.data.text.load_ptb`), which returns its own splits object.
     """
     _check_name(name)
     if name in LOADERS:
@@ -709,7 +709,3 @@ class Batches:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self.epoch()
-
-
-from pyrovae import text as _text  # noqa: E402,F401  (registers "ptb"; it imports this module)
-from pyrovae import derived_data as _derived  # noqa: E402,F401  (registers color-mnist, mnist-sum, ...; it imports this module)

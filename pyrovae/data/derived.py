@@ -31,7 +31,7 @@ from typing import NamedTuple, Optional, Union
 import numpy as np
 import torch
 
-from pyrovae import data as D
+import pyrovae.data.core as D
 
 #: (train, test) examples of each derived set
 SIZES = {"color-mnist": (20000, 5000), "mnist-triplets": (20000, 5000), "mnist-sum": (20000, 5000), "mnist-sum-hard": (20000, 5000),

@@ -13,12 +13,12 @@ from typing import Optional
 
 import torch
 
-from pyrovae.checkpoint import atomic_write
+from pyrovae.utils.files import atomic_write
 
 
 def save_atomic(path, write) -> Path:
     """Call ``write(file, format)`` on a temporary file beside ``path`` and rename it over ``path``
-    (:func:`~pyrovae.checkpoint.atomic_write`): a reader never sees half a picture, and an evaluation killed
+    (:func:`~pyrovae.utils.files.atomic_write`): a reader never sees half a picture, and an evaluation killed
     mid-write leaves the previous one. ``format`` is the image format of the extension (``png``, ``jpeg``, ``gif``)."""
     from PIL import Image
 

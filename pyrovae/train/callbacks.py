@@ -25,14 +25,12 @@ callback adds to an epoch's record reach ``metrics.jsonl``, the printed line and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 
-from pyrovae import progress, runs
-
-if TYPE_CHECKING:
-    from pyrovae.train import Trainer
+import pyrovae.utils.progress as progress
+import pyrovae.train.runs as runs
 
 
 class Callback:
@@ -106,7 +104,7 @@ def check_callbacks(callbacks: Optional[Iterable[Callback]], name: str = "callba
     out = list(callbacks)
     for c in out:
         if not isinstance(c, Callback):
-            raise TypeError(f"{name} holds {c!r}, a {type(c).__name__}: pass instances of pyrovae.callbacks.Callback subclasses, e.g. {name}=[TensorBoard('runs/tb')]")
+            raise TypeError(f"{name} holds {c!r}, a {type(c).__name__}: pass instances of pyrovae.train.callbacks.Callback subclasses, e.g. {name}=[TensorBoard('runs/tb')]")
     return out
 
 
@@ -155,7 +153,7 @@ class Progress(Callback):
 
 
 class MetricsFile(Callback):
-    """Appends each epoch's record to ``run_dir/metrics.jsonl`` (:func:`pyrovae.runs.append_metrics`; ``run_dir``
+    """Appends each epoch's record to ``run_dir/metrics.jsonl`` (:func:`pyrovae.train.runs.append_metrics`; ``run_dir``
     defaults to the trainer's). A resumed run's file is cut back to its checkpoint by ``Trainer.resume``."""
 
     def __init__(self, run_dir: Optional[Union[str, Path]] = None):

@@ -1,0 +1,31 @@
+"""The command line (the top layer): commands (:mod:`commands`), the registry of models, guides, objectives and
+data sets with their flags (:mod:`registry`)."""
+
+from pyrovae.cli.commands import (  # noqa: F401
+    AUTO_COMPILE_WORK,
+    EVAL_CAPTURE_CHOICES,
+    EVAL_CAPTURE_HELP,
+    HelpFormatter,
+    LoadedRun,
+    MAX_CONFIG_BYTES,
+    MAX_SAMPLES,
+    MAX_VOCAB_BYTES,
+    RESUME_OVERRIDES,
+    TEXT_DATA_OPTIONS,
+    THREADS_HELP,
+    TRAIN_GROUPS,
+    UsageError,
+    VOCAB_FILE,
+    _config,
+    cmd_evaluate,
+    cmd_sample,
+    cmd_train,
+    default_run_name,
+    eval_capture_mode,
+    load_run,
+    main,
+    parser,
+    quiet_torch_notices,
+    read_config,
+    resolve_device,
+)
