@@ -444,9 +444,15 @@ def _run_marginal_kl(run_dir, device, checkpoint: str = "best", limit: Optional[
     cfg, model, guide, splits = run.config, run.model, run.guide, run.splits
     test = splits.test[: limit or 1000]
     if splits.binarize == "dynamic":  # the fixed binarisation `pyrovae evaluate` uses for the log-likelihood
-        gen = torch.Generator(device=test.device).manual_seed(cfg.get("seed", 0) + 1)
-        test = torch.bernoulli(test, generator=gen)
-    result = dataclasses.asdict(marginal_kl(guide, test, model=model))
+        target = getattr(test, "target", test)  # (target, context) pairs: dynamic binarisation resamples the targets only
+        gen = torch.Generator(device=target.device).manual_seed(cfg.get("seed", 0) + 1)
+        target = torch.bernoulli(target, generator=gen)
+        test = test._replace(target=target) if hasattr(test, "target") else target
+    try:
+        result = dataclasses.asdict(marginal_kl(guide, test, model=model))
+    except ValueError as e:  # a conditional prior whose contexts never repeat in these test examples, ...
+        hint = "; on the command line: a larger --limit (default 1000) gives contexts more chances to repeat" if "distinct" in str(e) else ""
+        raise UsageError(f"--marginal-kl on {run_dir} over its first {test.shape[0]} test examples: {e}{hint}") from e
     path = Path(run_dir) / f"evaluation{_output_suffix(checkpoint, limit, splits.test.shape[0])}.json"  # beside the evaluation it adds to
     saved = json.loads(path.read_text()) if path.exists() else {}
     saved["marginal_kl"] = result
