@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import logging
 import math
@@ -12,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import pyro
 import torch
@@ -25,7 +26,7 @@ from pyrovae.data import as_inputs
 from pyrovae.objectives import ELBO, Objective
 from pyrovae.registry import (
     BAYES_GROUP, DRAW_GROUP, GUIDES, MODEL_GROUP, MODEL_GUIDES, MODELS, OBJECTIVE_GROUP, OBJECTIVES, TEXT_GROUP, all_args, build_guide,
-    build_model, build_objective, default_guide, entry_args, objective_kwargs, positive_int,
+    build_model, build_objective, check_data_fits, default_guide, entry_args, objective_kwargs, positive_int, unread_options,
 )
 from pyrovae.train import SCHEDULES, DivergenceError, Trainer, TrainingInterrupted
 
@@ -300,6 +301,41 @@ def _check_bayes(cfg: dict) -> None:
         raise UsageError(f"--optimizer natural reads each step's layer inputs and gradients through hooks, which a {cfg['capture']} graph does not run: use --capture off")
 
 
+#: options of ``train`` that only ``--optimizer natural`` reads
+NATURAL_OPTIONS = ("damping", "kl_clip", "fisher")
+
+
+def _check_options_apply(args: argparse.Namespace, cfg: dict) -> None:
+    """Refuse options given to a new run that nothing in it would read (``--model convdraw --attention``: the config
+    would record an attention that the model never had), naming what reads them."""
+    _check_bayes(cfg)  # the Bayesian options' own, more specific messages first
+    defaults = vars(parser().parse_args(["train"]))
+    given = {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}
+    unread = [f"{flag} (read by {', '.join(users)})" for flag, users in unread_options(cfg, given).items()]
+    unread += [f"--{k.replace('_', '-')} (read by --optimizer natural)" for k in NATURAL_OPTIONS if k in given and cfg.get("optimizer", "adam") != "natural"]
+    from pyrovae.data import LOADERS
+
+    loader = LOADERS.get(cfg.get("dataset"))
+    if loader is None or "max_length" not in inspect.signature(loader).parameters:
+        unread += [f"--{k.replace('_', '-')} (read by text data sets: --dataset ptb)" for k in TEXT_DATA_OPTIONS if k in given]
+    if unread:
+        raise UsageError(
+            f"--model {cfg.get('model')} --guide {cfg.get('guide')} --objective {cfg.get('objective')} --dataset {cfg.get('dataset')} would not read "
+            + "; ".join(unread) + ": drop those options, or choose what reads them"
+        )
+
+
+def _load_train_data(cfg: dict, device: torch.device):
+    """``_load_data`` for ``train``, with the text loader's argument names (``max_length=1``) written as its flags."""
+    try:
+        return _load_data(cfg, device)
+    except ValueError as e:
+        text = _in_flags(str(e), {k: k for k in TEXT_DATA_OPTIONS})
+        if text == str(e):
+            raise
+        raise UsageError(re.sub(r"(?<![\w-])(max_length|overlong)\b", lambda m: "--" + m.group(1).replace("_", "-"), text)) from e
+
+
 def _optimizer(cfg: dict, model, guide) -> dict:
     """Trainer arguments for ``--optimizer``: Adam with the captured step, or NaturalGradient with plain steps."""
     if cfg.get("optimizer", "adam") == "adam":
@@ -364,13 +400,16 @@ def _train(run_dir: Path, args: argparse.Namespace, lock: runs.RunLock) -> int:
         _check_same_options(cfg, "configurations (each rank's config.json in --run-dir)")  # distributed: the run each rank resumes
     device = distributed.init(resolve_device(cfg["device"]))  # distributed: cuda -> cuda:LOCAL_RANK
     objective = _build_objective(cfg)  # bad objective settings fail here, before the data is loaded
+    if saved is None:
+        _check_options_apply(args, cfg)
+    _flagged(lambda: check_data_fits(cfg), {"dataset": "dataset", "model": "model"})  # before the data is loaded
     try:
         callbacks = [TensorBoard(cfg["tensorboard"])] if cfg.get("tensorboard") and distributed.is_main() else None  # distributed: rank 0 writes
     except ImportError as e:
         raise UsageError(f"--tensorboard: {e}") from e
     pyro.set_rng_seed(cfg["seed"])
     pyro.clear_param_store()
-    splits = _load_data(cfg, device)
+    splits = _load_train_data(cfg, device)
     if cfg.get("train_limit"):
         splits.train = splits.train[: cfg["train_limit"]]
     _check_likelihood(cfg, splits)
@@ -710,11 +749,46 @@ EVAL_CAPTURE_HELP = (
 )
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be an integer >= 0 (0: none)")
-    return value
+#: importance samples per test image at most (``evaluate -k``, ``train --eval-samples``): the IWAE paper's 5000 x 200;
+#: 10^6 samples for each of 10,000 test images are already 10^10 decoder passes, days on a CPU
+MAX_NUM_SAMPLES = 1_000_000
+
+
+def _integer(low: int, note: str = "", high: Optional[int] = None, high_note: str = "") -> Callable[[str], int]:
+    """An argparse ``type``: an integer in ``[low, high]``; argparse names the flag in front of the message."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text} must be an integer >= {low}{note}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text} is more than the limit of {high:,}{high_note}")
+        return value
+
+    return parse
+
+
+def _positive(note: str = "") -> Callable[[str], float]:
+    """An argparse ``type``: a finite number > 0 (not 0, a negative number, nan or inf)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0{note}")
+        return value
+
+    return parse
+
+
+_SAMPLES_LIMIT = "; the IWAE paper's k is 5000, and the time grows with k x the test images"
+_count = _integer(0, " (0: none)", MAX_NUM_SAMPLES, _SAMPLES_LIMIT)
+_num_samples = _integer(1, "", MAX_NUM_SAMPLES, _SAMPLES_LIMIT)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -748,7 +822,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", default="mnist", choices=sorted(DATASETS), help="data set (see README, 'Data')")
     g.add_argument("--data-dir", default=None, help="folder with the dataset files (default: $PYROVAE_DATA, else the cache)")
     g.add_argument("--binarize", default="dynamic", choices=["none", "static", "dynamic"], help="binarisation of [0, 1] images")
-    g.add_argument("--valid-size", type=int, default=None, help="validation examples held out of training (default 5000; 0: none)")
+    g.add_argument("--valid-size", type=_integer(0, " (0: no validation set)"), default=None, help="validation examples held out of training (default 5000; 0: none)")
     g.add_argument("--train-limit", type=positive_int, default=None, help="train on the first N training examples only, for quick runs (default: all)")
     g = groups[MODEL_GROUP]
     g.add_argument("--model", default="vae", choices=sorted(MODELS), help="generative model p(x, z)")
@@ -764,11 +838,11 @@ def parser() -> argparse.ArgumentParser:
             groups[title] = t.add_argument_group(title)
         arg.add_to(groups[title])
     g = groups["optimisation"]
-    g.add_argument("--epochs", type=int, default=None, help="epochs in all, counting those done before a --resume (default 10; with --resume, the run's)")
+    g.add_argument("--epochs", type=positive_int, default=None, help="epochs in all, counting those done before a --resume (default 10; with --resume, the run's)")
     g.add_argument("--batch-size", type=positive_int, default=100, help="examples per step")
-    g.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    g.add_argument("--lr", type=_positive(), default=1e-3, help="learning rate")
     g.add_argument("--lr-schedule", default="constant", choices=list(SCHEDULES), help="learning-rate schedule (iwae: Burda et al.'s 3^i-epoch schedule)")
-    g.add_argument("--clip-norm", type=float, default=None, help="clip the gradient norm to this (default: no clipping)")
+    g.add_argument("--clip-norm", type=_positive(), default=None, help="clip the gradient norm to this (default: no clipping)")
     g.add_argument("--check-every", type=positive_int, default=100, help="steps between finiteness checks")
     g.add_argument("--on-divergence", default="stop", choices=["stop", "reduce_lr"], help="what a non-finite loss or parameter does")
     g.add_argument(
@@ -779,8 +853,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", default="adam", choices=["adam", "natural"],
                    help="natural: pyrovae.optim.NaturalGradient (runs with --capture off); give it --lr 1, its plain natural-gradient step")
     g.add_argument("--fisher", default="kfac", choices=["kfac", "diagonal"], help="Fisher blocks of --optimizer natural")
-    g.add_argument("--damping", type=float, default=1.0, help="damping of --optimizer natural (see README, 'Bayesian layers')")
-    g.add_argument("--kl-clip", type=float, default=10.0, help="trust-region bound of --optimizer natural")
+    g.add_argument("--damping", type=_positive(" (the Fisher blocks are inverted, and without damping a unit that never fires makes one singular; 1e-3 is a common start)"), default=1.0, help="damping of --optimizer natural (see README, 'Bayesian layers')")
+    g.add_argument("--kl-clip", type=_positive(), default=10.0, help="trust-region bound of --optimizer natural")
     g = groups["run"]
     g.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto; with --resume, the run's)")
     g.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
@@ -797,7 +871,7 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="test log-likelihood (k samples), ELBO, KL, active units and plots of a run", formatter_class=HelpFormatter)
     e.add_argument("run_dir")
-    e.add_argument("--num-samples", "-k", type=positive_int, default=5000, help="importance samples per test image")
+    e.add_argument("--num-samples", "-k", type=_num_samples, default=5000, help="importance samples per test image")
     e.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint (best: by validation ELBO); last writes evaluation-last.json and *-last.png")
     e.add_argument("--limit", type=positive_int, default=None, help="first N test examples only; written to evaluation-limitN.json and *-limitN.png / *-limitN.txt, never over the full evaluation (default: all)")
     e.add_argument("--data-dir", default=None, help="folder with the dataset files (default: the run's, then $PYROVAE_DATA, then the cache)")
