@@ -158,7 +158,43 @@ def read_config(path: Path) -> dict:
     cfg = _read_json(path, "a run configuration", MAX_CONFIG_BYTES)
     if not isinstance(cfg, dict):
         raise UsageError(f"{path} holds a JSON {type(cfg).__name__}, not a run configuration (a JSON object of options); restore it, or start a new run")
+    _check_config_types(cfg, path)
     return cfg
+
+
+def _check_config_types(cfg: dict, path: Path) -> None:
+    """Refuse a config.json whose options have the wrong JSON type for their ``train`` flag (``"seed": "0"``,
+    ``"z_dims": "2"``): the parser's own actions are the schema. Types only: ranges may have changed since the run."""
+    sub = next(a for a in parser()._actions if a.dest == "command")
+    for action in sub.choices["train"]._actions:
+        value = cfg.get(action.dest)
+        if value is None or not action.option_strings or action.dest == "help":
+            continue
+        try:
+            sample = "" if action.nargs == 0 else action.type("1") if action.type is not None else "1"
+        except (ValueError, TypeError, argparse.ArgumentTypeError):  # a type that takes no "1": not checked here
+            continue
+        if action.nargs == 0:
+            kind, ok = "true or false", lambda v: isinstance(v, bool)
+        elif isinstance(sample, str):
+            kind, ok = "a string", lambda v: isinstance(v, str)
+        elif isinstance(sample, int):
+            kind, ok = "an integer", lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())  # 2e9: JSON's float
+        elif isinstance(sample, float):
+            kind, ok = "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+        else:
+            continue
+        if action.nargs == "+":  # a list (--hidden: one list per stochastic layer)
+            items = value if isinstance(value, list) else None
+            items = [x for v in items for x in (v if isinstance(v, list) else [v])] if items is not None else None
+            good, kind = items is not None and all(ok(v) for v in items), f"a list of {kind.split(' ', 1)[1]}s"
+        else:
+            good = ok(value)
+        if not good:
+            raise UsageError(f"{path}: {action.dest} is {value!r}, not {kind} (as --{action.dest.replace('_', '-')} gives); restore config.json, or start a new run")
+        if "integer" in kind:  # 2e9 or 2.0 written by another JSON writer: the integer it is
+            whole = lambda v: [whole(x) for x in v] if isinstance(v, list) else int(v)
+            cfg[action.dest] = whole(value)
 
 
 def _save_vocab(run_dir: Path, splits) -> None:

@@ -96,3 +96,38 @@ def test_the_lock_message_names_the_flag_without_a_stray_python_argument(tmp_pat
     with pytest.raises(runs.RunFolderError) as e:
         runs.make_run_dir(tmp_path / "a-file")
     assert "(run_dir=)" not in str(e.value)
+
+
+@pytest.mark.parametrize("key, value, shown", [
+    ("seed", "0", "seed is '0', not an integer (as --seed gives)"),  # was a raw TypeError in evaluate
+    ("z_dims", "2", "z_dims is '2', not a list of integers (as --z-dims gives)"),  # was silently read as ['2']
+    ("z_dims", ["2"], "z_dims is ['2'], not a list of integers"),
+    ("hidden", [["16"]], "hidden is [['16']], not a list of integers"),
+    ("lr", "0.1", "lr is '0.1', not a number (as --lr gives)"),
+    ("analytic_kl", 1, "analytic_kl is 1, not true or false"),
+    ("seed", 0.5, "seed is 0.5, not an integer"),
+])
+def test_config_fields_of_the_wrong_type_are_named(tmp_path, key, value, shown):
+    import json
+
+    from pyrovae.cli import UsageError, read_config
+
+    cfg = {"model": "vae", "seed": 0, "z_dims": [2], "hidden": [[16]], "lr": 0.001, "analytic_kl": False, "draw_steps": None}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    assert read_config(path) == cfg
+    path.write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(UsageError) as e:
+        read_config(path)
+    assert shown in str(e.value) and str(path) in str(e.value), str(e.value)
+
+
+def test_integral_floats_in_a_config_are_read_as_integers(tmp_path):
+    import json
+
+    from pyrovae.cli import read_config
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"seed": 0.0, "z_dims": [2.0], "hidden": [[16.0]]}))  # was: manual_seed expected a long
+    cfg = read_config(path)
+    assert cfg == {"seed": 0, "z_dims": [2], "hidden": [[16]]} and all(type(v) is int for v in (cfg["seed"], cfg["z_dims"][0], cfg["hidden"][0][0]))
