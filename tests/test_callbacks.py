@@ -8,6 +8,7 @@ import pyro
 import pytest
 import torch
 
+import pyrovae.nn.checks as nn_checks
 import pyrovae.train.checks as checks
 import pyrovae.utils.progress as progress
 from pyrovae.train.callbacks import Callback, Checkpoints, EachEpoch, MetricsFile, Progress, TensorBoard
@@ -254,8 +255,8 @@ def test_guides_take_their_size_checks_from_the_core():
     import pyrovae.models.discrete as md
     import pyrovae.models.vae as mv
 
-    assert gg.check_layers is mv.check_layers is checks.check_layers
-    assert gd.check_z_dim is md.check_z_dim is checks.check_z_dim
+    assert gg.check_layers is mv.check_layers is nn_checks.check_layers
+    assert gd.check_z_dim is md.check_z_dim is nn_checks.check_z_dim
     with pytest.raises(ValueError, match="one hidden-size tuple per stochastic layer"):
         GaussianEncoder((D,), (2, 2), hidden=((8,),))
 

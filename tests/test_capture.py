@@ -276,7 +276,7 @@ def test_divergence_in_a_replayed_step_gets_the_plain_steps_report(tmp_path, mon
     x = _data(64)
     x[45] = float("nan")  # poisons whichever step draws example 45: the same step on both paths
     pyro.enable_validation(False)  # else the first step's validation may refuse the NaN before training starts
-    monkeypatch.setattr("pyrovae.train.check_fit_data", lambda *args: None)  # and so would fit's data check
+    monkeypatch.setattr("pyrovae.train.trainer.check_fit_data", lambda *args: None)  # and so would fit's data check
     reports, params = {}, {}
     for capture in ("off", "replay"):
         pyro.clear_param_store()
@@ -491,7 +491,7 @@ def test_cli_eval_capture_auto_compiles_large_cpu_evaluations_only():
 def test_pointwise_ops_write_into_dead_temporaries_only():
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from pyrovae.capture import lift_params
+    from pyrovae.capture.fx_passes import lift_params
 
     def inplace_ops(fn, *args):
         gm, _ = lift_params(make_fx(fn)(*args))

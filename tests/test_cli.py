@@ -14,8 +14,8 @@ import torch
 
 import pyro
 import pyrovae
-import pyrovae.data as D
-import pyrovae.cli as cli
+import pyrovae.data.core as D
+import pyrovae.cli.commands as cli
 import pyrovae.cli.registry as registry
 import pyrovae.evaluate as E
 from pyrovae.train.checkpoint import load_checkpoint

@@ -82,3 +82,54 @@ def test_cli_trains_and_evaluates_on_conditional_data(data_root, tmp_path, monke
     assert code == 0
     result = json.loads((run / "evaluation.json").read_text())
     assert math.isfinite(result["test_nll"]) and result["num_test"] == 20 and (run / "samples.png").stat().st_size > 0
+
+
+# ================================================================================================
+# issue 26, item 7: pyrovae evaluate --marginal-kl on a conditional run
+
+
+def _write_idx(path, arr):
+    import struct
+
+    import numpy as np
+
+    arr = np.ascontiguousarray(arr, np.uint8)
+    path.write_bytes(struct.pack(f">{1 + arr.ndim}I", 0x800 + arr.ndim, *arr.shape) + arr.tobytes())
+
+
+@pytest.fixture(scope="module")
+def fake_mnist_root(tmp_path_factory):
+    """MNIST's 4 files with random images: 60 training images, 10 test images (one per label, so mnist-sum's test
+    contexts, pairs of test images, repeat once there are more than 100 of them)."""
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("mnist")
+    rng = np.random.default_rng(0)
+    (root / "mnist").mkdir()
+    for prefix, n in (("train", 60), ("t10k", 10)):
+        _write_idx(root / "mnist" / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(root / "mnist" / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return root
+
+
+def test_cli_marginal_kl_on_a_conditional_run(fake_mnist_root, tmp_path, monkeypatch, capsys):
+    import json
+
+    from pyrovae.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    run, data = tmp_path / "run", str(fake_mnist_root)
+    assert main([
+        "train", "--dataset", "mnist-sum", "--model", "cvae", "--z-dims", "2", "--hidden", "16", "--train-limit", "100", "--valid-size", "50",
+        "--epochs", "1", "--batch-size", "50", "--eval-samples", "0", "--no-progress", "--capture", "off", "--device", "cpu",
+        "--data-dir", data, "--run-dir", str(run),
+    ]) == 0
+    # dynamic binarisation (the default) of (target, context) pairs: was AttributeError ('Pairs' has no 'device')
+    evaluate = ["evaluate", str(run), "-k", "2", "--marginal-kl", "--device", "cpu", "--data-dir", data, "--no-progress"]
+    assert main([*evaluate, "--limit", "200"]) == 0
+    r = json.loads((run / "evaluation-limit200.json").read_text())["marginal_kl"]
+    assert r["num_components"] == 200 and 1 < r["num_contexts"] < 200  # the conditional value: contexts repeat
+    capsys.readouterr()
+    assert main([*evaluate, "--limit", "5"]) == 2  # five distinct contexts: refused by marginal_kl, as a message
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "--marginal-kl" in err and "distinct" in err and "--limit" in err

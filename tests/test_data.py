@@ -7,7 +7,7 @@ import pytest
 import scipy.io
 import torch
 
-import pyrovae.data as data
+import pyrovae.data.core as data
 from pyrovae.data import DATASETS, Batches, DataError, check_data, from_array, load_dataset, resolve
 
 

@@ -84,3 +84,78 @@ def test_load_dataset_real(data_root, tmp_path, monkeypatch):
     assert torch.equal(again.train.target, s.train.target)
     micro = load_dataset("micro-mnist", data_dir=data_root)
     assert micro.train.shape == (7, 1, 28, 28) and micro.valid is None and torch.equal(micro.test, micro.train)
+
+
+# ================================================================================================
+# issue 26, item 6: the cache is checked, rebuilt when damaged, and written atomically under a lock
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "foreign", "other-columns", "out-of-range"])
+def test_a_damaged_cache_file_is_rebuilt_with_a_warning(damage, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    _, labels = fake_mnist()
+    good = DD._indices("mnist-sum", "train", labels, 50, 0)
+    path = DD._cache_path("mnist-sum", "train", 0)
+    raw = path.read_bytes()
+    with np.load(path) as f:
+        fingerprint = f["fingerprint"]
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "foreign":
+        path.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)
+    elif damage == "other-columns":  # 1 column: Color-MNIST would come out 1 x 28 x 28
+        np.savez(path.with_suffix(""), idx=good[:, :1], fingerprint=fingerprint)
+    else:
+        np.savez(path.with_suffix(""), idx=good + 1000, fingerprint=fingerprint)
+    with pytest.warns(UserWarning, match="derived-data cache .* rebuilding"):
+        again = DD._indices("mnist-sum", "train", labels, 50, 0)
+    assert np.array_equal(again, good)
+    assert np.array_equal(DD._indices("mnist-sum", "train", labels, 50, 0), good)  # rewritten: read back without a warning
+
+
+def test_assemble_refuses_indices_of_the_wrong_shape_or_range():
+    images, labels = fake_mnist()
+    idx = DD.build_indices("color-mnist", labels.numpy(), 20, seed=0)
+    with pytest.raises(ValueError, match=r"shape \[20, 1\].*needs integers \[n, 3\]"):
+        DD.assemble("color-mnist", images, labels, idx[:, :1])  # was: 1 x 28 x 28 "Color-MNIST", silently
+    with pytest.raises(ValueError, match="outside the 300 source images"):
+        DD.assemble("color-mnist", images, labels, idx + 300)  # was: IndexError
+    with pytest.raises(ValueError, match="needs integers"):
+        DD.assemble("color-mnist", images, labels, idx.astype(np.float64))
+
+
+RACE = r"""
+import sys, time
+from pathlib import Path
+import numpy as np
+import torch
+import pyrovae.data.derived as DD
+go = Path(sys.argv[1])
+while not go.exists():
+    time.sleep(0.002)
+labels = torch.arange(3000) % 10
+for seed in range(4):
+    idx = DD._indices("mnist-sum", "train", labels, 200000, seed)
+    assert np.array_equal(idx, DD.build_indices("mnist-sum", labels.numpy(), 200000, seed)), seed
+"""
+
+
+def test_three_processes_building_the_cache_at_once_all_succeed(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "race.py"
+    script.write_text(RACE)
+    go = tmp_path / "go"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "error"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(go)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    time.sleep(3)  # all three imported and waiting
+    go.touch()
+    results = [p.communicate(timeout=240) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err
+    assert not list((tmp_path / "cache").rglob("*.tmp"))

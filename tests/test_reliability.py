@@ -21,7 +21,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-import pyrovae.data as D
+import pyrovae.data.core as D
 import pyrovae.cli.registry as registry
 from pyrovae.train.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from pyrovae.cli import main
@@ -803,7 +803,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(data_dir
 
 SIGKILL_AT_FIRST_CHECKPOINT = r"""
 import os, signal
-import pyrovae.train as T
+import pyrovae.train.trainer as T
 from pyrovae.utils.files import atomic_write
 
 def killed_while_saving(state, path):  # the first checkpoint (best.pt, after epoch 1's metrics line): half written, then SIGKILL
@@ -897,9 +897,11 @@ def test_resume_to_an_epoch_the_run_is_already_past_is_refused_and_changes_nothi
     last = run / "checkpoints" / "last.pt"
     assert load_checkpoint(last)["cursor"]["pos"] == 3
     before = _files(run)
-    for n in ("1", "0"):
-        err = cli_error(capsys, train_args(data_dir, run, "--resume", "--epochs", n))
-        assert "already at epoch 1 and 3 batches into epoch 2" in err and "--epochs N with N >= 2" in err
+    err = cli_error(capsys, train_args(data_dir, run, "--resume", "--epochs", "1"))
+    assert "already at epoch 1 and 3 batches into epoch 2" in err and "--epochs N with N >= 2" in err
+    with pytest.raises(SystemExit) as stop:  # --epochs 0 is refused where it is parsed
+        main(train_args(data_dir, run, "--resume", "--epochs", "0"))
+    assert stop.value.code == 2 and "--epochs: 0 must be a positive integer" in capsys.readouterr().err
     assert _files(run) == before
     # the Python API refuses too
     pyro.clear_param_store()

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-import pyrovae.data as D
+import pyrovae.data.core as D
 from pyrovae.train.checkpoint import load_checkpoint, save_checkpoint
 from pyrovae.cli import main
 
@@ -221,7 +221,7 @@ def test_overwrite_waits_for_no_evaluation_and_evaluations_wait_for_no_overwrite
     assert (run / "evaluation.json").is_file()
     # a train --overwrite paused in its first epoch: evaluate and sample are refused, and write nothing
     marker.unlink(), Path(f"{marker}.go").unlink()
-    train, marker = paused_cli(tmp_path, train_args(data_dir, run, "--epochs", "1", "--overwrite"), "pyrovae.train:Trainer.fit")
+    train, marker = paused_cli(tmp_path, train_args(data_dir, run, "--epochs", "1", "--overwrite"), "pyrovae.train.trainer:Trainer.fit")
     try:
         for argv in (["evaluate", str(run), "-k", "2"], ["sample", str(run), "-n", "4"]):
             err = cli_error(capsys, [*argv, "--device", "cpu", "--data-dir", str(data_dir)])
@@ -341,7 +341,7 @@ def test_resume_refuses_a_config_edited_to_other_data(data_dir, tmp_path):
     ({"x_shape": [100_000, 100_000]}, "parameters, but"),
 ])
 def test_a_config_describing_a_huge_model_is_refused_before_anything_is_built(edit, message, data_dir, finished_run, tmp_path, capsys, monkeypatch):
-    import pyrovae.cli as cli
+    import pyrovae.cli.commands as cli
 
     run = copy_run(finished_run, tmp_path)
     config = json.loads((run / "config.json").read_text())
@@ -370,7 +370,7 @@ def test_a_config_that_is_too_large_or_too_deep_is_refused(text, message, finish
 
 
 def test_sample_refuses_a_count_past_its_limit_before_loading(finished_run, capsys, monkeypatch):
-    import pyrovae.cli as cli
+    import pyrovae.cli.commands as cli
 
     monkeypatch.setattr(cli, "_load_run", lambda *a, **k: pytest.fail("loaded the run"))
     err = cli_error(capsys, ["sample", str(finished_run), "-n", "10000000", "--device", "cpu"])

@@ -578,3 +578,47 @@ def test_captured_language_model_step_replays_the_plain_step():
     assert fast._capture.captured == 1, fast.capture_report
     assert all(torch.equal(a, b) for a, b in zip(plain_losses, fast_losses))
     assert all(torch.equal(p0, p1) for p0, p1 in zip(plain.params.values(), fast.params.values()))
+
+
+# ================================================================================================
+# issue 26: text data that cannot make a corpus is named for what it is, before anything is allocated
+
+
+def _ptb_folder(root, train, other="a b c\nb c d\n"):
+    (root / "ptb").mkdir(parents=True, exist_ok=True)
+    (root / "ptb" / "ptb.train.txt").write_text(train)
+    for split in ("valid", "test"):
+        (root / "ptb" / f"ptb.{split}.txt").write_text(other)
+    return root
+
+
+@pytest.mark.parametrize("train,message", [
+    ("", r"ptb\.train\.txt holds no sentence \(it is empty or blank\)"),  # was: "pass a larger max_length"
+    ("  \n\n \t\n", r"ptb\.train\.txt holds no sentence \(it is empty or blank\)"),
+    ("<unk> <unk>\n<unk>\n", r"ptb\.train\.txt holds no word beside <pad> <sos> <eos> <unk>"),  # was: "vocab_size=4 must be an int >= 5"
+])
+def test_a_corpus_without_words_is_named(train, message, tmp_path):
+    from pyrovae.data import DataError
+    from pyrovae.data.text import load_ptb
+
+    with pytest.raises(DataError, match=message):
+        load_ptb(_ptb_folder(tmp_path, train), download=False)
+
+
+def test_sizes_that_cannot_fit_are_refused_before_allocating(tmp_path, monkeypatch):
+    import pyrovae.data.text as T
+    from pyrovae.data import DataError
+
+    def no_padding(*a, **k):
+        raise AssertionError("the corpus was padded before its size was checked")
+
+    long_line = " ".join(f"w{i % 50}" for i in range(50_000)) + "\n"
+    monkeypatch.setattr(T, "pad_sentences", no_padding)
+    with pytest.raises(DataError, match=r"a sentence of 50,000 words; sentences of at most 2,000 words.*max_length=N"):
+        T.load_ptb(_ptb_folder(tmp_path / "long", "a b c\n" + long_line), download=False)
+    huge_vocab = "\n".join(" ".join(f"w{j}" for j in range(i, i + 1000)) for i in range(0, 201_000, 1000)) + "\n"
+    with pytest.raises(DataError, match=r"has 201,004 distinct words; at most 200,000.*vocab_size=N"):
+        T.load_ptb(_ptb_folder(tmp_path / "vocab", huge_vocab), download=False)
+    monkeypatch.undo()
+    cut = T.load_ptb(_ptb_folder(tmp_path / "long", "a b c\n" + long_line), max_length=30, download=False)  # the fix the message names
+    assert cut.train.tokens.shape == (2, 32)

@@ -76,3 +76,18 @@ def test_cli_help(command, capsys):
         main([command, "--help"])
     assert e.value.code == 0
     assert "usage: pyrovae " + command in capsys.readouterr().out
+
+
+# issue 26: training data of another dtype, a list of examples, meta and sparse tensors get messages that name them
+@pytest.mark.parametrize("make,error,message", [
+    (lambda x: x.double(), TypeError, r"dtype torch\.float64 but the model's parameters are torch\.float32"),  # was: "Check ... example shape"
+    (lambda x: x.half(), TypeError, r"dtype torch\.float16 but the model's parameters are torch\.float32"),
+    (lambda x: list(x), TypeError, r"sequence of 20 tensors of shape \(6,\), one example each.*torch\.stack"),  # was: "examples of shape ()"
+    (lambda x: torch.empty(20, 6, device="meta"), ValueError, r"on the meta device"),  # was: RuntimeError from .item()
+    (lambda x: x.to_sparse(), TypeError, r"sparse tensor.*to_dense\(\)"),  # was: NotImplementedError
+])
+def test_fit_names_training_data_it_cannot_use(make, error, message):
+    model = VAE(x_shape=(6,), z_dims=(2,), hidden=((8,),))
+    trainer = Trainer(model, GaussianEncoder(x_shape=(6,), z_dims=(2,), hidden=((8,),)), ELBO(), progress=False)
+    with pytest.raises(error, match=message):
+        trainer.fit(make(torch.rand(20, 6)), 1, batch_size=10)

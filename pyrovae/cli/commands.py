@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import logging
 import math
@@ -12,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import pyro
 import torch
@@ -25,7 +26,7 @@ from pyrovae.train.checkpoint import CheckpointError, atomic_write, check_state,
 from pyrovae.data import as_inputs
 from pyrovae.objectives import ELBO, Objective
 import pyrovae.cli.reports as reports
-from pyrovae.cli.registry import BAYES_GROUP, DRAW_GROUP, GUIDES, MODEL_GROUP, MODEL_GUIDES, MODELS, OBJECTIVE_GROUP, OBJECTIVES, TEXT_GROUP, all_args, build_guide, build_model, build_objective, default_guide, entry_args, objective_kwargs, positive_int
+from pyrovae.cli.registry import BAYES_GROUP, DRAW_GROUP, GUIDES, MODEL_GROUP, MODEL_GUIDES, MODELS, OBJECTIVE_GROUP, OBJECTIVES, TEXT_GROUP, all_args, build_guide, build_model, build_objective, check_data_fits, default_guide, entry_args, objective_kwargs, positive_int, unread_options
 from pyrovae.train import SCHEDULES, DivergenceError, Trainer, TrainingInterrupted
 
 
@@ -156,7 +157,43 @@ def read_config(path: Path) -> dict:
     cfg = _read_json(path, "a run configuration", MAX_CONFIG_BYTES)
     if not isinstance(cfg, dict):
         raise UsageError(f"{path} holds a JSON {type(cfg).__name__}, not a run configuration (a JSON object of options); restore it, or start a new run")
+    _check_config_types(cfg, path)
     return cfg
+
+
+def _check_config_types(cfg: dict, path: Path) -> None:
+    """Refuse a config.json whose options have the wrong JSON type for their ``train`` flag (``"seed": "0"``,
+    ``"z_dims": "2"``): the parser's own actions are the schema. Types only: ranges may have changed since the run."""
+    sub = next(a for a in parser()._actions if a.dest == "command")
+    for action in sub.choices["train"]._actions:
+        value = cfg.get(action.dest)
+        if value is None or not action.option_strings or action.dest == "help":
+            continue
+        try:
+            sample = "" if action.nargs == 0 else action.type("1") if action.type is not None else "1"
+        except (ValueError, TypeError, argparse.ArgumentTypeError):  # a type that takes no "1": not checked here
+            continue
+        if action.nargs == 0:
+            kind, ok = "true or false", lambda v: isinstance(v, bool)
+        elif isinstance(sample, str):
+            kind, ok = "a string", lambda v: isinstance(v, str)
+        elif isinstance(sample, int):
+            kind, ok = "an integer", lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())  # 2e9: JSON's float
+        elif isinstance(sample, float):
+            kind, ok = "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+        else:
+            continue
+        if action.nargs == "+":  # a list (--hidden: one list per stochastic layer)
+            items = value if isinstance(value, list) else None
+            items = [x for v in items for x in (v if isinstance(v, list) else [v])] if items is not None else None
+            good, kind = items is not None and all(ok(v) for v in items), f"a list of {kind.split(' ', 1)[1]}s"
+        else:
+            good = ok(value)
+        if not good:
+            raise UsageError(f"{path}: {action.dest} is {value!r}, not {kind} (as --{action.dest.replace('_', '-')} gives); restore config.json, or start a new run")
+        if "integer" in kind:  # 2e9 or 2.0 written by another JSON writer: the integer it is
+            whole = lambda v: [whole(x) for x in v] if isinstance(v, list) else int(v)
+            cfg[action.dest] = whole(value)
 
 
 def _save_vocab(run_dir: Path, splits) -> None:
@@ -299,6 +336,41 @@ def _check_bayes(cfg: dict) -> None:
         raise UsageError(f"--optimizer natural reads each step's layer inputs and gradients through hooks, which a {cfg['capture']} graph does not run: use --capture off")
 
 
+#: options of ``train`` that only ``--optimizer natural`` reads
+NATURAL_OPTIONS = ("damping", "kl_clip", "fisher")
+
+
+def _check_options_apply(args: argparse.Namespace, cfg: dict) -> None:
+    """Refuse options given to a new run that nothing in it would read (``--model convdraw --attention``: the config
+    would record an attention that the model never had), naming what reads them."""
+    _check_bayes(cfg)  # the Bayesian options' own, more specific messages first
+    defaults = vars(parser().parse_args(["train"]))
+    given = {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}
+    unread = [f"{flag} (read by {', '.join(users)})" for flag, users in unread_options(cfg, given).items()]
+    unread += [f"--{k.replace('_', '-')} (read by --optimizer natural)" for k in NATURAL_OPTIONS if k in given and cfg.get("optimizer", "adam") != "natural"]
+    from pyrovae.data.core import LOADERS  # read at call time: the registry module holds the live tables
+
+    loader = LOADERS.get(cfg.get("dataset"))
+    if loader is None or "max_length" not in inspect.signature(loader).parameters:
+        unread += [f"--{k.replace('_', '-')} (read by text data sets: --dataset ptb)" for k in TEXT_DATA_OPTIONS if k in given]
+    if unread:
+        raise UsageError(
+            f"--model {cfg.get('model')} --guide {cfg.get('guide')} --objective {cfg.get('objective')} --dataset {cfg.get('dataset')} would not read "
+            + "; ".join(unread) + ": drop those options, or choose what reads them"
+        )
+
+
+def _load_train_data(cfg: dict, device: torch.device):
+    """``_load_data`` for ``train``, with the text loader's argument names (``max_length=1``) written as its flags."""
+    try:
+        return _load_data(cfg, device)
+    except ValueError as e:
+        text = _in_flags(str(e), {k: k for k in TEXT_DATA_OPTIONS})
+        if text == str(e):
+            raise
+        raise UsageError(re.sub(r"(?<![\w-])(max_length|overlong)\b", lambda m: "--" + m.group(1).replace("_", "-"), text)) from e
+
+
 def _optimizer(cfg: dict, model, guide) -> dict:
     """Trainer arguments for ``--optimizer``: Adam with the captured step, or NaturalGradient with plain steps."""
     if cfg.get("optimizer", "adam") == "adam":
@@ -363,13 +435,16 @@ def _train(run_dir: Path, args: argparse.Namespace, lock: runs.RunLock) -> int:
         _check_same_options(cfg, "configurations (each rank's config.json in --run-dir)")  # distributed: the run each rank resumes
     device = distributed.init(resolve_device(cfg["device"]))  # distributed: cuda -> cuda:LOCAL_RANK
     objective = _build_objective(cfg)  # bad objective settings fail here, before the data is loaded
+    if saved is None:
+        _check_options_apply(args, cfg)
+    _flagged(lambda: check_data_fits(cfg), {"dataset": "dataset", "model": "model"})  # before the data is loaded
     try:
         callbacks = [TensorBoard(cfg["tensorboard"])] if cfg.get("tensorboard") and distributed.is_main() else None  # distributed: rank 0 writes
     except ImportError as e:
         raise UsageError(f"--tensorboard: {e}") from e
     pyro.set_rng_seed(cfg["seed"])
     pyro.clear_param_store()
-    splits = _load_data(cfg, device)
+    splits = _load_train_data(cfg, device)
     if cfg.get("train_limit"):
         splits.train = splits.train[: cfg["train_limit"]]
     _check_likelihood(cfg, splits)
@@ -443,9 +518,15 @@ def _run_marginal_kl(run_dir, device, checkpoint: str = "best", limit: Optional[
     cfg, model, guide, splits = run.config, run.model, run.guide, run.splits
     test = splits.test[: limit or 1000]
     if splits.binarize == "dynamic":  # the fixed binarisation `pyrovae evaluate` uses for the log-likelihood
-        gen = torch.Generator(device=test.device).manual_seed(cfg.get("seed", 0) + 1)
-        test = torch.bernoulli(test, generator=gen)
-    result = dataclasses.asdict(marginal_kl(guide, test, model=model))
+        target = getattr(test, "target", test)  # (target, context) pairs: dynamic binarisation resamples the targets only
+        gen = torch.Generator(device=target.device).manual_seed(cfg.get("seed", 0) + 1)
+        target = torch.bernoulli(target, generator=gen)
+        test = test._replace(target=target) if hasattr(test, "target") else target
+    try:
+        result = dataclasses.asdict(marginal_kl(guide, test, model=model))
+    except ValueError as e:  # a conditional prior whose contexts never repeat in these test examples, ...
+        hint = "; on the command line: a larger --limit (default 1000) gives contexts more chances to repeat" if "distinct" in str(e) else ""
+        raise UsageError(f"--marginal-kl on {run_dir} over its first {test.shape[0]} test examples: {e}{hint}") from e
     path = Path(run_dir) / f"evaluation{_output_suffix(checkpoint, limit, splits.test.shape[0])}.json"  # beside the evaluation it adds to
     saved = json.loads(path.read_text()) if path.exists() else {}
     saved["marginal_kl"] = result
@@ -705,11 +786,46 @@ EVAL_CAPTURE_HELP = (
 )
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be an integer >= 0 (0: none)")
-    return value
+#: importance samples per test image at most (``evaluate -k``, ``train --eval-samples``): the IWAE paper's 5000 x 200;
+#: 10^6 samples for each of 10,000 test images are already 10^10 decoder passes, days on a CPU
+MAX_NUM_SAMPLES = 1_000_000
+
+
+def _integer(low: int, note: str = "", high: Optional[int] = None, high_note: str = "") -> Callable[[str], int]:
+    """An argparse ``type``: an integer in ``[low, high]``; argparse names the flag in front of the message."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text} must be an integer >= {low}{note}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text} is more than the limit of {high:,}{high_note}")
+        return value
+
+    return parse
+
+
+def _positive(note: str = "") -> Callable[[str], float]:
+    """An argparse ``type``: a finite number > 0 (not 0, a negative number, nan or inf)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0{note}")
+        return value
+
+    return parse
+
+
+_SAMPLES_LIMIT = "; the IWAE paper's k is 5000, and the time grows with k x the test images"
+_count = _integer(0, " (0: none)", MAX_NUM_SAMPLES, _SAMPLES_LIMIT)
+_num_samples = _integer(1, "", MAX_NUM_SAMPLES, _SAMPLES_LIMIT)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -732,7 +848,7 @@ THREADS_HELP = "torch intra-op CPU threads (torch.set_num_threads); 1 on a machi
 
 
 def parser() -> argparse.ArgumentParser:
-    from pyrovae.data import DATASETS
+    from pyrovae.data.core import DATASETS  # read at call time: the registry module holds the live tables
 
     p = argparse.ArgumentParser(prog="pyrovae", description="Variational autoencoders as Pyro programs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -743,7 +859,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", default="mnist", choices=sorted(DATASETS), help="data set (see README, 'Data')")
     g.add_argument("--data-dir", default=None, help="folder with the dataset files (default: $PYROVAE_DATA, else the cache)")
     g.add_argument("--binarize", default="dynamic", choices=["none", "static", "dynamic"], help="binarisation of [0, 1] images")
-    g.add_argument("--valid-size", type=int, default=None, help="validation examples held out of training (default 5000; 0: none)")
+    g.add_argument("--valid-size", type=_integer(0, " (0: no validation set)"), default=None, help="validation examples held out of training (default 5000; 0: none)")
     g.add_argument("--train-limit", type=positive_int, default=None, help="train on the first N training examples only, for quick runs (default: all)")
     g = groups[MODEL_GROUP]
     g.add_argument("--model", default="vae", choices=sorted(MODELS), help="generative model p(x, z)")
@@ -759,11 +875,11 @@ def parser() -> argparse.ArgumentParser:
             groups[title] = t.add_argument_group(title)
         arg.add_to(groups[title])
     g = groups["optimisation"]
-    g.add_argument("--epochs", type=int, default=None, help="epochs in all, counting those done before a --resume (default 10; with --resume, the run's)")
+    g.add_argument("--epochs", type=positive_int, default=None, help="epochs in all, counting those done before a --resume (default 10; with --resume, the run's)")
     g.add_argument("--batch-size", type=positive_int, default=100, help="examples per step")
-    g.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    g.add_argument("--lr", type=_positive(), default=1e-3, help="learning rate")
     g.add_argument("--lr-schedule", default="constant", choices=list(SCHEDULES), help="learning-rate schedule (iwae: Burda et al.'s 3^i-epoch schedule)")
-    g.add_argument("--clip-norm", type=float, default=None, help="clip the gradient norm to this (default: no clipping)")
+    g.add_argument("--clip-norm", type=_positive(), default=None, help="clip the gradient norm to this (default: no clipping)")
     g.add_argument("--check-every", type=positive_int, default=100, help="steps between finiteness checks")
     g.add_argument("--on-divergence", default="stop", choices=["stop", "reduce_lr"], help="what a non-finite loss or parameter does")
     g.add_argument(
@@ -774,8 +890,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", default="adam", choices=["adam", "natural"],
                    help="natural: pyrovae.train.optim.NaturalGradient (runs with --capture off); give it --lr 1, its plain natural-gradient step")
     g.add_argument("--fisher", default="kfac", choices=["kfac", "diagonal"], help="Fisher blocks of --optimizer natural")
-    g.add_argument("--damping", type=float, default=1.0, help="damping of --optimizer natural (see README, 'Bayesian layers')")
-    g.add_argument("--kl-clip", type=float, default=10.0, help="trust-region bound of --optimizer natural")
+    g.add_argument("--damping", type=_positive(" (the Fisher blocks are inverted, and without damping a unit that never fires makes one singular; 1e-3 is a common start)"), default=1.0, help="damping of --optimizer natural (see README, 'Bayesian layers')")
+    g.add_argument("--kl-clip", type=_positive(), default=10.0, help="trust-region bound of --optimizer natural")
     g = groups["run"]
     g.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto; with --resume, the run's)")
     g.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
@@ -792,7 +908,7 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="test log-likelihood (k samples), ELBO, KL, active units and plots of a run", formatter_class=HelpFormatter)
     e.add_argument("run_dir")
-    e.add_argument("--num-samples", "-k", type=positive_int, default=5000, help="importance samples per test image")
+    e.add_argument("--num-samples", "-k", type=_num_samples, default=5000, help="importance samples per test image")
     e.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint (best: by validation ELBO); last writes evaluation-last.json and *-last.png")
     e.add_argument("--limit", type=positive_int, default=None, help="first N test examples only; written to evaluation-limitN.json and *-limitN.png / *-limitN.txt, never over the full evaluation (default: all)")
     e.add_argument("--data-dir", default=None, help="folder with the dataset files (default: the run's, then $PYROVAE_DATA, then the cache)")
@@ -807,7 +923,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.add_argument("--num", "-n", type=int, default=64, help="images (text runs: sentences) to draw, at most 10,000")
     s.add_argument("--seed", type=int, default=0, help="random seed of the draw")
-    s.add_argument("--out", default=None, help="PNG file (default: RUN_DIR/samples-seedS-nN.png, -last added for --checkpoint last); text runs: a text file (default: printed)")
+    s.add_argument("--out", default=None, help="PNG file (default: RUN_DIR/samples-seedS-nN.png, -last added for --checkpoint last); for a text run, a text file (printed when not given)")
     s.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint (best: by validation ELBO)")
     s.add_argument("--data-dir", default=None, help="folder with the dataset files, needed only by runs whose config.json lacks x_shape (default: the run's, then $PYROVAE_DATA)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

@@ -86,10 +86,12 @@ class Arg:
 
 @dataclass(frozen=True)
 class Entry:
-    """A registry entry: ``build`` (a model/guide builder ``(cfg, x_shape)``, or an objective class) and its options."""
+    """A registry entry: ``build`` (a model/guide builder ``(cfg, x_shape)``, or an objective class) and its options.
+    ``conditional``: a model that takes the (target, context) pairs of a conditional data set (``mnist-sum``, ...)."""
 
     build: Callable
     args: tuple[Arg, ...] = ()
+    conditional: bool = False
 
     def __call__(self, *args, **kwargs):
         return self.build(*args, **kwargs)
@@ -345,8 +347,8 @@ MODELS: dict[str, Callable[[dict, tuple], nn.Module]] = {
         Arg("--attention", action="store_true", group=DRAW_GROUP, help="DRAW reads and writes through selective attention windows (default off)"),
         Arg("--read-size", type=positive_int, group=DRAW_GROUP, help="N of DRAW's N x N read grid (default 2)"),
         Arg("--write-size", type=positive_int, group=DRAW_GROUP, help="N of DRAW's N x N write grid (default 5)"))),
-    "convdraw": Entry(_convdraw, (*_DRAW_LIKELIHOOD, DRAW_STEPS, DRAW_Z, LSTM_SIZE)),
-    "cvae": Entry(_cvae, IMAGE_ARGS),
+    "convdraw": Entry(_convdraw, (*_DRAW_LIKELIHOOD, DRAW_STEPS, DRAW_Z, LSTM_SIZE), conditional=True),
+    "cvae": Entry(_cvae, IMAGE_ARGS, conditional=True),
 }
 GUIDES: dict[str, Callable[[dict, tuple], nn.Module]] = {
     "gaussian": Entry(_gaussian, ENCODER_ARGS),
@@ -368,6 +370,36 @@ DEFAULT_GUIDES: dict[str, str] = {"sentence": "rnn", "lm": "none", "draw": "draw
 
 def default_guide(model: str) -> str:
     return DEFAULT_GUIDES.get(model, "gaussian")
+
+
+def check_data_fits(cfg: dict) -> None:
+    """Refuse a model that cannot take ``cfg``'s data set: a conditional data set (pairs of a target image and its
+    context) needs a model that declares ``conditional``; ``ValueError`` names the models that fit."""
+    ctx = _context_shape(cfg)
+    model = cfg.get("model", "vae")
+    if ctx is not None and not getattr(MODELS.get(model), "conditional", True):
+        fits = sorted(name for name, entry in MODELS.items() if getattr(entry, "conditional", False))
+        raise ValueError(
+            f"dataset={cfg.get('dataset')!r} pairs each target image with a context of shape {tuple(ctx)} and trains p(target | context); "
+            f"model={model!r} models images alone: choose a conditional model, {' or '.join(fits)}"
+        )
+
+
+def unread_options(cfg: dict, given) -> dict[str, list[str]]:
+    """The registry options among ``given`` (config keys set by the user) that neither ``cfg``'s model, nor its guide,
+    nor its objective declares, so nothing would read them: ``{flag: ["--model draw", ...], the entries that do}``."""
+    model = cfg.get("model", "vae")
+    guide = cfg.get("guide") or default_guide(model)
+    chosen = (MODELS.get(model), GUIDES.get(guide) or MODEL_GUIDES.get(guide), OBJECTIVES.get(cfg.get("objective", "elbo")))
+    read = {a.key for entry in chosen for a in entry_args(entry)}
+    unread = {}
+    for arg in all_args():
+        if arg.key in given and arg.key not in read:
+            unread[arg.flag] = [
+                f"--{kind} {name}" for kind, registry in (("model", MODELS), ("guide", GUIDES), ("objective", OBJECTIVES))
+                for name, entry in registry.items() if any(a.key == arg.key for a in entry_args(entry))
+            ]
+    return unread
 
 
 def _objective_entries() -> dict[str, Entry]:

@@ -26,18 +26,23 @@ Sizes: :data:`SIZES` (train, test) examples; the validation set is taken from th
 from __future__ import annotations
 
 import functools
+import warnings
+from pathlib import Path
 from typing import NamedTuple, Optional, Union
 
 import numpy as np
 import torch
 
 import pyrovae.data.core as D
+from pyrovae.utils.files import atomic_write, file_lock
 
 #: (train, test) examples of each derived set
 SIZES = {"color-mnist": (20000, 5000), "mnist-triplets": (20000, 5000), "mnist-sum": (20000, 5000), "mnist-sum-hard": (20000, 5000),
          "mnist-rotate": (20000, 5000), "micro-mnist": (7, 7)}
 #: context shape of each conditional set (:func:`context_shape`)
 CONTEXT_SHAPES = {"mnist-sum": (2, 28, 28), "mnist-sum-hard": (3, 28, 28), "mnist-rotate": (1, 28, 28)}
+#: source digits per example of each set: the columns of its index array (:func:`build_indices`)
+COLUMNS = {"color-mnist": 3, "mnist-triplets": 3, "mnist-sum": 3, "mnist-sum-hard": 4, "mnist-rotate": 2, "micro-mnist": 1}
 DEFAULT_VALID_SIZE = 2000
 #: seed of the index draws (``load_dataset(name, derived_seed=...)`` changes it); independent of the training seed
 DERIVED_SEED = 0
@@ -118,6 +123,7 @@ def assemble(name: str, images: torch.Tensor, labels: torch.Tensor, idx: np.ndar
     """(x, labels) of a derived set from MNIST ``images`` ``[M, 1, 28, 28]`` and its indices; x is a
     :class:`Pairs` for a conditional set. A label ``[n]`` is the decimal code of the digits' labels in the index
     order (:func:`digits_of`): mnist-sum's 3 + 4 -> 7 is 347."""
+    check_indices(name, idx, len(images))
     idx_t = torch.as_tensor(idx)
     digits = images[:, 0][idx_t]  # [n, k, 28, 28]
     k = idx_t.shape[1]
@@ -132,6 +138,24 @@ def assemble(name: str, images: torch.Tensor, labels: torch.Tensor, idx: np.ndar
     return Pairs(target.contiguous(), digits[:, :-1].contiguous()), lab
 
 
+def check_indices(name: str, idx, m: int) -> None:
+    """Raise ``ValueError`` unless ``idx`` is an integer array ``[n, COLUMNS[name]]`` of indices into ``m`` source images
+    (one column per digit, :func:`build_indices`): with other columns the images would be assembled into the wrong shape."""
+    if name not in COLUMNS:
+        raise ValueError(f"name={name!r} is not a derived data set; choose one of {sorted(COLUMNS)}")
+    arr = np.asarray(idx)
+    if arr.ndim != 2 or arr.shape[1] != COLUMNS[name] or arr.dtype.kind not in "iu":
+        raise ValueError(
+            f"the index array of {name!r} has shape {list(arr.shape)} ({arr.dtype}), but {name!r} needs integers [n, {COLUMNS[name]}], one "
+            f"column per source digit: it was written for another data set or damaged; rebuild it with build_indices({name!r}, ...)"
+        )
+    if arr.size and (arr.min() < 0 or arr.max() >= m):
+        raise ValueError(
+            f"the index array of {name!r} holds indices from {arr.min()} to {arr.max()}, outside the {m} source images [0, {m}): it was "
+            f"drawn from another split or damaged; rebuild it with build_indices({name!r}, ...)"
+        )
+
+
 def digits_of(code: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` digit labels ``[n, k]`` of a derived set's label codes ``[n]`` (inverse of :func:`assemble`'s code)."""
     return torch.stack([code // 10 ** (k - 1 - i) % 10 for i in range(k)], -1)
@@ -141,24 +165,46 @@ def _cache_path(name: str, split: str, seed: int):
     return D.cache_dir() / "derived" / f"{name}-{split}-seed{seed}-v{CACHE_VERSION}.npz"
 
 
+def _read_cache(path: Path, fingerprint: np.ndarray, name: str, n: int, m: int) -> tuple:
+    """(indices, None) from a valid cache file; (None, why) for a damaged one; (None, None) for none, or one drawn
+    from other MNIST files (its fingerprint differs: redrawn for these, nothing is wrong)."""
+    if not path.exists():
+        return None, None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            stored, idx = f["fingerprint"], f["idx"]
+    except Exception as e:  # empty, truncated or foreign bytes: EOFError, BadZipFile, OSError, ValueError, KeyError, zlib.error
+        return None, f"cannot be read ({type(e).__name__}: {e})"
+    if not np.array_equal(stored, fingerprint):
+        return None, None
+    if idx.shape != (n, COLUMNS[name]) or idx.dtype.kind not in "iu":
+        return None, f"holds indices of shape {list(idx.shape)} ({idx.dtype}), not [{n}, {COLUMNS[name]}] integers"
+    if idx.size and (idx.min() < 0 or idx.max() >= m):
+        return None, f"holds indices outside the {m} source images"
+    return idx, None
+
+
 def _indices(name: str, split: str, labels: torch.Tensor, n: int, seed: int) -> np.ndarray:
-    """Cached :func:`build_indices`; rebuilt when the cache is missing, unreadable or drawn from other labels."""
+    """Cached :func:`build_indices`, checked against the source labels' fingerprint and the set's shape; rebuilt
+    (with a warning when the file was damaged) and written atomically under a lock, so that processes building it
+    at once wait for one another and a reader never sees half a file."""
     path = _cache_path(name, split, seed)
     fingerprint = np.array([len(labels), int(labels.sum()), int((labels * torch.arange(len(labels)) % 1000003).sum())])
-    try:
-        with np.load(path) as f:
-            if np.array_equal(f["fingerprint"], fingerprint):
-                return f["idx"]
-    except (OSError, KeyError, ValueError):
-        pass
-    idx = build_indices(name, labels.numpy(), n, seed + (0 if split == "train" else 1))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, idx=idx, fingerprint=fingerprint)
-        tmp.replace(path)
-    except OSError:  # a read-only cache only costs the (cheap) redraw
-        pass
+    idx, damage = _read_cache(path, fingerprint, name, n, len(labels))
+    if idx is not None:
+        return idx
+    with file_lock(path.with_name(f".{path.name}.lock")):
+        idx, again = _read_cache(path, fingerprint, name, n, len(labels))  # built by another process while this one waited
+        if idx is not None:
+            return idx
+        damage = again or damage
+        if damage:
+            warnings.warn(f"the derived-data cache {path} {damage}; rebuilding it (the same indices, drawn again from the seed)", stacklevel=3)
+        idx = build_indices(name, labels.numpy(), n, seed + (0 if split == "train" else 1))
+        try:
+            atomic_write(path, lambda f: np.savez(f, idx=idx, fingerprint=fingerprint))
+        except OSError:  # a read-only cache only costs the (cheap) redraw
+            pass
     return idx
 
 

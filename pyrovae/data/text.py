@@ -327,6 +327,13 @@ class TextSplits:
         return f"{self.name}: {sizes} sentences; vocabulary {len(self.vocab)} (with <pad> <sos> <eos> <unk>); {limit}"
 
 
+#: limits of a corpus, checked before its tensors are built: words per sentence (PTB's longest has 82; each step's
+#: decoder outputs grow with it), padded tokens of a split, and words in the vocabulary
+TEXT_MAX_WORDS = 2000
+TEXT_MAX_TOKENS = 2**27
+TEXT_MAX_VOCAB = 200_000
+
+
 def read_lines(path: Path) -> list[list[str]]:
     """One sentence per line, words separated by white space; empty lines are skipped."""
     try:
@@ -358,12 +365,32 @@ def load_ptb(
     limit_length([], max_length, overlong)  # validates both before reading anything
     folder = resolve("ptb", data_dir, download=download)
     texts = {split: read_lines(folder / f"ptb.{split}.txt") for split in ("train", "valid", "test")}
+    for split, t in texts.items():
+        if not t:
+            raise DataError(f"{folder / f'ptb.{split}.txt'} holds no sentence (it is empty or blank): one sentence per line is expected; point --data-dir at a complete corpus")
     vocab = Vocab.build(texts["train"], max_size=vocab_size)
+    if len(vocab) == len(SPECIALS):
+        raise DataError(
+            f"{folder / 'ptb.train.txt'} holds no word beside {' '.join(SPECIALS)}: there is nothing to learn a vocabulary from; "
+            "point --data-dir at a corpus of words"
+        )
+    if len(vocab) > TEXT_MAX_VOCAB:
+        raise DataError(
+            f"{folder / 'ptb.train.txt'} has {len(vocab):,} distinct words; at most {TEXT_MAX_VOCAB:,} are accepted (each step's decoder outputs "
+            f"are batch x words x vocabulary floats): keep the most frequent ones with load_dataset('ptb', vocab_size=N) (the rest become <unk>)"
+        )
     over, out = {}, {}
     for split, t in texts.items():
         t, over[split] = limit_length(t, max_length, overlong)
         if not t:
             raise DataError(f"{folder / f'ptb.{split}.txt'} has no sentences within max_length={max_length}; pass a larger max_length")
+        longest = max(len(s) for s in t)
+        if len(t) * (longest + 2) > TEXT_MAX_TOKENS or longest > TEXT_MAX_WORDS:
+            raise DataError(
+                f"{folder / f'ptb.{split}.txt'} has a sentence of {longest:,} words; sentences of at most {TEXT_MAX_WORDS:,} words and "
+                f"corpora of at most {TEXT_MAX_TOKENS:,} padded tokens are built ({len(t):,} sentences padded to it: {len(t) * (longest + 2):,}): "
+                f"pass max_length=N (at most {TEXT_MAX_WORDS}) to cut longer sentences, or with overlong='drop' to leave them out"
+            )
         out[split] = encode_corpus(t, vocab, device)
     return TextSplits(out["train"], out["valid"], out["test"], vocab, "ptb", max_length, overlong, over)
 

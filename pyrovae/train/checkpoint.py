@@ -7,7 +7,6 @@ only; a pickle that would run code is refused.
 """
 from __future__ import annotations
 
-import os
 import pickle
 import re
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any, Union
 
 import torch
 
-from pyrovae.utils.files import atomic_write, write_json  # noqa: F401  (re-exported: checkpoints are written with them)
+from pyrovae.utils.files import atomic_write, file_lock, write_json  # noqa: F401  (re-exported: checkpoints are written with them)
 from pyrovae.utils.rng import get_rng_state, set_rng_state  # noqa: F401  (checkpoints store them)
 
 FORMAT = "pyrovae-checkpoint-v1"

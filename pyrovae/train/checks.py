@@ -63,12 +63,30 @@ def check_fit_data(model, train, valid=None) -> None:
     likelihood = getattr(model, "likelihood", None)
     unit = bool(getattr(likelihood, "needs_unit_interval", False))
     name = getattr(model, "likelihood_name", "Bernoulli")
+    x_shape = getattr(model, "x_shape", None)
+    params = [p for p in model.parameters() if p.is_floating_point()] if isinstance(model, torch.nn.Module) else []
     for what, data in (("training", train), ("validation", valid)):
+        parts = tuple(data) if isinstance(data, (tuple, list)) else (data,)
+        for t in parts:
+            if torch.is_tensor(t) and t.layout != torch.strided:
+                raise TypeError(f"the {what} data is a sparse tensor ({t.layout}); the trainer slices dense tensors: pass x.to_dense()")
+            if torch.is_tensor(t) and t.device.type == "meta":
+                raise ValueError(f"the {what} data is on the meta device: it has a shape but no values to learn from; pass the data itself (e.g. on 'cpu')")
+        if x_shape is not None and len(parts) > 2 and all(torch.is_tensor(t) and tuple(t.shape) == tuple(x_shape) for t in parts):
+            raise TypeError(
+                f"the {what} data is a sequence of {len(parts)} tensors of shape {tuple(x_shape)}, one example each; a tuple holds "
+                "tensors [N, ...] of different kinds (x, context, ...): stack the examples into one tensor, torch.stack(examples)"
+            )
         x = _first_tensor(data)
         if x is None:
             continue
         if not torch.is_tensor(x):
             raise TypeError(f"the {what} data is a {type(x).__name__}, not a tensor: pass a torch.Tensor (torch.as_tensor(...), or pyrovae.data.from_array)")
+        if params and torch.is_floating_point(x) and x.dtype != params[0].dtype:
+            raise TypeError(
+                f"the {what} data has dtype {x.dtype} but the model's parameters are {params[0].dtype}: convert the data, "
+                f"e.g. x.to({params[0].dtype}), or the model and guide (.to({x.dtype}))"
+            )
         if not torch.is_floating_point(x):
             if likelihood is None:  # a program of the user's, or one over indices (tokens): its own business
                 continue

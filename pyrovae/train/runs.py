@@ -48,11 +48,11 @@ def make_run_dir(run_dir: PathLike) -> Path:
     """Create ``run_dir`` (and its parents), with a message naming the problem when it cannot be one."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
-        raise RunFolderError(f"run folder {run_dir} is an existing file, not a folder; pass another --run-dir (run_dir=)")
+        raise RunFolderError(f"run folder {run_dir} is an existing file, not a folder; pass another run folder (--run-dir; the run_dir argument in Python)")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise RunFolderError(f"cannot create the run folder {run_dir}: {e.strerror or e}; pass a writable --run-dir (run_dir=)") from e
+        raise RunFolderError(f"cannot create the run folder {run_dir}: {e.strerror or e}; pass a writable run folder (--run-dir; the run_dir argument in Python)") from e
     return run_dir
 
 
@@ -91,7 +91,7 @@ class RunLock:
         try:
             fd = os.open(self.run_dir / LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as e:
-            raise RunFolderError(f"cannot lock the run folder {self.run_dir} ({e.strerror or e}): it must be a writable folder; pass another --run-dir (run_dir=)") from e
+            raise RunFolderError(f"cannot lock the run folder {self.run_dir} ({e.strerror or e}): it must be a writable folder; pass another run folder (--run-dir; the run_dir argument in Python)") from e
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -101,7 +101,7 @@ class RunLock:
                 who = f"process {holder}" if holder.isdigit() else "another process"
                 raise RunFolderError(
                     f"run folder {self.run_dir} is in use by {who} (pyrovae writes one run folder from one process at a time); "
-                    "wait for it to finish, stop it, or pass another --run-dir (run_dir=)"
+                    "wait for it to finish, stop it, or pass another run folder (--run-dir; the run_dir argument in Python)"
                 ) from e
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

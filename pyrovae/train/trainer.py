@@ -29,7 +29,7 @@ from pyrovae.objectives.engine import LogWeightEngine
 from pyrovae.objectives.base import Objective
 import pyrovae.train.distributed as distributed
 import pyrovae.train.runs as runs
-from pyrovae.train.checkpoint import save_checkpoint  # looked up here by Trainer.save (tests replace pyrovae.train.save_checkpoint)
+from pyrovae.train.checkpoint import save_checkpoint  # looked up here by Trainer.save (tests replace pyrovae.train.trainer.save_checkpoint)
 from pyrovae.train.checks import check_data_shape, check_fit_data, check_sites, check_valid_data  # noqa: F401  (re-exported)
 from pyrovae.data import Batches, as_inputs
 from pyrovae.train.divergence import POLICIES, DivergenceError, Rollback, Snapshot, nonfinite_sites  # noqa: F401  (re-exported)

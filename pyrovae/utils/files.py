@@ -2,9 +2,11 @@
 target (``os.replace`` is atomic on POSIX), so a process killed mid-write leaves the previous file intact."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Union
 
@@ -54,3 +56,38 @@ def atomic_write(path: Union[str, Path], write) -> Path:
 def write_json(path: Union[str, Path], obj: Any) -> Path:
     data = json.dumps(obj, indent=2, sort_keys=True).encode()
     return atomic_write(path, lambda f: f.write(data))
+
+
+@contextlib.contextmanager
+def file_lock(path: Union[str, Path], timeout: float = 60.0):
+    """Hold an exclusive advisory lock (``flock``) on ``path`` (created if missing) for a ``with`` block, waiting at
+    most ``timeout`` seconds for another holder. Yields True when held, False where no lock can be had (no
+    ``fcntl``, a folder that cannot be written, the wait ran out): callers whose writes are atomic go on without it.
+    The kernel drops the lock when its holder dies, so it is never stale."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        fcntl = None
+    fd = None
+    if fcntl is not None:
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError:
+            fd = None
+    held = False
+    try:
+        deadline = time.monotonic() + timeout
+        while fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
+                break
+            except OSError:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.02)
+        yield held
+    finally:
+        if fd is not None:
+            os.close(fd)  # drops the lock; the file stays (unlinking it would race with a waiting process)
