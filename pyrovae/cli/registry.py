@@ -365,7 +365,7 @@ GUIDES: dict[str, Callable[[dict, tuple], nn.Module]] = {
 #: A model with a ``guide_name`` is paired with that guide.
 MODEL_GUIDES: dict[str, Callable[[dict, tuple, nn.Module], nn.Module]] = {"draw": Entry(_draw_guide), "convdraw": Entry(_convdraw_guide)}
 #: the guide a model gets when none is named (``gaussian`` otherwise)
-DEFAULT_GUIDES: dict[str, str] = {"sentence": "rnn", "lm": "none", "draw": "draw", "convdraw": "convdraw", "cvae": "conditional"}
+DEFAULT_GUIDES: dict[str, str] = {"discrete": "bernoulli", "sentence": "rnn", "lm": "none", "draw": "draw", "convdraw": "convdraw", "cvae": "conditional"}
 
 
 def default_guide(model: str) -> str:

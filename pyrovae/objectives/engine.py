@@ -570,7 +570,19 @@ def site_mean(trace: Trace, site: str) -> torch.Tensor:
     fn = s["fn"]
     while isinstance(fn, MaskedDistribution):
         fn = fn.base_dist
-    return fn.mean
+    base = fn
+    while hasattr(base, "base_dist"):
+        base = base.base_dist
+    if isinstance(base, torch.distributions.Categorical):  # torch gives a mean of NaNs: a wrong number, not an error
+        raise ValueError(
+            f"site {site!r} is {type(base).__name__}, which has no mean: reconstructions, pictures and GECO's constraints on "
+            "g(z) (RE, FRE, CLA, pNCC) need an observed site with a mean; for token sequences constrain the "
+            "reconstruction NLL per token instead (TokenGECO, --objective token-geco)"
+        )
+    try:
+        return fn.mean
+    except NotImplementedError as e:
+        raise ValueError(f"site {site!r} ({type(base).__name__}) has no mean, which a reconstruction or GECO's constraint on g(z) needs") from e
 
 
 def _pair_mean(pair: TracePair, site: str) -> torch.Tensor:
