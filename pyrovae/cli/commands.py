@@ -847,10 +847,23 @@ TRAIN_GROUPS = ("data", MODEL_GROUP, TEXT_GROUP, DRAW_GROUP, OBJECTIVE_GROUP, "o
 THREADS_HELP = "torch intra-op CPU threads (torch.set_num_threads); 1 on a machine shared with other jobs (default: torch's choice, one per core)"
 
 
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml), else the package's own ``__version__``."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("pyrovae")
+    except PackageNotFoundError:
+        from pyrovae import __version__
+
+        return __version__
+
+
 def parser() -> argparse.ArgumentParser:
     from pyrovae.data.core import DATASETS  # read at call time: the registry module holds the live tables
 
     p = argparse.ArgumentParser(prog="pyrovae", description="Variational autoencoders as Pyro programs.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a VAE, then evaluate it on the test set", formatter_class=HelpFormatter)
