@@ -109,7 +109,10 @@ def cli_reference() -> str:
     from pyrovae.cli.commands import parser
 
     top = parser()
-    out = [f"Generated from `pyrovae.cli.commands.parser()` at build time: `{top.format_usage().strip()}`", ""]
+    out = [f"Generated from `pyrovae.cli.commands.parser()` at build time: `{top.format_usage().strip()}`", "",
+           "| option | meaning |", "|---|---|"]
+    out += [f"| {_flags(a)} | {_cell(a.help or '')} |" for a in top._actions if a.option_strings]
+    out.append("")
     sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
     summaries = {a.dest: a.help for a in sub._choices_actions}
     for name, cmd in sub.choices.items():
