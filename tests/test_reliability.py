@@ -205,11 +205,22 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
         Trainer(*tiny_pair(), GECO(tolerance=0.3), progress=False).resume(tmp_path / "a" / "checkpoints" / "last.pt", x[:10])
 
 
+def _without_stored_config(run: Path) -> None:
+    """Checkpoints without their copy of the configuration (older ones, or a stranger's): config.json alone says
+    what the run is, and the checks behind the configuration comparison are what refuse it."""
+    for name in ("best.pt", "last.pt"):
+        state = load_checkpoint(run / "checkpoints" / name)
+        save_checkpoint({k: v for k, v in state.items() if k not in ("format", "config")}, run / "checkpoints" / name)
+
+
 def test_cli_evaluate_refuses_a_checkpoint_of_another_model(data_dir, finished_run, tmp_path, capsys):
     run = copy_run(finished_run, tmp_path)
     cfg = json.loads((run / "config.json").read_text())
     cfg["z_dims"] = [3]
     (run / "config.json").write_text(json.dumps(cfg))
+    err = cli_error(capsys, ["evaluate", str(run), "--device", "cpu", "--data-dir", str(data_dir)])
+    assert "z_dims: [3] in config.json, [2] in the checkpoint" in err  # the checkpoint's own configuration disagrees
+    _without_stored_config(run)
     err = cli_error(capsys, ["evaluate", str(run), "--device", "cpu", "--data-dir", str(data_dir)])
     assert "pyrovae evaluate: error: the checkpoint was written for a different model/guide" in err
 
@@ -713,6 +724,7 @@ def test_config_is_read_as_data_not_code(data_dir, finished_run, tmp_path, capsy
     cfg = json.loads((run / "config.json").read_text())
     cfg["model"] = f"__import__('pathlib').Path({str(marker)!r}).touch() or 'vae'"
     (run / "config.json").write_text(json.dumps(cfg))
+    _without_stored_config(run)
     err = cli_error(capsys, ["evaluate", str(run), "--device", "cpu", "--data-dir", str(data_dir)])
     assert f"is not known; choose one of {sorted(registry.MODELS)}" in err
     assert not marker.exists()
@@ -974,9 +986,25 @@ def _perm_out_of_range(state):
     state["finished"] = False
 
 
+def _rng_string(state):
+    state["rng"] = {**state["rng"], "torch": "0123"}
+
+
+def _lr_string(state):
+    state["optimizer"]["param_groups"][0]["lr"] = "0.1"
+
+
+def _adam_moment_of_another_shape(state):
+    entry = next(iter(state["optimizer"]["state"].values()))
+    entry["exp_avg"] = torch.zeros(3, 3, 3)
+
+
 @pytest.mark.parametrize("damage, message", [
     (_cursor_list, "its 'cursor' is not a table"), (_params_strings, "is not a floating-point tensor"),
     (_perm_out_of_range, "not a permutation of the 100 training examples"),
+    (_rng_string, "its torch random-number state is not a 1-D byte tensor"),
+    (_lr_string, "its optimiser's 'lr' in param group 0 is '0.1', not a number"),
+    (_adam_moment_of_another_shape, "optimiser state 'exp_avg' of parameter"),
 ])
 def test_checkpoints_with_the_format_tag_but_wrong_contents_are_refused(damage, message, data_dir, finished_run, tmp_path, capsys):
     run = copy_run(finished_run, tmp_path)

@@ -330,6 +330,20 @@ def test_resume_refuses_a_config_edited_to_other_data(data_dir, tmp_path):
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
 
 
+def test_evaluate_refuses_a_config_edited_to_other_data_and_names_its_data(data_dir, finished_run, tmp_path, capsys):
+    """An evaluation names the data set and split it was computed on; one whose config.json was edited to another
+    data set is refused, naming the field, instead of evaluating silently on the other data."""
+    run = copy_run(finished_run, tmp_path)
+    assert main(["evaluate", str(run), "-k", "2", "--limit", "10", "--device", "cpu", "--data-dir", str(data_dir), "--no-progress"]) == 0
+    written = json.loads((run / "evaluation-limit10.json").read_text())
+    assert written["dataset"] == TINY and written["split"] == "test", written
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "dataset": "fashion-mnist"}))
+    for argv in (["evaluate", str(run), "-k", "2", "--data-dir", str(data_dir)], ["sample", str(run), "-n", "4"]):
+        err = cli_error(capsys, [*argv, "--device", "cpu"])
+        assert f"dataset: 'fashion-mnist' in config.json, '{TINY}' in the checkpoint" in err and "Restore those fields" in err, err
+
+
 # ================================================================================================
 # issue 28, item 3: a run folder from a stranger cannot exhaust the machine
 
@@ -346,6 +360,9 @@ def test_a_config_describing_a_huge_model_is_refused_before_anything_is_built(ed
     run = copy_run(finished_run, tmp_path)
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, **edit}))
+    for name in ("best.pt", "last.pt"):  # a stranger's folder whose checkpoints agree with its config.json
+        state = load_checkpoint(run / "checkpoints" / name)
+        save_checkpoint({k: v for k, v in state.items() if k not in ("format", "config")}, run / "checkpoints" / name)
     built = []
     monkeypatch.setattr(cli, "_build", lambda *a, **k: built.append(a) or pytest.fail("built the modules"))
     commands = [["sample", str(run), "-n", "4"]] + ([] if "x_shape" in edit else [["evaluate", str(run), "-k", "2", "--data-dir", str(data_dir)]])  # evaluate: the data's shape

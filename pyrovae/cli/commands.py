@@ -242,18 +242,24 @@ def _changed_by_resume(args: argparse.Namespace, saved: dict) -> list[str]:
 _RESUME_MAY_CHANGE = {*RESUME_OVERRIDES, "data_found_in"}
 
 
-def _check_same_run(saved: dict, stored: Any, config_path: Path, checkpoint: Path) -> None:
-    """Refuse ``--resume`` when ``config.json`` no longer describes the run in the checkpoint (edited by hand: another
-    dataset, model, ...): the checkpoint's own copy of the configuration is compared with it, field by field."""
+def _check_same_run(saved: dict, stored: Any, config_path: Path, checkpoint: Path, command: str = "--resume") -> None:
+    """Refuse ``--resume`` (or an evaluation, ``command``) when ``config.json`` no longer describes the run in the
+    checkpoint (edited by hand: another dataset, model, ...): the checkpoint's own copy of the configuration is
+    compared with it, field by field."""
     if not isinstance(stored, dict):  # checkpoints written without a configuration (the Python API): nothing to compare
         return
     plain = lambda v: json.loads(json.dumps(v, default=str))  # tuples as lists, as in config.json
-    differ = [k for k in sorted(set(saved) | set(stored)) if k not in _RESUME_MAY_CHANGE and plain(saved.get(k)) != plain(stored.get(k))]
+    if command == "--resume":
+        keys, may_change = set(saved) | set(stored), _RESUME_MAY_CHANGE
+    else:  # an evaluation: fields an older config.json lacks, and where the data lies, are no other run
+        keys, may_change = set(saved) & set(stored), _RESUME_MAY_CHANGE | {"data_dir", "x_shape", "x_dtype"}
+    differ = [k for k in sorted(keys) if k not in may_change and plain(saved.get(k)) != plain(stored.get(k))]
     if differ:
         shown = "; ".join(f"{k}: {saved.get(k)!r} in config.json, {stored.get(k)!r} in the checkpoint" for k in differ[:8])
+        fix = "start a new run with them (another --run-dir, or --overwrite)" if command == "--resume" else "train a new run with them"
         raise UsageError(
-            f"--resume: {config_path} does not describe the run in {checkpoint} ({shown}{'; ...' if len(differ) > 8 else ''}): it was edited "
-            "after the run started. Restore those fields, or start a new run with them (another --run-dir, or --overwrite)"
+            f"{command}: {config_path} does not describe the run in {checkpoint} ({shown}{'; ...' if len(differ) > 8 else ''}): it was edited "
+            f"after the run started. Restore those fields, or {fix}"
         )
 
 
@@ -593,6 +599,7 @@ def _load_run(run_dir: Path, device: torch.device, checkpoint: str = "best", spl
         path = run_dir / "checkpoints" / "last.pt"
     state = load_checkpoint(path, map_location=device)
     check_state(state, path)
+    _check_same_run(cfg, state.get("config"), run_dir / "config.json", path, command=f"the run in {run_dir}")
     nonfinite = sorted(k for k, v in state["params"].items() if not bool(torch.isfinite(v).all()))
     if nonfinite:
         shown = ", ".join(nonfinite[:6]) + (f" and {len(nonfinite) - 6} more" if len(nonfinite) > 6 else "")
@@ -642,6 +649,11 @@ def _output_suffix(checkpoint: str, limit: Optional[int], num_test: int) -> str:
     return ("-last" if checkpoint == "last" else "") + (f"-limit{limit}" if limit and limit < num_test else "")
 
 
+def _provenance(cfg: dict, data_dir: Optional[str]) -> dict:
+    """What an evaluation was computed on: the data set, its split and where its files were found."""
+    return {"dataset": cfg.get("dataset"), "split": "test", "data_dir": data_dir or cfg.get("data_found_in") or cfg.get("data_dir")}
+
+
 def _evaluate(
     run_dir: Path, device, checkpoint: str, num_samples: int, limit: Optional[int], splits=None, data_dir: Optional[str] = None,
     capture: str = "auto", progress: bool = True, suffix: Optional[str] = None,
@@ -658,7 +670,7 @@ def _evaluate(
     if report is not None and not distributed.is_main():  # distributed: rank 0 evaluates these models alone
         return 0
     if report is not None:
-        result = {"checkpoint": str(path), "limit": limit, **report(model, guide, splits, test, run_dir, num_samples, suffix=suffix)}
+        result = {"checkpoint": str(path), **_provenance(cfg, data_dir), "limit": limit, **report(model, guide, splits, test, run_dir, num_samples, suffix=suffix)}
         write_json(run_dir / f"evaluation{suffix}.json", result)
         print(json.dumps(result, indent=2))
         print(f"pyrovae: wrote evaluation{suffix}.json and {', '.join(result.get('outputs', []))} to {run_dir}")
@@ -677,6 +689,7 @@ def _evaluate(
     n = test.shape[0]
     result = {
         "checkpoint": str(path),
+        **_provenance(cfg, data_dir),
         "num_test": n,
         "limit": limit if limit and limit < splits.test.shape[0] else None,
         "num_samples": num_samples,

@@ -88,8 +88,8 @@ def check_state(state: dict, path: Union[str, Path, None] = None) -> None:
         perm = cursor.get("perm")
         if perm is not None and not (torch.is_tensor(perm) and perm.dim() == 1 and not torch.is_floating_point(perm)):
             raise bad("its epoch permutation is not a 1-D integer tensor")
-    if "optimizer" in state and not (isinstance(state["optimizer"], dict) and isinstance(state["optimizer"].get("param_groups"), list)):
-        raise bad("its 'optimizer' is not an optimiser state")
+    if "optimizer" in state:
+        _check_optimizer(state["optimizer"], bad)
     if "best_valid" in state and not isinstance(state["best_valid"], (int, float)):
         raise bad("its 'best_valid' is not a number")
     if "lr_reductions" in state and not (_is_int(state["lr_reductions"]) and state["lr_reductions"] >= 0):
@@ -97,5 +97,41 @@ def check_state(state: dict, path: Union[str, Path, None] = None) -> None:
     sums = state.get("sums")
     if sums is not None and not (isinstance(sums, dict) and all(torch.is_tensor(v) or isinstance(v, (int, float)) for v in sums.values())):
         raise bad("its 'sums' are not running sums")
-    if "rng" in state and not isinstance(state["rng"], dict):
-        raise bad("its 'rng' is not a table of random-number-generator states")
+    if "rng" in state:
+        _check_rng(state["rng"], bad)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_optimizer(opt: Any, bad) -> None:
+    """An optimiser state: param groups of numbers (lr, betas, eps, ...) and per-parameter tensors or numbers."""
+    if not (isinstance(opt, dict) and isinstance(opt.get("param_groups"), list) and isinstance(opt.get("state", {}), dict)):
+        raise bad("its 'optimizer' is not an optimiser state")
+    for i, group in enumerate(opt["param_groups"]):
+        if not isinstance(group, dict) or not isinstance(group.get("params"), list) or not all(_is_int(p) for p in group["params"]):
+            raise bad(f"its optimiser's param group {i} is not a table with a list of parameter indices")
+        for key in ("lr", "eps", "betas", "weight_decay", "momentum", "damping"):
+            value = group.get(key)
+            numbers = value if isinstance(value, (list, tuple)) else [value]
+            if value is not None and not all(_is_number(v) or torch.is_tensor(v) and v.numel() == 1 for v in numbers):
+                raise bad(f"its optimiser's {key!r} in param group {i} is {value!r}, not a number")
+    for index, entry in opt.get("state", {}).items():
+        if not isinstance(entry, dict) or not all(torch.is_tensor(v) or _is_number(v) for v in entry.values()):
+            raise bad(f"its optimiser's state of parameter {index} is not a table of tensors and numbers")
+
+
+def _check_rng(rng: Any, bad) -> None:
+    """What :func:`pyrovae.utils.rng.get_rng_state` writes: Python's state, NumPy's (as a tensor), torch's bytes."""
+    if not isinstance(rng, dict) or not {"python", "numpy", "torch"} <= set(rng):
+        raise bad("its 'rng' is not a table of random-number-generator states (python, numpy, torch, cuda)")
+    py = rng["python"]
+    if not (isinstance(py, (list, tuple)) and len(py) == 3 and isinstance(py[1], (list, tuple)) and all(_is_int(v) for v in py[1])):
+        raise bad("its Python random-number state is not (version, integers, gauss)")
+    np_state = rng["numpy"]
+    if not (isinstance(np_state, (list, tuple)) and len(np_state) == 5 and isinstance(np_state[0], str) and torch.is_tensor(np_state[1]) and np_state[1].dim() == 1):
+        raise bad("its NumPy random-number state is not (kind, key tensor, position, has_gauss, gauss)")
+    for name, value in (("torch", rng["torch"]), *((f"cuda {i}", v) for i, v in enumerate(rng.get("cuda") or []))):
+        if not (torch.is_tensor(value) and value.dtype == torch.uint8 and value.dim() == 1):
+            raise bad(f"its {name} random-number state is not a 1-D byte tensor")

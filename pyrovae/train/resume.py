@@ -103,6 +103,7 @@ def load_weights(trainer: "Trainer", state: dict) -> None:
 def load_state_dict(trainer: "Trainer", state: dict) -> None:
     """Restore everything :func:`state_dict` saved: weights, optimiser, objective, RNG and position."""
     load_weights(trainer, state)
+    _check_optimizer_shapes(trainer, state["optimizer"])
     try:
         trainer.optim.load_state_dict(state["optimizer"])
         load_objective_state(trainer.objective, state["objective"])
@@ -117,6 +118,22 @@ def load_state_dict(trainer: "Trainer", state: dict) -> None:
             f"or optimiser than {trainer.objective!r}; resume with the run's own config.json"
         ) from e
     trainer._sums = copy_sums(state.get("sums") or {})
+
+
+def _check_optimizer_shapes(trainer: "Trainer", opt: dict) -> None:
+    """The optimiser's per-parameter tensors (Adam's moments) have their parameters' shapes: a state of another shape
+    would load, then fail at the first step with a size mismatch deep inside the optimiser."""
+    params = [p for group in trainer.optim.param_groups for p in group["params"]]
+    for index, entry in opt.get("state", {}).items():
+        if not (isinstance(index, int) and 0 <= index < len(params)):
+            raise CheckpointError(f"the checkpoint's optimiser holds state for parameter {index!r}, but this trainer has {len(params)} parameters")
+        for key, value in entry.items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != params[index].shape:
+                name = list(trainer.params)[index] if index < len(trainer.params) else index
+                raise CheckpointError(
+                    f"the checkpoint's optimiser state {key!r} of parameter {name!r} has shape {list(value.shape)}, but the parameter has "
+                    f"{list(params[index].shape)}: the checkpoint is damaged or from another run"
+                )
 
 
 def resume(trainer: "Trainer", path: Union[str, Path], *batch: torch.Tensor) -> None:
