@@ -34,10 +34,3 @@ def test_docs_build_strict(tmp_path):
     assert "log_likelihood" in (site / "api" / "evaluate" / "index.html").read_text()
     assert "GaussianEncoder" in (site / "api" / "models" / "index.html").read_text()
 
-
-def test_version_flag():
-    from importlib.metadata import version
-
-    proc = subprocess.run([sys.executable, "-m", "pyrovae", "--version"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == f"pyrovae {version('pyrovae')}"
