@@ -329,7 +329,7 @@ def prepare(trainer) -> None:
     """Before training: copy rank 0's parameters and module buffers to every rank (as DDP does), give ranks
     that share rank 0's random stream their own (rank 0's stays, so its draws are a single process's), and
     leave the progress bar to rank 0."""
-    trainer._stop_agreed = False
+    trainer.stop_agreed = False
     if not active():
         return
     from pyrovae.train.optim import NaturalGradient
@@ -421,7 +421,7 @@ def average_state(state: dict, n: int) -> dict:
 
 
 def agree(trainer, finite) -> Union[bool, torch.Tensor]:
-    """At a check point: whether every rank stayed finite, and (in ``trainer._stop_signal``) whether any rank
+    """At a check point: whether every rank stayed finite, and (in ``trainer.stop_signal``) whether any rank
     received SIGINT/SIGTERM; one ``all_reduce``, so every rank rolls back or stops at the same step."""
     if not active():
         return finite
@@ -429,7 +429,7 @@ def agree(trainer, finite) -> Union[bool, torch.Tensor]:
     # the parameters' sum, to catch ranks that drifted apart (an optimiser or objective with per-rank state)
     total = torch.stack([p.detach().sum(dtype=torch.float64) for p in trainer.params.values()]).sum().to(device)
     flags = torch.stack([(~torch.as_tensor(finite, device=device).bool()).to(torch.float64).reshape(()),
-                         torch.tensor(float(trainer._stop_signal or 0), dtype=torch.float64, device=device), total, -total])
+                         torch.tensor(float(trainer.stop_signal or 0), dtype=torch.float64, device=device), total, -total])
     with _collective(f"the check at step {trainer.cursor.step}"):
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     bad, signum, high, low = flags.tolist()
@@ -439,7 +439,7 @@ def agree(trainer, finite) -> Union[bool, torch.Tensor]:
             "moves them is not shared (an optimiser or objective that learns from each process's own batch)"
         )
     if signum:
-        trainer._stop_signal, trainer._stop_agreed = int(signum), True
+        trainer.stop_signal, trainer.stop_agreed = int(signum), True
     return bad == 0
 
 
@@ -447,8 +447,8 @@ def stop_requested(trainer) -> bool:
     """Whether the trainer stops before its next step: on a signal (single process), or once the ranks have
     agreed on one at a check point (several; a signal then takes effect within ``check_every`` steps)."""
     if not active():
-        return trainer._stop_signal is not None
-    return bool(getattr(trainer, "_stop_agreed", False))
+        return trainer.stop_signal is not None
+    return trainer.stop_agreed
 
 
 def rank_rng_states() -> dict:

@@ -68,7 +68,7 @@ def state_dict(trainer: "Trainer", finished: bool = False) -> dict:
         "cursor": {"epoch": c.epoch, "pos": c.pos, "step": c.step, "perm": c.perm},
         "best_valid": trainer.best_valid,
         "lr_reductions": trainer.lr_reductions,
-        "sums": copy_sums(trainer._sums),
+        "sums": copy_sums(trainer.epoch_sums),
         "finished": finished,
     }
 
@@ -117,7 +117,7 @@ def load_state_dict(trainer: "Trainer", state: dict) -> None:
             f"the checkpoint does not fit this trainer ({type(e).__name__}: {e}): it was written with another objective "
             f"or optimiser than {trainer.objective!r}; resume with the run's own config.json"
         ) from e
-    trainer._sums = copy_sums(state.get("sums") or {})
+    trainer.epoch_sums = copy_sums(state.get("sums") or {})
 
 
 def _check_optimizer_shapes(trainer: "Trainer", opt: dict) -> None:
@@ -145,7 +145,7 @@ def resume(trainer: "Trainer", path: Union[str, Path], *batch: torch.Tensor) -> 
         state = load_checkpoint(path, map_location=batch[0].device)
         trainer.setup(*batch)
         load_state_dict(trainer, state)
-        trainer._owns_run = True
+        trainer.owns_run = True
         if writer:
             trainer.history = runs.truncate_metrics(trainer.run_dir, trainer.cursor.epoch)
 
@@ -155,31 +155,31 @@ def run_folder(trainer: "Trainer") -> Iterator[None]:
     """Hold the run folder while training: its lock, a fresh start unless the trainer resumed it, ``config.json``."""
     try:
         if distributed.is_writer(trainer):  # distributed: rank 0 alone writes under run_dir
-            if trainer._lock is None:
-                trainer._lock = runs.RunLock(trainer.run_dir).acquire()
-            if not trainer._owns_run:
+            if trainer.run_lock is None:
+                trainer.run_lock = runs.RunLock(trainer.run_dir).acquire()
+            if not trainer.owns_run:
                 runs.start_fresh(trainer.run_dir)
-                trainer._owns_run = True
+                trainer.owns_run = True
             write_json(trainer.run_dir / "config.json", trainer.config)
         yield
     finally:
-        if trainer._lock is not None:
-            trainer._lock.release()
-            trainer._lock = None
+        if trainer.run_lock is not None:
+            trainer.run_lock.release()
+            trainer.run_lock = None
 
 
 @contextlib.contextmanager
 def stop_signals(trainer: "Trainer") -> Iterator[None]:
-    """While training, SIGINT/SIGTERM set ``trainer._stop_signal`` (the loop stops at the next step boundary);
+    """While training, SIGINT/SIGTERM set ``trainer.stop_signal`` (the loop stops at the next step boundary);
     a second one stops at once. Only the main thread can take signals: elsewhere nothing is installed."""
-    trainer._stop_signal = None
+    trainer.stop_signal = None
     old = {}
     if threading.current_thread() is threading.main_thread():
 
         def handler(signum, frame):
-            if trainer._stop_signal is not None:  # a second Ctrl-C: stop now
+            if trainer.stop_signal is not None:  # a second Ctrl-C: stop now
                 raise KeyboardInterrupt
-            trainer._stop_signal = signum
+            trainer.stop_signal = signum
 
         old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -191,7 +191,7 @@ def stop_signals(trainer: "Trainer") -> Iterator[None]:
 
 def interrupt(trainer: "Trainer", sums: dict) -> NoReturn:
     """Checkpoint the run where it is (``sums``: the epoch's running sums) and raise :class:`TrainingInterrupted`."""
-    trainer._sums = sums
+    trainer.epoch_sums = sums
     path = trainer.save("last.pt")
-    name = signal.Signals(trainer._stop_signal).name
+    name = signal.Signals(trainer.stop_signal).name
     raise TrainingInterrupted(f"{name} received: saved {path} at step {trainer.cursor.step}; continue with --resume" if path else f"{name} received at step {trainer.cursor.step}")

@@ -152,10 +152,11 @@ class Trainer:
         self.history: list[dict] = []
         self.stop_training = False  # a callback sets it to end fit() at the next step boundary
         self.epochs = self.num_batches = self.batch_size = 0  # of the current fit(), for callbacks
-        self._stop_signal: Optional[int] = None
-        self._sums: dict = {}  # the current epoch's running metric sums, checkpointed with a mid-epoch stop
-        self._lock: Optional[runs.RunLock] = None  # held on run_dir while fit() runs
-        self._owns_run = False  # run_dir holds this trainer's run (resumed, or started by fit)
+        self.stop_signal: Optional[int] = None  # SIGINT/SIGTERM received while training (pyrovae.train.resume.stop_signals)
+        self.stop_agreed = False  # several processes: every rank has agreed to stop (pyrovae.train.distributed)
+        self.epoch_sums: dict = {}  # the current epoch's running metric sums, checkpointed with a mid-epoch stop
+        self.run_lock: Optional[runs.RunLock] = None  # held on run_dir while fit() runs
+        self.owns_run = False  # run_dir holds this trainer's run (resumed, or started by fit)
 
     # --- parameters and optimiser ------------------------------------------------------------------
     def setup(self, *batch: torch.Tensor) -> None:
@@ -396,8 +397,8 @@ class Trainer:
         return builtin + ([Progress(bar=self.progress)] if main and (self.progress or self.run_dir is not None) else [])
 
     def _loop(self, batch, valid, hooks: Callback) -> None:
-        sums: dict[str, torch.Tensor] = self._sums if self.cursor.pos > 0 else {}  # resumed mid-epoch: keep its sums
-        self._sums = {}
+        sums: dict[str, torch.Tensor] = self.epoch_sums if self.cursor.pos > 0 else {}  # resumed mid-epoch: keep its sums
+        self.epoch_sums = {}
         self.rollback.take(sums)
         hooks.on_train_begin(self)
         t0, finite = time.perf_counter(), None
@@ -430,7 +431,7 @@ class Trainer:
                 self._end_epoch(sums, valid, time.perf_counter() - t0, hooks)
                 sums = {}
                 self.rollback.take(sums)
-        self._sums = self._checked(sums, finite)  # stopped mid-epoch: the checkpoint carries the epoch so far
+        self.epoch_sums = self._checked(sums, finite)  # stopped mid-epoch: the checkpoint carries the epoch so far
         hooks.on_train_end(self)
 
     def _checked(self, sums: dict, finite) -> dict:
