@@ -73,20 +73,7 @@ def cli_error(capsys, argv, code=2) -> str:
     return err
 
 
-CLI_SCRIPT = r"""
-import sys
-import numpy as np
-import torch
-from pyrovae.data import RawData, register_dataset
-
-@register_dataset("tiny-test", ["tiny.npz"])
-def read(folder):
-    z = np.load(folder / "tiny.npz")
-    return RawData(train=torch.from_numpy(z["train"]), test=torch.from_numpy(z["test"]))
-
-from pyrovae.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+from test_reliability import CLI_SCRIPT  # noqa: E402  (a CLI process with the tiny data set registered)
 
 
 def cli_process(tmp_path: Path, argv: list, extra: str = "") -> subprocess.Popen:
