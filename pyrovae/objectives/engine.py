@@ -571,7 +571,7 @@ def site_mean(trace: Trace, site: str) -> torch.Tensor:
     while isinstance(fn, MaskedDistribution):
         fn = fn.base_dist
     base = fn
-    while hasattr(base, "base_dist"):
+    while isinstance(base, (torch.distributions.Independent, MaskedDistribution)):
         base = base.base_dist
     if isinstance(base, torch.distributions.Categorical):  # torch gives a mean of NaNs: a wrong number, not an error
         raise ValueError(
@@ -579,10 +579,7 @@ def site_mean(trace: Trace, site: str) -> torch.Tensor:
             "g(z) (RE, FRE, CLA, pNCC) need an observed site with a mean; for token sequences constrain the "
             "reconstruction NLL per token instead (TokenGECO, --objective token-geco)"
         )
-    try:
-        return fn.mean
-    except NotImplementedError as e:
-        raise ValueError(f"site {site!r} ({type(base).__name__}) has no mean, which a reconstruction or GECO's constraint on g(z) needs") from e
+    return fn.mean
 
 
 def _pair_mean(pair: TracePair, site: str) -> torch.Tensor:
