@@ -48,6 +48,7 @@ class IWAE(Objective):
         if estimator == "vimco" and num_particles < 2:
             raise ValueError(f"estimator='vimco' needs num_particles >= 2 (its baselines leave one sample out); got {num_particles}")
         self.estimator = estimator
+        self._constant_globals = None  # the global sites already found not to depend on the latents
 
     def _bound(self, log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
         return _log_mean_exp(log_w, dim)
@@ -56,7 +57,9 @@ class IWAE(Objective):
         lw = self.log_weights(model, guide, *args, **kwargs)
         name = f"{type(self).__name__}(estimator={self.estimator!r})"
         no_global_latents(lw, name)
-        global_observations_are_constant(lw, name)
+        if lw.global_sites and lw.global_sites != self._constant_globals:  # a host sync: once per program, not per step
+            global_observations_are_constant(lw, name)
+            self._constant_globals = lw.global_sites if lw.num_particles > 1 else None
         if self.estimator in ("standard", "dreg"):
             reparam_only(lw, name, "use estimator='vimco' (or 'score')")
         scale = self._data_scale(lw, name)
