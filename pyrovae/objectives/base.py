@@ -60,14 +60,15 @@ def score_function_term(
     2015). Each weight gets a leave-one-out baseline over particles. Zero when the guide is fully
     reparameterised.
     """
-    if not lw.nonreparam_sites:
-        return lw.log_w.new_zeros(lw.num_particles)
-    total = None
-    for site in lw.pairs[0].scores:
-        costs = [_cost_to(pair, site.frames, coefficients, extra, extra_glob, offset) for pair, offset in _offsets(lw)]
-        scores = [next(s.score for s in pair.scores if s.name == site.name) for pair in lw.pairs]
-        term = _weighted_scores(scores, costs)
-        total = term if total is None else total + term
+    total = lw.log_w.new_zeros(lw.num_particles)
+    # particles run one at a time may draw different sites (a random subsample of a sequential plate)
+    for name in dict.fromkeys(s.name for pair in lw.pairs for s in pair.scores):
+        rows = []
+        for pair, offset in _offsets(lw):
+            site = next((s for s in pair.scores if s.name == name), None)
+            cost = None if site is None else _cost_to(pair, site.frames, coefficients, extra, extra_glob, offset)
+            rows.append((pair.num_particles, None if site is None else site.score, cost))
+        total = total + _weighted_scores(rows)
     return total
 
 
@@ -108,17 +109,22 @@ def _cost_to(pair: TracePair, frames: frozenset, coefficients: dict, extra, extr
     return total
 
 
-def _weighted_scores(scores: list, costs: list) -> torch.Tensor:
-    """``[P]``: sum of score * leave-one-out(cost) per particle, the particles of every trace pair together."""
-    shapes = {tuple(torch.broadcast_shapes(s.shape, c.shape)[1:]) for s, c in zip(scores, costs)}
-    if len(scores) > 1 and len(shapes) == 1:  # particles run one at a time: one baseline over all of them
+def _weighted_scores(rows: list) -> torch.Tensor:
+    """``[P]``: sum of score * leave-one-out(cost) per particle, over the trace pairs' ``(particles, score, cost)``
+    (score and cost None where a pair did not draw the site: it contributes zero). One baseline over all particles
+    when every pair drew the site with the same shapes; otherwise each pair's own."""
+    shapes = {None if s is None else tuple(torch.broadcast_shapes(s.shape, c.shape)[1:]) for _, s, c in rows}
+    if len(rows) > 1 and len(shapes) == 1 and None not in shapes:  # particles run one at a time: one baseline
         shape = next(iter(shapes))
-        score = torch.cat([s.expand(s.shape[0], *shape) for s in scores])
-        cost = torch.cat([c.expand(c.shape[0], *shape) for c in costs])
+        score = torch.cat([s.expand(s.shape[0], *shape) for _, s, _ in rows])
+        cost = torch.cat([c.expand(c.shape[0], *shape) for _, _, c in rows])
         return (score * leave_one_out(cost)).reshape(score.shape[0], -1).sum(1)
-    # one trace pair (the baseline over its particle dim), or pairs of different shapes (no baseline across them)
+    ref = next(s for _, s, _ in rows if s is not None)
     out = []
-    for s, c in zip(scores, costs):
+    for num, s, c in rows:
+        if s is None:
+            out.append(ref.new_zeros(num))
+            continue
         c = leave_one_out(c) if c.shape[0] > 1 else c.detach()
         out.append((s * c).reshape(max(s.shape[0], c.shape[0]), -1).sum(1))
     return torch.cat(out)
