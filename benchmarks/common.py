@@ -45,10 +45,24 @@ def hardware_info(device: torch.device) -> dict:
     return info
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def portable_path(arg: str) -> str:
+    """An argument as a results file may record it: an absolute path inside the repository made relative to it, one
+    outside shown by its last component (``.../runs``): no machine's folders in committed files."""
+    flag, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+    if not os.path.isabs(value):
+        return arg
+    inside = os.path.commonpath([REPO, os.path.abspath(value)]) == REPO
+    shown = os.path.relpath(value, REPO) if inside else ".../" + os.path.basename(value.rstrip("/"))
+    return flag + eq + shown
+
+
 def command_line() -> str:
-    """The command that started this process, shell-quoted (with ``OMP_NUM_THREADS`` if set)."""
+    """The command that started this process, shell-quoted (with ``OMP_NUM_THREADS`` if set), paths made portable."""
     env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    return env + " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), *sys.argv])
+    return env + " ".join(shlex.quote(portable_path(a)) for a in [os.path.basename(sys.executable), *sys.argv])
 
 
 def now() -> str:

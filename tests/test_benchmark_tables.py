@@ -50,3 +50,11 @@ def test_sentence_table_states_what_ppl_counts():
     assert "NLL 100 is PPL 95.8" in note  # not the paper's 116
     committed = (ROOT / "benchmarks" / "results" / "sentence_table.md").read_text()
     assert "the paper's convention" not in committed and "Compare the NLL with the paper's" in committed
+
+
+def test_recorded_commands_name_no_machine_folder(monkeypatch):
+    """A results file records its command: absolute paths become repository-relative, or the folder's last name."""
+    common = _load("common")
+    monkeypatch.setattr(sys, "argv", ["iwae_table.py", "--work-dir", "/scratch/me/runs", f"--out={ROOT / 'benchmarks' / 'results' / 'x.md'}", "--stages", "5"])
+    line = common.command_line()
+    assert "--work-dir .../runs" in line and "--out=benchmarks/results/x.md" in line and "/scratch" not in line and str(ROOT) not in line
