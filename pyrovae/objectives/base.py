@@ -43,16 +43,14 @@ def score_function_term(
     lw: LogWeights,
     coefficients: dict,
     extra: Optional[torch.Tensor] = None,
-    extra_glob: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``[P]``: the surrogate whose gradient is the score-function part of the gradient of ``E_q[f]`` with
 
-        f = sum over sites s of c[part(s)] * log-density_s  +  sum_b extra_b  +  extra_glob,
+        f = sum over sites s of c[part(s)] * log-density_s  +  sum_b extra_b,
 
     where ``coefficients`` maps :class:`~pyrovae.objectives.engine.LogWeights` part names (``log_px``, ``log_pz``,
     ``log_qz``, ``glob_px``, ``glob_pz``, ``glob_qz``; absent parts count 0) to weights, ``extra [P, B]`` is a
-    per-datum term that does not split over sites (a constraint on g(z), a closed-form KL correction) and
-    ``extra_glob [P]`` a term shared by the batch.
+    per-datum term that does not split over sites (a constraint on g(z), a closed-form KL correction).
 
     Each non-reparameterised guide site's unscaled log q(z) is weighted by the terms of f that are not
     conditionally independent of it given the plates: a term in plates the site is not in is summed over
@@ -66,7 +64,7 @@ def score_function_term(
         rows = []
         for pair, offset in _offsets(lw):
             site = next((s for s in pair.scores if s.name == name), None)
-            cost = None if site is None else _cost_to(pair, site.frames, coefficients, extra, extra_glob, offset)
+            cost = None if site is None else _cost_to(pair, site.frames, coefficients, extra, offset)
             rows.append((pair.num_particles, None if site is None else site.score, cost))
         total = total + _weighted_scores(rows)
     return total
@@ -79,7 +77,7 @@ def _offsets(lw: LogWeights):
         offset += pair.num_particles
 
 
-def _cost_to(pair: TracePair, frames: frozenset, coefficients: dict, extra, extra_glob, offset: int) -> torch.Tensor:
+def _cost_to(pair: TracePair, frames: frozenset, coefficients: dict, extra, offset: int) -> torch.Tensor:
     """The part of the cost that a site in plates ``frames`` can influence, full rank (particles at dim 0)."""
     rank, total = pair.rank, None
 
@@ -102,8 +100,6 @@ def _cost_to(pair: TracePair, frames: frozenset, coefficients: dict, extra, extr
             shape = [1] * rank
             shape[0], shape[rank + pair.data_frame[1]] = -1, extra.shape[1]
             add(extra[rows].reshape(shape), frozenset([pair.data_frame]))
-    if extra_glob is not None:
-        add(extra_glob[rows].reshape((-1,) + (1,) * (rank - 1)), frozenset())
     if total is None:  # every coefficient zero: no cost for this site to weight
         return pair.scores[0].score.new_zeros((1,) * rank)
     return total
