@@ -15,6 +15,7 @@ from torch import nn
 from pyrovae.models.bayesian import BayesVAE, global_scale, register_weight_posterior
 from pyrovae.nn import BayesianLinear, Flatten, VariationalDropoutLinear, activation, add_dropout_kl, diag_normal, dropout_mlp, mlp
 from pyrovae.nn.poutine import local_reparameterization
+from pyrovae.utils.registry import BAYES_GROUP, register_guide
 
 
 class NormalWeights(nn.Module):
@@ -62,6 +63,8 @@ class NormalWeights(nn.Module):
                 pyro.sample(name, dist.Normal(loc, nn.functional.softplus(self.rhos[key])).to_event(loc.dim()))
 
 
+@register_guide("bayes_gaussian", group=BAYES_GROUP, flags={"activation_name": "activation"}, choices={"encoder_dropout": ("A", "B")}, exclude=("init_scale",),
+                model_copy_if="bayesian_decoder")  # model: a copy of the run's model, for the names and shapes of its weight sites
 class BayesEncoder(nn.Module):
     """Amortised diagonal-Gaussian q(z | x) (MLP), optionally with variational Gaussian dropout on all its hidden
     activations (``encoder_dropout``: ``A`` or ``B``, :class:`pyrovae.nn.VariationalDropoutLinear` for every layer
@@ -74,6 +77,15 @@ class BayesEncoder(nn.Module):
     ``local_reparam`` (default: ``model.local_reparam``): the weight posterior draws under
     :func:`pyrovae.nn.poutine.local_reparameterization` (shared records), so that a model with ``local_reparam=True``
     draws its pre-activations per example from these Normals.
+
+    Args:
+        x_shape, z_dim, hidden: the data's shape, the latent size and the MLP's hidden sizes.
+        activation_name: nonlinearity of the MLP.
+        encoder_dropout: variational Gaussian dropout on the encoder's hidden activations, ``A`` or ``B`` (KSW15).
+        model: the Bayesian-decoder model whose weight posterior this guide holds (its sites' names and shapes).
+        num_data: training-set size, which scales the dropout KL by ``batch / num_data``.
+        init_scale: initial posterior standard deviation of the weights.
+        local_reparam: draw the weights under the local reparameterisation (default: the model's).
     """
 
     def __init__(

@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from pyrovae.nn import Flatten, diag_normal, mlp
+from pyrovae.utils.registry import register_guide
 
 
+@register_guide("conditional", exclude=("activation_name",))
 class ConditionalEncoder(nn.Module):
     """Diagonal-Gaussian q(z | x, c) from an MLP on the flattened target and context.
 

@@ -14,9 +14,12 @@ import torch
 from torch import nn
 
 from pyrovae.nn.checks import check_z_dim
+from pyrovae.nn.layers import ARCHS
+from pyrovae.utils.registry import register_guide
 from pyrovae.nn import x_encoder
 
 
+@register_guide("bernoulli", choices={"arch": ARCHS})
 class BernoulliEncoder(nn.Module):
     """Independent Bernoulli logits from an MLP (or convolutional) trunk.
 

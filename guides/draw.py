@@ -18,6 +18,7 @@ from torch import nn
 from pyrovae.nn.attention import Attention, box, read
 from pyrovae.nn import diag_normal
 from pyrovae.nn.recurrent import ConvLSTMCell, LSTMCell, conv2d
+from pyrovae.utils.registry import register_guide
 
 
 class _GuideOf(nn.Module):
@@ -73,6 +74,7 @@ class _GuideOf(nn.Module):
         return {k: torch.stack(v) for k, v in record.items()}
 
 
+@register_guide("draw", from_model=True, exclude=("hidden",))
 class DRAWGuide(_GuideOf):
     """q(z_t | x, z_<t) = N(mu(h_enc_t), sigma(h_enc_t)) with h_enc_t = LSTM_enc(h_enc_{t-1}, [read_t, h_dec_{t-1}]).
 
@@ -117,6 +119,7 @@ class DRAWGuide(_GuideOf):
         self._run(x, record)
 
 
+@register_guide("convdraw", from_model=True, exclude=("hidden",))
 class ConvDRAWGuide(_GuideOf):
     """ConvDRAW's q(z_t | x, z_<t): a ConvLSTM encoder on [read(x, x - mean(c)), h_dec_{t-1}], a conv head for the
     mean and scale of the z_t feature map. For a conditional model the program is ``guide(x, context)``.

@@ -15,11 +15,14 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyrovae.nn.flows import build_flow, conditioned_distribution
+from pyrovae.nn.flows import FLOWS, build_flow, conditioned_distribution
+from pyrovae.nn.layers import ARCHS
+from pyrovae.utils.registry import register_guide
 from pyrovae.nn import activation as make_activation
 from pyrovae.nn import diag_normal, x_encoder
 
 
+@register_guide("flow", flags={"num_flows": "flow_length"}, choices={"flow": lambda: sorted(FLOWS), "arch": ARCHS}, exclude=("context_dim", "flow_hidden"))
 class FlowEncoder(nn.Module):
     """Diagonal Gaussian pushed through ``num_flows`` amortised flow layers.
 

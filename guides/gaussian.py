@@ -14,9 +14,12 @@ import torch
 from torch import nn
 
 from pyrovae.nn.checks import check_layers
+from pyrovae.nn.layers import ARCHS
+from pyrovae.utils.registry import register_guide
 from pyrovae.nn import diag_normal, latent_names, mlp, x_encoder
 
 
+@register_guide("gaussian", choices={"arch": ARCHS})
 class GaussianEncoder(nn.Module):
     """Diagonal-Gaussian guide with an MLP or convolutional trunk.
 

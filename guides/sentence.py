@@ -6,10 +6,12 @@ import torch
 from torch import nn
 
 from pyrovae.nn import diag_normal
-from pyrovae.nn.recurrent import RNN, check_int
+from pyrovae.nn.recurrent import RNN, RNN_KINDS, check_int
+from pyrovae.utils.registry import TEXT_GROUP, register_guide
 from pyrovae.data.text import check_batch
 
 
+@register_guide("none")
 class NoLatentGuide(nn.Module):
     """The guide of a model without latent variables: a Pyro program with no sites."""
 
@@ -17,13 +19,18 @@ class NoLatentGuide(nn.Module):
         return None
 
 
+@register_guide("rnn", group=TEXT_GROUP, flags={"num_layers": "rnn_layers"}, choices={"rnn": RNN_KINDS})
 class SentenceEncoder(nn.Module):
     """q(z | x) = N(mu(h), diag sigma(h)^2), h the final state of an RNN over the sentence's words and ``<eos>``
     (the backward direction too when ``bidirectional``). Padding is never read: the forward state is taken at
     each sentence's last token and the backward RNN runs over the sentence reversed within its length.
 
     Args:
-        vocab_size, z_dim, embed_dim, hidden_dim, num_layers, rnn: as :class:`SentenceVAE`.
+        vocab_size, z_dim: as :class:`SentenceVAE`.
+        embed_dim: word embedding size.
+        hidden_dim: RNN units.
+        num_layers: stacked RNN layers.
+        rnn: recurrent cell, ``lstm`` or ``gru``.
         bidirectional: also read the sentence right to left, concatenating the two final states.
     """
 

@@ -30,7 +30,8 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from pyrovae.nn.likelihoods import likelihood_head
+from pyrovae.nn.likelihoods import LIKELIHOODS, likelihood_head
+from pyrovae.utils.registry import BAYES_GROUP, Arg, register_model
 from pyrovae.nn import BayesianLinear, Unflatten, add_dropout_kl, bayesian_mlp, dropout_mlp, mlp
 from pyrovae.nn.poutine import local_reparameterization
 
@@ -73,6 +74,11 @@ def posterior_means(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+@register_model(
+    "bayes_vae", group=BAYES_GROUP, choices={"likelihood": LIKELIHOODS, "decoder_dropout": ("A", "B")},
+    # the constructor's default is on (the Python API's Bayesian decoder); on the command line it is a switch, off unless given
+    args=(Arg("--bayesian-decoder", action="store_true", group=BAYES_GROUP, param="bayesian_decoder", help="decoder weights are Normal latents (full-Bayes AEVB; default off)"),),
+)
 class BayesVAE(nn.Module):
     """VAE whose MLP decoder has Bayesian weights (``bayesian_decoder``), variational-dropout layers
     (``decoder_dropout``), or neither (a plain VAE with this module's MLP decoder).

@@ -17,11 +17,13 @@ import pyro
 import torch
 from torch import nn
 
-from pyrovae.nn.likelihoods import likelihood_head
+from pyrovae.nn.likelihoods import LIKELIHOODS, likelihood_head
+from pyrovae.utils.registry import MODELS, register_model
 from pyrovae.models.draw import ConvDRAW
 from pyrovae.nn import Flatten, activation, diag_normal, mlp, x_decoder
 
 
+@register_model("cvae", guide="conditional", choices={"likelihood": LIKELIHOODS}, exclude=("activation_name",))
 class ConditionalVAE(nn.Module):
     """A conditional VAE with a learned prior p(z | c) and decoder p(x | z, c).
 
@@ -73,5 +75,6 @@ class ConditionalVAE(nn.Module):
             pyro.sample("x", self.likelihood.build(self.decoder(hz), len(self.x_shape), self.scale), obs=x)
 
 
+@MODELS.register_variant("convdraw", with_context=True)  # --model convdraw on a conditional data set
 class ConditionalConvDRAW(ConvDRAW):
     """:class:`pyrovae.models.ConvDRAW` with a context (``context_shape`` required)."""

@@ -25,7 +25,9 @@ from torch import nn
 from torch.distributions import constraints
 
 from pyrovae.nn.checks import check_z_dim
-from pyrovae.nn.likelihoods import likelihood_head
+from pyrovae.nn.layers import ARCHS
+from pyrovae.nn.likelihoods import LIKELIHOODS, likelihood_head
+from pyrovae.utils.registry import register_model
 from pyrovae.nn import x_decoder
 
 PRIORS = ("uniform", "learned")
@@ -43,6 +45,7 @@ def binary_codes(z_dim: int, dtype: Optional[torch.dtype] = None, device=None) -
     return ((index[:, None] >> bits) & 1).to(dtype or torch.get_default_dtype())
 
 
+@register_model("discrete", guide="bernoulli", choices={"likelihood": LIKELIHOODS, "arch": ARCHS}, exclude=("prior",))
 class DiscreteVAE(nn.Module):
     """VAE with K independent Bernoulli latent units and an MLP (or deconvolutional) decoder.
 

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from pyrovae.nn.attention import Attention, Window, box, write
-from pyrovae.nn.likelihoods import likelihood_head
+from pyrovae.nn.likelihoods import LIKELIHOODS, likelihood_head
+from pyrovae.utils.registry import DRAW_GROUP, register_model
 from pyrovae.nn import diag_normal
 from pyrovae.nn.recurrent import ConvLSTMCell, LSTMCell, LSTMState, conv2d
 
@@ -133,6 +134,10 @@ class RecurrentCanvasModel(nn.Module):
             record.setdefault("write", []).append(box(looked).reshape(-1, 4))
 
 
+@register_model(
+    "draw", guide="draw", group=DRAW_GROUP, flags={"steps": "draw_steps", "z_dim": "draw_z", "hidden": "lstm_size"},
+    choices={"likelihood": LIKELIHOODS}, exclude=("share_steps",),
+)
 class DRAW(RecurrentCanvasModel):
     """DRAW: a recurrent VAE that draws on a canvas, with or without selective attention.
 
@@ -145,7 +150,8 @@ class DRAW(RecurrentCanvasModel):
         hidden: decoder LSTM units.
         attention: write through an N x N attention window (``write_size``); without it, write is a linear map
             to the whole image. The guide reads with the same choice (``read_size``).
-        read_size, write_size: N of the read and write grids.
+        read_size: N of the guide's N x N read grid (with ``attention``).
+        write_size: N of the N x N write grid (with ``attention``).
         likelihood: ``bernoulli`` (binary images), ``gaussian`` or ``continuous_bernoulli``.
         scale: fixed Gaussian scale (None: learned per pixel, written on extra canvas channels).
         share_steps: let the model reuse the guide's decoder steps (see the module docstring).
@@ -207,6 +213,10 @@ class DRAW(RecurrentCanvasModel):
             pyro.sample("x", self.observation(state.canvas), obs=x)
 
 
+@register_model(
+    "convdraw", guide="convdraw", group=DRAW_GROUP, flags={"steps": "draw_steps", "z_channels": "draw_z", "hidden": "lstm_size"},
+    choices={"likelihood": LIKELIHOODS}, exclude=("kernel", "context_channels", "share_steps"),
+)
 class ConvDRAW(RecurrentCanvasModel):
     """Convolutional DRAW (Gregor et al. 2016, "Towards conceptual compression"), unconditional or conditional.
 

@@ -21,7 +21,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyrovae.nn.recurrent import RNN, check_int
+from pyrovae.nn.recurrent import RNN, RNN_KINDS, check_int
+from pyrovae.utils.registry import TEXT_GROUP, register_model
 from pyrovae.data.text import check_batch, token_mask
 
 
@@ -117,13 +118,17 @@ class _TextModel(nn.Module):
         return self.decoder.generate(z, num, max_length, greedy, temperature)
 
 
+@register_model("sentence", guide="rnn", group=TEXT_GROUP, flags={"num_layers": "rnn_layers"}, choices={"rnn": RNN_KINDS})
 class SentenceVAE(_TextModel):
     """Bowman et al. (2016)'s generative model: z ~ N(0, I), an RNN decoder initialised from z.
 
     Args:
         vocab_size: V (``len(vocab)``).
         z_dim: size of z (16 by default; Bowman et al. report 13).
-        embed_dim, hidden_dim, num_layers, rnn: the decoder (their LSTM: 353 / 191 / 1).
+        embed_dim: word embedding size.
+        hidden_dim: RNN units (Bowman et al.'s LSTM: 191, with 353-d embeddings and 1 layer).
+        num_layers: stacked RNN layers.
+        rnn: recurrent cell, ``lstm`` or ``gru``.
         word_dropout: decoder input dropout to ``<unk>`` while training, the probability p.
     """
 
@@ -146,9 +151,14 @@ class SentenceVAE(_TextModel):
         return self.generate(z, num, max_length, greedy)
 
 
+@register_model("lm", guide="none", group=TEXT_GROUP, flags={"num_layers": "rnn_layers"}, choices={"rnn": RNN_KINDS})
 class RNNLM(_TextModel):
     """The baseline: the same decoder with a zero initial state and no latent variable. Every objective's
-    loss is then -log p(x) (the guide has no sites); pair it with :class:`NoLatentGuide`."""
+    loss is then -log p(x) (the guide has no sites); pair it with :class:`NoLatentGuide`.
+
+    Args:
+        vocab_size, embed_dim, hidden_dim, num_layers, rnn, word_dropout: as :class:`SentenceVAE`.
+    """
 
     def __init__(self, vocab_size: int, embed_dim: int = 353, hidden_dim: int = 191, num_layers: int = 1, rnn: str = "lstm", word_dropout: float = 0.0):
         super().__init__()

@@ -17,13 +17,16 @@ from torch import nn
 
 from pyrovae.nn.checks import IWAE_HIDDEN, check_layers, default_hidden  # noqa: F401  (IWAE_HIDDEN, default_hidden: their old home)
 from pyrovae.nn.flows import build_flow, conditioned_distribution
-from pyrovae.nn.likelihoods import likelihood_head
+from pyrovae.nn.layers import ARCHS
+from pyrovae.nn.likelihoods import LIKELIHOODS, likelihood_head
+from pyrovae.utils.registry import register_model
 from pyrovae.nn import diag_normal, latent_names, mlp, x_decoder
 
 #: flow families usable as a learned prior: invertible in closed form, and not volume-preserving rotations
 PRIOR_FLOWS = ("realnvp", "iaf")
 
 
+@register_model("vae", choices={"likelihood": LIKELIHOODS, "arch": ARCHS, "prior_flow": ("realnvp", "iaf")})
 class VAE(nn.Module):
     """Deep latent Gaussian model with an MLP or deconvolutional decoder.
 
@@ -38,6 +41,7 @@ class VAE(nn.Module):
         prior_flow: a learned flow prior on the top layer, p(z_L) = N(0, I) pushed through
             ``prior_flow_length`` layers of this family. The prior scores the guide's samples, which needs an
             analytic inverse: ``realnvp`` (fast both ways) or ``iaf`` (inverse sequential in z).
+        prior_flow_length: number of prior flow layers (with ``prior_flow``).
     """
 
     def __init__(

@@ -26,7 +26,8 @@ from pyrovae.train.checkpoint import CheckpointError, atomic_write, check_state,
 from pyrovae.data import as_inputs
 from pyrovae.objectives import ELBO, Objective
 import pyrovae.cli.reports as reports
-from pyrovae.cli.registry import BAYES_GROUP, DRAW_GROUP, GUIDES, MODEL_GROUP, MODEL_GUIDES, MODELS, OBJECTIVE_GROUP, OBJECTIVES, TEXT_GROUP, all_args, build_guide, build_model, build_objective, check_data_fits, default_guide, entry_args, objective_kwargs, positive_int, unread_options
+from pyrovae.cli.registry import BAYES_GROUP, DRAW_GROUP, GUIDES, MODEL_GROUP, MODEL_GUIDES, MODELS, OBJECTIVE_GROUP, OBJECTIVES, TEXT_GROUP, all_args, build_guide, build_model, build_objective, check_data_fits, default_guide, entry_args, objective_kwargs, option_names, positive_int, unread_options
+from pyrovae.utils.registry import load_entry_points, load_plugin, plugin_id
 from pyrovae.train import SCHEDULES, DivergenceError, Trainer, TrainingInterrupted
 
 
@@ -122,6 +123,10 @@ def _config(args: argparse.Namespace) -> dict:
         if cfg.get(k) is None:
             cfg[k] = default
     cfg["guide"] = cfg.get("guide") or default_guide(cfg["model"])
+    if cfg.get("plugins"):  # recorded so that evaluate, sample and --resume import them again
+        cfg["plugins"] = [plugin_id(p) for p in cfg["plugins"]]
+    else:
+        cfg.pop("plugins", None)  # runs without plugins keep the config.json keys they always had
     if cfg.get("hidden"):
         cfg["hidden"] = [cfg["hidden"]] * len(cfg["z_dims"] or [None])
     return cfg
@@ -183,7 +188,7 @@ def _check_config_types(cfg: dict, path: Path) -> None:
             kind, ok = "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
         else:
             continue
-        if action.nargs == "+":  # a list (--hidden: one list per stochastic layer)
+        if action.nargs == "+" or isinstance(action, argparse._AppendAction):  # a list (--hidden: one list per stochastic layer; --plugin)
             items = value if isinstance(value, list) else None
             items = [x for v in items for x in (v if isinstance(v, list) else [v])] if items is not None else None
             good, kind = items is not None and all(ok(v) for v in items), f"a list of {kind.split(' ', 1)[1]}s"
@@ -227,7 +232,7 @@ def _changed_by_resume(args: argparse.Namespace, saved: dict) -> list[str]:
     defaults = vars(parser().parse_args(["train"]))
     changed = []
     for key, given in vars(args).items():
-        if key in RESUME_OVERRIDES or key == "run_dir" or key not in saved or key not in defaults or given == defaults[key]:
+        if key in RESUME_OVERRIDES or key in ("run_dir", "plugins") or key not in saved or key not in defaults or given == defaults[key]:
             continue
         if key == "hidden" and given:
             given = [given] * len(saved.get("z_dims") or [50])
@@ -275,6 +280,7 @@ def _prepare_run_dir(run_dir: Path, args: argparse.Namespace) -> Optional[dict]:
         if not (run_dir / "config.json").is_file():
             raise UsageError(f"--resume: {run_dir / 'config.json'} is missing, so the run cannot be rebuilt; start a new run with --overwrite")
         saved = read_config(run_dir / "config.json")
+        load_run_plugins(saved, run_dir)
         state = load_checkpoint(last)
         check_state(state, last)
         _check_same_run(saved, state.get("config"), run_dir / "config.json", last)
@@ -460,7 +466,7 @@ def _train(run_dir: Path, args: argparse.Namespace, lock: runs.RunLock) -> int:
         _check_vocab(run_dir, splits)
     if cfg.get("num_data") is None:
         cfg["num_data"] = int(as_inputs(splits.train, "train")[0].shape[0])  # weighs global latents' terms batch/N (models that have them)
-    names = {**{k: k for k in cfg}, **_ARG_FLAGS}
+    names = {**{k: k for k in cfg}, **_ARG_FLAGS, **option_names(cfg)}
     model, guide = _flagged(lambda: _build(cfg, splits.x_shape, device), names)
     trainer = _flagged(lambda: Trainer(
         model, guide, objective, lr=cfg["lr"], schedule=cfg["lr_schedule"], clip_norm=cfg["clip_norm"], run_dir=run_dir,
@@ -480,7 +486,7 @@ def _train(run_dir: Path, args: argparse.Namespace, lock: runs.RunLock) -> int:
             trainer.resume(run_dir / "checkpoints" / "last.pt", *as_inputs(splits.train[: cfg["batch_size"]]))
             print(f"pyrovae: resumed at epoch {trainer.cursor.epoch}, step {trainer.cursor.step}")
         train = splits.batches(cfg["batch_size"]) if hasattr(splits, "batches") else splits.train  # text: length buckets
-        trainer.fit(train, cfg["epochs"], cfg["batch_size"], valid=splits.valid, dynamic_binarize=splits.binarize == "dynamic", callbacks=callbacks)
+        trainer.fit(train, epochs=cfg["epochs"], batch_size=cfg["batch_size"], valid=splits.valid, dynamic_binarize=splits.binarize == "dynamic", callbacks=callbacks)
     except TrainingInterrupted as e:
         print(f"pyrovae: {e}", file=sys.stderr)
         return 130
@@ -594,6 +600,7 @@ def _load_run(run_dir: Path, device: torch.device, checkpoint: str = "best", spl
     if not (run_dir / "config.json").is_file():
         raise UsageError(f"{run_dir} is not a pyrovae run folder (no config.json); pass the --run-dir of a training run")
     cfg = read_config(run_dir / "config.json")
+    load_run_plugins(cfg, run_dir)
     path = run_dir / "checkpoints" / f"{checkpoint}.pt"
     if not path.exists() and checkpoint == "best":
         path = run_dir / "checkpoints" / "last.pt"
@@ -875,6 +882,7 @@ def _version() -> str:
 def parser() -> argparse.ArgumentParser:
     from pyrovae.data.core import DATASETS  # read at call time: the registry module holds the live tables
 
+    load_entry_points()  # installed packages' plugins (once)
     p = argparse.ArgumentParser(prog="pyrovae", description="Variational autoencoders as Pyro programs.")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -895,6 +903,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--overlong", default=None, choices=["cut", "drop"], help="sentences over --max-length: cut them (default) or drop them")
     g = groups[OBJECTIVE_GROUP]
     g.add_argument("--objective", default="elbo", choices=sorted(OBJECTIVES), help="inference objective")
+    g.add_argument(
+        "--plugin", dest="plugins", action="append", metavar="FILE_OR_MODULE", default=None,
+        help="import a Python file or module first, whose classes decorated with register_objective, register_model or register_guide "
+        "(pyrovae.utils.registry) add --objective, --model or --guide names and their flags; repeatable; recorded in config.json, "
+        "so evaluate, sample and --resume import it again (default: none; installed packages' pyrovae.plugins entry points always)",
+    )
     for arg in all_args():  # the registries' options (pyrovae.cli.registry), each in its section
         title = arg.group or (OBJECTIVE_GROUP if arg.flag in _objective_flags() else MODEL_GROUP)
         if title not in groups:
@@ -977,7 +991,40 @@ def quiet_torch_notices() -> None:
         log.addFilter(_DropCudaHomeNotice())
 
 
+def plugin_arguments(argv: Sequence[str]) -> list[str]:
+    """The values of ``--plugin`` in a command line (read before the parser is built: plugins add its choices)."""
+    found = []
+    for i, word in enumerate(argv):
+        if word == "--":
+            break
+        if word == "--plugin" and i + 1 < len(argv):
+            found.append(argv[i + 1])
+        elif word.startswith("--plugin="):
+            found.append(word.split("=", 1)[1])
+    return found
+
+
+def load_run_plugins(cfg: dict, run_dir: Path) -> None:
+    """Import the plugins a run was trained with (``plugins`` in its config.json), so its classes can be rebuilt."""
+    plugins = cfg.get("plugins") or []
+    if not (isinstance(plugins, list) and all(isinstance(p, str) for p in plugins)):
+        raise UsageError(f"{run_dir / 'config.json'}: plugins is {plugins!r}, not a list of plugin files or modules; restore config.json, or start a new run")
+    for spec in plugins:
+        try:
+            load_plugin(spec)
+        except ValueError as e:
+            raise UsageError(f"the run in {run_dir} was trained with a plugin that cannot be imported now: {e} (restore it where the run recorded it, {spec})") from e
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:  # before the parser: plugins add names and flags to it
+        load_entry_points()
+        for spec in plugin_arguments(argv):
+            load_plugin(spec)
+    except ValueError as e:
+        print(f"pyrovae: error: {e}", file=sys.stderr)
+        return 2
     args = parser().parse_args(argv)
     quiet_torch_notices()
     if getattr(args, "threads", None):

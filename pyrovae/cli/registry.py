@@ -1,93 +1,44 @@
 """Names the CLI understands: models, guides and objectives, each built from a run's JSON config.
 
-A config is a flat dict (the CLI's arguments, saved as a run's ``config.json``). Each registry maps a name to an
-:class:`Entry`: its builder and the command-line options it reads, declared next to it. ``pyrovae train`` builds its
-argparse flags from these declarations, so adding a model, guide or objective is one entry::
+A config is a flat dict (the CLI's arguments, saved as a run's ``config.json``). The registries are those of
+:mod:`pyrovae.utils.registry`: a decorator beside each class (``@register_objective("geco", flags=...)``) registers
+it, and each ``pyrovae train`` option comes from the constructor's signature (name, type, default, help), so a
+default is written once, in the constructor. ``pyrovae train --plugin my_file.py`` imports a user's file first, so
+its decorated classes add ``--objective NAME`` (or ``--model``, ``--guide``) and their flags.
 
-    MY_SIZE = Arg("--my-size", type=int, default=None, help="size of my thing (default 8)")
-    MODELS["mine"] = Entry(lambda cfg, x_shape: Mine(x_shape, cfg.get("my_size") or 8), args=(*IMAGE_ARGS, MY_SIZE))
-    OBJECTIVES["mine"] = Entry(MyObjective, args=(NUM_PARTICLES, Arg("--my-weight", type=float, param="weight", help=...)))
-
-- An :class:`Arg` is one flag: its config key is the flag without dashes (``--my-size`` -> ``my_size``).
-  The help text states the default when the parser's default is ``None`` ("default 8"); otherwise ``--help``
-  adds ``(default: X)`` itself; either way one default statement per option (``tests/test_cli.py`` checks).
-  ``group`` is the ``--help`` section (default: the registry's).
-- Entries may share an ``Arg`` (``Z_DIMS``, ``NUM_PARTICLES``, ...): a flag is added once; two *different*
-  declarations of one flag are an error when the parser is built.
-- Model and guide builders take ``(cfg, x_shape)`` and read their keys from ``cfg``; a plain function is still
-  accepted as an entry (it declares no flags). Objective entries wrap the class: ``build_objective`` passes each
-  declared ``Arg`` that is set in the config as the constructor argument ``arg.param`` (default: its key).
-- ``ALL_OBJECTIVES`` (name -> class) and ``OBJECTIVE_ARGS`` (name -> {constructor argument: config key}) are
-  derived from ``OBJECTIVES`` for older code; register in ``OBJECTIVES``.
+- An option read by several entries is one flag; its parser default is the entries' common default, or None when
+  they differ, with the defaults stated per entry in ``--help`` ("default 64 for draw, 8 for convdraw").
+- Constructor parameters that come from the data or the shared size options (``x_shape``, ``vocab_size``,
+  ``context_shape``, ``z_dims``/``z_dim``, ``hidden``/``hidden_dim``, ``num_data``, ``model``) are filled here
+  (:func:`construct`); :data:`DEFAULT_Z_DIMS` is ``--z-dims``'s default for image models and guides, the one
+  default of the CLI's own.
+- Older entries still work: :class:`Entry` (a builder ``(cfg, x_shape)``, or an objective class, with declared
+  :class:`Arg` options) and plain functions ``(cfg, x_shape)``, set into the registries by hand.
+- ``ALL_OBJECTIVES`` (name -> class) and ``OBJECTIVE_ARGS`` (name -> {constructor argument: config key}) are live
+  views of ``OBJECTIVES`` for older code.
 - Never an ``if name == ...`` in the trainer or the objectives.
 """
 from __future__ import annotations
 
-import argparse
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional
 
 from torch import nn
 
-from pyrovae.nn.flows import FLOWS
-from pyrovae.nn.likelihoods import LIKELIHOODS
+import pyrovae.guides  # noqa: F401  (their classes register themselves)
+import pyrovae.models  # noqa: F401
 from pyrovae.objectives import Objective
-
-#: ``--help`` sections of the registries' options (``pyrovae train --help`` shows them in this order, among the CLI's own)
-MODEL_GROUP = "model and guide"
-TEXT_GROUP = "text (--dataset ptb, --model sentence or lm)"
-DRAW_GROUP = "DRAW and ConvDRAW (--model draw / convdraw; their guide is chosen with them)"
-OBJECTIVE_GROUP = "objective"
-BAYES_GROUP = "Bayesian layers and natural gradient (--model bayes_vae --guide bayes_gaussian)"
-
-
-@dataclass(frozen=True)
-class Arg:
-    """One option of ``pyrovae train``, declared by the registry entries that read it.
-
-    Args:
-        flag: ``--my-size``; the config key is ``my_size``.
-        help: what it sets; state the default in words when ``default`` is None ("default 8").
-        type, default, choices, nargs, action: as in ``argparse.ArgumentParser.add_argument``.
-        short: a one-letter alias (``-k``).
-        param: the objective constructor's argument it feeds (default: the config key).
-        group: the ``--help`` section (default: the registry's).
-    """
-
-    flag: str
-    help: str
-    type: Optional[Callable[[str], Any]] = None
-    default: Any = None
-    choices: Optional[Sequence] = None
-    nargs: Optional[str] = None
-    action: Optional[str] = None
-    short: Optional[str] = None
-    param: Optional[str] = None
-    group: Optional[str] = None
-
-    @property
-    def key(self) -> str:
-        return self.flag.lstrip("-").replace("-", "_")
-
-    def add_to(self, parser) -> None:
-        """Add the flag to an argparse parser or argument group."""
-        names = [self.flag] + ([self.short] if self.short else [])
-        kwargs = {"help": self.help, "default": self.default}
-        if self.action:
-            kwargs["action"] = self.action
-            if self.action == "store_true" and self.default is None:
-                kwargs["default"] = False
-        else:
-            kwargs.update({k: v for k, v in (("type", self.type), ("choices", self.choices), ("nargs", self.nargs)) if v is not None})
-        if kwargs.get("choices") is not None:
-            kwargs["choices"] = list(kwargs["choices"])
-        parser.add_argument(*names, **kwargs)
+from pyrovae.utils.registry import (  # noqa: F401  (Arg, positive_int and the sections: their older home is here)
+    BAYES_GROUP, DRAW_GROUP, MODEL_GROUP, OBJECTIVE_GROUP, REQUIRED, TEXT_GROUP, Arg, Option, Registered, flag_of, positive_int,
+)
+from pyrovae.utils.registry import GUIDES, MODEL_GUIDES, MODELS, OBJECTIVES
 
 
 @dataclass(frozen=True)
 class Entry:
-    """A registry entry: ``build`` (a model/guide builder ``(cfg, x_shape)``, or an objective class) and its options.
-    ``conditional``: a model that takes the (target, context) pairs of a conditional data set (``mnist-sum``, ...)."""
+    """An older registry entry: ``build`` (a model/guide builder ``(cfg, x_shape)``, or an objective class) and its
+    declared options. ``conditional``: a model that takes the (target, context) pairs of a conditional data set."""
 
     build: Callable
     args: tuple[Arg, ...] = ()
@@ -97,279 +48,94 @@ class Entry:
         return self.build(*args, **kwargs)
 
 
+# ----------------------------------------------------------------------------------------------- shared options
+
+#: ``--z-dims`` when not given, for image models and guides (the IWAE paper's); text models take their constructor's
+DEFAULT_Z_DIMS = (50,)
+Z_DIMS = Arg("--z-dims", type=positive_int, nargs="+", help="stochastic layer sizes, nearest x first: 50, or 100 50 (default 50; 16 for text models)")
+HIDDEN = Arg("--hidden", type=positive_int, nargs="+", help="hidden sizes; for text models the RNN size (default: the IWAE paper's; 191 for text models)")
+#: older entries' shared option (an :class:`Entry` may list it); derived objectives declare the same flag
+NUM_PARTICLES = Arg("--num-particles", short="-k", type=int, group=OBJECTIVE_GROUP, help="samples per data point (default: the objective's)")
+
+_REGISTRIES = (("model", MODELS), ("guide", GUIDES), ("guide", MODEL_GUIDES), ("objective", OBJECTIVES))
+
+
+def _input_args(entry: Registered) -> tuple[Arg, ...]:
+    names = {p.name for p in entry.inputs()}
+    return tuple(arg for arg, reads in ((Z_DIMS, {"z_dims", "z_dim"}), (HIDDEN, {"hidden", "hidden_dim"})) if names & reads)
+
+
 def entry_args(entry) -> tuple[Arg, ...]:
-    """The options an entry declares (none for a plain function)."""
+    """The options an entry reads: a registered class's from its signature (and the shared size options its inputs
+    read); an older :class:`Entry`'s as declared; none for a plain function."""
+    if isinstance(entry, Registered):
+        return (*_input_args(entry), *entry.options())
     return tuple(getattr(entry, "args", ()))
 
 
-def positive_int(text: str) -> int:
-    """An argparse ``type``: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be a positive integer")
-    return value
+def _same_flag(a: Arg, b: Arg) -> bool:
+    """Whether two declarations parse one flag alike (their defaults and help may differ: they are merged)."""
+    norm = lambda c: None if c is None else tuple(c)
+    return (a.type, norm(a.choices), a.nargs, a.action) == (b.type, norm(b.choices), b.nargs, b.action) and (not a.short or not b.short or a.short == b.short)
 
 
-# ----------------------------------------------------------------------------------------------- shared options
-
-Z_DIMS = Arg("--z-dims", type=positive_int, nargs="+", help="stochastic layer sizes, nearest x first: 50, or 100 50 (default 50; 16 for text models)")
-HIDDEN = Arg("--hidden", type=positive_int, nargs="+", help="hidden sizes; for text models the RNN size (default: the IWAE paper's; 191 for text models)")
-ARCH = Arg("--arch", default="mlp", choices=("mlp", "conv"), help="encoder/decoder networks")
-LIKELIHOOD = Arg("--likelihood", default="bernoulli", choices=tuple(LIKELIHOODS), help="p(x|z) of image models")
-SCALE = Arg("--scale", type=float, help="fixed Gaussian observation scale (default: learned)")
-ACTIVATION = Arg("--activation", default="tanh", help="hidden-layer nonlinearity")
-#: what every image model and encoder reads
-IMAGE_ARGS = (Z_DIMS, HIDDEN, ARCH, LIKELIHOOD, SCALE, ACTIVATION)
-ENCODER_ARGS = (Z_DIMS, HIDDEN, ARCH, ACTIVATION)
-
-TEXT_ARGS = (
-    Z_DIMS, HIDDEN,
-    Arg("--embed-dim", type=positive_int, group=TEXT_GROUP, help="word embedding size; --hidden sets the RNN size (default 353)"),
-    Arg("--rnn", choices=("lstm", "gru"), group=TEXT_GROUP, help="recurrent cell of encoder and decoder (default lstm)"),
-    Arg("--rnn-layers", type=positive_int, group=TEXT_GROUP, help="stacked RNN layers (default 1)"),
-)
-WORD_DROPOUT = Arg("--word-dropout", type=float, group=TEXT_GROUP, help="probability of replacing a decoder input word by <unk> while training (default 0)")
-
-_DRAW_LIKELIHOOD = (LIKELIHOOD, SCALE)
-DRAW_STEPS = Arg("--draw-steps", type=positive_int, group=DRAW_GROUP, help="steps T (default 64 for draw, 8 for convdraw)")
-DRAW_Z = Arg("--draw-z", type=positive_int, group=DRAW_GROUP, help="size of each z_t; ConvDRAW: its channels (default 100; 4 for convdraw)")
-LSTM_SIZE = Arg("--lstm-size", type=positive_int, group=DRAW_GROUP, help="LSTM units; ConvDRAW: ConvLSTM channels (default 256; 32 for convdraw)")
-
-BAYES_MODEL_ARGS = (
-    Arg("--bayesian-decoder", action="store_true", group=BAYES_GROUP, help="decoder weights are Normal latents (full-Bayes AEVB; default off)"),
-    Arg("--local-reparam", action="store_true", group=BAYES_GROUP, help="local reparameterisation of the --bayesian-decoder weights (KSW15): per-example pre-activations (default off)"),
-    Arg("--prior-scale", type=float, group=BAYES_GROUP, help="prior standard deviation of --bayesian-decoder weights (default 1)"),
-    Arg("--decoder-dropout", choices=("A", "B"), group=BAYES_GROUP, help="variational Gaussian dropout in the decoder, KSW15 variant A or B (default: none)"),
-)
-ENCODER_DROPOUT = Arg("--encoder-dropout", choices=("A", "B"), group=BAYES_GROUP, help="variational Gaussian dropout on the encoder's hidden activations (default: none)")
-
-NUM_PARTICLES = Arg("--num-particles", short="-k", type=int, group=OBJECTIVE_GROUP, help="samples per data point (default: the objective's: 1 for elbo/beta/geco/annealed, 5 for iwae/renyi, 8 for variance/logvariance)")
-ESTIMATOR = Arg("--estimator", choices=("standard", "dreg", "vimco", "score"), group=OBJECTIVE_GROUP, help="IWAE/Renyi gradient estimator (vimco: discrete latents; default standard)")
-BETA = Arg("--beta", type=float, group=OBJECTIVE_GROUP, help="beta-ELBO weight (default 1)")
-BETA_SCHEDULE = Arg("--beta-schedule", choices=("constant", "linear", "cyclical", "logistic"), param="schedule", group=OBJECTIVE_GROUP, help="beta-ELBO / annealed schedule (default constant for beta, logistic for annealed)")
-WARMUP_STEPS = Arg("--warmup-steps", type=int, group=OBJECTIVE_GROUP, help="steps of the --beta-schedule warm-up (default 10000)")
-CYCLE_STEPS = Arg("--cycle-steps", type=int, group=OBJECTIVE_GROUP, help="steps per cycle of --beta-schedule cyclical (default 10000)")
-TOLERANCE = Arg("--tolerance", type=float, group=OBJECTIVE_GROUP, help="GECO tolerance kappa (default 0.1; token-geco 4.5)")
-GECO_ALPHA = Arg("--geco-alpha", type=float, param="alpha", group=OBJECTIVE_GROUP, help="GECO moving-average rate (default 0.99)")
-GECO_NU = Arg("--geco-nu", type=float, param="nu", group=OBJECTIVE_GROUP, help="GECO multiplier rate (default 1)")
+def _shown(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
-def _z_dims(cfg: dict) -> tuple[int, ...]:
-    return tuple(cfg.get("z_dims") or (50,))
+def _merge(flag: str, readers: list) -> Arg:
+    """One flag from the declarations of the entries that read it: the common default, or None and a help text
+    that states each entry's; the help of the first entry that describes it; the shared ``--help`` section."""
+    derived = [(name, arg) for _, name, arg, _ in readers if isinstance(arg, Option)]
+    first = readers[0][2]
+    if not derived:
+        return first
+    helps = [arg.help for _, arg in derived if not arg.help.lower().startswith("as ")] or [derived[0][1].help]
+    help_text = helps[0]
+    defaults: dict = {}
+    for name, arg in derived:
+        defaults.setdefault(repr(arg.default), (arg.default, []))[1].append(name)
+    if len(defaults) == 1:
+        default = derived[0][1].default
+        if default is None:
+            help_text += " (default: none)"
+    else:
+        default = None
+        help_text += " (default " + "; ".join(f"{_shown(v)} for {', '.join(names)}" for v, names in defaults.values()) + ")"
+    groups = {arg.group for _, _, arg, _ in readers}
+    group = groups.pop() if len(groups) == 1 else readers[0][3]
+    short = next((arg.short for _, _, arg, _ in readers if arg.short), None)
+    return Arg(flag, help_text, type=first.type, default=default, choices=first.choices, nargs=first.nargs, action=first.action, short=short, group=group)
 
 
-def _given(cfg: dict, key: str, default):
-    """``cfg[key]``, or ``default`` when the option was not given (None): a given 0 stays 0, for the model to accept
-    or refuse (``cfg.get(key) or default`` would silently replace it while config.json records 0)."""
-    value = cfg.get(key)
-    return default if value is None else value
+def all_args() -> list[Arg]:
+    """Every option the registries read, each once, in registry order (declarations merged: :func:`_merge`); two
+    declarations of one flag that parse it differently are refused (``ValueError`` naming both)."""
+    readers: dict[str, list] = {}
+    for kind, registry in _REGISTRIES:
+        for name, entry in registry.items():
+            for arg in entry_args(entry):
+                seen = readers.setdefault(arg.flag, [])
+                if seen and not _same_flag(seen[0][2], arg):
+                    raise ValueError(f"{kind} {name!r} declares {arg.flag} differently from an earlier entry ({arg} vs {seen[0][2]}); share one Arg, or rename the parameter's flag (flags={{...}})")
+                seen.append((kind, name, arg, registry.group))
+    return [_merge(flag, found) for flag, found in readers.items()]
 
 
-def _hidden(cfg: dict):
-    return cfg.get("hidden")  # None: the IWAE paper's sizes
-
-
-def _vae(cfg: dict, x_shape) -> nn.Module:
-    from pyrovae.models import VAE
-
-    return VAE(
-        x_shape, _z_dims(cfg), _hidden(cfg), cfg.get("likelihood", "bernoulli"), cfg.get("scale"), cfg.get("arch", "mlp"),
-        cfg.get("activation", "tanh"), cfg.get("prior_flow"), _given(cfg, "prior_flow_length", 2),
-    )
-
-
-def _gaussian(cfg: dict, x_shape) -> nn.Module:
-    from pyrovae.guides import GaussianEncoder
-
-    return GaussianEncoder(x_shape, _z_dims(cfg), _hidden(cfg), cfg.get("arch", "mlp"), cfg.get("activation", "tanh"))
-
-
-def _one_layer(cfg: dict, what: str) -> tuple[int, tuple[int, ...]]:
-    """(z size, hidden sizes) of a one-stochastic-layer model or guide; hidden defaults to (200, 200)."""
-    z_dims = _z_dims(cfg)
-    if len(z_dims) != 1:
-        raise ValueError(f"{what} has one stochastic layer; got z_dims={list(z_dims)}. Pass one --z-dims value")
-    hidden = _hidden(cfg)
-    return z_dims[0], tuple(hidden[0]) if hidden else (200, 200)
-
-
-def _flow(cfg: dict, x_shape) -> nn.Module:
-    from pyrovae.guides import FlowEncoder
-
-    z_dim, hidden = _one_layer(cfg, "guide='flow'")
-    return FlowEncoder(x_shape, z_dim, hidden, cfg.get("flow", "planar"), cfg.get("flow_length", 10), cfg.get("arch", "mlp"), cfg.get("activation", "tanh"))
-
-
-def _discrete(cfg: dict, x_shape) -> nn.Module:
-    from pyrovae.models import DiscreteVAE
-
-    z_dim, hidden = _one_layer(cfg, "model='discrete'")
-    return DiscreteVAE(
-        x_shape, z_dim, hidden, cfg.get("prior", "uniform"), cfg.get("likelihood", "bernoulli"), cfg.get("scale"),
-        cfg.get("arch", "mlp"), cfg.get("activation", "tanh"),
-    )
-
-
-def _bernoulli(cfg: dict, x_shape) -> nn.Module:
-    from pyrovae.guides import BernoulliEncoder
-
-    z_dim, hidden = _one_layer(cfg, "guide='bernoulli'")
-    return BernoulliEncoder(x_shape, z_dim, hidden, cfg.get("arch", "mlp"), cfg.get("activation", "tanh"))
-
-
-def _text_sizes(cfg: dict, x_shape) -> dict:
-    """Sizes of the text models: ``x_shape`` is ``(vocab size,)`` (:class:`pyrovae.data.text.TextSplits`)."""
-    hidden = _hidden(cfg)
-    return {
-        "vocab_size": x_shape[0], "embed_dim": _given(cfg, "embed_dim", 353), "hidden_dim": hidden[0][0] if hidden else 191,
-        "num_layers": _given(cfg, "rnn_layers", 1), "rnn": cfg.get("rnn") or "lstm",
-    }
-
-
-def _text_z_dim(cfg: dict, what: str) -> int:
-    z_dims = cfg.get("z_dims") or [16]
-    if len(z_dims) != 1:
-        raise ValueError(f"{what} has one latent variable; got z_dims={list(z_dims)}. Pass one --z-dims value (default 16)")
-    return z_dims[0]
-
-
-def _sentence(cfg: dict, x_shape) -> nn.Module:
-    from pyrovae.models import SentenceVAE
-
-    return SentenceVAE(z_dim=_text_z_dim(cfg, "model='sentence'"), word_dropout=cfg.get("word_dropout") or 0.0, **_text_sizes(cfg, x_shape))
-
-
-def _lm(cfg: dict, x_shape) -> nn.Module:
-    from pyrovae.models import RNNLM
-
-    return RNNLM(word_dropout=cfg.get("word_dropout") or 0.0, **_text_sizes(cfg, x_shape))
-
-
-def _rnn_encoder(cfg: dict, x_shape) -> nn.Module:
-    from pyrovae.guides import SentenceEncoder
-
-    return SentenceEncoder(z_dim=_text_z_dim(cfg, "guide='rnn'"), bidirectional=bool(cfg.get("bidirectional")), **_text_sizes(cfg, x_shape))
-
-
-def _no_latents(cfg: dict, x_shape) -> nn.Module:
-    from pyrovae.guides import NoLatentGuide
-
-    return NoLatentGuide()
-
-
-def _bayes_vae(cfg: dict, x_shape) -> nn.Module:
-    from pyrovae.models.bayesian import BayesVAE
-
-    z_dim, hidden = _one_layer(cfg, "model='bayes_vae'")
-    return BayesVAE(
-        x_shape, z_dim, hidden, cfg.get("likelihood", "bernoulli"), cfg.get("scale"), cfg.get("activation", "tanh"),
-        bool(cfg.get("bayesian_decoder")), _given(cfg, "prior_scale", 1.0), cfg.get("decoder_dropout"), cfg.get("num_data"),
-        bool(cfg.get("local_reparam")),
-    )
-
-
-def _bayes_gaussian(cfg: dict, x_shape) -> nn.Module:
-    from pyrovae.guides.bayesian import BayesEncoder
-
-    z_dim, hidden = _one_layer(cfg, "guide='bayes_gaussian'")
-    model = _bayes_vae(cfg, x_shape) if cfg.get("bayesian_decoder") else None  # names and shapes of the weight sites
-    return BayesEncoder(
-        x_shape, z_dim, hidden, cfg.get("activation", "tanh"), cfg.get("encoder_dropout"), model, cfg.get("num_data"),
-        local_reparam=bool(cfg.get("local_reparam")),
-    )
-
-
-def _draw(cfg: dict, x_shape) -> nn.Module:
-    from pyrovae.models import DRAW
-
-    return DRAW(
-        x_shape, _given(cfg, "draw_steps", 64), _given(cfg, "draw_z", 100), _given(cfg, "lstm_size", 256), bool(cfg.get("attention")),
-        _given(cfg, "read_size", 2), _given(cfg, "write_size", 5), cfg.get("likelihood", "bernoulli"), cfg.get("scale"),
-    )
-
-
-def _convdraw(cfg: dict, x_shape) -> nn.Module:
-    from pyrovae.models import ConvDRAW
-    from pyrovae.models.conditional import ConditionalConvDRAW
-
-    ctx = _context_shape(cfg)  # a conditional data set (mnist-sum, ...) gets the conditional ConvDRAW
-    cls, extra = (ConvDRAW, {}) if ctx is None else (ConditionalConvDRAW, {"context_shape": ctx})
-    return cls(x_shape, _given(cfg, "draw_steps", 8), _given(cfg, "draw_z", 4), _given(cfg, "lstm_size", 32), likelihood=cfg.get("likelihood", "bernoulli"), scale=cfg.get("scale"), **extra)
+def default_guide(model: str) -> str:
+    """The guide a model gets when none is named: its registration's ``guide=``, else ``gaussian``."""
+    entry = MODELS.get(model)
+    return getattr(entry, "extra", {}).get("guide") or "gaussian"
 
 
 def _context_shape(cfg: dict):
     from pyrovae.data.derived import context_shape
 
     return context_shape(cfg.get("dataset", ""))
-
-
-def _conditional_sizes(cfg: dict, x_shape, what: str) -> dict:
-    ctx = _context_shape(cfg)
-    if ctx is None:
-        raise ValueError(f"{what} is conditional, model(target, context); got dataset={cfg.get('dataset')!r}: pass --dataset mnist-sum, mnist-sum-hard or mnist-rotate")
-    z_dim, hidden = _one_layer(cfg, what)
-    return {"x_shape": x_shape, "context_shape": ctx, "z_dim": z_dim, "hidden": hidden if _hidden(cfg) else (400, 400)}
-
-
-def _cvae(cfg: dict, x_shape) -> nn.Module:
-    from pyrovae.models.conditional import ConditionalVAE
-
-    return ConditionalVAE(**_conditional_sizes(cfg, x_shape, "model='cvae'"), likelihood=cfg.get("likelihood", "bernoulli"), scale=cfg.get("scale"))
-
-
-def _conditional_guide(cfg: dict, x_shape) -> nn.Module:
-    from pyrovae.guides.conditional import ConditionalEncoder
-
-    return ConditionalEncoder(**_conditional_sizes(cfg, x_shape, "guide='conditional'"))
-
-
-def _draw_guide(cfg: dict, x_shape, model: nn.Module) -> nn.Module:
-    from pyrovae.guides import DRAWGuide
-
-    return DRAWGuide(model)
-
-
-def _convdraw_guide(cfg: dict, x_shape, model: nn.Module) -> nn.Module:
-    from pyrovae.guides import ConvDRAWGuide
-
-    return ConvDRAWGuide(model)
-
-
-MODELS: dict[str, Callable[[dict, tuple], nn.Module]] = {
-    "vae": Entry(_vae, (*IMAGE_ARGS,
-        Arg("--prior-flow", choices=("realnvp", "iaf"), help="learned flow prior p(z) of --model vae (default: none, N(0, I))"),
-        Arg("--prior-flow-length", type=positive_int, default=2, help="number of prior flow layers"))),
-    "discrete": Entry(_discrete, (*IMAGE_ARGS,)),
-    "sentence": Entry(_sentence, (*TEXT_ARGS, WORD_DROPOUT)),
-    "lm": Entry(_lm, (*TEXT_ARGS, WORD_DROPOUT)),
-    "bayes_vae": Entry(_bayes_vae, (*IMAGE_ARGS, *BAYES_MODEL_ARGS)),
-    "draw": Entry(_draw, (*_DRAW_LIKELIHOOD, DRAW_STEPS, DRAW_Z, LSTM_SIZE,
-        Arg("--attention", action="store_true", group=DRAW_GROUP, help="DRAW reads and writes through selective attention windows (default off)"),
-        Arg("--read-size", type=positive_int, group=DRAW_GROUP, help="N of DRAW's N x N read grid (default 2)"),
-        Arg("--write-size", type=positive_int, group=DRAW_GROUP, help="N of DRAW's N x N write grid (default 5)"))),
-    "convdraw": Entry(_convdraw, (*_DRAW_LIKELIHOOD, DRAW_STEPS, DRAW_Z, LSTM_SIZE), conditional=True),
-    "cvae": Entry(_cvae, IMAGE_ARGS, conditional=True),
-}
-GUIDES: dict[str, Callable[[dict, tuple], nn.Module]] = {
-    "gaussian": Entry(_gaussian, ENCODER_ARGS),
-    "flow": Entry(_flow, (*ENCODER_ARGS,
-        Arg("--flow", default="planar", choices=tuple(sorted(FLOWS)), help="flow family of --guide flow"),
-        Arg("--flow-length", type=positive_int, default=10, help="number of flow transforms of --guide flow"))),
-    "bernoulli": Entry(_bernoulli, ENCODER_ARGS),
-    "rnn": Entry(_rnn_encoder, (*TEXT_ARGS, Arg("--bidirectional", action="store_true", group=TEXT_GROUP, help="bidirectional encoder (--guide rnn; default off)"))),
-    "none": Entry(_no_latents),
-    "bayes_gaussian": Entry(_bayes_gaussian, (*ENCODER_ARGS, ENCODER_DROPOUT, *BAYES_MODEL_ARGS)),
-    "conditional": Entry(_conditional_guide, ENCODER_ARGS),
-}
-#: guides built from their model, because they run its networks (DRAW's decoder recurrence): (cfg, x_shape, model) -> guide.
-#: A model with a ``guide_name`` is paired with that guide.
-MODEL_GUIDES: dict[str, Callable[[dict, tuple, nn.Module], nn.Module]] = {"draw": Entry(_draw_guide), "convdraw": Entry(_convdraw_guide)}
-#: the guide a model gets when none is named (``gaussian`` otherwise)
-DEFAULT_GUIDES: dict[str, str] = {"discrete": "bernoulli", "sentence": "rnn", "lm": "none", "draw": "draw", "convdraw": "convdraw", "cvae": "conditional"}
-
-
-def default_guide(model: str) -> str:
-    return DEFAULT_GUIDES.get(model, "gaussian")
 
 
 def check_data_fits(cfg: dict) -> None:
@@ -387,7 +153,7 @@ def check_data_fits(cfg: dict) -> None:
 
 def unread_options(cfg: dict, given) -> dict[str, list[str]]:
     """The registry options among ``given`` (config keys set by the user) that neither ``cfg``'s model, nor its guide,
-    nor its objective declares, so nothing would read them: ``{flag: ["--model draw", ...], the entries that do}``."""
+    nor its objective reads, so nothing would: ``{flag: ["--model draw", ...], the entries that do}``."""
     model = cfg.get("model", "vae")
     guide = cfg.get("guide") or default_guide(model)
     chosen = (MODELS.get(model), GUIDES.get(guide) or MODEL_GUIDES.get(guide), OBJECTIVES.get(cfg.get("objective", "elbo")))
@@ -396,68 +162,136 @@ def unread_options(cfg: dict, given) -> dict[str, list[str]]:
     for arg in all_args():
         if arg.key in given and arg.key not in read:
             unread[arg.flag] = [
-                f"--{kind} {name}" for kind, registry in (("model", MODELS), ("guide", GUIDES), ("objective", OBJECTIVES))
+                f"--{kind} {name}" for kind, registry in _REGISTRIES
                 for name, entry in registry.items() if any(a.key == arg.key for a in entry_args(entry))
             ]
     return unread
 
 
-def _objective_entries() -> dict[str, Entry]:
-    """An :class:`Entry` for every objective of :data:`pyrovae.objectives.OBJECTIVES` (the one list of names), with
-    the options declared here (``--num-particles`` alone where none are)."""
-    from pyrovae.objectives import OBJECTIVES as CLASSES
+class _ObjectiveArgs(Mapping):
+    """objective name -> {constructor argument: config key} (a live view of :data:`OBJECTIVES`)."""
 
-    schedule = (BETA, BETA_SCHEDULE, WARMUP_STEPS, CYCLE_STEPS)
-    options = {
-        "elbo": (NUM_PARTICLES, Arg("--analytic-kl", action="store_true", group=OBJECTIVE_GROUP, help="closed-form KL in the ELBO (mean-field guides; default off)")),
-        "iwae": (NUM_PARTICLES, ESTIMATOR),
-        "renyi": (NUM_PARTICLES, Arg("--alpha", type=float, group=OBJECTIVE_GROUP, help="Renyi alpha (default 0.5)"), ESTIMATOR),
-        "beta": (NUM_PARTICLES, *schedule),
-        "geco": (
-            NUM_PARTICLES,
-            Arg("--constraint", choices=("RE", "pNCC"), group=OBJECTIVE_GROUP, help="GECO constraint (default RE; FRE/CLA need Python callables)"),
-            TOLERANCE, GECO_ALPHA, GECO_NU,
-            Arg("--geco-multiplier-step", choices=("paper", "clamped"), param="multiplier_step", group=OBJECTIVE_GROUP,
-                help="GECO multiplier update: the paper's lambda*exp(nu*C_ma), or its step clamped to +-(1-alpha) (default paper)"),
-        ),
-        "annealed": (NUM_PARTICLES, *schedule, Arg("--free-bits", type=float, group=TEXT_GROUP, help="free bits per latent dimension, nats (--objective annealed; default 0)")),
-        "token-geco": (NUM_PARTICLES, TOLERANCE, GECO_ALPHA, GECO_NU),
-    }
-    unknown = sorted(set(options) - set(CLASSES))
-    if unknown:
-        raise ValueError(f"options declared for objectives {unknown} that pyrovae.objectives.OBJECTIVES does not list; register them there")
-    return {name: Entry(CLASSES[name], options.get(name, (NUM_PARTICLES,))) for name in CLASSES}
+    def __getitem__(self, name: str) -> dict[str, str]:
+        return {a.param or a.key: a.key for a in entry_args(OBJECTIVES[name])}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(OBJECTIVES)
+
+    def __len__(self) -> int:
+        return len(OBJECTIVES)
 
 
-#: objective name -> :class:`Entry` of its class and options, one for each name of :data:`pyrovae.objectives.OBJECTIVES`
-OBJECTIVES: dict[str, Entry] = _objective_entries()
-#: objective name -> class (read-only view kept for older code; register in :data:`OBJECTIVES`)
-ALL_OBJECTIVES: dict[str, type] = {name: e.build for name, e in OBJECTIVES.items()}
-#: objective name -> {constructor argument: config key} (derived from :data:`OBJECTIVES`)
-OBJECTIVE_ARGS: dict[str, dict[str, str]] = {name: {a.param or a.key: a.key for a in e.args} for name, e in OBJECTIVES.items()}
+#: objective name -> class (the same live view as :data:`pyrovae.objectives.OBJECTIVES`)
+ALL_OBJECTIVES = OBJECTIVES.classes()
+#: objective name -> {constructor argument: config key}
+OBJECTIVE_ARGS: Mapping[str, dict[str, str]] = _ObjectiveArgs()
 
 
-def all_args() -> list[Arg]:
-    """Every option the registries declare, each once, in registry order; two different declarations of one flag
-    are refused (``ValueError`` naming both)."""
-    seen: dict[str, Arg] = {}
-    for kind, registry in (("model", MODELS), ("guide", GUIDES), ("guide", MODEL_GUIDES), ("objective", OBJECTIVES)):
-        for name, entry in registry.items():
-            for arg in entry_args(entry):
-                old = seen.setdefault(arg.flag, arg)
-                if old != arg:
-                    raise ValueError(f"{kind} {name!r} declares {arg.flag} differently from an earlier entry ({arg} vs {old}); share one Arg")
-    return list(seen.values())
-
-
-def _pick(registry: dict, kind: str, name: str):
+def _pick(registry, kind: str, name: str):
     if name not in registry:
         raise ValueError(f"{kind}={name!r} is not known; choose one of {sorted(registry)}")
     return registry[name]
 
 
+_OMIT = object()
+
+
+def _one_value(cfg: dict, what: str, text: bool):
+    z_dims = cfg.get("z_dims")
+    if z_dims is None:
+        return _OMIT if text else DEFAULT_Z_DIMS[0]
+    if len(z_dims) != 1:
+        if text:
+            raise ValueError(f"{what} has one latent variable; got z_dims={list(z_dims)}. Pass one --z-dims value")
+        raise ValueError(f"{what} has one stochastic layer; got z_dims={list(z_dims)}. Pass one --z-dims value")
+    return z_dims[0]
+
+
+def _input(param, entry: Registered, kind: str, cfg: dict, x_shape: tuple, model, ctx):
+    """The value of a constructor parameter that the data or the shared size options give (:data:`_OMIT`: none,
+    the constructor's default)."""
+    names = {p.name for p in entry.parameters()}
+    what = f"{kind}={entry.name!r}"
+    name = param.name
+    hidden = cfg.get("hidden")
+    if name == "x_shape":
+        return tuple(x_shape)
+    if name == "vocab_size":
+        return x_shape[0]
+    if name == "context_shape":
+        if ctx is None and param.default is REQUIRED:
+            raise ValueError(f"{what} is conditional, model(target, context); got dataset={cfg.get('dataset')!r}: pass --dataset mnist-sum, mnist-sum-hard or mnist-rotate")
+        return _OMIT if ctx is None else ctx
+    if name == "z_dims":
+        return tuple(cfg["z_dims"]) if cfg.get("z_dims") else _OMIT
+    if name == "z_dim":
+        return _one_value(cfg, what, text="vocab_size" in names)
+    if name == "hidden":
+        if not hidden:
+            return _OMIT
+        return hidden if "z_dims" in names else tuple(hidden[0])
+    if name == "hidden_dim":
+        return hidden[0][0] if hidden else _OMIT
+    if name == "num_data":
+        return _OMIT if cfg.get("num_data") is None else cfg["num_data"]
+    if name == "model":
+        if entry.registry is MODEL_GUIDES:
+            return model
+        when = entry.extra.get("model_copy_if")
+        if when is None or cfg.get(when):  # a copy of the run's model: the names and shapes of its sites
+            return build_model(cfg, x_shape)
+        return _OMIT
+    raise ValueError(f"{what}: no value for the constructor's input {name!r}")
+
+
+def construct(entry: Registered, kind: str, cfg: dict, x_shape, model: Optional[nn.Module] = None):
+    """A registered model or guide built from ``cfg``: its inputs from the data and the shared size options, each
+    option set in ``cfg`` (not None) as its constructor argument, the rest left to the signature's defaults."""
+    x_shape = tuple(x_shape)
+    cls = entry.build
+    ctx = None
+    if entry.conditional:
+        ctx = _context_shape(cfg)
+        if ctx is not None:
+            cls = entry.extra.get("with_context", cls)
+    kwargs = {}
+    for param in entry.inputs():
+        value = _input(param, entry, kind, cfg, x_shape, model, ctx)
+        if value is not _OMIT:
+            kwargs[param.name] = value
+    kwargs.update(_option_values(entry.options(), cfg))
+    return cls(**kwargs)
+
+
+def _option_values(args, cfg: dict) -> dict:
+    """{constructor argument: value} of the options set in ``cfg`` (not None); a switch (``store_true``) is always
+    passed, off unless given, whatever its constructor's default."""
+    out = {}
+    for arg in args:
+        if arg.action == "store_true":
+            out[arg.param or arg.key] = bool(cfg.get(arg.key))
+        elif cfg.get(arg.key) is not None:
+            out[arg.param or arg.key] = cfg[arg.key]
+    return out
+
+
+def option_names(cfg: dict) -> dict[str, str]:
+    """{constructor argument: config key} of the renamed options of ``cfg``'s model and guide (``steps`` ->
+    ``draw_steps``), for messages that name the flag."""
+    model = cfg.get("model", "vae")
+    guide = cfg.get("guide") or default_guide(model)
+    out = {}
+    for entry in (MODELS.get(model), GUIDES.get(guide) or MODEL_GUIDES.get(guide)):
+        if isinstance(entry, Registered):
+            out.update(entry.renames())
+    return out
+
+
 def build_model(cfg: dict, x_shape) -> nn.Module:
-    return _pick(MODELS, "model", cfg.get("model", "vae"))(cfg, tuple(x_shape))
+    entry = _pick(MODELS, "model", cfg.get("model", "vae"))
+    if isinstance(entry, Registered):
+        return construct(entry, "model", cfg, x_shape)
+    return entry(cfg, tuple(x_shape))
 
 
 def build_guide(cfg: dict, x_shape, model: Optional[nn.Module] = None) -> nn.Module:
@@ -470,21 +304,24 @@ def build_guide(cfg: dict, x_shape, model: Optional[nn.Module] = None) -> nn.Mod
         if name not in (paired, "gaussian"):
             raise ValueError(f"model={cfg.get('model')!r} runs with its own guide {paired!r}, which shares the model's decoder; got guide={name!r}: pass --guide {paired} (or leave --guide out)")
         cfg["guide"] = paired
-        return MODEL_GUIDES[paired](cfg, tuple(x_shape), model)
+        entry = MODEL_GUIDES[paired]
+        return construct(entry, "guide", cfg, x_shape, model) if isinstance(entry, Registered) else entry(cfg, tuple(x_shape), model)
     if name in MODEL_GUIDES:
         raise ValueError(f"guide={name!r} is built from its own model ({name!r}); got model={cfg.get('model', 'vae')!r}: pass --model {name}")
-    return _pick(GUIDES, "guide", name)(cfg, tuple(x_shape))
+    entry = _pick(GUIDES, "guide", name)
+    if isinstance(entry, Registered):
+        return construct(entry, "guide", cfg, x_shape, model)
+    return entry(cfg, tuple(x_shape))
 
 
 def objective_kwargs(cfg: dict) -> dict[str, str]:
     """{constructor argument: config key} of ``cfg["objective"]``."""
     name = cfg.get("objective", "elbo")
     entry = _pick(OBJECTIVES, "objective", name)
-    return {a.param or a.key: a.key for a in entry_args(entry)} or OBJECTIVE_ARGS.get(name, {})
+    return {a.param or a.key: a.key for a in entry_args(entry)}
 
 
 def build_objective(cfg: dict) -> Objective:
     name = cfg.get("objective", "elbo")
     entry = _pick(OBJECTIVES, "objective", name)
-    kwargs = {arg: cfg[key] for arg, key in objective_kwargs(cfg).items() if cfg.get(key) is not None}
-    return entry(**kwargs)
+    return entry(**_option_values(entry_args(entry), cfg))

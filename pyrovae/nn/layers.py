@@ -125,6 +125,10 @@ class Unflatten(nn.Module):
         return h.reshape(*h.shape[:-1], *self.x_shape)
 
 
+#: encoder/decoder networks of image models: ``arch=``
+ARCHS = ("mlp", "conv")
+
+
 def x_encoder(x_shape: Sequence[int], hidden: Sequence[int], arch: str = "mlp", act: str = "tanh") -> tuple[nn.Module, int]:
     """The data-side trunk of an encoder: ``x -> h``. Returns the module and ``h``'s size."""
     if arch == "mlp":

@@ -14,18 +14,11 @@ from pyrovae.objectives.iwae import IWAE, Renyi
 from pyrovae.objectives.sequence import AnnealedELBO, TokenGECO
 from pyrovae.objectives.variance import LogVarianceLoss, VarianceLoss
 
-#: objective name (``--objective NAME``, :func:`make_objective`) -> class
-OBJECTIVES: dict[str, type] = {
-    "elbo": ELBO,
-    "iwae": IWAE,
-    "renyi": Renyi,
-    "variance": VarianceLoss,
-    "logvariance": LogVarianceLoss,
-    "beta": BetaELBO,
-    "geco": GECO,
-    "annealed": AnnealedELBO,
-    "token-geco": TokenGECO,
-}
+from pyrovae.utils.registry import OBJECTIVES as _REGISTRY
+
+#: objective name (``--objective NAME``, :func:`make_objective`) -> class: a live view of the objectives registered
+#: with :func:`pyrovae.utils.registry.register_objective` (these modules' and any plugin's)
+OBJECTIVES = _REGISTRY.classes()
 
 
 def make_objective(name: str, **kwargs) -> Objective:

@@ -14,6 +14,7 @@ from pyro.distributions.kl import kl_divergence
 from pyro.distributions.util import scale_and_mask
 
 from pyrovae.objectives.base import ELBO_COEFFICIENTS, Estimate, LogWeights, Objective, TracePair, score_function_term
+from pyrovae.utils.registry import register_objective
 
 
 def analytic_kl_sites(model_trace, guide_trace) -> tuple[str, ...]:
@@ -58,6 +59,7 @@ def _analytic_kl(lw: LogWeights) -> tuple[torch.Tensor, tuple]:
     return lw.kl + (terms[0] if len(terms) == 1 else torch.cat(terms)), corrections[0][1]
 
 
+@register_objective("elbo")
 class ELBO(Objective):
     """The standard bound, per datum averaged over particles.
 
@@ -120,6 +122,7 @@ class ELBO(Objective):
 SCHEDULES = ("constant", "linear", "cyclical", "logistic")
 
 
+@register_objective("beta", flags={"schedule": "beta_schedule"}, choices={"schedule": SCHEDULES}, exclude=("ratio",))
 class BetaELBO(ELBO):
     """E_q[log p(x|z)] - beta_t KL(q || p), with beta_t from a schedule advanced once per training step.
 
@@ -130,7 +133,9 @@ class BetaELBO(ELBO):
             99.3% of beta over ``warmup_steps``),
             ``cyclical`` (Fu et al. 2019: cycles of ``cycle_steps``, rising linearly over the first
             ``ratio`` of each cycle, then held at beta).
-        warmup_steps, cycle_steps, ratio: schedule settings.
+        warmup_steps: steps of the ``linear`` and ``logistic`` warm-up.
+        cycle_steps: steps per cycle of the ``cyclical`` schedule.
+        ratio: the part of each ``cyclical`` cycle over which beta_t rises.
     The logged loss is -(recon - beta_t KL) (what is optimised); ``metrics['elbo']`` is the true ELBO.
     """
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from pyrovae.objectives.engine import observed_mean, observed_site  # noqa: F401  (observed_site: re-exported)
 from pyrovae.objectives.base import Estimate, LogWeights, Objective, score_function_term
+from pyrovae.utils.registry import register_objective
 
 ConstraintFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -195,6 +196,10 @@ MULTIPLIER_STEPS = ("paper", "clamped")
 _BASE_ARGS = ("max_plate_nesting", "data_plate", "vectorize_particles", "strict_enumeration_warning", "retain_graph", "max_iarange_nesting", "ignore_jit_warnings", "jit_options")
 
 
+@register_objective(
+    "geco", flags={"alpha": "geco_alpha", "nu": "geco_nu", "multiplier_step": "geco_multiplier_step"},
+    choices={"constraint": ("RE", "pNCC"), "multiplier_step": MULTIPLIER_STEPS}, exclude=("lambda_init", "lambda_min", "lambda_max", "obs_site"),
+)
 class GECO(Objective):
     """Rezende & Viola's GECO, Algorithm 1.
 

@@ -20,6 +20,7 @@ import math
 import torch
 
 from pyrovae.objectives.base import Estimate, LogWeights, Objective, global_observations_are_constant, no_global_latents, reparam_only
+from pyrovae.utils.registry import register_objective
 
 ESTIMATORS = ("standard", "dreg", "vimco", "score")
 
@@ -28,6 +29,7 @@ def _log_mean_exp(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.logsumexp(t, dim) - math.log(t.shape[dim])
 
 
+@register_objective("iwae", choices={"estimator": ESTIMATORS})
 class IWAE(Objective):
     """The K-sample importance-weighted bound, ``log (1/K) sum_k w_k`` per data point.
 
@@ -123,6 +125,7 @@ class IWAE(Objective):
         return f"{type(self).__name__}(num_particles={self.num_particles}, estimator={self.estimator!r})"
 
 
+@register_objective("renyi")
 class Renyi(IWAE):
     """The Renyi-alpha bound per data point: alpha = 0 is IWAE, alpha -> 1 the ELBO; alpha < 0 gives an upper
     bound on log p(x) in the large-K limit.

@@ -19,6 +19,7 @@ from pyro.distributions.kl import kl_divergence
 from pyrovae.objectives.base import ELBO_COEFFICIENTS, Estimate, LogWeights, TracePair, score_function_term
 from pyrovae.objectives.elbo import BetaELBO
 from pyrovae.objectives.geco import GECO
+from pyrovae.utils.registry import TEXT_GROUP, register_objective
 
 def per_dimension_kl(lw: LogWeights) -> torch.Tensor:
     """Closed-form KL(q || p) of every latent dimension, ``[P, B, D]`` (all sites' last dims concatenated).
@@ -50,6 +51,7 @@ def _pair_per_dimension_kl(pair: TracePair, lw: LogWeights) -> torch.Tensor:
     return torch.cat(parts, -1)
 
 
+@register_objective("annealed", groups={"free_bits": TEXT_GROUP})
 class AnnealedELBO(BetaELBO):
     """BetaELBO (logistic schedule by default) with free bits.
 
@@ -118,6 +120,7 @@ def observed_counts(pair: TracePair) -> torch.Tensor:
     return total
 
 
+@register_objective("token-geco", exclude=("constraint",))
 class TokenGECO(GECO):
     """GECO whose constraint is the reconstruction NLL per observed token: C = -log p(x|z) / #tokens - tolerance.
 

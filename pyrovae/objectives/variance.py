@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from pyrovae.objectives.base import Estimate, LogWeights, Objective
+from pyrovae.utils.registry import register_objective
 
 
 def batch_variance(lw: LogWeights, local: torch.Tensor, glob: torch.Tensor) -> torch.Tensor:
@@ -28,6 +29,7 @@ def batch_variance(lw: LogWeights, local: torch.Tensor, glob: torch.Tensor) -> t
     return local.var(dim=0, unbiased=True).sum()
 
 
+@register_objective("variance")
 class VarianceLoss(Objective):
     """The variance over ``S`` detached samples of ``log w`` (see the module docstring for the batch).
 
@@ -69,6 +71,7 @@ class VarianceLoss(Objective):
         return f"{type(self).__name__}(num_particles={self.num_particles})"
 
 
+@register_objective("logvariance")
 class LogVarianceLoss(VarianceLoss):
     """VarGrad's log-variance loss, (1/2) Var[log w], for the guide; the ELBO gradient for the model.
 
