@@ -27,12 +27,10 @@ from pathlib import Path
 import pyro
 import torch
 
-from common import command_line, fixed_binarization, hardware_info, now
+from common import add_common_args, build as build_pair, command_line, fixed_binarization, hardware_info, now, start
 from pyrovae.utils.files import atomic_write
 from pyrovae.data import load_dataset
 from pyrovae.evaluate import elbo_terms
-from pyrovae.guides.bayesian import BayesEncoder
-from pyrovae.models.bayesian import BayesVAE
 from pyrovae.objectives import ELBO
 from pyrovae.train.optim import NaturalGradient
 
@@ -53,8 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr-natural", type=float, default=1.0)
     p.add_argument("--damping", type=float, default=1.0)
     p.add_argument("--kl-clip", type=float, default=10.0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    add_common_args(p, device=None, threads=1)
     p.add_argument("--out", default=None, help=f"results file (default {RESULTS / 'aevb_extensions.md'}; --quick writes none unless given)")
     args = p.parse_args(argv)
     args.steps = args.steps or (100 if args.quick else 300)
@@ -65,10 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build(method: str, args, num_data: int):
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
-    dropout = "A" if method == "variational dropout" else None
-    model = BayesVAE((1, 28, 28), args.z_dim, (args.hidden,), bayesian_decoder=False, num_data=num_data)
-    guide = BayesEncoder((1, 28, 28), args.z_dim, (args.hidden,), encoder_dropout=dropout, num_data=num_data)
-    return model, guide
+    cfg = {"model": "bayes_vae", "guide": "bayes_gaussian", "z_dims": [args.z_dim], "hidden": [[args.hidden]], "num_data": num_data,
+           "encoder_dropout": "A" if method == "variational dropout" else None}
+    return build_pair(cfg, (1, 28, 28))
 
 
 def run(method: str, args, train: torch.Tensor, valid: torch.Tensor) -> dict:
@@ -186,9 +182,9 @@ def render(args, results, hw, started, wall, png) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    start(args)
     started, t0 = now(), time.perf_counter()
-    data = load_dataset("mnist", binarize="none")
+    data = load_dataset("mnist", data_dir=args.data_dir, binarize="none")
     valid = fixed_binarization(data.valid, seed=args.seed + 1, limit=1000)
     results = {m: run(m, args, data.train, valid) for m in METHODS}
     out = Path(args.out) if args.out else (None if args.quick else RESULTS / "aevb_extensions.md")

@@ -1,19 +1,134 @@
-"""Helpers shared by the benchmark scripts: what machine ran them, and a fixed test binarisation.
+"""The skeleton the benchmark scripts share: their common options (device, threads, seed, data folder), the
+machine and command they record, a timestamped log, models, guides and objectives built through the CLI's
+registry from a config dict, the NLL summary and paired differences, and a fixed test binarisation.
 
 Scripts in ``benchmarks/`` import this as ``common`` (Python puts a script's own folder first on
 ``sys.path``).
 """
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import platform
 import shlex
 import sys
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import pyro
 import torch
+from torch import nn
+
+from pyrovae.cli import UsageError
+from pyrovae.cli import resolve_device as _resolve_device
+from pyrovae.cli.registry import build_guide, build_model, build_objective
+from pyrovae.evaluate import nll_summary
+
+__all__ = [
+    "add_common_args", "build", "build_objective", "command_line", "cpu_model", "fill_defaults", "fixed_binarization", "fmt",
+    "hardware_info", "load_average", "log", "nll_summary", "now", "paired_difference", "portable_path", "require_positive", "resolve_device",
+    "settings", "start",
+]
+
+# ------------------------------------------------------------------------------------------ the command line
+
+
+def add_common_args(
+    p: argparse.ArgumentParser,
+    *,
+    device: Optional[str] = "cpu",
+    threads: Optional[int] = None,
+    seed: Optional[str] = "seed of initialisation and training",
+    data: Optional[str] = "mnist",
+) -> None:
+    """The options every benchmark takes alike. ``None`` leaves one out.
+
+    Args:
+        device: the ``--device`` default (``cpu``, ``cuda``, ``cuda:N`` or ``auto``).
+        threads: the ``--threads`` default (``None``: torch's choice).
+        seed: the ``--seed`` help (its default is 0).
+        data: the data set the ``--data-dir`` folder holds.
+    """
+    if device is not None:
+        p.add_argument("--device", default=device, help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--threads", type=int, default=threads, help="torch.set_num_threads" + (" (default: torch's choice)" if threads is None else ""))
+    if seed is not None:
+        p.add_argument("--seed", type=int, default=0, help=seed)
+    if data is not None:
+        p.add_argument("--data-dir", default=None, help=f"folder holding {data}/ (default: $PYROVAE_DATA, then the cache)")
+
+
+def fill_defaults(args: argparse.Namespace, preset: dict) -> None:
+    """Set each option of ``preset`` that the command line left at ``None`` (a --quick or paper preset)."""
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def require_positive(p: argparse.ArgumentParser, args: argparse.Namespace, keys: Sequence[str]) -> None:
+    """``p.error`` naming the first option of ``keys`` below 1 (options left at ``None`` pass)."""
+    for key in keys:
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            p.error(f"--{key.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def settings(args: argparse.Namespace, keys: Sequence[str]) -> dict:
+    """The options that change the numbers: results are combined (and resumed) only where these agree."""
+    return {k: getattr(args, k) for k in keys}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device`` as a device (``auto``: CUDA when available), or exit with the CLI's message."""
+    try:
+        return _resolve_device(name)
+    except UsageError as e:
+        raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {e}") from None
+
+
+def start(args: argparse.Namespace) -> torch.device:
+    """Set the torch threads (``--threads``, when given) and return the ``--device`` (CPU without the option)."""
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    return resolve_device(getattr(args, "device", None) or "cpu")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ models and numbers
+
+
+def build(cfg: dict, x_shape: Sequence[int], device: Optional[torch.device] = None) -> tuple[nn.Module, nn.Module]:
+    """The model and guide that ``pyrovae train`` builds from the config ``cfg`` (the registry's keys: ``model``,
+    ``guide``, ``z_dims``, ``hidden``, ...), model first, moved to ``device``. Seed before: the initial weights are
+    drawn here."""
+    cfg = dict(cfg)
+    model = build_model(cfg, x_shape)
+    guide = build_guide(cfg, x_shape, model)
+    return model.to(device), guide.to(device)
+
+
+def paired_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Mean of ``a - b`` over paired data points and its standard error (NaN for one point)."""
+    d = torch.as_tensor(a) - torch.as_tensor(b)
+    n = d.numel()
+    return float(d.mean()), float(d.std() / math.sqrt(n)) if n > 1 else float("nan")
+
+
+def fmt(value: Optional[float], digits: int = 2, missing: str = "—") -> str:
+    """A table cell: ``missing`` for ``None`` or NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return missing
+    return f"{value:.{digits}f}"
+
+
+# ------------------------------------------------------------------------------------------ the machine
 
 
 def cpu_model() -> str:
@@ -63,6 +178,14 @@ def command_line() -> str:
     """The command that started this process, shell-quoted (with ``OMP_NUM_THREADS`` if set), paths made portable."""
     env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     return env + " ".join(shlex.quote(portable_path(a)) for a in [os.path.basename(sys.executable), *sys.argv])
+
+
+def load_average() -> Optional[float]:
+    """1-minute load average (other jobs on a shared machine stretch the wall times); None where unknown."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def now() -> str:

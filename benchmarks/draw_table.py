@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -35,13 +34,10 @@ from pathlib import Path
 import pyro
 import torch
 
-from common import command_line, hardware_info, now
+from common import add_common_args, build, build_objective, command_line, fmt, hardware_info, now, paired_difference, resolve_device, start
 from pyrovae.utils.files import atomic_write
 from pyrovae.data import load_dataset
 from pyrovae.evaluate import elbo_terms, log_likelihood
-from pyrovae.guides import DRAWGuide, GaussianEncoder
-from pyrovae.models import DRAW, VAE
-from pyrovae.objectives import ELBO
 from pyrovae.train import Trainer
 
 PAPER = {"draw": 87.40, "draw-attention": 80.97, "vae": None}
@@ -63,9 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="smoke run; writes results/draw_table_quick.md")
     g.add_argument("--full", action="store_true", help="the paper's 64 steps, whole test set, k = 5000 (a GPU)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    add_common_args(p, threads=1, data="binarized-mnist")
     p.add_argument("--jobs", type=int, default=3, help="models trained at once, one process each")
     p.add_argument("--work-dir", default="runs/draw_table", help="per-model JSON results")
     p.add_argument("--out", default=None)
@@ -77,25 +71,27 @@ def protocol_name(args) -> str:
     return "quick" if args.quick else "full" if args.full else "cpu"
 
 
-def build(name: str, s: dict, x_shape):
+def config(name: str, s: dict) -> dict:
+    """The registry's config of ``name``: the IWAE paper's one-layer VAE, or DRAW (its guide runs the model's decoder);
+    the ELBO with the closed-form KL per step, the paper's L^z."""
     if name == "vae":
-        return VAE(x_shape, (50,)), GaussianEncoder(x_shape, (50,))
-    model = DRAW(x_shape, steps=s["steps"], z_dim=s["z_dim"], hidden=s["hidden"], attention=name == "draw-attention")
-    return model, DRAWGuide(model)
+        cfg = {"model": "vae", "z_dims": [50]}
+    else:
+        cfg = {"model": "draw", "draw_steps": s["steps"], "draw_z": s["z_dim"], "lstm_size": s["hidden"], "attention": name == "draw-attention"}
+    return {**cfg, "objective": "elbo", "analytic_kl": True}
 
 
 def run_one(name: str, args) -> dict:
     """Train ``name`` for the CPU budget, evaluating the test bound along the way; then the test bound and NLL."""
     s = PROTOCOLS[protocol_name(args)]
-    torch.set_num_threads(1)
-    device = torch.device(args.device)
+    device = start(args)
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
     data = load_dataset("binarized-mnist", data_dir=args.data_dir, device=device)
     train, test = data.train, data.test
-    model, guide = build(name, s, data.x_shape)
-    model, guide = model.to(device), guide.to(device)
-    trainer = Trainer(model, guide, ELBO(analytic_kl=True), lr=s["lr"], progress=False)  # the paper's closed-form L^z
+    cfg = config(name, s)
+    model, guide = build(cfg, data.x_shape, device)
+    trainer = Trainer(model, guide, build_objective(cfg), lr=s["lr"], progress=False)  # ELBO(analytic_kl=True), the paper's L^z
     trainer.setup(train[: s["batch_size"]])
     curve_test = test[: min(500, s["bound_test"])]
     clock = time.process_time if device.type == "cpu" else time.perf_counter
@@ -135,6 +131,7 @@ def run_one(name: str, args) -> dict:
     pyro.set_rng_seed(args.seed + 1)
     terms = elbo_terms(model, guide, test[: s["bound_test"]], batch_size=100)
     ll = log_likelihood(model, guide, test[: s["nll_test"]], num_samples=s["eval_samples"])
+    nll = ll.summary(prefix="")
     return {
         "model": name,
         "settings": s,
@@ -144,8 +141,8 @@ def run_one(name: str, args) -> dict:
         "epochs": images / train.shape[0],
         "test_bound": terms["elbo"],
         "test_kl": terms["kl"],
-        "nll": float(-ll.values.mean()),
-        "nll_stderr": float(ll.values.std() / math.sqrt(ll.values.numel())),
+        "nll": nll["nll"],
+        "nll_stderr": nll["nll_stderr_over_data"],
         "nll_per_image": (-ll.values).tolist(),
         "eval_wall_s": round(time.perf_counter() - t0, 1),
         "curve": curve,
@@ -153,13 +150,9 @@ def run_one(name: str, args) -> dict:
     }
 
 
-def fmt(v, digits=2) -> str:
-    return "—" if v is None else f"{v:.{digits}f}"
-
-
 def report(results: dict, args, wall: float) -> str:
     s = PROTOCOLS[protocol_name(args)]
-    hw = hardware_info(torch.device(args.device))
+    hw = hardware_info(resolve_device(args.device))
     lines = [
         "# DRAW on binarized MNIST (Gregor et al. 2015, Table 2)",
         "",
@@ -202,18 +195,30 @@ def report(results: dict, args, wall: float) -> str:
     if "draw" in results and "draw-attention" in results:
         a = torch.tensor(results["draw-attention"]["nll_per_image"])
         b = torch.tensor(results["draw"]["nll_per_image"])
-        d = b - a
-        se = float(d.std() / math.sqrt(d.numel()))
+        d, se = paired_difference(b, a)
         lines += [
             "",
-            f"Attention against no attention at equal budget, paired over the same {d.numel()} test images: NLL(no attention) - "
-            f"NLL(attention) = {float(d.mean()):.2f} ± {se:.2f} nats ({float(d.mean()) / se:.1f} standard errors).",
+            f"Attention against no attention at equal budget, paired over the same {a.numel()} test images: NLL(no attention) - "
+            f"NLL(attention) = {d:.2f} ± {se:.2f} nats ({d / se:.1f} standard errors).",
         ]
     for name in names:
         r = results[name]
         gap = "" if PAPER[name] is None else f"; bound {-r['test_bound'] - PAPER[name]:.1f} nats above the paper's bound {PAPER[name]}"
         lines.append(f"- {name}: {r['train_cpu_s']} CPU-s ({r['train_wall_s']} s wall) of training{gap}; evaluation {r['eval_wall_s']} s wall; {r['capture']}")
     return "\n".join(lines) + "\n"
+
+
+def without_option(argv: list[str], flag: str) -> list[str]:
+    """``argv`` without ``flag`` and its value (``--jobs 3`` or ``--jobs=3``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
 
 
 def main(argv=None) -> int:
@@ -227,7 +232,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     pending = list(MODELS)
     running: list[tuple[str, subprocess.Popen]] = []
-    passthrough = [a for a in sys.argv[1:] if a not in ("--jobs",)]
+    passthrough = without_option(sys.argv[1:], "--jobs")
     failed = []
     while pending or running:
         while pending and len(running) < args.jobs:

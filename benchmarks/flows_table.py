@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import math
 import os
 import time
@@ -42,16 +43,16 @@ from typing import Optional
 import pyro
 import torch
 
-from common import command_line, hardware_info, now
+from common import (
+    add_common_args, build, build_objective, command_line, fill_defaults, fmt, hardware_info, log, now, paired_difference,
+    require_positive, start,
+)
 from pyrovae.train.callbacks import EachEpoch
 from pyrovae.utils.files import atomic_write
-from pyrovae.cli import UsageError, resolve_device
 from pyrovae.data import load_dataset
 from pyrovae.evaluate import log_likelihood
 from pyrovae.nn.flows import FLOWS
-from pyrovae.guides import FlowEncoder, GaussianEncoder
-from pyrovae.models import VAE
-from pyrovae.objectives import ELBO, BetaELBO
+from pyrovae.objectives import ELBO
 from pyrovae.train import DivergenceError, Trainer
 
 #: name -> (flow family or None for the diagonal Gaussian, number of flow layers K)
@@ -118,19 +119,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, nargs="+", default=[200, 200], help="hidden sizes of the encoder trunk and of the decoder")
     p.add_argument("--valid-size", type=int, default=None, help="first N validation images for model selection (default all 10000)")
     p.add_argument("--eval-batch-size", type=int, default=100, help="test images per log-likelihood pass")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and training, the same for every configuration")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--data-dir", default=None, help="folder holding binarized-mnist/ (default: $PYROVAE_DATA, then the cache)")
+    add_common_args(p, seed="seed of initialisation and training, the same for every configuration", data="binarized-mnist")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "flows_table.md"))
     args = p.parse_args(argv)
-    preset = QUICK if args.quick else FULL
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    for key in ("epochs", "train_size", "test_size", "eval_samples", "batch_size"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')} {getattr(args, key)} must be at least 1")
+    fill_defaults(args, QUICK if args.quick else FULL)
+    require_positive(p, args, ("epochs", "train_size", "test_size", "eval_samples", "batch_size", "threads"))
     for key in ("warmup_epochs", "patience"):
         if getattr(args, key) < 0:
             p.error(f"--{key.replace('_', '-')} {getattr(args, key)} must be >= 0")
@@ -142,19 +135,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def build(family: Optional[str], k: int, args: argparse.Namespace, device: torch.device):
-    x_shape = (1, 28, 28)
-    hidden = tuple(args.hidden)
-    model = VAE(x_shape, (args.z_dim,), hidden=[hidden])
-    if family is None:
-        guide = GaussianEncoder(x_shape, (args.z_dim,), hidden=[hidden])
-    else:
-        guide = FlowEncoder(x_shape, args.z_dim, hidden, flow=family, num_flows=k)
-    return model.to(device), guide.to(device)
+def config(family: Optional[str], k: int, args: argparse.Namespace, steps_per_epoch: int) -> dict:
+    """The registry's config: the VAE, a diagonal Gaussian (``family`` None) or a flow guide, and the ELBO (with a linear
+    KL warm-up over ``--warmup-epochs``)."""
+    cfg = {"model": "vae", "z_dims": [args.z_dim], "hidden": [tuple(args.hidden)]}
+    cfg.update({"guide": "gaussian"} if family is None else {"guide": "flow", "flow": family, "flow_length": k})
+    if args.warmup_epochs > 0:
+        cfg.update(objective="beta", beta=1.0, beta_schedule="linear", warmup_steps=args.warmup_epochs * steps_per_epoch)
+    return cfg
 
 
 @torch.no_grad()
@@ -169,13 +157,10 @@ def run_config(name: str, args: argparse.Namespace, splits, device: torch.device
     family, k = parse_config(name)
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
-    model, guide = build(family, k, args, device)
     train, valid = splits.train[: args.train_size], splits.valid[: args.valid_size]
-    steps_per_epoch = math.ceil(train.shape[0] / args.batch_size)
-    if args.warmup_epochs > 0:
-        objective = BetaELBO(beta=1.0, schedule="linear", warmup_steps=args.warmup_epochs * steps_per_epoch)
-    else:
-        objective = ELBO()
+    cfg = config(family, k, args, math.ceil(train.shape[0] / args.batch_size))
+    model, guide = build(cfg, splits.x_shape, device)
+    objective = build_objective(cfg)
     optim_cls, optim_kwargs = OPTIMIZERS[args.optimizer]
     trainer = Trainer(model, guide, objective, lr=args.lr, optimizer=optim_cls, optimizer_kwargs=optim_kwargs,
                       on_divergence="reduce_lr", progress=False)
@@ -213,7 +198,8 @@ def run_config(name: str, args: argparse.Namespace, splits, device: torch.device
     elbo_sub = elbo_all[: test.shape[0]]
     ll = log_likelihood(model, guide, test, num_samples=args.eval_samples, batch_size=args.eval_batch_size)
     eval_seconds = time.perf_counter() - t1
-    n, n_all = test.shape[0], elbo_all.shape[0]
+    nll = ll.summary(prefix="")
+    n_all = elbo_all.shape[0]
     num_params = sum(p.numel() for p in list(model.parameters()) + list(guide.parameters()))
     return {
         "name": name, "family": family, "k": k, "status": status, "params": num_params,
@@ -224,15 +210,13 @@ def run_config(name: str, args: argparse.Namespace, splits, device: torch.device
         "train_seconds": train_seconds, "eval_seconds": eval_seconds,
         "test_neg_elbo": float(-elbo_all.mean()), "test_neg_elbo_se": float(elbo_all.std() / math.sqrt(n_all)),
         "sub_neg_elbo": float(-elbo_sub.mean()),
-        "nll": float(-ll.values.mean()), "nll_se": float(ll.values.std() / math.sqrt(n)) if n > 1 else float("nan"),
-        "nll_is_se": float(ll.stderr.pow(2).mean().sqrt() / math.sqrt(n)),
+        "nll": nll["nll"], "nll_se": nll["nll_stderr_over_data"], "nll_is_se": nll["nll_importance_stderr"],
         "nll_values": (-ll.values).cpu(),
     }
 
 
 # ------------------------------------------------------------------------------------------------ the report
-def _f(x: Optional[float], digits: int = 2) -> str:
-    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+_f = functools.partial(fmt, missing="")
 
 
 def _label(name: str) -> str:
@@ -258,9 +242,8 @@ def _ordering(entries: dict) -> list[str]:
         for e in done:
             if e["name"] == "none":
                 continue
-            d = e["nll_values"] - base["nll_values"]
-            se = float(d.std() / math.sqrt(d.numel())) if d.numel() > 1 else float("nan")
-            lines.append(f"  - {e['name']}: {float(d.mean()):+.2f} ± {se:.2f}")
+            d, se = paired_difference(e["nll_values"], base["nll_values"])
+            lines.append(f"  - {e['name']}: {d:+.2f} ± {se:.2f}")
     return lines
 
 
@@ -377,13 +360,7 @@ splits_sizes: dict = {}
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        device = resolve_device(args.device)
-    except UsageError as e:
-        print(f"flows_table.py: error: {e}")
-        return 2
+    device = start(args)
     started, t0, command = now(), time.perf_counter(), command_line()
     hw = {**hardware_info(device), "load": " ".join(f"{x:.2f}" for x in os.getloadavg())}
     splits = load_dataset("binarized-mnist", data_dir=args.data_dir, device=device)

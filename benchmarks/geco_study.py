@@ -34,11 +34,7 @@ import common  # noqa: E402
 import pyrovae.evaluate as E  # noqa: E402
 import pyrovae.evaluate.fixed_points as FP  # noqa: E402
 from pyrovae.data import load_dataset  # noqa: E402
-from pyrovae.data.derived import Pairs  # noqa: E402
-from pyrovae.guides import ConvDRAWGuide, FlowEncoder, GaussianEncoder  # noqa: E402
-from pyrovae.guides.conditional import ConditionalEncoder  # noqa: E402
-from pyrovae.models import VAE, ConvDRAW  # noqa: E402
-from pyrovae.models.conditional import ConditionalVAE  # noqa: E402
+from pyrovae.data.derived import context_shape  # noqa: E402
 from pyrovae.objectives import ELBO, GECO, BetaELBO  # noqa: E402
 from pyrovae.train import Trainer  # noqa: E402
 
@@ -125,13 +121,16 @@ def fixed_points_study(out: Path, quick: bool) -> dict:
 # --------------------------------------------------------------------------------- Figures 3 and 5
 
 
-def vae_pair(s, z_dim: int = 16, hidden: int = 200):
-    """An MLP VAE (Bernoulli decoder) and its Gaussian encoder for the data set ``s``; on a conditional data set the
-    conditional VAE (learned prior p(z | context)) and its encoder q(z | target, context)."""
-    if isinstance(s.train, Pairs):
-        ctx = tuple(s.train.context.shape[1:])
-        return ConditionalVAE(s.x_shape, ctx, z_dim, (hidden,)), ConditionalEncoder(s.x_shape, ctx, z_dim, (hidden,))
-    return VAE(s.x_shape, (z_dim,), [(hidden,)]), GaussianEncoder(s.x_shape, (z_dim,), [(hidden,)])
+def vae_config(name: str, z_dim: int = 16, hidden: int = 200) -> dict:
+    """The registry's config of an MLP VAE (Bernoulli decoder) and its Gaussian encoder for the data set ``name``; on a
+    conditional data set the conditional VAE (learned prior p(z | context)) and its encoder q(z | target, context)."""
+    cfg = {"dataset": name, "z_dims": [z_dim], "hidden": [[hidden]]}
+    return {**cfg, "model": "cvae", "guide": "conditional"} if context_shape(name) else {**cfg, "model": "vae", "guide": "gaussian"}
+
+
+def flow_config(z_dim: int, hidden: int) -> dict:
+    """The registry's config of an MLP VAE with a RealNVP posterior (4 coupling layers)."""
+    return {"model": "vae", "guide": "flow", "flow": "realnvp", "flow_length": 4, "z_dims": [z_dim], "hidden": [[hidden]]}
 
 
 def point(m, g, hist, sec, x, xt) -> dict:
@@ -165,7 +164,7 @@ def info_plane_study(name: str, out: Path, quick: bool, data_dir) -> dict:
     epochs = epochs or epochs_for(x.shape[0])
 
     def pair():
-        return vae_pair(s)
+        return common.build(vae_config(name), s.x_shape)
 
     runs = {}
     m, g = seeded(pair)
@@ -215,11 +214,11 @@ def fixed_error_long_study(out: Path, quick: bool, data_dir, name: str = "mnist"
     s = load_dataset(name, data_dir=data_dir, valid_size=0)
     n_train, n_test, epochs = (1000, 300, 3) if quick else (N_TRAIN, 1000, LONG_EPOCHS)
     x, xt = s.train[:n_train], s.test[:n_test]
-    m, g = seeded(lambda: vae_pair(s))
+    m, g = seeded(lambda: common.build(vae_config(name), s.x_shape))
     hist, sec = train(m, g, ELBO(), x, epochs)
     tol = rms_error(m, g, x)
     runs = {"ELBO": (m, g, hist, sec)}
-    m2, g2 = seeded(lambda: vae_pair(s))
+    m2, g2 = seeded(lambda: common.build(vae_config(name), s.x_shape))
     label = f"GECO-RE tol={tol:.3f} (ELBO's RMS)"
     runs[label] = (m2, g2, *train(m2, g2, geco(tol), x, epochs))
     rows = {k: point(m, g, hist, sec, x, xt) for k, (m, g, hist, sec) in runs.items()}
@@ -237,7 +236,7 @@ def marginal_kl_study(out: Path, quick: bool, data_dir) -> dict:
     epochs = epochs or epochs_for(x.shape[0])
 
     def pair():
-        return VAE(s.x_shape, (16,), [(400,)]), FlowEncoder(s.x_shape, 16, (400,), "realnvp", 4)
+        return common.build(flow_config(16, 400), s.x_shape)
 
     m, g = seeded(pair)
     hist, sec = train(m, g, ELBO(), x, epochs)
@@ -268,12 +267,11 @@ def conditional_study(out: Path, quick: bool, data_dir, name: str = "mnist-sum",
     x, xt = s.train[:n_train], s.test[:n_test]
     epochs = epochs or (epochs_for(x.shape[0]) if model == "cvae" else CONVDRAW_EPOCHS)
     ctx = tuple(s.train.context.shape[1:])
+    # the conditional ConvDRAW: 8 steps, 4 z channels, 32 ConvLSTM channels
+    cfg = vae_config(name, hidden=400) if model == "cvae" else {"dataset": name, "model": "convdraw", "draw_steps": 8, "draw_z": 4, "lstm_size": 32}
 
     def pair():
-        if model == "cvae":
-            return vae_pair(s, hidden=400)
-        m = ConvDRAW(s.x_shape, steps=8, z_channels=4, hidden=32, context_shape=ctx)
-        return m, ConvDRAWGuide(m)
+        return common.build(cfg, s.x_shape)
 
     m, g = seeded(pair)
     hist, sec = train(m, g, ELBO(), x, epochs)
@@ -288,7 +286,7 @@ def conditional_study(out: Path, quick: bool, data_dir, name: str = "mnist-sum",
         ll = E.log_likelihood(m, g, xt, num_samples=100)
         terms = E.elbo_terms(m, g, xt)
         lam = E.geco_trajectory(hist)["lambda"][-1]
-        res[label] = {"test_nll": float(-ll.values.mean()), "kl": terms["kl"], "rms": rms_error(m, g, xt), "train_rms": rms_error(m, g, x),
+        res[label] = {"test_nll": ll.summary(prefix="")["nll"], "kl": terms["kl"], "rms": rms_error(m, g, xt), "train_rms": rms_error(m, g, x),
                       "lambda": None if math.isnan(lam) else lam, "seconds": round(sec, 1), "picture": f"geco_{name}_{model}_{i}.png"}
         c = xt.context[:6]
         samples = E.sample(m, 6 * 6, s.x_shape, inputs=(c.repeat_interleave(6, 0),)).reshape(6, 6, *s.x_shape)
@@ -329,7 +327,7 @@ def tiling_study(out: Path, quick: bool, data_dir) -> dict:
     fig, ax = plt.subplots(1, len(objectives), figsize=(5 * len(objectives), 4.5))
     res = {}
     for a, (label, obj) in zip(ax, objectives.items()):
-        m, g = seeded(lambda: (VAE(s.x_shape, (2,), [(200,)]), FlowEncoder(s.x_shape, 2, (200,), "realnvp", 4)))
+        m, g = seeded(lambda: common.build(flow_config(2, 200), s.x_shape))
         _, sec = train(m, g, obj, x, epochs, batch_size=7, lr=1e-3)
         with torch.no_grad():
             z = torch.stack([pyro.poutine.trace(g).get_trace(x).nodes["z"]["value"] for _ in range(100)])  # [100, 7, 2]
@@ -507,11 +505,12 @@ def report(results: dict, out: Path, info: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--data-dir", default=None)
+    common.add_common_args(ap, device=None, seed=None, data="mnist")
     ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test (use another --out)")
     ap.add_argument("--report-only", action="store_true", help="rewrite geco_study.md from geco_study.json")
     ap.add_argument("--parts", nargs="+", default=["fixed_points", *INFO_PLANE_SETS, "fixed_error_long", "marginal_kl", "conditional", "convdraw", "tiling"])
     args = ap.parse_args(argv)
+    common.start(args)
     if args.quick and args.out.resolve() == RESULTS.resolve():
         print("--quick would overwrite the committed results: pass --out elsewhere", file=sys.stderr)
         return 2

@@ -29,16 +29,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pyro
 import torch
 from torch import nn
 
-from common import command_line, hardware_info, now
+from common import add_common_args, command_line, hardware_info, now, start
 from pyrovae.utils.files import atomic_write
 from pyrovae.data import load_dataset
 from pyrovae.guides.bayesian import BayesEncoder
@@ -110,8 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None, help="gradient draws per estimator (default 200)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--alpha", type=float, default=0.5, help="initial dropout rate alpha")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    add_common_args(p, device=None, threads=1)
     p.add_argument("--out", default=None, help=f"results file (default {DEFAULT_OUT}; --quick writes none unless given)")
     args = p.parse_args(argv)
     q = args.quick
@@ -165,6 +164,18 @@ def gradient_variance(loss_fn, params: list[torch.Tensor], reps: int) -> list[fl
     return [float(torch.stack(d).var(0).mean()) for d in draws]
 
 
+def train_epochs(opt: torch.optim.Optimizer, loss_of: Callable[[torch.Tensor], torch.Tensor], n: int, batch_size: int, epochs: int) -> None:
+    """``epochs`` epochs of minibatch steps on ``loss_of(indices)``: a fresh permutation of the ``n`` data points
+    each epoch, whole batches only."""
+    for _ in range(epochs):
+        perm = torch.randperm(n)
+        for s in range(0, n - batch_size + 1, batch_size):
+            loss = loss_of(perm[s : s + batch_size])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
 def part1(args, x, y) -> dict:
     torch.manual_seed(args.seed)
     n = x.shape[0]
@@ -172,16 +183,12 @@ def part1(args, x, y) -> dict:
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     results, times, epoch = {}, {}, 0
     t0 = time.perf_counter()
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(forward(net, x[idx], "local reparameterization"), y[idx]) + dropout_kl(net) / n
+
     for target in args.epochs:
-        while epoch < target:
-            perm = torch.randperm(n)
-            for s in range(0, n - args.batch_size + 1, args.batch_size):
-                idx = perm[s : s + args.batch_size]
-                loss = nn.functional.cross_entropy(forward(net, x[idx], "local reparameterization"), y[idx]) + dropout_kl(net) / n
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            epoch += 1
+        train_epochs(opt, loss_of, n, args.batch_size, target - epoch)
+        epoch = max(epoch, target)
         times[target] = time.perf_counter() - t0
         params = [net[-1].linear.weight, net[0].linear.weight]
         with torch.no_grad():
@@ -214,17 +221,14 @@ def part2(args, x) -> dict:
     bottom = "encoder$$$weights.locs.decoder__0__weight"
     results, times, epoch = {}, {}, 0
     t0 = time.perf_counter()
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        xb = torch.bernoulli(x[idx])
+        with local_reparameterization():
+            return elbo.differentiable_loss(model, guide, xb) / args.batch_size
+
     for target in args.vae_epochs:
-        while epoch < target:
-            perm = torch.randperm(n)
-            for s in range(0, n - args.batch_size + 1, args.batch_size):
-                xb = torch.bernoulli(x[perm[s : s + args.batch_size]])
-                with local_reparameterization():
-                    loss = elbo.differentiable_loss(model, guide, xb) / args.batch_size
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            epoch += 1
+        train_epochs(opt, loss_of, n, args.batch_size, target - epoch)
+        epoch = max(epoch, target)
         times[target] = time.perf_counter() - t0
         row = {}
         for how in ("local reparameterization", "single weight sample"):
@@ -314,9 +318,9 @@ def render(args, p1, p2, hw, started, wall) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    start(args)
     started, t0 = now(), time.perf_counter()
-    data = load_dataset("mnist", binarize="none", valid_size=0)
+    data = load_dataset("mnist", data_dir=args.data_dir, binarize="none", valid_size=0)
     x = data.train.reshape(-1, 784)[: args.train_size]
     y = data.train_labels[: args.train_size]
     p1 = part1(args, x, y)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -45,14 +44,14 @@ from typing import Optional
 import pyro
 import torch
 
-from common import command_line, fixed_binarization, hardware_info, now
+from common import (
+    add_common_args, build, build_objective, command_line, fill_defaults, fixed_binarization, hardware_info, load_average, log, nll_summary, now,
+    paired_difference, require_positive, settings, start,
+)
 from pyrovae.train.callbacks import EachEpoch
 from pyrovae.utils.files import atomic_write
 from pyrovae.data import load_dataset
 from pyrovae.evaluate import active_units, elbo_terms, log_likelihood
-from pyrovae.guides import GaussianEncoder
-from pyrovae.models import VAE
-from pyrovae.objectives import ELBO, IWAE
 from pyrovae.train import Trainer, TrainingInterrupted
 
 #: name -> (stochastic layer sizes, objective, k)
@@ -138,10 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adam-eps", type=float, default=1e-4)
     p.add_argument("--max-train-minutes", type=float, default=None, help="stop a configuration's training after the epoch that passes this (recorded in the table)")
     p.add_argument("--eval-batch-size", type=int, default=100, help="test images per log-likelihood pass")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and training; the test binarisation uses seed + 1")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--data-dir", default=None, help="folder holding mnist/ (default: $PYROVAE_DATA, then the cache)")
+    add_common_args(p, seed="seed of initialisation and training; the test binarisation uses seed + 1")
     p.add_argument("--out", default=None, help=f"the table (default: {DEFAULT_OUT.relative_to(Path.cwd()) if DEFAULT_OUT.is_relative_to(Path.cwd()) else DEFAULT_OUT} for a run at the table's protocol, else iwae_table.md in the run's work folder)")
     p.add_argument("--work-dir", default="runs/iwae_table", help="runs, checkpoints and finished configurations, in a sub-folder per protocol (for --resume)")
     p.add_argument("--resume", action="store_true", help="keep configurations already finished in --work-dir with the same settings, and continue an interrupted one from its last checkpoint")
@@ -153,15 +149,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.epochs is not None and args.epochs != stage_epochs(args.stages):
             p.error(f"--stages {args.stages} means {stage_epochs(args.stages)} epochs, but --epochs {args.epochs} was given: pass one of them")
         args.epochs = stage_epochs(args.stages)
-    defaults = QUICK_SETTINGS if args.quick else PAPER_SETTINGS
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    for key in ("epochs", "train_size", "test_size", "eval_samples", "batch_size", "eval_batch_size"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(args, key)}")
-    if args.threads is not None and args.threads < 1:
-        p.error(f"--threads must be >= 1, got {args.threads}")
+    fill_defaults(args, QUICK_SETTINGS if args.quick else PAPER_SETTINGS)
+    require_positive(p, args, ("epochs", "train_size", "test_size", "eval_samples", "batch_size", "eval_batch_size", "threads"))
     if args.out is None:
         args.out = str(DEFAULT_OUT if table_protocol(protocol(args)) else protocol_dir(args) / "iwae_table.md")
     elif Path(args.out).resolve() == DEFAULT_OUT and not table_protocol(protocol(args)):
@@ -173,17 +162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: no CUDA device on this machine; use --device cpu")
-    return device
-
-
 def protocol(args: argparse.Namespace) -> dict:
-    return {k: getattr(args, k) for k in PROTOCOL_KEYS}
+    return settings(args, PROTOCOL_KEYS)
 
 
 def protocol_dir(args: argparse.Namespace) -> Path:
@@ -193,18 +173,6 @@ def protocol_dir(args: argparse.Namespace) -> Path:
     if pr["max_train_minutes"] is not None:
         tag += f"-cap{pr['max_train_minutes']:g}min"
     return Path(args.work_dir) / tag
-
-
-def _load_average() -> Optional[float]:
-    """1-minute load average (other jobs on a shared machine stretch the wall times); None where unknown."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -218,9 +186,9 @@ def run_config(name: str, args: argparse.Namespace, train: torch.Tensor, test: t
     device = train.device
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
-    x_shape = tuple(train.shape[1:])
-    model, guide = VAE(x_shape, z_dims).to(device), GaussianEncoder(x_shape, z_dims).to(device)
-    objective = ELBO(num_particles=k) if obj == "vae" else IWAE(num_particles=k)
+    cfg = {"model": "vae", "guide": "gaussian", "z_dims": list(z_dims), "objective": "elbo" if obj == "vae" else "iwae", "num_particles": k}
+    model, guide = build(cfg, train.shape[1:], device)
+    objective = build_objective(cfg)
     run_dir, proto = folder / name, protocol(args)
     trainer = Trainer(
         model, guide, objective, lr=args.lr, schedule="iwae", optimizer_kwargs={"eps": args.adam_eps}, progress=False,
@@ -266,7 +234,7 @@ def run_config(name: str, args: argparse.Namespace, train: torch.Tensor, test: t
     eval_seconds = time.perf_counter() - t1
     terms = elbo_terms(model, guide, test)
     units_marginal = active_units(guide, test, num_samples=AU_SAMPLES)
-    n = test.shape[0]
+    nll = nll_summary(-values, errors)
     stage_ends = [sum(e for _, e, _ in schedule_stages(args.epochs, args.lr)[: i + 1]) for i in range(len(schedule_stages(args.epochs, args.lr)))]
     by_epoch = {r["epoch"]: r["train_loss"] for r in trainer.history}
     result = {
@@ -283,14 +251,14 @@ def run_config(name: str, args: argparse.Namespace, train: torch.Tensor, test: t
         "eval_seconds": round(eval_seconds, 1),
         "final_train_loss": trainer.history[-1]["train_loss"],
         "stage_train_loss": {e: by_epoch[e] for e in stage_ends if e in by_epoch},
-        "test_nll": float(-values.mean()),
-        "test_nll_stderr_data": float(values.std() / math.sqrt(n)) if n > 1 else float("nan"),
-        "test_nll_stderr_importance": float(errors.pow(2).mean().sqrt() / math.sqrt(n)),
+        "test_nll": nll["test_nll"],
+        "test_nll_stderr_data": nll["test_nll_stderr_over_data"],
+        "test_nll_stderr_importance": nll["test_nll_importance_stderr"],
         "test_elbo": terms["elbo"],
         "test_kl": terms["kl"],
         "active_units": units_marginal,
         "protocol": proto,
-        "load_average": _load_average(),
+        "load_average": load_average(),
         "finished_at": now(),
     }
     log(f"{name}: test NLL {result['test_nll']:.2f} +- {result['test_nll_stderr_data']:.2f} (paper {PAPER[name][0]}), "
@@ -340,9 +308,7 @@ def _comparisons(entries: dict) -> list[str]:
         for a, b in pairs:
             if a not in entries or b not in entries:
                 continue
-            diff = (-entries[a]["ll"]) - (-entries[b]["ll"])  # NLL(a) - NLL(b) per image: > 0 means b is better
-            se = float(diff.std() / math.sqrt(diff.numel())) if diff.numel() > 1 else float("nan")
-            d = float(diff.mean())
+            d, se = paired_difference(-entries[a]["ll"], -entries[b]["ll"])  # NLL(a) - NLL(b) per image: > 0 means b is better
             paper = PAPER[a][0] - PAPER[b][0]
             if abs(d) < 2 * se:
                 verdict = "no significant difference (|diff| < 2 stderr)"
@@ -531,9 +497,7 @@ def write_table(path: Path, text: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = start(args)
     started, t_start = now(), time.perf_counter()
     hw = hardware_info(device)
     splits = load_dataset("mnist", data_dir=args.data_dir, binarize="dynamic", valid_size=0, device=device)

@@ -35,14 +35,10 @@ from typing import Callable
 import pyro
 import torch
 
-from common import command_line, hardware_info, now
+from common import add_common_args, build, build_objective, command_line, fill_defaults, fmt, hardware_info, now, settings, start
 from pyrovae.train.callbacks import EachEpoch
 from pyrovae.utils.files import atomic_write
 from pyrovae.data import load_dataset
-from pyrovae.guides import NoLatentGuide, SentenceEncoder
-from pyrovae.models import RNNLM, SentenceVAE
-from pyrovae.objectives import ELBO
-from pyrovae.objectives.sequence import AnnealedELBO
 from pyrovae.evaluate.text import evaluate_text, write_text_outputs
 from pyrovae.data.text import BucketBatches, Sentences
 from pyrovae.train import Trainer
@@ -82,15 +78,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--z-dim", type=int, default=16)
     p.add_argument("--word-dropout", type=float, default=0.5, help="p of the +wdrop configurations")
     p.add_argument("--warmup-fraction", type=float, default=0.6, help="logistic annealing reaches beta = 0.993 after this fraction of the steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--data-dir", default=None)
+    add_common_args(p, device=None, threads=1, seed="seed of initialisation and training", data="ptb")
     p.add_argument("--work-dir", default=None, help="per-configuration JSON and text outputs (default runs/sentence_table[_quick])")
     p.add_argument("--out", default=None, help="the table (default results/sentence_table.md; --quick: results/sentence_table.quick.md)")
     args = p.parse_args(argv)
-    for k, v in (QUICK if args.quick else FULL).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    fill_defaults(args, QUICK if args.quick else FULL)
     results = Path(__file__).parent / "results"
     args.out = Path(args.out or results / ("sentence_table.quick.md" if args.quick else "sentence_table.md"))
     args.work_dir = Path(args.work_dir or ("runs/sentence_table_quick" if args.quick else "runs/sentence_table"))
@@ -98,19 +90,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def protocol(args) -> dict:
-    return {k: getattr(args, k) for k in PROTOCOL_KEYS}
+    return settings(args, PROTOCOL_KEYS)
 
 
-def build(name: str, args, vocab_size: int):
+def config(name: str, args) -> dict:
+    """The registry's config of ``name``: the LSTM language model (no latent, no guide) or the sentence VAE and its RNN
+    encoder; the ELBO, or KL annealing (``AnnealedELBO``, logistic over ``--warmup-fraction`` of the steps)."""
     latent, anneal, p = CONFIGS[name]
-    p = args.word_dropout if p else 0.0
+    sizes = {"embed_dim": args.embed_dim, "hidden": [[args.hidden_dim]]}
     if not latent:
-        return RNNLM(vocab_size, args.embed_dim, args.hidden_dim), NoLatentGuide(), ELBO()
-    model = SentenceVAE(vocab_size, args.z_dim, args.embed_dim, args.hidden_dim, word_dropout=p)
-    guide = SentenceEncoder(vocab_size, args.z_dim, args.embed_dim, args.hidden_dim)
-    warmup = max(1, int(args.warmup_fraction * args.steps))
-    objective = AnnealedELBO(1.0, "logistic", warmup_steps=warmup) if anneal else ELBO()
-    return model, guide, objective
+        return {"model": "lm", "guide": "none", **sizes, "objective": "elbo"}
+    cfg = {"model": "sentence", "guide": "rnn", "z_dims": [args.z_dim], **sizes, "word_dropout": args.word_dropout if p else 0.0}
+    if anneal:
+        return {**cfg, "objective": "annealed", "beta": 1.0, "beta_schedule": "logistic", "warmup_steps": max(1, int(args.warmup_fraction * args.steps))}
+    return {**cfg, "objective": "elbo"}
 
 
 class Segments:
@@ -135,7 +128,9 @@ class Segments:
 def run_config(name: str, args, splits, test, valid) -> dict:
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
-    model, guide, objective = build(name, args, len(splits.vocab))
+    cfg = config(name, args)
+    model, guide = build(cfg, (len(splits.vocab),))
+    objective = build_objective(cfg)
     trainer = Trainer(model, guide, objective, lr=args.lr, progress=False, capture="off")  # the step capture cannot record the LSTM backward
     g = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(splits.train.num_sentences, generator=g)
@@ -160,10 +155,6 @@ def run_config(name: str, args, splits, test, valid) -> dict:
         "eval_seconds": round(eval_seconds, 1), "eval_samples": k, "capture": trainer.capture_report, "outputs": outputs,
         "finished": now(),
     }
-
-
-def fmt(x, nd=2):
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
 def ppl_note(entries: dict) -> str:
@@ -266,7 +257,7 @@ def render(args, entries: dict, hw: dict, splits_info: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    start(args)
     started = time.perf_counter()
     splits = load_dataset("ptb", data_dir=args.data_dir)
     g = torch.Generator().manual_seed(1234)

@@ -44,18 +44,14 @@ import torch
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, cpu_model  # noqa: E402
+from common import add_common_args, build as build_pair, command_line, cpu_model, start  # noqa: E402
 from draw_reference import HandDRAW  # noqa: E402
 from reference import HandTrainer, HandVAE  # noqa: E402
 
 from pyrovae.utils.files import atomic_write  # noqa: E402
 from pyrovae.evaluate import default_max_elements, log_likelihood  # noqa: E402
-from pyrovae.models import VAE  # noqa: E402
 from pyrovae.objectives import ELBO, IWAE  # noqa: E402
 from pyrovae.train import Trainer  # noqa: E402
-
-from pyrovae.guides import DRAWGuide, GaussianEncoder  # noqa: E402
-from pyrovae.models import DRAW  # noqa: E402
 
 try:
     from pyrovae.guides import FlowEncoder
@@ -70,14 +66,14 @@ QUICK_IMPLS = ("hand", "pyrovae", "plain", "svi")  # compiling takes ~10-30 s a 
 CAPTURE = {"pyrovae": "replay", "compile": "compile", "plain": "off"}
 X_SHAPE = (1, 28, 28)
 
-#: name -> (VAE / GaussianEncoder keyword arguments, description)
+#: name -> (the registry's config of the VAE and its encoder: VAE / GaussianEncoder keyword arguments, description)
 ARCHS: dict[str, tuple[dict, str]] = {
     "kw": (dict(z_dims=(20,), hidden=[(400,)], activation="relu"), "784-400-20 relu (Kingma & Welling; Pyro's VAE example)"),
     "iwae1": (dict(z_dims=(50,), hidden=[(200, 200)], activation="tanh"), "784-200-200-50 tanh (IWAE paper, 1 layer)"),
     "iwae2": (dict(z_dims=(100, 50), hidden=[(200, 200), (100, 100)], activation="tanh"), "784-200-200-100-100-100-50 tanh (IWAE paper, 2 layers)"),
 }
 
-#: DRAW at the paper's MNIST settings (64 steps, 256-unit LSTMs, 100-d z_t): name -> (DRAW keyword arguments, description)
+#: DRAW at the paper's MNIST settings (64 steps, 256-unit LSTMs, 100-d z_t, the registry's defaults): name -> (its config, description)
 DRAW_ARCHS: dict[str, tuple[dict, str]] = {
     "draw": (dict(attention=False), "DRAW 64 steps, no attention"),
     "draw-attention": (dict(attention=True), "DRAW 64 steps, attention (read 2x2, write 5x5)"),
@@ -182,16 +178,9 @@ def load_data(data_dir: Optional[str], device: torch.device) -> tuple[torch.Tens
 def build(cfg: Config, device: torch.device, seed: int = 0):
     torch.manual_seed(seed)
     if cfg.arch in DRAW_ARCHS:
-        model = DRAW(X_SHAPE, **DRAW_ARCHS[cfg.arch][0])
-        return model.to(device), DRAWGuide(model).to(device)
-    kwargs, _ = ARCHS[cfg.arch]
-    model = VAE(x_shape=X_SHAPE, **kwargs)
-    if cfg.guide == "planar":
-        (hidden,) = kwargs["hidden"]
-        guide = FlowEncoder(x_shape=X_SHAPE, z_dim=kwargs["z_dims"][0], hidden=hidden, flow="planar", num_flows=10, activation=kwargs["activation"])
-    else:
-        guide = GaussianEncoder(x_shape=X_SHAPE, **kwargs)
-    return model.to(device), guide.to(device)
+        return build_pair({"model": "draw", **DRAW_ARCHS[cfg.arch][0]}, X_SHAPE, device)
+    guide = {"guide": "flow", "flow": "planar", "flow_length": 10} if cfg.guide == "planar" else {"guide": "gaussian"}
+    return build_pair({"model": "vae", **guide, **ARCHS[cfg.arch][0]}, X_SHAPE, device)
 
 
 class Impl:
@@ -551,7 +540,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run: batch 128, a few configs, 3 steps x 2 rounds")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CPU, and CUDA when available")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--steps", type=int, default=None, help="steps per timed block (default: calibrated to --block-seconds)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7; 2 with --quick)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per implementation (default 3: the validating step, the capturing step and a replay)")
@@ -564,7 +552,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--only", nargs="*", default=None, help="run only configs whose 'arch label batch' contains one of these strings")
     p.add_argument("--no-validation", action="store_true", help="pyro.enable_validation(False) for the whole run (default: Pyro's default, on)")
     p.add_argument("--out", type=Path, default=None, help=f"markdown file to write (default: {DEFAULT_OUT.relative_to(DEFAULT_OUT.parents[2])}; with --quick, {QUICK_OUT})")
-    p.add_argument("--data-dir", default=None, help="folder holding binarized-mnist/ (default: $PYROVAE_DATA, then the cache)")
+    add_common_args(p, device=None, seed=None, data="binarized-mnist")
     p.add_argument("--no-epochs", action="store_true", help="leave out the main job's whole-epoch rows")
     p.add_argument("--note", action="append", default=[], help="a line recorded in the results file (e.g. why --threads was set); repeatable")
     args = p.parse_args(argv)
@@ -590,8 +578,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = args.parser
 
     logging.getLogger("pyro").setLevel(logging.WARNING)  # "Guessed max_plate_nesting" on every new objective
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start(args)
     if args.no_validation:
         pyro.enable_validation(False)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -32,12 +32,10 @@ import pyro
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, cpu_model, now  # noqa: E402
+from common import add_common_args, build, command_line, cpu_model, now, start  # noqa: E402
 
 from pyrovae.utils.files import atomic_write  # noqa: E402
 from pyrovae.data import load_dataset  # noqa: E402
-from pyrovae.guides import SentenceEncoder  # noqa: E402
-from pyrovae.models import SentenceVAE  # noqa: E402
 from pyrovae.objectives import ELBO  # noqa: E402
 from pyrovae.data.text import BucketBatches, Sentences  # noqa: E402
 from pyrovae.train import Trainer  # noqa: E402
@@ -98,7 +96,8 @@ def ratio(a: list[float], b: list[float]) -> tuple[float, float, float]:
 def measure(args, batch: Sentences, vocab_size: int, sizes: dict, label: str) -> tuple[dict, dict]:
     """Per-step wall-clock and CPU seconds of each implementation, one entry per round."""
     pyro.set_rng_seed(0)
-    model, guide = SentenceVAE(vocab_size, z_dim=16, **sizes), SentenceEncoder(vocab_size, z_dim=16, **sizes)
+    cfg = {"model": "sentence", "guide": "rnn", "z_dims": [16], "embed_dim": sizes["embed_dim"], "hidden": [[sizes["hidden_dim"]]]}
+    model, guide = build(cfg, (vocab_size,))
     trainers, stores = {}, {}
     for impl in IMPLS:
         stores[impl] = {"params": {}, "constraints": {}}
@@ -121,15 +120,14 @@ def measure(args, batch: Sentences, vocab_size: int, sizes: dict, label: str) ->
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", default=None)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
-    parser.add_argument("--threads", type=int, default=1)
+    add_common_args(parser, device=None, threads=1, seed=None, data="ptb")
     parser.add_argument("--sizes", nargs="*", choices=sorted(SIZES), help="model sizes to time (default: all)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    start(args)
     batch, vocab_size = ptb_batch(args.data_dir, args.batch)
     load0 = os.getloadavg()[0]
     tables, ratios = [], []

@@ -237,6 +237,67 @@ def test_perplexity_and_nll_agree_with_a_hand_computation():
     assert result["active_units"] == {"z": 0}
 
 
+# --- active units: the library's estimator, by length bucket ---------------------------------------
+
+
+def bag_of_words_model(vocab_size: int, z_dim: int = 2):
+    """A hand-written Pyro program over (tokens, lengths): a bag-of-words decoder from z, masked per token."""
+    decoder = torch.nn.Linear(z_dim, vocab_size)
+
+    def model(tokens, lengths):
+        pyro.module("bow_decoder", decoder)
+        mask = torch.arange(tokens.shape[1] - 1) < lengths[:, None]
+        with pyro.plate("data", tokens.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(tokens.shape[0], z_dim), 1.0).to_event(1))
+            logits = decoder(z).unsqueeze(-2).expand(*z.shape[:-1], tokens.shape[1] - 1, vocab_size)
+            pyro.sample("x", dist.Categorical(logits=logits).mask(mask).to_event(1), obs=tokens[:, 1:])
+
+    return model
+
+
+def test_text_active_units_are_the_library_estimator_over_buckets():
+    """evaluate_text counts active units with pyrovae.evaluate's estimator, bucket by bucket: the same activities
+    as unit_activity over all sentences at once (the encoder reads no padding), the same count as active_units."""
+    from pyrovae.evaluate import active_units, batched_unit_activity, unit_activity
+
+    vocab, data = corpus()
+    vae, guide = small_vae(vocab), small_encoder(vocab)
+    with torch.no_grad():  # unit 0's mean moves a lot with the sentence, unit 2's not at all
+        guide.head.weight[0] *= 50
+        guide.head.weight[2] = 0
+    vae.eval(), guide.eval()
+    per_bucket = batched_unit_activity(guide, [tuple(b) for b in buckets(data, 3)])
+    whole = unit_activity(guide, tuple(data))
+    assert per_bucket["z"].exact and whole["z"].exact
+    torch.testing.assert_close(per_bucket["z"].variance, whole["z"].variance, rtol=1e-5, atol=1e-7)
+    assert whole["z"].variance[0] > 0.1 and whole["z"].variance[2] == 0
+    counted = evaluate_text(vae, guide, data, num_samples=2, batch_size=3)["active_units"]
+    assert counted == active_units(guide, tuple(data)) == {"z": int((whole["z"].variance > 1e-2).sum())}
+
+
+def test_text_active_units_subtract_the_sampling_variance_of_a_sampled_mean():
+    """A guide without a closed-form mean (a transformed Normal): E_q[z_u | x] is a mean of S runs, whose sampling
+    variance sigma^2 / S = 0.0225 (sigma = 1.5, S = 100) would count a unit that does not depend on x as active (the
+    text evaluation's own copy did that before it used the library's). Unit 0 depends on x, unit 1 does not."""
+    from pyrovae.evaluate import active_units, unit_activity
+
+    vocab, data = corpus()
+    data = Sentences(data.tokens.repeat(50, 1), data.lengths.repeat(50))  # N = 400: the estimate's s.e. ~ 0.0016
+    model = bag_of_words_model(len(vocab))
+    affine = dist.transforms.AffineTransform(0.0, 1.0, event_dim=1)
+
+    def guide(tokens, lengths):
+        loc = torch.stack([(lengths.float() - 6.0) / 3.0, torch.zeros(tokens.shape[0])], -1)
+        with pyro.plate("data", tokens.shape[0]):
+            pyro.sample("z", dist.TransformedDistribution(dist.Normal(loc, 1.5).to_event(1), [affine]))
+
+    activity = unit_activity(guide, tuple(data))["z"]
+    assert not activity.exact and activity.means.var(0)[1] > 0.015  # the uncorrected variance over x: 0.0225
+    assert abs(float(activity.variance[1])) < 5 * float(activity.stderr[1]) + 1e-3
+    result = evaluate_text(model, guide, data, num_samples=2, batch_size=100, vocab_size=len(vocab))
+    assert result["active_units"] == active_units(guide, tuple(data)) == {"z": 1}
+
+
 # --- the language model under every objective -----------------------------------------------------
 
 
@@ -469,15 +530,8 @@ def test_user_written_sequence_model_trains_and_evaluates():
 
     vocab, data = corpus()
     data = Sentences(data.tokens.repeat(4, 1), data.lengths.repeat(4))
-    decoder, encoder = torch.nn.Linear(2, len(vocab)), torch.nn.EmbeddingBag(len(vocab), 4)
-
-    def model(tokens, lengths):
-        pyro.module("bow_decoder", decoder)
-        mask = torch.arange(tokens.shape[1] - 1) < lengths[:, None]
-        with pyro.plate("data", tokens.shape[0]):
-            z = pyro.sample("z", dist.Normal(torch.zeros(tokens.shape[0], 2), 1.0).to_event(1))
-            logits = decoder(z).unsqueeze(-2).expand(*z.shape[:-1], tokens.shape[1] - 1, len(vocab))
-            pyro.sample("x", dist.Categorical(logits=logits).mask(mask).to_event(1), obs=tokens[:, 1:])
+    model = bag_of_words_model(len(vocab))  # the decoder's weights drawn first, then the encoder's
+    encoder = torch.nn.EmbeddingBag(len(vocab), 4)
 
     def guide(tokens, lengths):
         pyro.module("bow_encoder", encoder)
@@ -554,7 +608,7 @@ def test_captured_sentence_vae_step_replays_the_plain_step(rnn, layers, bidirect
 
     plain, plain_losses, plain_rng = train("off")
     fast, fast_losses, fast_rng = train("replay")
-    assert fast._capture.captured == 2, fast.capture_report
+    assert fast.gradients.capture.captured == 2, fast.capture_report
     assert all(torch.equal(a, b) for a, b in zip(plain_losses, fast_losses))
     for (name, p0), p1 in zip(plain.params.items(), fast.params.values()):
         assert torch.equal(p0, p1), name
@@ -575,7 +629,7 @@ def test_captured_language_model_step_replays_the_plain_step():
 
     plain, plain_losses = train("off")
     fast, fast_losses = train("replay")
-    assert fast._capture.captured == 1, fast.capture_report
+    assert fast.gradients.capture.captured == 1, fast.capture_report
     assert all(torch.equal(a, b) for a, b in zip(plain_losses, fast_losses))
     assert all(torch.equal(p0, p1) for p0, p1 in zip(plain.params.values(), fast.params.values()))
 

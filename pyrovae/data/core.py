@@ -595,6 +595,21 @@ def from_array(
 # Batching
 
 
+def select_rows(fields: tuple, index):
+    """Indexing of a named tuple of per-datum tensors (:class:`pyrovae.data.text.Sentences`,
+    :class:`pyrovae.data.derived.Pairs`) as of one data tensor: an int gives a field (tuple semantics:
+    ``tokens, lengths = sentences``); a slice, an index tensor or a mask gives those rows of every field, so that
+    code written for a data tensor (``data[:n]``) works unchanged."""
+    if isinstance(index, int):
+        return tuple.__getitem__(fields, index)
+    return type(fields)(*(f[index] for f in tuple.__iter__(fields)))
+
+
+def fields_to(fields: tuple, device) -> tuple:
+    """A named tuple of tensors with every field moved to ``device``."""
+    return type(fields)(*(f.to(device) for f in tuple.__iter__(fields)))
+
+
 def as_inputs(data, name: str = "data") -> tuple[torch.Tensor, ...]:
     """``data`` as a tuple of per-datum tensors: a tensor ``x`` becomes ``(x,)``; a tuple or list of tensors
     (``(x, y)``, ``(tokens, lengths)``) is checked to share its first dimension N. A model and guide receive a

@@ -56,9 +56,7 @@ class Pairs(NamedTuple):
     context: torch.Tensor
 
     def __getitem__(self, index):
-        if isinstance(index, int):
-            return tuple.__getitem__(self, index)
-        return Pairs(self.target[index], self.context[index])
+        return D.select_rows(self, index)
 
     @property
     def shape(self) -> torch.Size:
@@ -66,7 +64,7 @@ class Pairs(NamedTuple):
         return self.target.shape
 
     def to(self, device) -> "Pairs":
-        return Pairs(self.target.to(device), self.context.to(device))
+        return D.fields_to(self, device)
 
 
 def context_shape(name: str) -> Optional[tuple]:

@@ -27,7 +27,7 @@ import torch
 from pyro.infer.util import is_validation_enabled
 
 from pyrovae.utils.files import atomic_write
-from pyrovae.data.core import DataError, PathLike, register_loader, resolve
+from pyrovae.data.core import DataError, PathLike, fields_to, register_loader, resolve, select_rows
 
 PAD, SOS, EOS, UNK = "<pad>", "<sos>", "<eos>", "<unk>"
 SPECIALS = (PAD, SOS, EOS, UNK)
@@ -95,11 +95,9 @@ class Sentences(NamedTuple):
     lengths: torch.Tensor
 
     def __getitem__(self, index):
-        """An int gives a field (tuple semantics: ``tokens, lengths = sentences``); a slice, an index tensor or a
-        mask gives those sentences, so that code written for a data tensor (``data[:n]``) works unchanged."""
-        if isinstance(index, int):
-            return tuple.__getitem__(self, index)
-        return Sentences(self.tokens[index], self.lengths[index])
+        """An int gives a field (``tokens, lengths = sentences``); a slice, an index tensor or a mask gives those
+        sentences (:func:`pyrovae.data.core.select_rows`)."""
+        return select_rows(self, index)
 
     @property
     def shape(self) -> torch.Size:
@@ -124,7 +122,7 @@ class Sentences(NamedTuple):
         return Sentences(self.tokens[:, : width + 1], self.lengths)
 
     def to(self, device) -> "Sentences":
-        return Sentences(self.tokens.to(device), self.lengths.to(device))
+        return fields_to(self, device)
 
 
 def token_mask(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@ from pyrovae.evaluate.likelihood import (  # noqa: F401
     LogLikelihood,
     UnitActivity,
     active_units,
+    batched_unit_activity,
+    count_active,
     decode_grid,
     default_max_elements,
     elbo_terms,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import pyro
 import torch
@@ -341,10 +341,40 @@ def unit_activity(guide, data: Data, *args, batch_size: int = 500, num_samples: 
         batch_size: data points per vectorised pass.
         num_samples: S >= 2, runs of the guide per data point (two runs tell an exact mean from a sampled one).
     """
+    _check_runs(num_samples)
+    return _activity(_mean_estimates(guide, data, args, kwargs, batch_size, num_samples), num_samples)
+
+
+@torch.no_grad()
+def batched_unit_activity(guide, batches: Iterable[Data], num_samples: int = 100) -> dict[str, UnitActivity]:
+    """:func:`unit_activity` over data that comes in batches of its own, each one vectorised pass of the guide
+    (sentences in length buckets, :func:`pyrovae.evaluate.text.evaluate_text`): the estimates are those of
+    :func:`unit_activity` on the batches' union, in the batches' order.
+
+    Args:
+        guide: a Pyro program ``guide(*batch)``.
+        batches: tensors ``[n, ...]`` or tuples of tensors with the same first dimension n (per batch).
+        num_samples: S >= 2, runs of the guide per data point.
+    """
+    _check_runs(num_samples)
+    parts: dict[str, list] = {}
+    for batch in batches:
+        n = as_inputs(batch)[0].shape[0]
+        for name, estimate in _mean_estimates(guide, batch, (), {}, n, num_samples).items():
+            parts.setdefault(name, []).append(estimate)
+    merged = {k: (torch.cat([m for m, _, _ in v]), torch.cat([w for _, w, _ in v]), all(e for _, _, e in v)) for k, v in parts.items()}
+    return _activity(merged, num_samples)
+
+
+def _check_runs(num_samples) -> None:
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
         raise ValueError(f"num_samples={num_samples!r} must be an integer >= 2: the runs' spread is what tells an exact mean from a sampled one, and gives the sampling variance (100 is the default)")
+
+
+def _activity(estimates: dict[str, tuple], num_samples: int) -> dict[str, UnitActivity]:
+    """:class:`UnitActivity` per site from :func:`_mean_estimates`' ``(mean, sampling variance, exact)``."""
     out = {}
-    for name, (mean, var, exact) in _mean_estimates(guide, data, args, kwargs, batch_size, num_samples).items():
+    for name, (mean, var, exact) in estimates.items():
         n = mean.shape[0]
         if n < 2:
             raise ValueError(f"unit activity is a variance over data points: data has N={n}; pass at least 2 data points")
@@ -361,7 +391,11 @@ def active_units(guide, data: Data, threshold: float = 1e-2, *args, batch_size: 
     """Number of active latent units per site (Burda et al. 2016): units u with Cov_x(E_q[u | x]) > threshold,
     from :func:`unit_activity`'s unbiased estimates (exact for closed-form means). ``data``, ``args`` and
     ``kwargs`` go to the guide as in :func:`log_likelihood`; ``num_samples`` runs of the guide per data point."""
-    activity = unit_activity(guide, data, *args, batch_size=batch_size, num_samples=num_samples, **kwargs)
+    return count_active(unit_activity(guide, data, *args, batch_size=batch_size, num_samples=num_samples, **kwargs), threshold)
+
+
+def count_active(activity: dict[str, UnitActivity], threshold: float = 1e-2) -> dict[str, int]:
+    """Per site, the units whose activity (:func:`unit_activity`) is above ``threshold``."""
     return {name: int((a.variance > threshold).sum()) for name, a in activity.items()}
 
 

@@ -6,12 +6,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from pyro import poutine
-from pyro.poutine.util import prune_subsample_sites
 
 from pyrovae.data.core import PathLike
 from pyrovae.data.text import Sentences, Vocab, buckets, perplexity, unsort
-from pyrovae.evaluate.likelihood import elbo_terms, log_likelihood, nll_summary
+from pyrovae.evaluate.likelihood import batched_unit_activity, count_active, elbo_terms, log_likelihood, nll_summary, posterior_means
 from pyrovae.utils.files import atomic_write
 
 #: decoder outputs (floats) of one importance-sampling pass: the chunk budget of log_likelihood, in tokens x words
@@ -19,13 +17,17 @@ TEXT_MAX_ELEMENTS = 2**24
 
 
 @torch.no_grad()
-def evaluate_text(model, guide, data: Sentences, num_samples: int = 100, batch_size: int = 100, max_elements: int = TEXT_MAX_ELEMENTS, vocab_size: Optional[int] = None) -> dict:
+def evaluate_text(
+    model, guide, data: Sentences, num_samples: int = 100, batch_size: int = 100, max_elements: int = TEXT_MAX_ELEMENTS, vocab_size: Optional[int] = None,
+    activity_samples: int = 100,
+) -> dict:
     """Test metrics of a model of :class:`Sentences`, by length bucket (little padding):
 
     - ``nll``: -log p(x) per sentence, importance sampled with ``num_samples`` samples of the guide
       (:func:`pyrovae.evaluate.log_likelihood`; exact for a model without latent variables), mean over sentences;
     - ``perplexity``: exp(sum of NLL / number of predicted tokens), ``<eos>`` included;
-    - ``elbo``, ``recon``, ``kl`` (one sample per sentence) and ``active_units`` (Burda et al. 2016).
+    - ``elbo``, ``recon``, ``kl`` (one sample per sentence) and ``active_units`` (Burda et al. 2016; the estimator
+      of :func:`pyrovae.evaluate.active_units`, from ``activity_samples`` runs of the guide per sentence).
 
     The programs run in eval mode (no word dropout), then go back to the mode they were in.
     """
@@ -35,7 +37,7 @@ def evaluate_text(model, guide, data: Sentences, num_samples: int = 100, batch_s
         p.eval()
     vocab_size = vocab_size or getattr(getattr(model, "decoder", None), "vocab_size", 1)
     try:
-        nll, err, terms, means = [], [], {"elbo": 0.0, "recon": 0.0, "kl": 0.0}, {}
+        nll, err, terms = [], [], {"elbo": 0.0, "recon": 0.0, "kl": 0.0}
         for b in buckets(data, batch_size):
             ll = log_likelihood(model, guide, tuple(b), num_samples, b.num_sentences, max(1, max_elements // vocab_size))
             nll.append(-ll.values)
@@ -43,8 +45,7 @@ def evaluate_text(model, guide, data: Sentences, num_samples: int = 100, batch_s
             t = elbo_terms(model, guide, tuple(b), 1, b.num_sentences)
             for k in terms:
                 terms[k] += t[k] * b.num_sentences
-            for name, m in _posterior_means(guide, b).items():
-                means.setdefault(name, []).append(m)
+        activity = batched_unit_activity(guide, (tuple(b) for b in buckets(data, batch_size)), activity_samples)
     finally:
         for p, mode in zip(programs, modes):
             p.train(mode)
@@ -58,25 +59,16 @@ def evaluate_text(model, guide, data: Sentences, num_samples: int = 100, batch_s
         "perplexity": perplexity(nll, data.lengths),
         "nll_per_token": float(nll.sum()) / data.num_tokens,
         **{k: v / n for k, v in terms.items()},
-        "active_units": {k: int((torch.cat(v).var(0) > 1e-2).sum()) for k, v in means.items()},
+        "active_units": count_active(activity),
         "nll_values": nll,
     }
 
 
-def _posterior_means(guide, batch: Sentences) -> dict:
-    """E_q[z | x] per latent site from one run of the guide (the distribution's mean: one stochastic layer)."""
-    trace = prune_subsample_sites(poutine.trace(guide).get_trace(*batch))
-    out = {}
-    for name, site in trace.nodes.items():
-        if site["type"] == "sample" and not site["is_observed"]:
-            out[name] = site["fn"].mean.reshape(batch.num_sentences, -1)
-    return out
-
-
 @torch.no_grad()
 def posterior_mean_codes(guide, data: Sentences, site: str = "z", batch_size: int = 500) -> torch.Tensor:
-    """The guide's mean of latent ``site`` for every sentence, ``[N, D]`` in ``data``'s order."""
-    codes = [_posterior_means(guide, b)[site] for b in buckets(data, batch_size)]
+    """The guide's mean of latent ``site`` for every sentence, ``[N, D]`` in ``data``'s order (one run of the guide:
+    :func:`pyrovae.evaluate.posterior_means`, exact for one stochastic layer)."""
+    codes = [posterior_means(guide, tuple(b), batch_size=b.num_sentences, num_samples=1)[site] for b in buckets(data, batch_size)]
     return unsort(torch.cat(codes), data) if codes else torch.empty(0)
 
 
