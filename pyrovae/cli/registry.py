@@ -219,7 +219,7 @@ def _input(param, entry: Registered, kind: str, cfg: dict, x_shape: tuple, model
     if name == "vocab_size":
         return x_shape[0]
     if name == "context_shape":
-        if ctx is None and param.default is REQUIRED:
+        if ctx is None and param.default is not None:  # a class with no unconditional form (its default is not None)
             raise ValueError(f"{what} is conditional, model(target, context); got dataset={cfg.get('dataset')!r}: pass --dataset mnist-sum, mnist-sum-hard or mnist-rotate")
         return _OMIT if ctx is None else ctx
     if name == "z_dims":
