@@ -204,7 +204,7 @@ def run_config(name: str, args: argparse.Namespace, splits, device: torch.device
     return {
         "name": name, "family": family, "k": k, "status": status, "params": num_params,
         "epochs_done": len(trainer.history), "best_epoch": best_epoch, "steps": trainer.cursor.step,
-        "lr_reductions": trainer.lr_reductions,
+        "lr_reductions": trainer.state.lr_reductions,
         "valid_elbo_by_epoch": [r["valid_elbo"] for r in trainer.history],
         "seconds_per_epoch": sum(r["seconds"] for r in trainer.history) / max(1, len(trainer.history)),
         "train_seconds": train_seconds, "eval_seconds": eval_seconds,

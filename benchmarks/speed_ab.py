@@ -106,7 +106,7 @@ for cfg in speed.configs(False, 5000):
     code = re.sub(r"_[0-9]+\b", "", codes[-1]) if codes else ""
     # the Python around the graph: replay a fixed result instead of running the graph, and skip Adam's update
     trainer = impl.trainer
-    cache = trainer._capture
+    cache = trainer.gradients.capture if hasattr(trainer, "gradients") else trainer._capture  # the trainer before issue 24 kept it private
     graph = next(g for g in cache.graphs.values() if not isinstance(g, str))
     attr = "run" if hasattr(graph, "run") else "fn"
     params = graph.params if hasattr(graph, "params") else cache.params  # held by the graph, or by the capture

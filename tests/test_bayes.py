@@ -484,7 +484,7 @@ def test_local_reparam_option_lowers_the_gradient_variance_and_trains_captured()
 
     plain, plain_losses = train("off")
     fast, fast_losses = train("replay")
-    assert fast._capture.captured == 1, fast.capture_report
+    assert fast.gradients.capture.captured == 1, fast.capture_report
     assert all(torch.equal(p, q) for p, q in zip(plain_losses, fast_losses))
     assert all(torch.equal(p, q) for p, q in zip(plain.params.values(), fast.params.values()))
 

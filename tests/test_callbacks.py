@@ -221,7 +221,7 @@ def test_checkpoints_track_the_best_epoch(tmp_path):
     history = t.fit(data(40), epochs=3, batch_size=10, valid=data(20, seed=1))
     best = max(history, key=lambda r: r["valid_elbo"])
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
-    assert state["cursor"]["epoch"] == best["epoch"] and t.best_valid == best["valid_elbo"]
+    assert state["cursor"]["epoch"] == best["epoch"] and t.state.best_valid == best["valid_elbo"]
     assert isinstance(Checkpoints(), Callback)
 
 

@@ -45,7 +45,7 @@ def _run(build, objective, capture, steps=7, batch=8, seed=0, **kwargs):
 def assert_same_training(build, objective, **kwargs):
     plain, plain_record, plain_rng = _run(build, objective, "off", **kwargs)
     fast, fast_record, fast_rng = _run(build, objective, "replay", **kwargs)
-    assert fast._capture.captured == 1, fast.capture_report
+    assert fast.gradients.capture.captured == 1, fast.capture_report
     for step, ((l0, n0, m0), (l1, n1, m1)) in enumerate(zip(plain_record, fast_record)):
         assert torch.equal(l0, l1) and torch.equal(n0, n1), (step, l0, l1, n0, n1)
         assert m0.keys() == m1.keys() and all(torch.equal(m0[k], m1[k]) for k in m0), (step, m0, m1)
@@ -148,8 +148,8 @@ def test_ragged_last_batch_gets_its_own_graph_and_extra_signatures_run_plainly()
     model, guide = _vae()
     trainer = Trainer(model, guide, ELBO(), progress=False)
     trainer.fit(_data(44), epochs=2, batch_size=8)  # 5 batches of 8 and one of 4
-    assert trainer._capture.captured == 2, trainer.capture_report
-    trainer._capture.max_graphs = 2
+    assert trainer.gradients.capture.captured == 2, trainer.capture_report
+    trainer.gradients.capture.max_graphs = 2
     trainer.step(_data(3))
     assert "more than 2 input signatures" in trainer.capture_report
 
@@ -231,7 +231,7 @@ def test_refused_capture_falls_back_to_the_plain_step(model_cls, objective, reas
     plain, plain_record, _ = _run(build, objective, "off", steps=4)
     random.seed(0)
     fast, fast_record, _ = _run(build, objective, "replay", steps=4)
-    assert fast._capture.captured == 0 and reason in fast.capture_report, fast.capture_report
+    assert fast.gradients.capture.captured == 0 and reason in fast.capture_report, fast.capture_report
     if model_cls is not PythonRandomVAE:  # the others draw nothing outside torch: the plain steps match exactly
         for (l0, _, _), (l1, _, _) in zip(plain_record, fast_record):
             assert torch.equal(l0, l1)
@@ -249,14 +249,14 @@ def test_a_program_whose_python_changes_is_caught_at_the_next_recheck():
     trainer.setup(x)
     for _ in range(3):
         trainer.step(x)
-    assert trainer._capture.captured == 1
+    assert trainer.gradients.capture.captured == 1
     model.temperature = 0.5  # a change the graph cannot see ...
     for _ in range(4):
         trainer.step(x)
     # ... until the re-check, which drops the graph: from then on the plain step runs
-    assert trainer._capture.captured == 0 and "disagreed with the plain step at a re-check" in trainer.capture_report
+    assert trainer.gradients.capture.captured == 0 and "disagreed with the plain step at a re-check" in trainer.capture_report
     pyro.set_rng_seed(3)
-    expected, _ = trainer._plain_step(x)  # the tempered program, run by Pyro
+    expected = trainer.gradients.plain((x,))[0]  # the tempered program, run by Pyro
     pyro.set_rng_seed(3)
     loss, _ = trainer.step(x)
     assert torch.equal(loss, expected)
@@ -287,7 +287,7 @@ def test_divergence_in_a_replayed_step_gets_the_plain_steps_report(tmp_path, mon
             trainer.fit(x, epochs=3, batch_size=8)
         reports[capture] = str(e.value).replace(str(tmp_path / capture), "RUN")
         params[capture] = list(trainer.params.values())
-    assert trainer._capture.captured == 1
+    assert trainer.gradients.capture.captured == 1
     assert "non-finite loss at step" in reports["replay"] and "model:x" in reports["replay"]
     assert reports["replay"] == reports["off"]
     for p0, p1 in zip(params["off"], params["replay"]):
@@ -298,7 +298,7 @@ def test_compiled_graph_matches_the_plain_step():
     pytest.importorskip("torch._inductor")
     plain, plain_record, _ = _run(_vae, ELBO, "off", steps=4)
     fast, fast_record, _ = _run(_vae, ELBO, "compile", steps=4)
-    assert fast._capture.captured == 1 and "(compile)" in fast.capture_report, fast.capture_report
+    assert fast.gradients.capture.captured == 1 and "(compile)" in fast.capture_report, fast.capture_report
     for (l0, n0, _), (l1, n1, _) in zip(plain_record, fast_record):
         assert torch.allclose(l0, l1, rtol=1e-5) and torch.allclose(n0, n1, rtol=1e-4)
     for p0, p1 in zip(plain.params.values(), fast.params.values()):
@@ -323,7 +323,7 @@ def test_replay_on_cuda_matches_the_plain_step(name):
         losses = [trainer.step(x[i * 8:(i + 1) * 8])[0] for i in range(5)]
         results[capture] = (trainer, torch.stack(losses))
     plain, fast = results["off"][0], results["replay"][0]
-    assert fast._capture.captured == 1, fast.capture_report
+    assert fast.gradients.capture.captured == 1, fast.capture_report
     assert torch.allclose(results["off"][1], results["replay"][1], rtol=1e-5)
     for p0, p1 in zip(plain.params.values(), fast.params.values()):
         assert torch.allclose(p0, p1, rtol=1e-4, atol=1e-6)

@@ -155,7 +155,7 @@ def _worker(rank, port, out):
     pyro.clear_param_store()
     trainer = Trainer(Regression(), no_guide, PoisonAt(4 if rank == 1 else -1), lr=0.05, check_every=CHECK, on_divergence="reduce_lr", progress=False, capture="off")
     trainer.fit(regression_data(), EPOCHS, BATCH)
-    results["rolled_back"] = (trainer.lr_reductions, trainer.cursor.epoch, _params(trainer))
+    results["rolled_back"] = (trainer.state.lr_reductions, trainer.cursor.epoch, _params(trainer))
 
     try:  # parameters that drift apart on one rank are caught at the next check
         train_regression(NudgeAt(1 if rank == 1 else -1))

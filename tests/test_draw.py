@@ -283,7 +283,7 @@ def _train(build, capture: str, steps: int = 4, objective=ELBO):
 def test_replay_trains_exactly_like_the_plain_step(build, objective):
     plain, plain_losses, plain_rng = _train(build, "off", objective=objective)
     fast, fast_losses, fast_rng = _train(build, "replay", objective=objective)
-    assert fast._capture.captured == 1, fast.capture_report
+    assert fast.gradients.capture.captured == 1, fast.capture_report
     assert all(torch.equal(a, b) for a, b in zip(plain_losses, fast_losses))
     for (name, p0), p1 in zip(plain.params.items(), fast.params.values()):
         assert torch.equal(p0, p1), name
@@ -372,7 +372,7 @@ def test_a_64_step_unrolled_step_replays_exactly():
     build = lambda: (lambda m: (m, DRAWGuide(m)))(DRAW((1, SIDE, SIDE), steps=64, z_dim=2, hidden=4, attention=True, write_size=3))
     plain, plain_losses, _ = _train(build, "off", steps=3)
     fast, fast_losses, _ = _train(build, "replay", steps=3)
-    assert fast._capture.captured == 1, fast.capture_report
+    assert fast.gradients.capture.captured == 1, fast.capture_report
     assert all(torch.equal(a, b) for a, b in zip(plain_losses, fast_losses))
     assert all(torch.equal(p0, p1) for p0, p1 in zip(plain.params.values(), fast.params.values()))
 

@@ -382,7 +382,7 @@ def test_reduce_lr_halves_the_learning_rate_and_finishes(tmp_path):
         tmp_path, lambda step, t: step == 13 and t.optim.param_groups[0]["lr"] > 0.75 * lr0, check_every=3, on_divergence="reduce_lr"
     )
     history = trainer.fit(unit_data(64), epochs=3, batch_size=8)
-    assert trainer.lr_reductions == 1
+    assert trainer.state.lr_reductions == 1
     assert [r["epoch"] for r in history] == [1, 2, 3]
     assert [r["lr"] for r in history] == [lr0, lr0 / 2, lr0 / 2]
     assert clock["ran"] == list(range(1, 16)) + [13] + list(range(13, 25))
@@ -396,7 +396,7 @@ def test_reduce_lr_gives_up_after_max_reductions(tmp_path):
     trainer, clock = _poisoned_trainer(tmp_path, lambda step, _: step >= 5, check_every=4, on_divergence="reduce_lr", max_lr_reductions=2)
     with pytest.raises(DivergenceError, match="non-finite loss at step 5 .*model:poison"):
         trainer.fit(unit_data(64), epochs=2, batch_size=8)
-    assert trainer.lr_reductions == 2 and trainer.cursor.step == 4
+    assert trainer.state.lr_reductions == 2 and trainer.cursor.step == 4
 
 
 class NaNAfterCalls(VAE):
@@ -780,7 +780,7 @@ def test_reduce_lr_recovers_from_nan_distribution_parameters_in_the_python_api(t
     trainer = Trainer(model, guide, ELBO(), lr=1e20, check_every=2, on_divergence="reduce_lr", max_lr_reductions=2, progress=False)
     with pytest.raises(DivergenceError, match=r"training diverged: non-finite (loss|gradient) at step \d+ .*rolled back"):
         trainer.fit(x, epochs=2, batch_size=8)
-    assert trainer.lr_reductions == 2
+    assert trainer.state.lr_reductions == 2
     assert all(torch.isfinite(v).all() for v in trainer.params.values())
 
 

@@ -145,7 +145,7 @@ def test_tuple_batches_replay_bit_for_bit_like_the_plain_step(objective):
     x, y = conditional_data(40)
     plain, plain_history, plain_rng = _fit_pair("off", (x, y), objective)
     fast, fast_history, fast_rng = _fit_pair("replay", (x, y), objective)
-    assert fast._capture.captured == 2 and "plain" not in fast.capture_report, fast.capture_report
+    assert fast.gradients.capture.captured == 2 and "plain" not in fast.capture_report, fast.capture_report
     for (name, p0), p1 in zip(plain.params.items(), fast.params.values()):
         assert torch.equal(p0, p1), name
     assert [r["train_loss"] for r in plain_history] == [r["train_loss"] for r in fast_history]
@@ -243,7 +243,7 @@ def test_divergence_with_tuple_data_is_diagnosed_and_rolled_back_like_a_single_t
             trainer.fit((x, y), epochs=3, batch_size=8)
         reports[capture] = str(e.value).replace(str(tmp_path / capture), "RUN")
         params[capture] = list(trainer.params.values())
-    assert trainer._capture.captured == 1
+    assert trainer.gradients.capture.captured == 1
     assert "non-finite loss at step" in reports["replay"] and "model:x" in reports["replay"], reports["replay"]
     assert reports["replay"] == reports["off"]
     for p0, p1 in zip(params["off"], params["replay"]):

@@ -169,12 +169,12 @@ class MetricsFile(Callback):
 class Checkpoints(Callback):
     """Writes ``run_dir/checkpoints/last.pt`` after every epoch and at the end (``finished`` when the run ended at
     an epoch boundary), and ``best.pt`` whenever the epoch's score (``valid_elbo``, else ``-train_loss``) beats
-    ``trainer.best_valid``. Checkpoints go to the trainer's ``run_dir`` (:meth:`Trainer.save`)."""
+    ``trainer.state.best_valid``. Checkpoints go to the trainer's ``run_dir`` (:meth:`Trainer.save`)."""
 
     def on_epoch_end(self, trainer, record):
         score = record.get("valid_elbo", -record["train_loss"])
-        if score > trainer.best_valid:
-            trainer.best_valid = score
+        if score > trainer.state.best_valid:
+            trainer.state.best_valid = score
             trainer.save("best.pt")
         trainer.save("last.pt")
 

@@ -3,6 +3,7 @@
 :mod:`pyrovae.nn.checks`."""
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Sequence
 
@@ -12,6 +13,7 @@ from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 
 from pyrovae.data import check_data
+from pyrovae.utils.rng import get_rng_state, set_rng_state
 
 def check_data_shape(x: torch.Tensor, *programs) -> None:
     """Raise ``ValueError`` when a batch ``x`` does not fit the ``x_shape`` a model or guide declares (if it does)."""
@@ -108,11 +110,20 @@ def _dist_name(fn) -> str:
     return type(fn).__name__
 
 
-def check_sites(model, guide, x: torch.Tensor) -> None:
+def check_sites(model, guide, x: torch.Tensor, keep_rng: bool = False) -> None:
     """Raise ``ValueError`` when a model/guide pair cannot be trained together: the model observes nothing,
     the guide samples a site the model lacks, or the guide's samples of a site do not fit the model's
     distribution there (another shape, or values outside its support). ``x`` is a batch, or a tuple of the
-    programs' arguments."""
+    programs' arguments. ``keep_rng``: leave the random state as it was (the check's draws are not the run's)."""
+    rng = get_rng_state() if keep_rng else None
+    try:
+        _check_sites(model, guide, x)
+    finally:
+        if rng is not None:
+            set_rng_state(rng)
+
+
+def _check_sites(model, guide, x) -> None:
     args = tuple(x) if isinstance(x, (tuple, list)) else (x,)
     try:
         with torch.no_grad(), pyro.validation_enabled(False):
@@ -152,3 +163,78 @@ def check_sites(model, guide, x: torch.Tensor) -> None:
                     f"distribution there ({_dist_name(theirs)}, support {support}): this guide cannot be paired with this "
                     "model; use a guide whose samples the model can score (e.g. --model discrete with --guide bernoulli)"
                 )
+
+
+def check_epochs(epochs: int, batch_size: int, cursor) -> None:
+    """Refuse ``fit(train, epochs, batch_size)`` arguments that cannot continue a run at ``cursor``."""
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    if int(epochs) < 0:
+        raise ValueError(f"epochs={epochs!r} must be >= 0")
+    if int(epochs) < cursor.epoch or (int(epochs) == cursor.epoch and cursor.pos > 0):
+        raise ValueError(
+            f"epochs={epochs!r}, but the run is already at epoch {cursor.epoch}"
+            + (f" and {cursor.pos} batches into epoch {cursor.epoch + 1}" if cursor.pos else "")
+            + f": pass epochs >= {cursor.epoch + (1 if cursor.pos else 0)} to continue it (epochs count those already done)"
+        )
+
+
+def collect_params(model, guide, objective, batch: tuple) -> dict[str, torch.Tensor]:
+    """Every parameter the model, guide and objective touch (``pyro.module`` and ``pyro.param`` sites), found by
+    tracing one evaluation of ``objective`` on ``batch``, in name order. Refuses a first evaluation that fails (with
+    the batch's shapes), no parameters, and modules whose parameters the param store does not return (stale names)."""
+    try:
+        with poutine.trace(param_only=True) as capture:
+            objective.loss(model, guide, *batch)
+    except RuntimeError as e:  # torch's shape errors (e.g. "mat1 and mat2 shapes cannot be multiplied") carry no context
+        shapes = " and ".join(str(tuple(t.shape)) for t in batch)
+        raise ValueError(
+            f"the first evaluation of {objective!r} on a batch of shape {shapes} failed: {str(e).splitlines()[0]}. "
+            "Check that the data's example shape matches the shape the model and guide were built for."
+        ) from e
+    params = {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
+    if not params:
+        raise ValueError("the model and guide have no parameters to train: register networks with pyro.module or PyroModule, or use pyro.param")
+    found = {id(p) for p in params.values()}
+    for who, module in (("model", model), ("guide", guide)):
+        if isinstance(module, torch.nn.Module):
+            stale = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in found]
+            if stale:
+                raise ValueError(
+                    f"the {who}'s parameters {stale[:3]}{'...' if len(stale) > 3 else ''} are not the ones Pyro's param store "
+                    "returns under their names: the store still holds parameters of an earlier model with the same "
+                    "pyro.module name, so they would not be trained. Call pyro.clear_param_store() before building a new model."
+                )
+    return dict(sorted(params.items()))
+
+
+def check_valid_runs(model, guide, train: tuple, valid: tuple, evaluate) -> None:
+    """Refuse validation data the epoch's end could not evaluate, now rather than after an epoch of training: unlike
+    the training data (:func:`check_valid_data`), or failing ``evaluate(first two examples)`` (the random state is
+    kept, so that a resumed run goes on as if never stopped)."""
+    check_valid_data(train, valid, model, guide)
+    rng = get_rng_state()
+    try:
+        evaluate(tuple(v[:2] for v in valid))
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        raise ValueError(f"valid does not run through the model and guide ({type(e).__name__}: {e}); pass validation data like the training data") from e
+    finally:
+        set_rng_state(rng)
+
+
+def check_trainer_options(lr, clip_norm, check_every, capture: str, objective) -> None:
+    """Refuse ``Trainer`` options that cannot train, naming the fix."""
+    from pyrovae.capture import MODES
+
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr={lr!r} must be a positive number")
+    if lr >= 1e30:  # Adam's step size lr / (1 - beta1^t) overflows float32 (at 3.4e38) and torch raises mid-step
+        raise ValueError(f"lr={lr!r} is too large: float32 parameters overflow at 3.4e38; use a learning rate below 1e30")
+    if clip_norm is not None and not clip_norm > 0:
+        raise ValueError(f"clip_norm={clip_norm!r} must be positive, or None for no clipping")
+    if int(check_every) < 1:
+        raise ValueError(f"check_every={check_every!r} must be a positive number of steps")
+    if capture not in MODES:
+        raise ValueError(f"capture={capture!r} is not known; choose one of {list(MODES)}")
+    if not hasattr(objective, "differentiable_loss"):
+        raise TypeError(f"objective {objective!r} has no differentiable_loss; pass a pyrovae objective or a pyro.infer.ELBO")

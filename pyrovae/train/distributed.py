@@ -9,7 +9,7 @@ shard of each global batch, and the ranks agree through collectives:
   weighted by shard size, with one ``all_reduce`` on a flat buffer (:func:`average_gradients`), so every rank
   takes the same optimiser step a single process would take on the global batch;
 - decisions: the periodic finiteness check and the SIGINT/SIGTERM stop are agreed by an ``all_reduce``
-  (:func:`agree`), so all ranks roll back, or stop, at the same step;
+  (:meth:`DataParallel.agree`), so all ranks roll back, or stop, at the same step;
 - files: rank 0 alone writes under the run folder (config, metrics, checkpoints, pictures); every rank reads
   a checkpoint to resume. A checkpoint holds every rank's random-number-generator state;
 - evaluation: :func:`log_likelihood` and :func:`sharded_mean` split the data over ranks and gather;
@@ -27,6 +27,9 @@ trainer collected: the same ``all_reduce`` DDP would issue, once per step, on on
 
 Backend: ``nccl`` for CUDA devices (each process on ``cuda:LOCAL_RANK``), ``gloo`` on CPU. Single-process
 runs never touch ``torch.distributed``: every function here is then the identity or the plain call.
+
+The trainer takes these as one strategy object (``Trainer(strategy=...)``, by default :func:`strategy`):
+:class:`SingleProcess` (every hook the identity) or :class:`DataParallel`.
 """
 from __future__ import annotations
 
@@ -325,39 +328,7 @@ def _checksum(state: torch.Tensor) -> int:
     return zlib.crc32(state.cpu().numpy().tobytes())
 
 
-def prepare(trainer) -> None:
-    """Before training: copy rank 0's parameters and module buffers to every rank (as DDP does), give ranks
-    that share rank 0's random stream their own (rank 0's stays, so its draws are a single process's), and
-    leave the progress bar to rank 0."""
-    trainer.stop_agreed = False
-    if not active():
-        return
-    from pyrovae.train.optim import NaturalGradient
-
-    if isinstance(trainer.optim, NaturalGradient):
-        raise ValueError(
-            "the natural-gradient optimiser estimates its Fisher blocks from each process's own batch, so the processes "
-            "would take different steps: train on one process, or with Adam (--optimizer adam) on several"
-        )
-    with torch.no_grad():
-        tensors = list(trainer.params.values())
-        for module in (trainer.model, trainer.guide):
-            if isinstance(module, torch.nn.Module):
-                tensors += list(module.buffers())
-        with _collective("copying rank 0's parameters to every rank"):
-            for t in tensors:
-                buf = t.detach().to(_comm_device())
-                dist.broadcast(buf, src=0)
-                t.copy_(buf)
-    sums = [None] * world_size()
-    with _collective("comparing the ranks' random streams"):
-        dist.all_gather_object(sums, _checksum(torch.get_rng_state()))
-    if rank() > 0 and sums[rank()] == sums[0]:
-        pyro.set_rng_seed((sums[0] + 104729 * rank()) % 2**32)
-    trainer.progress = trainer.progress and is_main()
-
-
-def average_gradients(trainer, loss: torch.Tensor, norm: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def average_gradients(state, loss: torch.Tensor, norm: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Average the ranks' gradients (left in each parameter's ``.grad``), loss per datum and objective
     metrics, weighted by their shard sizes ``n``: one ``all_reduce`` of a flat buffer. Returns the global
     (loss per datum, gradient norm), the same on every rank.
@@ -369,8 +340,8 @@ def average_gradients(trainer, loss: torch.Tensor, norm: torch.Tensor, n: int) -
     would cost a host read every step."""
     if not active():
         return loss, norm
-    params = list(trainer.params.values())
-    metrics = getattr(trainer.objective, "metrics", None)
+    params = list(state.params.values())
+    metrics = getattr(state.objective, "metrics", None)
     keys = [k for k, v in metrics.items() if torch.is_tensor(v) and v.numel() == 1] if isinstance(metrics, dict) else []
     dtypes = {p.dtype for p in params}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float64
@@ -380,7 +351,7 @@ def average_gradients(trainer, loss: torch.Tensor, norm: torch.Tensor, n: int) -
     head = [loss.detach().reshape(()).to(device, dtype), *(metrics[k].detach().reshape(()).to(device, dtype) for k in keys)]
     buf = torch.cat([*grads, torch.stack(head)]) * w
     buf = torch.cat([buf, w.reshape(1)])
-    with _collective(f"averaging the gradients of step {trainer.cursor.step + 1}" if hasattr(trainer, "cursor") else "averaging the gradients"):
+    with _collective(f"averaging the gradients of step {state.cursor.step + 1}" if hasattr(state, "cursor") else "averaging the gradients"):
         dist.all_reduce(buf)
     buf = buf[:-1] / buf[-1]
     offset = 0
@@ -389,7 +360,7 @@ def average_gradients(trainer, loss: torch.Tensor, norm: torch.Tensor, n: int) -
         offset += p.numel()
     head = buf[offset:]
     if keys:
-        trainer.objective.metrics = {**metrics, **{k: head[1 + j].to(metrics[k].device, metrics[k].dtype).reshape(metrics[k].shape) for j, k in enumerate(keys)}}
+        state.objective.metrics = {**metrics, **{k: head[1 + j].to(metrics[k].device, metrics[k].dtype).reshape(metrics[k].shape) for j, k in enumerate(keys)}}
     return head[0].to(loss.device, loss.dtype), grad_norm([p.grad for p in params]).to(norm.device)
 
 
@@ -420,37 +391,6 @@ def average_state(state: dict, n: int) -> dict:
     return out
 
 
-def agree(trainer, finite) -> Union[bool, torch.Tensor]:
-    """At a check point: whether every rank stayed finite, and (in ``trainer.stop_signal``) whether any rank
-    received SIGINT/SIGTERM; one ``all_reduce``, so every rank rolls back or stops at the same step."""
-    if not active():
-        return finite
-    device = _comm_device()
-    # the parameters' sum, to catch ranks that drifted apart (an optimiser or objective with per-rank state)
-    total = torch.stack([p.detach().sum(dtype=torch.float64) for p in trainer.params.values()]).sum().to(device)
-    flags = torch.stack([(~torch.as_tensor(finite, device=device).bool()).to(torch.float64).reshape(()),
-                         torch.tensor(float(trainer.stop_signal or 0), dtype=torch.float64, device=device), total, -total])
-    with _collective(f"the check at step {trainer.cursor.step}"):
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    bad, signum, high, low = flags.tolist()
-    if not bad and high + low > 1e-6 * max(1.0, abs(high)):  # identical operations keep them bit-equal; allow rounding
-        raise RuntimeError(
-            f"the processes' parameters differ at step {trainer.cursor.step} (sums from {-low} to {high}): some state that "
-            "moves them is not shared (an optimiser or objective that learns from each process's own batch)"
-        )
-    if signum:
-        trainer.stop_signal, trainer.stop_agreed = int(signum), True
-    return bad == 0
-
-
-def stop_requested(trainer) -> bool:
-    """Whether the trainer stops before its next step: on a signal (single process), or once the ranks have
-    agreed on one at a check point (several; a signal then takes effect within ``check_every`` steps)."""
-    if not active():
-        return trainer.stop_signal is not None
-    return trainer.stop_agreed
-
-
 def rank_rng_states() -> dict:
     """``{"rank_rng": [every rank's RNG state]}`` for a checkpoint (``{}`` in a single process). A collective:
     every rank builds the checkpoint, rank 0 writes it."""
@@ -470,9 +410,139 @@ def restore_rank_rng(state: dict) -> None:
         set_rng_state(states[rank()])
 
 
-def is_writer(trainer) -> bool:
-    """Whether this rank writes under the trainer's ``run_dir`` (it has one, and this is rank 0)."""
-    return trainer.run_dir is not None and is_main()
+class SingleProcess:
+    """The trainer's strategy for one process (the default without ``torch.distributed``): every hook is the identity."""
+
+    is_main = True
+
+    def prepare(self, state) -> None:
+        """Before training (``state``: the trainer's :class:`~pyrovae.train.state.TrainState`)."""
+
+    def shard(self, batches):
+        """This process's batches of a batch source."""
+        return batches
+
+    def average(self, state, loss: torch.Tensor, norm: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """After the backward pass on ``n`` data: the (loss per datum, gradient norm) of the global batch."""
+        return loss, norm
+
+    def average_state(self, objective_state: dict, n: int) -> dict:
+        """The objective's next state on the global batch."""
+        return objective_state
+
+    def agree(self, finite, state, stop_signal: Optional[int]) -> tuple[Union[bool, torch.Tensor], Optional[int]]:
+        """At a check point: (whether every process stayed finite, the stop signal they agreed on)."""
+        return finite, stop_signal
+
+    def stop_requested(self, stop_signal: Optional[int]) -> bool:
+        """Whether the trainer stops before its next step."""
+        return stop_signal is not None
+
+    def rank_rng_states(self) -> dict:
+        """Extra random states for a checkpoint."""
+        return {}
+
+    def restore_rank_rng(self, checkpoint: dict) -> None:
+        """Set this process's own random state from a checkpoint."""
+
+    def on_main(self, write: Callable[[], Any]) -> Any:
+        """Run ``write`` (a file write) on the process that writes."""
+        return write()
+
+    def mean(self, fn: Callable[..., float], data) -> float:
+        """The mean over ``data`` of a per-datum mean ``fn``."""
+        return fn(data)
+
+
+class DataParallel(SingleProcess):
+    """The trainer's strategy for several ``torch.distributed`` processes (:func:`init`): each takes its shard of
+    every global batch, the gradients are averaged, checks and stops are agreed, rank 0 writes the files."""
+
+    def __init__(self):
+        self.stop_agreed = False  # every rank has agreed to stop at a check point
+
+    @property
+    def is_main(self) -> bool:
+        return is_main()
+
+    def prepare(self, state) -> None:
+        """Copy rank 0's parameters and module buffers to every rank (as DDP does) and give ranks that share rank 0's
+        random stream their own (rank 0's stays, so its draws are a single process's)."""
+        self.stop_agreed = False
+        if not active():
+            return
+        from pyrovae.train.optim import NaturalGradient
+
+        if isinstance(state.optim, NaturalGradient):
+            raise ValueError(
+                "the natural-gradient optimiser estimates its Fisher blocks from each process's own batch, so the processes "
+                "would take different steps: train on one process, or with Adam (--optimizer adam) on several"
+            )
+        with torch.no_grad():
+            tensors = list(state.params.values()) + [b for m in state.modules.values() for b in m.buffers()]
+            with _collective("copying rank 0's parameters to every rank"):
+                for t in tensors:
+                    buf = t.detach().to(_comm_device())
+                    dist.broadcast(buf, src=0)
+                    t.copy_(buf)
+        sums = [None] * world_size()
+        with _collective("comparing the ranks' random streams"):
+            dist.all_gather_object(sums, _checksum(torch.get_rng_state()))
+        if rank() > 0 and sums[rank()] == sums[0]:
+            pyro.set_rng_seed((sums[0] + 104729 * rank()) % 2**32)
+
+    def shard(self, batches):
+        return shard_batches(batches)
+
+    def average(self, state, loss, norm, n):
+        return average_gradients(state, loss, norm, n)
+
+    def average_state(self, objective_state, n):
+        return average_state(objective_state, n)
+
+    def agree(self, finite, state, stop_signal):
+        """One ``all_reduce`` at a check point, so every rank rolls back, or stops, at the same step: whether every
+        rank stayed finite, and whether any received SIGINT/SIGTERM."""
+        if not active():
+            return finite, stop_signal
+        device = _comm_device()
+        # the parameters' sum, to catch ranks that drifted apart (an optimiser or objective with per-rank state)
+        total = torch.stack([p.detach().sum(dtype=torch.float64) for p in state.params.values()]).sum().to(device)
+        flags = torch.stack([(~torch.as_tensor(finite, device=device).bool()).to(torch.float64).reshape(()),
+                             torch.tensor(float(stop_signal or 0), dtype=torch.float64, device=device), total, -total])
+        with _collective(f"the check at step {state.cursor.step}"):
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad, signum, high, low = flags.tolist()
+        if not bad and high + low > 1e-6 * max(1.0, abs(high)):  # identical operations keep them bit-equal; allow rounding
+            raise RuntimeError(
+                f"the processes' parameters differ at step {state.cursor.step} (sums from {-low} to {high}): some state that "
+                "moves them is not shared (an optimiser or objective that learns from each process's own batch)"
+            )
+        if signum:
+            stop_signal, self.stop_agreed = int(signum), True
+        return bad == 0, stop_signal
+
+    def stop_requested(self, stop_signal):
+        """Once the ranks have agreed on a signal at a check point (it takes effect within ``check_every`` steps)."""
+        return self.stop_agreed if active() else stop_signal is not None
+
+    def rank_rng_states(self):
+        return rank_rng_states()
+
+    def restore_rank_rng(self, checkpoint):
+        restore_rank_rng(checkpoint)
+
+    def on_main(self, write):
+        return on_main(write)
+
+    def mean(self, fn, data):
+        return sharded_mean(fn, data)
+
+
+def strategy() -> SingleProcess:
+    """The strategy for this process: :class:`DataParallel` when ``torch.distributed`` is initialised, else
+    :class:`SingleProcess`."""
+    return DataParallel() if active() else SingleProcess()
 
 
 # --- evaluation ------------------------------------------------------------------------------------------------

@@ -8,9 +8,8 @@ step at a time, and the report names the step, the Pyro sites with non-finite lo
 """
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
 
 import pyro
 import torch
@@ -18,24 +17,13 @@ from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 
 from pyrovae.utils.progress import write
-from pyrovae.train.resume import Cursor, copy_sums, load_objective_state, objective_state
-from pyrovae.utils.rng import get_rng_state, set_rng_state
+from pyrovae.train.state import Cursor, Snapshot, TrainState  # noqa: F401  (Snapshot re-exported)
 
 POLICIES = ("stop", "reduce_lr")
 
 
 class DivergenceError(RuntimeError):
     """Training produced a non-finite loss or gradient and was stopped (the report says where)."""
-
-
-@dataclass
-class Snapshot:
-    cursor: Cursor
-    params: dict
-    optimizer: dict
-    objective: dict
-    rng: dict
-    sums: dict = field(default_factory=dict)
 
 
 def nonfinite_sites(model, guide, *args, **kwargs) -> list[str]:
@@ -66,85 +54,66 @@ def nonfinite_sites(model, guide, *args, **kwargs) -> list[str]:
 
 
 class Rollback:
-    """The last good state of a trainer (parameters, optimiser, objective, RNG, position and the epoch's running
-    sums), and the divergence policy applied when a later check finds a non-finite loss or gradient.
+    """The last good :class:`~pyrovae.train.state.TrainState` of a run (a :class:`Snapshot`), and the divergence
+    policy applied when a later check finds a non-finite loss or gradient.
 
     Args:
-        trainer: the trainer whose state is kept; its ``step`` replays steps in :meth:`diagnose`.
         on_divergence: ``stop`` or ``reduce_lr`` (at most ``max_lr_reductions`` times in a run).
     """
 
-    def __init__(self, trainer: "Trainer", on_divergence: str = "stop", max_lr_reductions: int = 5):
+    def __init__(self, on_divergence: str = "stop", max_lr_reductions: int = 5):
         if on_divergence not in POLICIES:
             raise ValueError(f"on_divergence={on_divergence!r}: choose 'stop' or 'reduce_lr'")
-        self.trainer, self.on_divergence, self.max_lr_reductions = trainer, on_divergence, int(max_lr_reductions)
-        self.snapshot: "Snapshot | None" = None
+        self.on_divergence, self.max_lr_reductions = on_divergence, int(max_lr_reductions)
+        self.snapshot: Optional[Snapshot] = None
 
-    def take(self, sums: dict) -> None:
-        """Remember the trainer's current state (checked finite) and the epoch's running ``sums``."""
-        t = self.trainer
-        self.snapshot = Snapshot(
-            cursor=Cursor(t.cursor.epoch, t.cursor.pos, t.cursor.step, t.cursor.perm),
-            params={k: v.detach().clone() for k, v in t.params.items()},
-            optimizer=copy.deepcopy(t.optim.state_dict()),
-            objective=copy.deepcopy(objective_state(t.objective)),
-            rng=get_rng_state(),
-            sums=copy_sums(sums),
-        )
+    def take(self, state: TrainState) -> None:
+        """Remember ``state`` as it is now (checked finite)."""
+        self.snapshot = state.snapshot()
 
-    def restore(self) -> dict:
-        """Put the trainer back into the snapshot's state; returns the snapshot's running sums."""
-        t, snap = self.trainer, self.snapshot
-        with torch.no_grad():
-            for k, v in snap.params.items():
-                t.params[k].copy_(v)
-        t.optim.load_state_dict(copy.deepcopy(snap.optimizer))
-        load_objective_state(t.objective, copy.deepcopy(snap.objective))
-        set_rng_state(snap.rng)
-        c = snap.cursor
-        t.cursor = Cursor(c.epoch, c.pos, c.step, c.perm)
-        return copy_sums(snap.sums)
+    def restore(self, state: TrainState) -> None:
+        """Put ``state`` back to the last snapshot."""
+        state.restore(self.snapshot)
 
-    def diagnose(self, batch: Callable[[Cursor], tuple], upto: int) -> str:
-        """Replay from the snapshot one step at a time until the loss or gradient is non-finite, and name the
-        sites and parameters that were non-finite just before that step."""
-        t = self.trainer
-        self.restore()
-        start = t.cursor.step
-        while t.cursor.step < upto:
-            x = batch(t.cursor)
-            before = {k: v.detach().clone() for k, v in t.params.items()}
-            loss, norm = t.step(*x)
+    def diagnose(self, state: TrainState, step: Callable, batch: Callable[[Cursor], tuple], sites: Callable[..., list], upto: int) -> str:
+        """Replay from the snapshot one step at a time (``step(*batch)`` -> (loss, gradient norm)) until the loss or
+        gradient is non-finite, and name the sites (``sites(*batch)``) and parameters non-finite just before it."""
+        self.restore(state)
+        start = state.cursor.step
+        while state.cursor.step < upto:
+            x = batch(state.cursor)
+            before = {k: v.detach().clone() for k, v in state.params.items()}
+            loss, norm = step(*x)
             if bool(torch.isfinite(loss)) and bool(torch.isfinite(norm)):
-                t._advance()
+                state.advance()
                 continue
             what = "loss" if not bool(torch.isfinite(loss)) else "gradient"
             with torch.no_grad():
                 for k, v in before.items():
-                    t.params[k].copy_(v)
-            sites = nonfinite_sites(t.model, t.guide, *x)
+                    state.params[k].copy_(v)
+            bad_sites = sites(*x)
             params = [k for k, v in before.items() if not bool(torch.isfinite(v).all())]
-            where = f"sites with non-finite log-densities: {', '.join(sites)}" if sites else "every site's log-density was finite"
+            where = f"sites with non-finite log-densities: {', '.join(bad_sites)}" if bad_sites else "every site's log-density was finite"
             if params:
                 where += f"; non-finite parameters: {', '.join(params)}"
-            return f"non-finite {what} at step {t.cursor.step + 1} (epoch {t.cursor.epoch + 1}, batch {t.cursor.pos + 1}); {where}"
+            c = state.cursor
+            return f"non-finite {what} at step {c.step + 1} (epoch {c.epoch + 1}, batch {c.pos + 1}); {where}"
         return f"non-finite loss or gradient between steps {start + 1} and {upto}, which did not recur when replayed (non-deterministic kernels?)"
 
-    def diverged(self, batch: Callable[[Cursor], tuple]) -> dict:
-        """Diagnose and roll back a divergence found at the trainer's current step; with ``reduce_lr`` (reductions
-        left) halve the learning rate and return the running sums to continue with, else raise :class:`DivergenceError`."""
-        t = self.trainer
-        report = self.diagnose(batch, t.cursor.step)
-        sums = self.restore()
-        if self.on_divergence == "reduce_lr" and t.lr_reductions < self.max_lr_reductions:
-            t.lr_reductions += 1
-            for group in t.optim.param_groups:
+    def diverged(self, state: TrainState, step: Callable, batch: Callable[[Cursor], tuple], sites: Callable[..., list], last: Optional[Path] = None) -> None:
+        """Diagnose and roll back a divergence found at the state's current step; with ``reduce_lr`` (reductions
+        left) halve the learning rate and go on, else raise :class:`DivergenceError` (``last``: the run's last
+        checkpoint, named in the message)."""
+        report = self.diagnose(state, step, batch, sites, state.cursor.step)
+        self.restore(state)
+        if self.on_divergence == "reduce_lr" and state.lr_reductions < self.max_lr_reductions:
+            state.lr_reductions += 1
+            for group in state.optim.param_groups:
                 group["lr"] *= 0.5
-            write(f"pyrovae: {report}; rolled back to step {t.cursor.step} and halved the learning rate (reduction {t.lr_reductions}/{self.max_lr_reductions})")
-            return sums
-        last = None if t.run_dir is None else t.run_dir / "checkpoints" / "last.pt"
+            write(f"pyrovae: {report}; rolled back to step {state.cursor.step} and halved the learning rate (reduction {state.lr_reductions}/{self.max_lr_reductions})")
+            return
         raise DivergenceError(
-            f"training diverged: {report}. The run was rolled back to step {t.cursor.step}; "
+            f"training diverged: {report}. The run was rolled back to step {state.cursor.step}; "
             + (f"{last} holds the last good checkpoint. " if last is not None and last.exists() else "")
             + "Lower --lr, set --clip-norm, or use --on-divergence reduce_lr."
         )

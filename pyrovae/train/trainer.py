@@ -4,37 +4,37 @@ The hot loop keeps everything on the device: batches are drawn by on-device inde
 and metrics are summed on the device, and the host synchronises only every ``check_every`` steps (to
 check that the loss and gradients stayed finite) and at the end of an epoch.
 
-The loop's other work lives elsewhere: :mod:`pyrovae.train.callbacks` (progress output, ``metrics.jsonl``,
-checkpoints, TensorBoard, and the user's own per-epoch work), :mod:`pyrovae.train.divergence` (rollback to the
-last good state and the report naming the failing step and sites), :mod:`pyrovae.train.resume` (checkpoints,
-resuming, SIGINT/SIGTERM) and :mod:`pyrovae.train.checks` (data and model/guide checks before the first step).
+The run's state is one value, :class:`~pyrovae.train.state.TrainState` (``trainer.state``: parameters, optimiser,
+objective state, position, sums, history), read and written through its own methods. The loop's other work lives
+elsewhere: :mod:`pyrovae.train.callbacks` (progress output, ``metrics.jsonl``, checkpoints, TensorBoard, and the
+user's own per-epoch work), :mod:`pyrovae.train.divergence` (rollback to the last good state and the report naming
+the failing step and sites), :mod:`pyrovae.train.resume` (resuming, the run folder, SIGINT/SIGTERM),
+:mod:`pyrovae.train.checks` (data and model/guide checks before the first step) and
+:mod:`pyrovae.train.distributed` (the strategy for one process or several).
 """
 from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import pyro
 import torch
-from pyro import poutine
-from pyro.infer.util import is_validation_enabled
 
-import pyrovae.train.resume as _resume
 from pyrovae.train.callbacks import Callback, CallbackList, Checkpoints, MetricsFile, Progress, check_callbacks
-from pyrovae.capture import MODES as CAPTURE_MODES
-from pyrovae.capture import GraphCache, grad_norm
 from pyrovae.objectives.engine import LogWeightEngine
 from pyrovae.objectives.base import Objective
 import pyrovae.train.distributed as distributed
 import pyrovae.train.runs as runs
 from pyrovae.train.checkpoint import save_checkpoint  # looked up here by Trainer.save (tests replace pyrovae.train.trainer.save_checkpoint)
-from pyrovae.train.checks import check_data_shape, check_fit_data, check_sites, check_valid_data  # noqa: F401  (re-exported)
+from pyrovae.train.checks import check_data_shape, check_epochs, check_fit_data, check_sites, check_trainer_options, check_valid_data, check_valid_runs, collect_params  # noqa: F401  (re-exported)
 from pyrovae.data import Batches, as_inputs
 from pyrovae.train.divergence import POLICIES, DivergenceError, Rollback, Snapshot, nonfinite_sites  # noqa: F401  (re-exported)
-from pyrovae.train.resume import Cursor, TrainingInterrupted, interrupt, run_folder, stop_signals  # noqa: F401  (re-exported)
-from pyrovae.utils.rng import get_rng_state, set_rng_state
+from pyrovae.train.resume import TrainingInterrupted, interrupt, run_folder, stop_signals  # noqa: F401  (re-exported)
+from pyrovae.train.resume import resume as _resume
+from pyrovae.train.state import Cursor, TrainState
+from pyrovae.train.step import Gradients, capture_refusal  # noqa: F401  (re-exported)
 
 SCHEDULES = ("constant", "exponential", "cosine", "iwae")
 
@@ -56,19 +56,6 @@ def lr_factor(schedule: str, epoch: int, epochs: int, gamma: float = 0.99) -> fl
     raise ValueError(f"lr schedule {schedule!r} is not known; choose one of {list(SCHEDULES)}")
 
 
-def _capture_refusal(objective) -> Optional[str]:
-    """Why the fast path cannot take an objective's steps (None if it can): state kept outside ``Objective.state``
-    would be frozen into a recorded graph."""
-    if isinstance(objective, Objective):
-        held, declared = set(objective.state_dict()), set(objective.initial_state())
-        if held != declared:
-            return (
-                f"{type(objective).__name__} keeps state between steps outside its state dict ({sorted(held - declared)}), "
-                "which a captured graph would freeze: keep it in Objective.state (initial_state, and estimate's returned state)"
-            )
-    return None
-
-
 class Trainer:
     """Fits ``model``/``guide`` with ``objective`` using Adam (or any ``torch.optim`` class).
 
@@ -85,258 +72,137 @@ class Trainer:
             and continue from the last good state, at most ``max_lr_reductions`` times).
         valid_particles: particles of the validation ELBO.
         progress: show a tqdm progress bar (when stderr is a terminal) and a line per epoch (:class:`~pyrovae.train.callbacks.Progress`).
-        callbacks: :class:`~pyrovae.train.callbacks.Callback` instances called by every ``fit`` (``fit`` takes more); with a
-            ``run_dir`` the trainer adds :class:`~pyrovae.train.callbacks.MetricsFile` and :class:`~pyrovae.train.callbacks.Checkpoints`.
         validate_every_step: keep Pyro's validation (if enabled) on every step, not only the first (such steps
             are never captured).
-        capture: the step's fast path (:mod:`pyrovae.capture`): ``replay`` records each step signature once
-            and replays the recorded graph without Pyro's Python, ``compile`` also compiles that graph with
-            ``torch.compile``, ``off`` runs Pyro on every step. Each graph is checked against the plain step
-            when it is made, again after ``check_every`` replays and then at doubling intervals (up to 16 times
-            that); where one cannot be used the plain step runs,
-            and :attr:`capture_report` says why. A graph repeats the Python decisions of the step it recorded:
-            a model whose Python changes from step to step (reads a step counter, say) needs ``capture="off"``.
+        capture: the step's fast path (:class:`~pyrovae.train.step.Gradients`, :mod:`pyrovae.capture`): ``replay``
+            records each step signature once and replays the graph without Pyro's Python, ``compile`` also compiles
+            it, ``off`` runs Pyro every step; :attr:`capture_report` says which steps ran captured. A model whose
+            Python changes from step to step (reads a step counter, say) needs ``capture="off"``.
+        callbacks: :class:`~pyrovae.train.callbacks.Callback` instances called by every ``fit`` (``fit`` takes more); with a
+            ``run_dir`` the trainer adds :class:`~pyrovae.train.callbacks.MetricsFile` and :class:`~pyrovae.train.callbacks.Checkpoints`.
+        strategy: one process or several (:mod:`pyrovae.train.distributed`; default: :func:`~pyrovae.train.distributed.strategy`,
+            :class:`~pyrovae.train.distributed.DataParallel` once ``torch.distributed`` is initialised).
+
+    The run's state is :attr:`state` (:class:`~pyrovae.train.state.TrainState`); ``params``, ``optim``, ``cursor`` and
+    ``history`` are read-only shortcuts to it.
     """
 
+    params = property(lambda self: self.state.params, doc="name -> trained tensor (``state.params``)")
+    optim = property(lambda self: self.state.optim, doc="the optimiser (``state.optim``; None before :meth:`setup`)")
+    cursor = property(lambda self: self.state.cursor, doc="epoch, position and step (``state.cursor``)")
+    history = property(lambda self: self.state.history, doc="per-epoch records (``state.history``)")
+
     def __init__(
-        self,
-        model,
-        guide,
-        objective,
-        lr: float = 1e-3,
-        schedule: str = "constant",
-        gamma: float = 0.99,
-        clip_norm: Optional[float] = None,
-        optimizer: type = torch.optim.Adam,
-        optimizer_kwargs: Optional[dict] = None,
-        run_dir: Optional[Union[str, Path]] = None,
-        config: Optional[dict] = None,
-        check_every: int = 100,
-        on_divergence: str = "stop",
-        max_lr_reductions: int = 5,
-        valid_particles: int = 1,
-        progress: bool = True,
-        validate_every_step: bool = False,
-        capture: str = "replay",
-        callbacks: Optional[Sequence[Callback]] = None,
+        self, model, guide, objective, lr: float = 1e-3, schedule: str = "constant", gamma: float = 0.99,
+        clip_norm: Optional[float] = None, optimizer: type = torch.optim.Adam, optimizer_kwargs: Optional[dict] = None,
+        run_dir: Optional[Union[str, Path]] = None, config: Optional[dict] = None, check_every: int = 100,
+        on_divergence: str = "stop", max_lr_reductions: int = 5, valid_particles: int = 1, progress: bool = True,
+        validate_every_step: bool = False, capture: str = "replay", callbacks: Optional[Sequence[Callback]] = None,
+        strategy: Optional[distributed.SingleProcess] = None,
     ):
-        if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-            raise ValueError(f"lr={lr!r} must be a positive number")
-        if lr >= 1e30:  # Adam's step size lr / (1 - beta1^t) overflows float32 (at 3.4e38) and torch raises mid-step
-            raise ValueError(f"lr={lr!r} is too large: float32 parameters overflow at 3.4e38; use a learning rate below 1e30")
+        check_trainer_options(lr, clip_norm, check_every, capture, objective)
         lr_factor(schedule, 0, 1, gamma)  # validates the name
-        if clip_norm is not None and not clip_norm > 0:
-            raise ValueError(f"clip_norm={clip_norm!r} must be positive, or None for no clipping")
-        if int(check_every) < 1:
-            raise ValueError(f"check_every={check_every!r} must be a positive number of steps")
-        if capture not in CAPTURE_MODES:
-            raise ValueError(f"capture={capture!r} is not known; choose one of {list(CAPTURE_MODES)}")
-        if not hasattr(objective, "differentiable_loss"):
-            raise TypeError(f"objective {objective!r} has no differentiable_loss; pass a pyrovae objective or a pyro.infer.ELBO")
         self.model, self.guide, self.objective = model, guide, objective
         self.lr, self.schedule, self.gamma, self.clip_norm = float(lr), schedule, float(gamma), clip_norm
         self.optimizer_cls, self.optimizer_kwargs = optimizer, dict(optimizer_kwargs or {})
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.config = dict(config or {})
-        self.check_every, self.rollback = int(check_every), Rollback(self, on_divergence, max_lr_reductions)
+        self.check_every, self.rollback = int(check_every), Rollback(on_divergence, max_lr_reductions)
         self.valid_particles, self.progress = int(valid_particles), progress
         self.callbacks = check_callbacks(callbacks)
-        self.validate_every_step, self._validate_next = bool(validate_every_step), True
-        self.capture_mode, self._capture = capture, None
+        self.validate_every_step, self.capture_mode = bool(validate_every_step), capture
+        self.gradients: Optional[Gradients] = None  # the step's gradients (and its fast path), made by setup()
+        self.strategy = strategy if strategy is not None else distributed.strategy()
         self._valid_engine: Optional[LogWeightEngine] = None
-        self.params: dict[str, torch.Tensor] = {}
-        self.optim: Optional[torch.optim.Optimizer] = None
-        self.cursor = Cursor()
-        self.best_valid = -math.inf
-        self.lr_reductions = 0
-        self.history: list[dict] = []
+        modules = {k: m for k, m in (("model", model), ("guide", guide)) if isinstance(m, torch.nn.Module)}
+        self.state = TrainState(objective, modules)
         self.stop_training = False  # a callback sets it to end fit() at the next step boundary
         self.epochs = self.num_batches = self.batch_size = 0  # of the current fit(), for callbacks
         self.stop_signal: Optional[int] = None  # SIGINT/SIGTERM received while training (pyrovae.train.resume.stop_signals)
-        self.stop_agreed = False  # several processes: every rank has agreed to stop (pyrovae.train.distributed)
-        self.epoch_sums: dict = {}  # the current epoch's running metric sums, checkpointed with a mid-epoch stop
         self.run_lock: Optional[runs.RunLock] = None  # held on run_dir while fit() runs
         self.owns_run = False  # run_dir holds this trainer's run (resumed, or started by fit)
 
-    # --- parameters and optimiser ------------------------------------------------------------------
     def setup(self, *batch: torch.Tensor) -> None:
-        """Collect every parameter the model, guide and objective touch (``pyro.module`` and ``pyro.param``
-        sites) by tracing one evaluation on ``batch`` (the model's positional inputs: ``x``, or ``x, y``), and
-        build the optimiser over them in a fixed (name) order."""
-        if self.optim is not None:
+        """Collect every parameter the model, guide and objective touch (``pyro.module`` and ``pyro.param`` sites) by
+        tracing one evaluation on ``batch`` (the model's positional inputs: ``x``, or ``x, y``), and build the
+        optimiser over them in a fixed (name) order."""
+        if self.state.optim is not None:
             return
         batch = as_inputs(batch[0] if len(batch) == 1 else batch, "the batch")  # setup(x, y) or setup((x, y))
         check_data_shape(batch[0], self.model, self.guide)
-        rng = get_rng_state()
-        try:
-            check_sites(self.model, self.guide, batch)
-        finally:
-            set_rng_state(rng)  # the check draws nothing from the run's random stream
-        try:
-            with poutine.trace(param_only=True) as capture:
-                self.objective.loss(self.model, self.guide, *batch)
-        except RuntimeError as e:  # torch's shape errors (e.g. "mat1 and mat2 shapes cannot be multiplied") carry no context
-            shapes = " and ".join(str(tuple(t.shape)) for t in batch)
-            raise ValueError(
-                f"the first evaluation of {self.objective!r} on a batch of shape {shapes} failed: {str(e).splitlines()[0]}. "
-                "Check that the data's example shape matches the shape the model and guide were built for."
-            ) from e
-        params = {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
-        if not params:
-            raise ValueError("the model and guide have no parameters to train: register networks with pyro.module or PyroModule, or use pyro.param")
-        found = {id(p) for p in params.values()}
-        for who, module in (("model", self.model), ("guide", self.guide)):
-            if isinstance(module, torch.nn.Module):
-                stale = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in found]
-                if stale:
-                    raise ValueError(
-                        f"the {who}'s parameters {stale[:3]}{'...' if len(stale) > 3 else ''} are not the ones Pyro's param store "
-                        "returns under their names: the store still holds parameters of an earlier model with the same "
-                        "pyro.module name, so they would not be trained. Call pyro.clear_param_store() before building a new model."
-                    )
-        self.params = dict(sorted(params.items()))
-        self.optim = self.optimizer_cls(list(self.params.values()), lr=self.lr, **self.optimizer_kwargs)
-        for group in self.optim.param_groups:
+        check_sites(self.model, self.guide, batch, keep_rng=True)  # the check draws nothing from the run's random stream
+        self.state.params = params = collect_params(self.model, self.guide, self.objective, batch)
+        self.state.optim = self.optimizer_cls(list(params.values()), lr=self.lr, **self.optimizer_kwargs)
+        for group in self.state.optim.param_groups:
             group.setdefault("initial_lr", group["lr"])
-        if self.capture_mode != "off":
-            modules = [m for m in (self.model, self.guide) if isinstance(m, torch.nn.Module)]
-            self._capture = GraphCache(
-                self._gradients, self.capture_mode, params=lambda: list(self.params.values()), modules=lambda: modules,
-                verify_every=self.check_every, what="step", no_grad=False,
-            )
-            self._capture.refused = _capture_refusal(self.objective)
+        self.gradients = Gradients(
+            self.model, self.guide, self.objective, lambda: list(params.values()), list(self.state.modules.values()),
+            self.capture_mode, verify_every=self.check_every, validate_every_step=self.validate_every_step,
+        )
 
     @property
     def capture_report(self) -> str:
         """Which steps run captured, and why any run plainly."""
-        if self._capture is None:
-            return "plain steps (capture='off')" if self.optim is not None else "not set up yet"
-        return self._capture.summary()
-
-    def _set_lr(self, epoch: int, epochs: int) -> None:
-        factor = lr_factor(self.schedule, epoch, epochs, self.gamma) * 0.5**self.lr_reductions
-        for group in self.optim.param_groups:
-            group["lr"] = group["initial_lr"] * factor
+        return self.gradients.report if self.gradients is not None else "not set up yet"
 
     # --- one step ---------------------------------------------------------------------------------
     def step(self, *batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimiser step on ``batch`` (``x``, or ``x, y, ...``: passed as ``model(*batch)``); returns (loss per
-        datum, gradient norm), both on the device.
-
-        Pyro's and torch.distributions' argument/support validation runs on the first step only (unless
-        ``validate_every_step``): each check is a host read, and non-finite values are caught anyway by the
-        periodic finiteness check. Later steps take the captured fast path where it applies."""
-        self.optim.zero_grad(set_to_none=True)
-        validate = self._validate_next and is_validation_enabled()
-        self._validate_next = self.validate_every_step
-        inputs, static = self._step_inputs(batch)
-        if validate or self._capture is None:
-            out = self._gradients(inputs, *static, validate=validate)
-        else:
-            out = self._capture(inputs, *static)
-        loss, norm, grads, metrics, state = out
-        for p, g in zip(self.params.values(), grads):
+        datum, gradient norm), both on the device (:class:`~pyrovae.train.step.Gradients` computes the gradients)."""
+        params, optim = self.state.params, self.state.optim
+        optim.zero_grad(set_to_none=True)
+        loss, norm, grads, metrics, state = self.gradients(batch)
+        for p, g in zip(params.values(), grads):
             p.grad = g
         if isinstance(self.objective, Objective):
             self.objective.metrics = dict(metrics)
-        loss, norm = distributed.average_gradients(self, loss, norm, batch[0].shape[0])  # distributed: global-batch gradient
-        state = distributed.average_state(state, batch[0].shape[0])  # distributed: the global batch's next state
+        loss, norm = self.strategy.average(self.state, loss, norm, batch[0].shape[0])  # several processes: the global batch's
+        state = self.strategy.average_state(state, batch[0].shape[0])
         if self.clip_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(list(self.params.values()), self.clip_norm, norm)
-        self.optim.step()
+            torch.nn.utils.clip_grads_with_norm_(list(params.values()), self.clip_norm, norm)
+        optim.step()
         if isinstance(self.objective, Objective):
             self.objective.step(state)
         return loss, norm
 
-    def _step_inputs(self, batch: tuple) -> tuple[tuple, tuple]:
-        """The step's tensor inputs (the batch, then the objective's state) and its static arguments."""
-        state = self.objective.state if isinstance(self.objective, Objective) else {}
-        return (*batch, *state.values()), (len(batch), tuple(state))
-
-    def _gradients(self, inputs: tuple, num_batch: int, state_keys: tuple, validate: bool = False):
-        """``(loss per datum, gradient norm, gradients, metrics, next objective state)`` of the objective on a batch
-        from a state: the step as a function of its inputs, which the fast path records and replays."""
-        batch, state = inputs[:num_batch], dict(zip(state_keys, inputs[num_batch:]))
-        with pyro.validation_enabled(validate):
-            if isinstance(self.objective, Objective):
-                est = self.objective.estimate(self.model, self.guide, batch, {}, state)
-                loss, metrics, state = est.differentiable(), est.metrics, est.state
-            else:  # Pyro's own ELBOs keep no state
-                loss, metrics, state = self.objective.differentiable_loss(self.model, self.guide, *batch), {}, {}
-            loss = loss / batch[0].shape[0]
-        grads = torch.autograd.grad(loss, list(self.params.values()), allow_unused=True)
-        metrics = {k: v.detach() for k, v in metrics.items() if torch.is_tensor(v)}
-        return loss.detach(), grad_norm(grads), grads, metrics, {k: v.detach() for k, v in state.items()}
-
-    def _plain_step(self, *batch: torch.Tensor, validate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss per datum and gradient norm of the objective through Pyro, gradients left in ``.grad`` (the
-        objective's state is not advanced)."""
-        inputs, static = self._step_inputs(batch)
-        loss, norm, grads, _, _ = self._gradients(inputs, *static, validate=validate)
-        for p, g in zip(self.params.values(), grads):
-            p.grad = g
-        return loss, norm
-
-    # --- checkpoints (pyrovae.train.resume) -----------------------------------------------------------------
+    # --- checkpoints --------------------------------------------------------------------------------
     def state_dict(self, finished: bool = False) -> dict:
-        """Everything a resumed run needs (:func:`pyrovae.train.resume.state_dict`)."""
-        return _resume.state_dict(self, finished)
+        """Everything a resumed run needs (:meth:`TrainState.state_dict` and every process's random state)."""
+        return {**self.state.state_dict(self.config, finished), **self.strategy.rank_rng_states()}
 
     def load_weights(self, state: dict) -> None:
         """Restore the parameters (and module buffers) of a checkpoint; :meth:`setup` must have run."""
-        _resume.load_weights(self, state)
+        self.state.load_weights(state)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore everything :meth:`state_dict` saved: weights, optimiser, objective, RNG and position."""
-        _resume.load_state_dict(self, state)
+        self.state.load_state_dict(state)
+        self.strategy.restore_rank_rng(state)
 
     def resume(self, path: Union[str, Path], *batch: torch.Tensor) -> None:
         """Continue from a checkpoint file (``checkpoints/last.pt`` of a run); ``batch``: a batch of the data's
         tensors (``x``, or ``x, y``), to set up the parameters."""
-        _resume.resume(self, path, *batch)
+        _resume(self, path, *batch)
 
     def save(self, name: str, finished: bool = False) -> Optional[Path]:
         """Write the checkpoint ``run_dir/checkpoints/NAME`` (atomically); nothing without a ``run_dir``."""
         if self.run_dir is None:
             return None
-        state = self.state_dict(finished)  # on every rank: it gathers their RNG states
-        return distributed.on_main(lambda: save_checkpoint(state, self.run_dir / "checkpoints" / name))  # distributed: rank 0 writes
+        state = self.state_dict(finished)  # in every process: it gathers their random states
+        return self.strategy.on_main(lambda: save_checkpoint(state, self.run_dir / "checkpoints" / name))
 
     # --- the loop -----------------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self, valid: Union[torch.Tensor, tuple], batch_size: int) -> float:
+        """The validation ELBO per datum (each process evaluates its shard)."""
         from pyrovae.evaluate import elbo_terms
 
         if self._valid_engine is None:  # one engine for every epoch: it guesses the plate nesting once
             self._valid_engine = LogWeightEngine(num_particles=self.valid_particles)
-        # distributed: each rank evaluates its shard, the mean is reduced
-        return distributed.sharded_mean(lambda part: elbo_terms(self.model, self.guide, part, batch_size=batch_size, engine=self._valid_engine)["elbo"], valid)
+        return self.strategy.mean(lambda part: elbo_terms(self.model, self.guide, part, batch_size=batch_size, engine=self._valid_engine)["elbo"], valid)
 
-    @torch.no_grad()
-    def _check_valid(self, train: tuple, valid: tuple) -> None:
-        """Refuse validation data the epoch's end could not evaluate, now rather than after an epoch of training:
-        unlike the training data (:func:`check_valid_data`), or failing on two examples (the random state is kept,
-        so that a resumed run goes on as if never stopped)."""
-        from pyrovae.evaluate import elbo_terms
-
-        check_valid_data(train, valid, self.model, self.guide)
-        rng = get_rng_state()
-        try:
-            elbo_terms(self.model, self.guide, tuple(v[:2] for v in valid), batch_size=2)
-        except (RuntimeError, TypeError, ValueError, IndexError) as e:
-            raise ValueError(f"valid does not run through the model and guide ({type(e).__name__}: {e}); pass validation data like the training data") from e
-        finally:
-            set_rng_state(rng)
-
-    def fit(
-        self,
-        train: Union[torch.Tensor, tuple],
-        epochs: int,
-        batch_size: int = 100,
-        valid: Optional[Union[torch.Tensor, tuple]] = None,
-        dynamic_binarize: bool = False,
-        callbacks: Optional[Sequence[Callback]] = None,
-    ) -> list[dict]:
+    def fit(self, train: Union[torch.Tensor, tuple], epochs: int, batch_size: int = 100, valid: Optional[Union[torch.Tensor, tuple]] = None,
+            dynamic_binarize: bool = False, callbacks: Optional[Sequence[Callback]] = None) -> list[dict]:
         """Train for ``epochs`` epochs (counting epochs already done when resumed); returns the per-epoch
         history, also written to ``run_dir/metrics.jsonl``.
 
@@ -350,16 +216,7 @@ class Trainer:
 
         ``callbacks`` are called after the trainer's own (:mod:`pyrovae.train.callbacks`); one that sets
         ``trainer.stop_training = True`` ends ``fit`` cleanly at the next step boundary."""
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
-        if int(epochs) < 0:
-            raise ValueError(f"epochs={epochs!r} must be >= 0")
-        if int(epochs) < self.cursor.epoch or (int(epochs) == self.cursor.epoch and self.cursor.pos > 0):
-            raise ValueError(
-                f"epochs={epochs!r}, but the run is already at epoch {self.cursor.epoch}"
-                + (f" and {self.cursor.pos} batches into epoch {self.cursor.epoch + 1}" if self.cursor.pos else "")
-                + f": pass epochs >= {self.cursor.epoch + (1 if self.cursor.pos else 0)} to continue it (epochs count those already done)"
-            )
+        check_epochs(epochs, batch_size, self.state.cursor)
         hooks = CallbackList([*self.callbacks, *check_callbacks(callbacks), *self._builtin_callbacks()])
         source = train if all(hasattr(train, a) for a in ("permutation", "batch", "data", "__len__")) else None
         train = as_inputs(train if source is None else source.data, "train")
@@ -368,88 +225,81 @@ class Trainer:
         n = train[0].shape[0]
         if n == 0:
             raise ValueError("the training set is empty")
-        batches = source if source is not None else Batches(train, batch_size, dynamic_binarize=dynamic_binarize)
-        batches = distributed.shard_batches(batches)  # distributed: each rank's slice of every global batch
-        num_batches = len(batches)
+        batches = self.strategy.shard(source if source is not None else Batches(train, batch_size, dynamic_binarize=dynamic_binarize))
 
         def batch(cursor: Cursor) -> tuple:
             if cursor.perm is None:
                 cursor.perm = batches.permutation()
             return batches.batch(cursor.perm, cursor.pos)
 
-        if self.optim is None:  # after resume() the RNG state is the checkpoint's: draw nothing (dynamic binarization would)
+        if self.state.optim is None:  # after resume() the RNG state is the checkpoint's: draw nothing (dynamic binarization would)
             self.setup(*batch(Cursor(perm=torch.arange(min(n, batch_size), device=train[0].device))))
         else:
             check_data_shape(train[0][:1], self.model, self.guide)
         if valid is not None and valid[0].shape[0] > 0:
-            self._check_valid(train, valid)
-        runs.check_cursor(self.cursor.perm, self.cursor.pos, n, num_batches)
-        self.epochs, self.num_batches, self.batch_size = int(epochs), num_batches, int(batch_size)
+            from pyrovae.evaluate import elbo_terms
+
+            check_valid_runs(self.model, self.guide, train, valid, lambda part: elbo_terms(self.model, self.guide, part, batch_size=2))
+        runs.check_cursor(self.state.cursor.perm, self.state.cursor.pos, n, len(batches))
+        self.epochs, self.num_batches, self.batch_size = int(epochs), len(batches), int(batch_size)
         self.stop_training = False
         with run_folder(self), stop_signals(self):
-            distributed.prepare(self)  # distributed: rank 0's parameters everywhere, per-rank RNG streams
+            self.strategy.prepare(self.state)  # several processes: rank 0's parameters everywhere, own random streams
             self._loop(batch, valid, hooks)
-        return self.history
+        return self.state.history
 
     def _builtin_callbacks(self) -> list[Callback]:
-        main = distributed.is_main()  # distributed: rank 0 alone writes metrics and prints; every rank takes part in checkpoints
+        main = self.strategy.is_main  # the main process alone writes metrics and prints; every one takes part in checkpoints
         builtin = ([MetricsFile()] if main else []) + [Checkpoints()] if self.run_dir is not None else []
         return builtin + ([Progress(bar=self.progress)] if main and (self.progress or self.run_dir is not None) else [])
 
     def _loop(self, batch, valid, hooks: Callback) -> None:
-        sums: dict[str, torch.Tensor] = self.epoch_sums if self.cursor.pos > 0 else {}  # resumed mid-epoch: keep its sums
-        self.epoch_sums = {}
-        self.rollback.take(sums)
+        state, last = self.state, None if self.run_dir is None else self.run_dir / "checkpoints" / "last.pt"
+        if state.cursor.pos == 0:  # resumed mid-epoch: keep the epoch's sums
+            state.sums = {}
+        self.rollback.take(state)
         hooks.on_train_begin(self)
         t0, finite = time.perf_counter(), None
-        while self.cursor.epoch < self.epochs and not self.stop_training:
-            if self.cursor.pos == 0 and not sums:
-                self._set_lr(self.cursor.epoch, self.epochs)
+        while state.cursor.epoch < self.epochs and not self.stop_training:
+            if state.cursor.pos == 0 and not state.sums:
+                state.set_lr(lr_factor(self.schedule, state.cursor.epoch, self.epochs, self.gamma))
                 hooks.on_epoch_begin(self)
                 t0 = time.perf_counter()
-            if distributed.stop_requested(self):  # distributed: a stop the ranks agreed on
-                interrupt(self, self._checked(sums, finite))
-            x = batch(self.cursor)
+            if self.strategy.stop_requested(self.stop_signal):
+                self._checked(finite)
+                interrupt(self)
+            x = batch(state.cursor)
             loss, norm = self.step(*x)
             ok = torch.isfinite(loss) & torch.isfinite(norm)
             finite = ok if finite is None else finite & ok
-            for k, v in {"loss": loss, **getattr(self.objective, "metrics", {})}.items():
-                sums[k] = sums.get(k, 0) + v.detach().float()
-            sums["count"] = sums.get("count", 0) + 1
-            self._advance()
+            state.add({"loss": loss, **getattr(self.objective, "metrics", {})})
             hooks.on_step_end(self, x, loss, norm)
-            end_of_epoch = self.cursor.pos >= self.num_batches
-            if self.cursor.step % self.check_every == 0 or end_of_epoch:
-                finite = distributed.agree(self, finite)  # distributed: all ranks roll back / stop together
+            end_of_epoch = state.cursor.pos >= self.num_batches
+            if state.cursor.step % self.check_every == 0 or end_of_epoch:
+                finite, self.stop_signal = self.strategy.agree(finite, state, self.stop_signal)  # all processes roll back / stop together
                 if not bool(finite):
-                    sums, finite = self.rollback.diverged(batch), None
+                    sites = partial(nonfinite_sites, self.model, self.guide)
+                    self.rollback.diverged(state, self.step, batch, sites, last)
+                    finite = None
                     continue
                 finite = None
                 if not end_of_epoch:
-                    self.rollback.take(sums)
+                    self.rollback.take(state)
             if end_of_epoch:
-                self._end_epoch(sums, valid, time.perf_counter() - t0, hooks)
-                sums = {}
-                self.rollback.take(sums)
-        self.epoch_sums = self._checked(sums, finite)  # stopped mid-epoch: the checkpoint carries the epoch so far
+                self._end_epoch(valid, time.perf_counter() - t0, hooks)
+                self.rollback.take(state)
+        self._checked(finite)  # stopped mid-epoch: the checkpoint carries the epoch so far
         hooks.on_train_end(self)
 
-    def _checked(self, sums: dict, finite) -> dict:
-        """``sums``, or the last snapshot's state and sums when steps since the last check were not finite (a
-        checkpoint is never written of a state not checked finite)."""
-        return self.rollback.restore() if finite is not None and not bool(finite) else sums
+    def _checked(self, finite) -> None:
+        """Roll back to the last snapshot when steps since the last check were not finite (a checkpoint is never
+        written of a state not checked finite)."""
+        if finite is not None and not bool(finite):
+            self.rollback.restore(self.state)
 
-    def _end_epoch(self, sums: dict, valid, seconds: float, hooks: Callback) -> None:
-        count, examples = float(sums.pop("count")), self.num_batches * self.batch_size
-        record = {"epoch": self.cursor.epoch + 1, "step": self.cursor.step, "lr": self.optim.param_groups[0]["lr"], "seconds": round(seconds, 3), "examples_per_s": round(examples / max(seconds, 1e-9), 1)}
-        record.update({f"train_{k}": float(v) / count for k, v in sums.items()})
+    def _end_epoch(self, valid, seconds: float, hooks: Callback) -> None:
+        record = self.state.epoch_record(seconds, self.num_batches * self.batch_size)
         if valid is not None and valid[0].shape[0] > 0:
             record["valid_elbo"] = self.validate(valid, batch_size=max(self.batch_size, 500))
-        self.cursor = Cursor(self.cursor.epoch + 1, 0, self.cursor.step, None)
-        self.history.append(record)
+        self.state.end_epoch(record)
         hooks.on_epoch_end(self, record)
-
-    def _advance(self) -> None:
-        self.cursor.step += 1
-        self.cursor.pos += 1
-
