@@ -28,27 +28,10 @@ from pyrovae.cli import main, parser
 from pyrovae.utils.registry import GUIDES, MODEL_GUIDES, MODELS, Option, Registered, load_plugin
 from pyrovae.utils.registry import OBJECTIVES as REGISTRY
 
-PLUGIN = '''
-from pyrovae.objectives import ELBO
-from pyrovae.utils.registry import register_objective
-
-
-@register_objective("scaled-elbo-test", flags={"weight": "kl_weight_test"})
-class ScaledELBO(ELBO):
-    """The ELBO with its KL term scaled.
-
-    Args:
-        weight: the KL term's weight.
-        num_particles: samples per datum.
-    """
-
-    def __init__(self, weight: float = 0.25, num_particles: int = 1, **kwargs):
-        super().__init__(num_particles=num_particles, **kwargs)
-        self.weight = weight
-
-    def kl(self, lw):
-        return self.weight * super().kl(lw)
-'''
+# the README's "Add your own objective" file, under names of its own (the doc-code test registers the README's)
+_README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+PLUGIN = _README[_README.index("# my_objective.py"):].split("```")[0]
+PLUGIN = PLUGIN.replace('"kl-weighted"', '"kl-weighted-test"').replace('"kl_weight"', '"kl_weight_test"')
 TINY, D_X = "tiny-registry", 12
 
 
@@ -57,7 +40,7 @@ def plugin_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("plugin") / "my_objective.py"
     path.write_text(PLUGIN)
     yield path
-    REGISTRY.pop("scaled-elbo-test", None)  # the other test modules see the registry as it was
+    REGISTRY.pop("kl-weighted-test", None)  # the other test modules see the registry as it was
 
 
 @pytest.fixture(scope="module")
@@ -137,25 +120,29 @@ def test_a_plugin_objective_shows_in_help_with_its_signature_default(plugin_file
     with pytest.raises(SystemExit):
         main(["train", "--plugin", str(plugin_file), "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "scaled-elbo-test" in text
-    assert "--kl-weight-test KL_WEIGHT_TEST the KL term's weight (default: 0.25)" in text
+    assert "kl-weighted-test" in text
+    assert "--kl-weight-test KL_WEIGHT_TEST weight of the KL term (1: the ELBO) (default: 0.5)" in text
 
 
 def test_a_plugin_objective_trains_and_its_run_evaluates(plugin_file, data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     argv = [
-        "train", "--plugin", str(plugin_file), "--objective", "scaled-elbo-test", "--kl-weight-test", "0.5", "--dataset", TINY,
+        "train", "--plugin", str(plugin_file), "--objective", "kl-weighted-test", "--kl-weight-test", "0.25", "--dataset", TINY,
         "--data-dir", str(data_dir), "--valid-size", "10", "--z-dims", "2", "--hidden", "8", "--batch-size", "10", "--epochs", "1",
         "--device", "cpu", "--eval-samples", "2", "--no-progress", "--run-dir", str(run),
     ]
     assert main(argv) == 0
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["objective"] == "scaled-elbo-test" and cfg["kl_weight_test"] == 0.5 and cfg["plugins"] == [str(plugin_file.resolve())]
+    assert cfg["objective"] == "kl-weighted-test" and cfg["kl_weight_test"] == 0.25 and cfg["plugins"] == [str(plugin_file.resolve())]
     # a new process knows nothing of the plugin until evaluate imports what the run recorded
     code = f"import sys; from pyrovae.cli import load_run; r = load_run({str(run)!r}); print(type(r.objective).__name__, r.objective.weight)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["ScaledELBO", "0.5"]
+    assert out.stdout.split() == ["KLWeightedELBO", "0.25"]
+    # what it logs: the weighted loss, and the true ELBO beside it (recon - KL)
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    recon = record["train_elbo"] + record["train_kl"]
+    assert record["train_loss"] == pytest.approx(-(recon - 0.25 * record["train_kl"]), rel=1e-4)
 
 
 def test_runs_without_plugins_keep_their_config_keys():
