@@ -6,6 +6,10 @@ import pytest
 import torch
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest-xdist: share the cores between the workers, no oversubscription
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
