@@ -324,7 +324,7 @@ def _sequential_program(reparameterized: bool, subsample: bool):
 
 
 #: estimates per case: enough that 5 SE of the mean is under half the largest exact component (assert_unbiased checks it)
-RUNS = {(True, False): 20, (True, True): 100, (False, False): 60, (False, True): 400}
+SEQUENTIAL_RUNS = {(True, False): 20, (True, True): 100, (False, False): 60, (False, True): 400}
 
 
 @pytest.mark.parametrize("subsample", [False, True], ids=["full", "subsample"])
@@ -333,5 +333,5 @@ def test_sequential_plate_gradient(reparameterized, subsample):
     """A sequential plate declares no tensor dimension: its sites are one datum, each site scaled by N/B when
     subsampled; the exact gradient is the vectorised case's."""
     model, guide = _sequential_program(reparameterized, subsample)
-    draws = gradient_runs(lambda: ELBO(num_particles=50, vectorize_particles=False), model, guide, ["loc", "scale"], RUNS[reparameterized, subsample])
+    draws = gradient_runs(lambda: ELBO(num_particles=50, vectorize_particles=False), model, guide, ["loc", "scale"], SEQUENTIAL_RUNS[reparameterized, subsample])
     assert_unbiased(draws, torch.tensor([0.5, -2.0, 2.0], dtype=DT), f"sequential subsample={subsample} reparam={reparameterized}")
