@@ -89,6 +89,7 @@ def test_every_page_with_code_is_collected():
 def test_code_blocks_run(page, tmp_path, monkeypatch):
     import pyro
 
+    import pyrovae.cli.registry  # noqa: F401  (the library's models, guides and objectives registered first)
     from pyrovae.utils import registry
 
     monkeypatch.chdir(tmp_path)  # runs/ folders the examples write land here
