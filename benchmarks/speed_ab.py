@@ -80,12 +80,16 @@ def ratios(md: Path) -> dict[str, dict[str, float]]:
 #: run inside a worktree, per training row: the replayed step graph (its generated code with node numbers dropped,
 #: hashed), and the time per step of the Python around it (``Trainer.step`` with the graph call returning a fixed
 #: result and Adam's update skipped; median of 5 x 2,000 steps, in microseconds). It reads capture internals whose
-#: names changed between commits (``_build`` -> ``build``, ``_Graph.fn`` -> ``_Graph.run``).
+#: names changed between commits (``_build`` -> ``build``, ``_Graph.fn`` -> ``_Graph.run``, ``pyrovae.capture`` ->
+#: ``pyrovae.capture.graphs``, ``trainer._capture`` -> ``trainer.gradients.capture``).
 GRAPHS = r"""
-import hashlib, json, re, statistics, sys, time, torch
+import hashlib, importlib, json, re, statistics, sys, time, torch
 tree, only = sys.argv[1], sys.argv[2:]
 sys.path.insert(0, tree + "/benchmarks")  # for speed.py; the library comes first on PYTHONPATH (environment())
-import pyrovae.capture as cap
+try:  # the module whose build() the graph cache calls: pyrovae/capture/graphs.py after the regrouping, capture.py before
+    cap = importlib.import_module("pyrovae.capture.graphs")
+except ImportError:
+    import pyrovae.capture as cap
 codes = []
 name = "build" if hasattr(cap, "build") else "_build"
 real = getattr(cap, name)
