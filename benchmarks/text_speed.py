@@ -12,6 +12,11 @@ Bowman et al. (2016)'s sizes (vocabulary 10,002, LSTM 353/191, z 16, unidirectio
 - ``replay``: the same with the trainer's default ``capture="replay"`` (recorded once, checked, then replayed;
   recording is in the warm-up, not in the timed blocks).
 
+Beside the times: the step's floating-point operations (``torch.utils.flop_counter.FlopCounterMode`` over one plain
+step, forward and backward: matrix products, which are nearly all of it) and the machine's measured matrix-product
+rate (a 1024 x 1024 float32 ``torch.mm`` at the run's thread count), so each step time is also given as a multiple of
+the time its FLOPs need at that rate (issue 27: the FLOP limit).
+
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/text_speed.py --out benchmarks/results/text_speed.md
@@ -70,6 +75,28 @@ def with_torch_lstm(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+def matmul_rate(n: int = 1024, repeats: int = 20) -> float:
+    """FLOP/s of an ``n x n`` float32 matrix product at the current thread count (median of ``repeats``)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def step_flops(trainer: Trainer, store: dict, batch: Sentences) -> int:
+    """FLOPs of one training step's forward and backward pass (the plain step: the same arithmetic as the others)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with pyro.get_param_store().scope(store), FlopCounterMode(display=False) as counter:
+        trainer.gradients.plain(tuple(batch))
+    return counter.get_total_flops()
+
+
 def make(impl: str, model, guide) -> Trainer:
     if impl == "torch-lstm":
         model, guide = with_torch_lstm(model), with_torch_lstm(guide)
@@ -93,8 +120,8 @@ def ratio(a: list[float], b: list[float]) -> tuple[float, float, float]:
     return statistics.median(a) / statistics.median(b), min(per), max(per)
 
 
-def measure(args, batch: Sentences, vocab_size: int, sizes: dict, label: str) -> tuple[dict, dict]:
-    """Per-step wall-clock and CPU seconds of each implementation, one entry per round."""
+def measure(args, batch: Sentences, vocab_size: int, sizes: dict, label: str) -> tuple[dict, dict, int]:
+    """Per-step wall-clock and CPU seconds of each implementation, one entry per round, and the step's FLOPs."""
     pyro.set_rng_seed(0)
     cfg = {"model": "sentence", "guide": "rnn", "z_dims": [16], "embed_dim": sizes["embed_dim"], "hidden": [[sizes["hidden_dim"]]]}
     model, guide = build(cfg, (vocab_size,))
@@ -107,6 +134,7 @@ def measure(args, batch: Sentences, vocab_size: int, sizes: dict, label: str) ->
             trainers[impl].setup(*batch)
         block(trainers[impl], stores[impl], batch, 3)  # warm-up: validation step, recording and check
         print(f"{label} {impl}: warm-up {time.perf_counter() - t0:.1f} s; {trainers[impl].capture_report}", flush=True)
+    flops = step_flops(trainers["plain"], stores["plain"], batch)
     wall = {i: [] for i in IMPLS}
     cpu = {i: [] for i in IMPLS}
     for r in range(args.rounds):
@@ -115,7 +143,7 @@ def measure(args, batch: Sentences, vocab_size: int, sizes: dict, label: str) ->
             wall[impl].append(w)
             cpu[impl].append(c)
         print(f"{label} round {r + 1}: " + ", ".join(f"{i} {1e3 * wall[i][-1]:.0f} ms" for i in IMPLS), flush=True)
-    return wall, cpu
+    return wall, cpu, flops
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -130,11 +158,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     start(args)
     batch, vocab_size = ptb_batch(args.data_dir, args.batch)
     load0 = os.getloadavg()[0]
-    tables, ratios = [], []
+    rate = matmul_rate()
+    print(f"matrix-product rate: {rate / 1e9:.1f} GFLOP/s", flush=True)
+    tables, ratios, limits = [], [], []
     for label, sizes in SIZES.items():
         if args.sizes and label not in args.sizes:
             continue
-        wall, cpu = measure(args, batch, vocab_size, sizes, label)
+        wall, cpu, flops = measure(args, batch, vocab_size, sizes, label)
+        need = flops / rate
+        limits.append(f"| {label} | {flops / 1e9:.2f} | {1e3 * need:.0f} | " + " | ".join(f"{statistics.median(wall[i]) / need:.2f}" for i in IMPLS) + " |")
         tables += [f"| {label} | {i} | {1e3 * statistics.median(wall[i]):.0f} | {1e3 * statistics.median(cpu[i]):.0f} |" for i in IMPLS]
         for a, b in (("plain", "replay"), ("torch-lstm", "replay"), ("torch-lstm", "plain")):
             r, lo, hi = ratio(wall[a], wall[b])
@@ -167,6 +199,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         "| sizes | ratio of step times | median ratio | per-round range | CPU-time ratio |",
         "|---|---|---|---|---|",
         *ratios,
+        "",
+        f"**FLOP limit.** Matrix-product rate measured in this run: {rate / 1e9:.1f} GFLOP/s (a 1024 x 1024 float32 "
+        f"`torch.mm`, {torch.get_num_threads()} thread(s), median of 20). FLOPs of one step, forward and backward, counted "
+        "by `torch.utils.flop_counter.FlopCounterMode` on the plain step; each implementation's median step time divided "
+        "by the time those FLOPs need at the measured rate (1.0: at the limit; issue 27 asks for 1.5 or less):",
+        "",
+        "| sizes | GFLOP per step | FLOP time (ms) | " + " | ".join(f"{i} / FLOP time" for i in IMPLS) + " |",
+        "|---|---:|---:|" + "---:|" * len(IMPLS),
+        *limits,
         "",
     ])
     atomic_write(args.out, lambda f: f.write(text.encode()))
