@@ -8,13 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import pyro
 import pyrovae
-import pyrovae.data.core as D
 import pyrovae.cli.commands as cli
 import pyrovae.cli.registry as registry
 import pyrovae.evaluate as E
@@ -23,27 +21,16 @@ from pyrovae.cli import main, parser
 from pyrovae.guides import GaussianEncoder
 from pyrovae.models import VAE
 from pyrovae.cli.registry import Arg, Entry
+from tiny_data import tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tiny-cli"
 D_X = 12
 
 
-def _read(folder: Path) -> D.RawData:
-    z = np.load(folder / "tiny.npz")
-    return D.RawData(train=torch.from_numpy(z["train"]), test=torch.from_numpy(z["test"]))
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    (root / TINY).mkdir()
-    np.savez(root / TINY / "tiny.npz", train=rng.random((60, D_X)).astype(np.float32), test=rng.random((30, D_X)).astype(np.float32))
-    with pytest.MonkeyPatch.context() as mp:  # register on copies, so the registry is back as it was afterwards
-        mp.setattr(D, "DATASETS", dict(D.DATASETS))
-        mp.setattr(D, "_SPECS", dict(D._SPECS))
-        D.register_dataset(TINY, ["tiny.npz"])(_read)
+    with tiny_dataset(tmp_path_factory.mktemp("data"), TINY, train=60, test=30, dim=D_X) as root:
         yield root
 
 

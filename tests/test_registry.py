@@ -19,14 +19,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
-import pyrovae.data.core as D
 from pyrovae.cli import main, parser
 from pyrovae.utils.registry import GUIDES, MODEL_GUIDES, MODELS, Option, Registered, load_plugin
 from pyrovae.utils.registry import OBJECTIVES as REGISTRY
+from tiny_data import tiny_dataset
 
 # the README's "Add your own objective" file, under names of its own (the doc-code test registers the README's)
 _README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -45,19 +43,7 @@ def plugin_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    (root / TINY).mkdir()
-    np.savez(root / TINY / "tiny.npz", train=rng.random((40, D_X)).astype(np.float32), test=rng.random((20, D_X)).astype(np.float32))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(D, "DATASETS", dict(D.DATASETS))
-        mp.setattr(D, "_SPECS", dict(D._SPECS))
-
-        def read(folder: Path) -> D.RawData:
-            z = np.load(folder / "tiny.npz")
-            return D.RawData(train=torch.from_numpy(z["train"]), test=torch.from_numpy(z["test"]))
-
-        D.register_dataset(TINY, ["tiny.npz"])(read)
+    with tiny_dataset(tmp_path_factory.mktemp("data"), TINY, train=40, test=20, dim=D_X) as root:
         yield root
 
 
