@@ -26,7 +26,7 @@ from pyrovae.nn import diag_normal, latent_names, mlp, x_decoder
 PRIOR_FLOWS = ("realnvp", "iaf")
 
 
-@register_model("vae", choices={"likelihood": LIKELIHOODS, "arch": ARCHS, "prior_flow": ("realnvp", "iaf")})
+@register_model("vae", choices={"likelihood": LIKELIHOODS, "arch": ARCHS, "prior_flow": PRIOR_FLOWS})
 class VAE(nn.Module):
     """Deep latent Gaussian model with an MLP or deconvolutional decoder.
 

@@ -296,6 +296,12 @@ def test_one_process_never_touches_torch_distributed():
     loss, norm = torch.tensor(1.0), torch.tensor(2.0)
     assert distributed.average_gradients(None, loss, norm, 4) == (loss, norm)
     assert distributed.sharded_mean(lambda x: float(x.mean()), gaussian_data()) == float(gaussian_data().mean())
+    # the trainer's default strategy checks at each call, so it is the identity here and a trainer built before
+    # distributed.init() still takes part in the collectives once they exist
+    strategy = Trainer(LinearGaussian(3, 2), LinearGaussianGuide(3, 2), ELBO(), progress=False).strategy
+    assert isinstance(strategy, distributed.DataParallel)
+    assert strategy.is_main and strategy.shard(batches) is batches and strategy.average(None, loss, norm, 4) == (loss, norm)
+    assert strategy.agree(torch.tensor(True), None, None)[1] is None and not strategy.stop_requested(None) and strategy.stop_requested(2)
 
 
 # --- a manual launch of the CLI: two processes started by hand, each with its own options -----------------------

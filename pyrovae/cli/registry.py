@@ -151,12 +151,17 @@ def check_data_fits(cfg: dict) -> None:
         )
 
 
+def _chosen(cfg: dict) -> tuple:
+    """The registry entries of ``cfg``'s model and guide (None for an unknown name)."""
+    model = cfg.get("model", "vae")
+    guide = cfg.get("guide") or default_guide(model)
+    return MODELS.get(model), GUIDES.get(guide) or MODEL_GUIDES.get(guide)
+
+
 def unread_options(cfg: dict, given) -> dict[str, list[str]]:
     """The registry options among ``given`` (config keys set by the user) that neither ``cfg``'s model, nor its guide,
     nor its objective reads, so nothing would: ``{flag: ["--model draw", ...], the entries that do}``."""
-    model = cfg.get("model", "vae")
-    guide = cfg.get("guide") or default_guide(model)
-    chosen = (MODELS.get(model), GUIDES.get(guide) or MODEL_GUIDES.get(guide), OBJECTIVES.get(cfg.get("objective", "elbo")))
+    chosen = (*_chosen(cfg), OBJECTIVES.get(cfg.get("objective", "elbo")))
     read = {a.key for entry in chosen for a in entry_args(entry)}
     unread = {}
     for arg in all_args():
@@ -278,10 +283,8 @@ def _option_values(args, cfg: dict) -> dict:
 def option_names(cfg: dict) -> dict[str, str]:
     """{constructor argument: config key} of the renamed options of ``cfg``'s model and guide (``steps`` ->
     ``draw_steps``), for messages that name the flag."""
-    model = cfg.get("model", "vae")
-    guide = cfg.get("guide") or default_guide(model)
     out = {}
-    for entry in (MODELS.get(model), GUIDES.get(guide) or MODEL_GUIDES.get(guide)):
+    for entry in _chosen(cfg):
         if isinstance(entry, Registered):
             out.update(entry.renames())
     return out
@@ -317,8 +320,8 @@ def build_guide(cfg: dict, x_shape, model: Optional[nn.Module] = None) -> nn.Mod
 def objective_kwargs(cfg: dict) -> dict[str, str]:
     """{constructor argument: config key} of ``cfg["objective"]``."""
     name = cfg.get("objective", "elbo")
-    entry = _pick(OBJECTIVES, "objective", name)
-    return {a.param or a.key: a.key for a in entry_args(entry)}
+    _pick(OBJECTIVES, "objective", name)
+    return OBJECTIVE_ARGS[name]
 
 
 def build_objective(cfg: dict) -> Objective:

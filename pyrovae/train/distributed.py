@@ -28,8 +28,9 @@ trainer collected: the same ``all_reduce`` DDP would issue, once per step, on on
 Backend: ``nccl`` for CUDA devices (each process on ``cuda:LOCAL_RANK``), ``gloo`` on CPU. Single-process
 runs never touch ``torch.distributed``: every function here is then the identity or the plain call.
 
-The trainer takes these as one strategy object (``Trainer(strategy=...)``, by default :func:`strategy`):
-:class:`SingleProcess` (every hook the identity) or :class:`DataParallel`.
+The trainer takes these as one strategy object (``Trainer(strategy=...)``): :class:`DataParallel` by default, whose
+hooks check at each call whether ``torch.distributed`` is initialised, or :class:`SingleProcess` (every hook the
+identity).
 """
 from __future__ import annotations
 
@@ -456,7 +457,10 @@ class SingleProcess:
 
 class DataParallel(SingleProcess):
     """The trainer's strategy for several ``torch.distributed`` processes (:func:`init`): each takes its shard of
-    every global batch, the gradients are averaged, checks and stops are agreed, rank 0 writes the files."""
+    every global batch, the gradients are averaged, checks and stops are agreed, rank 0 writes the files.
+
+    Every hook asks whether ``torch.distributed`` is initialised when it is called, and is the identity when it is
+    not: the trainer's default, right in one process and in a trainer built before :func:`init`."""
 
     def __init__(self):
         self.stop_agreed = False  # every rank has agreed to stop at a check point
@@ -537,12 +541,6 @@ class DataParallel(SingleProcess):
 
     def mean(self, fn, data):
         return sharded_mean(fn, data)
-
-
-def strategy() -> SingleProcess:
-    """The strategy for this process: :class:`DataParallel` when ``torch.distributed`` is initialised, else
-    :class:`SingleProcess`."""
-    return DataParallel() if active() else SingleProcess()
 
 
 # --- evaluation ------------------------------------------------------------------------------------------------

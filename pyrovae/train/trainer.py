@@ -80,8 +80,8 @@ class Trainer:
             Python changes from step to step (reads a step counter, say) needs ``capture="off"``.
         callbacks: :class:`~pyrovae.train.callbacks.Callback` instances called by every ``fit`` (``fit`` takes more); with a
             ``run_dir`` the trainer adds :class:`~pyrovae.train.callbacks.MetricsFile` and :class:`~pyrovae.train.callbacks.Checkpoints`.
-        strategy: one process or several (:mod:`pyrovae.train.distributed`; default: :func:`~pyrovae.train.distributed.strategy`,
-            :class:`~pyrovae.train.distributed.DataParallel` once ``torch.distributed`` is initialised).
+        strategy: one process or several (:mod:`pyrovae.train.distributed`; default:
+            :class:`~pyrovae.train.distributed.DataParallel`, the identity until ``torch.distributed`` is initialised).
 
     The run's state is :attr:`state` (:class:`~pyrovae.train.state.TrainState`); ``params``, ``optim``, ``cursor`` and
     ``history`` are read-only shortcuts to it.
@@ -112,7 +112,7 @@ class Trainer:
         self.callbacks = check_callbacks(callbacks)
         self.validate_every_step, self.capture_mode = bool(validate_every_step), capture
         self.gradients: Optional[Gradients] = None  # the step's gradients (and its fast path), made by setup()
-        self.strategy = strategy if strategy is not None else distributed.strategy()
+        self.strategy = strategy if strategy is not None else distributed.DataParallel()
         self._valid_engine: Optional[LogWeightEngine] = None
         modules = {k: m for k, m in (("model", model), ("guide", guide)) if isinstance(m, torch.nn.Module)}
         self.state = TrainState(objective, modules)
