@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyrovae.train.checks import adam_defaults
+
 LOG_2PI_HALF = 0.5 * math.log(2 * math.pi)
 
 _ACTIVATIONS: dict[type, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -194,7 +196,8 @@ class HandVAE:
 
 
 class HandTrainer:
-    """The hand-written training step: zero_grad, loss, backward, ``torch.optim.Adam`` step.
+    """The hand-written training step: zero_grad, loss, backward, ``torch.optim.Adam`` step (with the options the
+    library's trainer gives it, :func:`pyrovae.train.checks.adam_defaults`: a user would pick the fused kernel too).
 
     Args:
         vae: a :class:`HandVAE`.
@@ -206,7 +209,8 @@ class HandTrainer:
             raise ValueError(f"objective={objective!r}: choose 'elbo' or 'iwae'")
         self.vae, self.num_particles = vae, int(num_particles)
         self.loss_fn = vae.elbo_loss if objective == "elbo" else vae.iwae_loss
-        self.optim = torch.optim.Adam(vae.parameters(), lr=lr)
+        params = list(vae.parameters())
+        self.optim = torch.optim.Adam(params, lr=lr, **adam_defaults(torch.optim.Adam, {}, params))  # the trainer's Adam: fused where torch has it
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         self.optim.zero_grad(set_to_none=True)

@@ -21,6 +21,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from pyrovae.nn.likelihoods import PackedCategorical
 from pyrovae.nn.recurrent import RNN, RNN_KINDS, check_int
 from pyrovae.utils.registry import TEXT_GROUP, register_model
 from pyrovae.data.text import check_batch, token_mask
@@ -70,8 +71,8 @@ class SentenceDecoder(nn.Module):
         drop[..., 0] = False  # <sos> stays
         return inputs.masked_fill(drop, UNK)
 
-    def forward(self, inputs: torch.Tensor, z: Optional[torch.Tensor] = None, state=None):
-        """Logits ``[*batch, T, V]`` for ``inputs`` ``[B, T]`` and ``z`` ``[*batch, D]`` (particles may lead: the
+    def hidden(self, inputs: torch.Tensor, z: Optional[torch.Tensor] = None, state=None):
+        """RNN outputs ``[*batch, T, H]`` for ``inputs`` ``[B, T]`` and ``z`` ``[*batch, D]`` (particles may lead: the
         inputs are repeated for each), and the final state."""
         lead = inputs.shape[:-1] if z is None else z.shape[:-1]
         n = lead.numel()
@@ -79,7 +80,12 @@ class SentenceDecoder(nn.Module):
         if state is None:
             state = self.initial_state(None if z is None else z.reshape(n, -1), n, inputs)
         h, state = self.rnn(self.embed(x), state)
-        return self.out(h).reshape(*lead, inputs.shape[-1], self.vocab_size), state
+        return h.reshape(*lead, inputs.shape[-1], self.hidden_dim), state
+
+    def forward(self, inputs: torch.Tensor, z: Optional[torch.Tensor] = None, state=None):
+        """Logits ``[*batch, T, V]`` at every position (see :meth:`hidden`), and the final state."""
+        h, state = self.hidden(inputs, z, state)
+        return self.out(h), state
 
     @torch.no_grad()
     def generate(self, z: Optional[torch.Tensor], num: int, max_length: int = 50, greedy: bool = True, temperature: float = 1.0) -> torch.Tensor:
@@ -110,9 +116,12 @@ class _TextModel(nn.Module):
     decoder: SentenceDecoder
 
     def observe(self, tokens: torch.Tensor, lengths: torch.Tensor, z: Optional[torch.Tensor]) -> None:
-        logits, _ = self.decoder(tokens[:, :-1], z)
+        h, _ = self.decoder.hidden(tokens[:, :-1], z)
         mask = token_mask(tokens, lengths)
-        pyro.sample("x", dist.Categorical(logits=logits).mask(mask).to_event(1), obs=tokens[:, 1:])
+        where = mask.expand(h.shape[:-1])
+        # the vocabulary-sized softmax on the predicted positions only (not on the padding): PackedCategorical
+        logits = self.decoder.out(h[where])
+        pyro.sample("x", PackedCategorical(logits, where).mask(mask).to_event(1), obs=tokens[:, 1:])
 
     def generate(self, z: Optional[torch.Tensor], num: int, max_length: int = 50, greedy: bool = True, temperature: float = 1.0) -> torch.Tensor:
         return self.decoder.generate(z, num, max_length, greedy, temperature)

@@ -96,6 +96,12 @@ def lift_params(gm: torch.fx.GraphModule, params: Optional[list[torch.Tensor]] =
             raise CaptureRefused(f"the graph reads a tensor that requires grad but is not a trained parameter (shape {tuple(value.shape)})")
     for name in lifted:
         delattr(gm, name)
+    shaped = _data_dependent_shapes(graph)
+    if shaped:
+        raise CaptureRefused(
+            f"the graph holds ops whose output shape depends on tensor values ({', '.join(sorted(set(shaped)))}, e.g. boolean "
+            "indexing), which a recorded graph would replay with the recording's sizes"
+        )
     writes = _external_writes(graph)
     if writes:
         raise CaptureRefused(f"the graph writes into tensors it did not create ({', '.join(sorted(set(writes)))}), e.g. running statistics")
@@ -110,6 +116,27 @@ def lift_params(gm: torch.fx.GraphModule, params: Optional[list[torch.Tensor]] =
         log.debug("pyrovae capture: buffer reuse skipped (%s)", e)
     gm.recompile()
     return gm, list(params)
+
+
+#: aten ops whose output's shape is read from their input's values
+_VALUE_SHAPED = {"nonzero", "masked_select", "argwhere", "_unique", "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave"}
+
+
+def _data_dependent_shapes(graph: torch.fx.Graph) -> list[str]:
+    """Names of the graph's ops whose output shape depends on tensor values: nonzero and friends, and indexing
+    with a boolean mask."""
+    found = []
+    for node in graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        name = node.target.overloadpacket.__name__
+        if name in _VALUE_SHAPED:
+            found.append(name)
+        elif name in ("index", "_unsafe_index") and any(
+            isinstance(i, torch.fx.Node) and getattr(i.meta.get("val"), "dtype", None) == torch.bool for i in (node.args[1] if len(node.args) > 1 else ())
+        ):
+            found.append(f"{name} with a boolean mask")
+    return found
 
 
 _COMMUTATIVE = {"mul.Tensor", "add.Tensor"}

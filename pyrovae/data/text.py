@@ -124,6 +124,11 @@ class Sentences(NamedTuple):
     def to(self, device) -> "Sentences":
         return fields_to(self, device)
 
+    def chunks(self, batch_size: int) -> list["Sentences"]:
+        """The sentences sorted by length in parts of ``batch_size``, each cut to its own width (:func:`buckets`): how
+        :meth:`pyrovae.train.Trainer.validate` evaluates them, without running the RNNs over other sentences' padding."""
+        return buckets(self, batch_size)
+
 
 def token_mask(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """``[B, T]`` bool: True at the predicted positions ``t < lengths`` of ``tokens`` ``[B, T + 1]``."""

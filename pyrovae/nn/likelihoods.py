@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 import pyro.distributions as dist
 from pyro.distributions import TorchDistribution, constraints
-from torch.nn.functional import binary_cross_entropy_with_logits, softplus
+from torch.nn.functional import binary_cross_entropy_with_logits, cross_entropy, softplus
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,51 @@ class BernoulliLogits(TorchDistribution):
         logits, value = torch.broadcast_tensors(self.logits, value)
         bce = binary_cross_entropy_with_logits(logits, value, reduction="none")
         return -bce.sum(tuple(range(-len(self.event_shape), 0)))
+
+
+class PackedCategorical(TorchDistribution):
+    """Categorical(softmax(logits)) at the positions of a ``[*batch]`` grid where ``where`` is True, with the logits
+    given only there: ``logits`` ``[N, V]`` holds one row per True entry of ``where``, in row-major order (as
+    ``full_logits[where]``). A position outside ``where`` has log-probability 0 and samples 0.
+
+    The same density as ``Categorical(full_logits)`` on the True positions, for a decoder whose output layer is the
+    costly part (a vocabulary-sized softmax over padded sentences): that layer runs on the N positions that are scored,
+    not on every padded one. Keep the usual ``.mask(where)`` around it, so that code reading the site's mask (token
+    counts, :class:`pyrovae.objectives.sequence.TokenGECO`) sees it. No mean: like a Categorical, it has none to show.
+    """
+
+    arg_constraints = {"logits": constraints.real}
+    support = constraints.nonnegative_integer
+    has_rsample = False
+
+    def __init__(self, logits: torch.Tensor, where: torch.Tensor, validate_args=None):
+        if logits.dim() != 2 or where.dtype != torch.bool:
+            raise ValueError(f"PackedCategorical takes logits [N, V] and a bool grid; got logits {list(logits.shape)} and a {where.dtype} grid")
+        self.logits, self.where = logits, where
+        super().__init__(where.shape, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        if batch_shape == self.batch_shape:
+            return self
+        rows = (self.where.reshape(-1).cumsum(0) - 1).reshape(self.where.shape)
+        where = self.where.expand(batch_shape)
+        return PackedCategorical(self.logits[rows.expand(batch_shape)[where]], where, validate_args=False)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if value.shape != self.batch_shape:
+            if value.dim() > len(self.batch_shape):
+                raise ValueError(f"PackedCategorical scores values of its grid's shape {list(self.batch_shape)}, not {list(value.shape)} (no sample dims)")
+            value = value.expand(self.batch_shape)
+        picked = -cross_entropy(self.logits, value[self.where], reduction="none")
+        return self.logits.new_zeros(self.batch_shape).masked_scatter(self.where, picked)
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        if sample_shape:
+            raise ValueError("PackedCategorical draws one value per grid position: sample() without a sample_shape")
+        with torch.no_grad():
+            drawn = torch.multinomial(torch.softmax(self.logits, -1), 1).squeeze(-1)
+            return torch.zeros(self.batch_shape, dtype=torch.long, device=self.logits.device).masked_scatter(self.where, drawn)
 
 
 def _bernoulli(out, event_dim, scale):

@@ -28,6 +28,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
 
+from pyrovae.nn.likelihoods import PackedCategorical
 from pyrovae.utils.rng import get_rng_state, set_rng_state
 
 PARTICLE_PLATE = "num_particles_vectorized"
@@ -573,7 +574,7 @@ def site_mean(trace: Trace, site: str) -> torch.Tensor:
     base = fn
     while isinstance(base, (torch.distributions.Independent, MaskedDistribution)):
         base = base.base_dist
-    if isinstance(base, torch.distributions.Categorical):  # torch gives a mean of NaNs: a wrong number, not an error
+    if isinstance(base, (torch.distributions.Categorical, PackedCategorical)):  # torch gives a Categorical a mean of NaNs: a wrong number, not an error
         raise ValueError(
             f"site {site!r} is {type(base).__name__}, which has no mean: reconstructions, pictures and GECO's constraints on "
             "g(z) (RE, FRE, CLA, pNCC) need an observed site with a mean; for token sequences constrain the "

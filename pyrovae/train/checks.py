@@ -238,3 +238,16 @@ def check_trainer_options(lr, clip_norm, check_every, capture: str, objective) -
         raise ValueError(f"capture={capture!r} is not known; choose one of {list(MODES)}")
     if not hasattr(objective, "differentiable_loss"):
         raise TypeError(f"objective {objective!r} has no differentiable_loss; pass a pyrovae objective or a pyro.infer.ELBO")
+
+
+def adam_defaults(optimizer: type, kwargs: dict, params) -> dict:
+    """``kwargs`` for ``optimizer``, with ``fused=True`` added for ``torch.optim.Adam`` when the caller chose neither
+    ``fused`` nor ``foreach`` and every parameter is a floating-point CPU or CUDA tensor: torch's fused kernel does the
+    update in one pass over each tensor instead of about ten (on CPU, 62 fewer milliseconds per step of the sentence
+    VAE at Bowman et al.'s sizes, whose embeddings and softmax hold 9 million parameters; ``docs/speed.md``). The same
+    update up to float rounding; pass ``optimizer_kwargs={"fused": False}`` for torch's default loop."""
+    if optimizer is not torch.optim.Adam or "fused" in kwargs or "foreach" in kwargs:
+        return dict(kwargs)
+    params = list(params)
+    ok = params and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) and len({p.device for p in params}) == 1
+    return {**kwargs, "fused": True} if ok else dict(kwargs)

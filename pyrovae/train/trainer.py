@@ -28,7 +28,7 @@ from pyrovae.objectives.base import Objective
 import pyrovae.train.distributed as distributed
 import pyrovae.train.runs as runs
 from pyrovae.train.checkpoint import save_checkpoint  # looked up here by Trainer.save (tests replace pyrovae.train.trainer.save_checkpoint)
-from pyrovae.train.checks import check_data_shape, check_epochs, check_fit_data, check_sites, check_trainer_options, check_valid_data, check_valid_runs, collect_params  # noqa: F401  (re-exported)
+from pyrovae.train.checks import adam_defaults, check_data_shape, check_epochs, check_fit_data, check_sites, check_trainer_options, check_valid_data, check_valid_runs, collect_params  # noqa: F401  (re-exported)
 from pyrovae.data import Batches, as_inputs
 from pyrovae.train.divergence import POLICIES, DivergenceError, Rollback, Snapshot, nonfinite_sites  # noqa: F401  (re-exported)
 from pyrovae.train.resume import TrainingInterrupted, interrupt, run_folder, stop_signals  # noqa: F401  (re-exported)
@@ -132,7 +132,7 @@ class Trainer:
         check_data_shape(batch[0], self.model, self.guide)
         check_sites(self.model, self.guide, batch, keep_rng=True)  # the check draws nothing from the run's random stream
         self.state.params = params = collect_params(self.model, self.guide, self.objective, batch)
-        self.state.optim = self.optimizer_cls(list(params.values()), lr=self.lr, **self.optimizer_kwargs)
+        self.state.optim = self.optimizer_cls(list(params.values()), lr=self.lr, **adam_defaults(self.optimizer_cls, self.optimizer_kwargs, params.values()))
         for group in self.state.optim.param_groups:
             group.setdefault("initial_lr", group["lr"])
         self.gradients = Gradients(
@@ -194,12 +194,20 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self, valid: Union[torch.Tensor, tuple], batch_size: int) -> float:
-        """The validation ELBO per datum (each process evaluates its shard)."""
+        """The validation ELBO per datum (each process evaluates its shard). A ``valid`` with a ``chunks(batch_size)``
+        method is evaluated part by part (:meth:`pyrovae.data.text.Sentences.chunks`: sentences sorted by length, each
+        part cut to its own width, so that padding costs nothing)."""
         from pyrovae.evaluate import elbo_terms
 
         if self._valid_engine is None:  # one engine for every epoch: it guesses the plate nesting once
             self._valid_engine = LogWeightEngine(num_particles=self.valid_particles)
-        return self.strategy.mean(lambda part: elbo_terms(self.model, self.guide, part, batch_size=batch_size, engine=self._valid_engine)["elbo"], valid)
+        parts = valid.chunks(batch_size) if hasattr(valid, "chunks") else [valid]  # e.g. sentences by length, each part cut to its width
+        total = count = 0.0
+        for part in parts:
+            n = as_inputs(part, "valid")[0].shape[0]
+            total += n * self.strategy.mean(lambda p: elbo_terms(self.model, self.guide, p, batch_size=batch_size, engine=self._valid_engine)["elbo"], part)
+            count += n
+        return total / count
 
     def fit(self, train: Union[torch.Tensor, tuple], epochs: int, batch_size: int = 100, valid: Optional[Union[torch.Tensor, tuple]] = None,
             dynamic_binarize: bool = False, callbacks: Optional[Sequence[Callback]] = None) -> list[dict]:
@@ -212,7 +220,8 @@ class Trainer:
 
         ``train`` may also be a batch source with :class:`~pyrovae.data.Batches`'s ``__len__``, ``permutation()``,
         ``batch(perm, index)`` and ``data`` (e.g. :class:`pyrovae.data.text.BucketBatches`, batches of sentences of
-        similar length): its batches are used as they come (``batch_size`` then only sizes validation).
+        similar length): its batches are used as they come (``batch_size`` then only sizes validation). A ``valid``
+        with a ``chunks(batch_size)`` method is validated part by part (see :meth:`validate`).
 
         ``callbacks`` are called after the trainer's own (:mod:`pyrovae.train.callbacks`); one that sets
         ``trainer.stop_training = True`` ends ``fit`` cleanly at the next step boundary."""
@@ -220,8 +229,9 @@ class Trainer:
         hooks = CallbackList([*self.callbacks, *check_callbacks(callbacks), *self._builtin_callbacks()])
         source = train if all(hasattr(train, a) for a in ("permutation", "batch", "data", "__len__")) else None
         train = as_inputs(train if source is None else source.data, "train")
-        valid = None if valid is None else as_inputs(valid, "valid")
-        check_fit_data(self.model, train, valid)
+        checked = None if valid is None else as_inputs(valid, "valid")
+        check_fit_data(self.model, train, checked)
+        valid = valid if hasattr(valid, "chunks") else checked  # a source that chunks itself (Sentences) is kept for validate()
         n = train[0].shape[0]
         if n == 0:
             raise ValueError("the training set is empty")
@@ -239,7 +249,7 @@ class Trainer:
         if valid is not None and valid[0].shape[0] > 0:
             from pyrovae.evaluate import elbo_terms
 
-            check_valid_runs(self.model, self.guide, train, valid, lambda part: elbo_terms(self.model, self.guide, part, batch_size=2))
+            check_valid_runs(self.model, self.guide, train, checked, lambda part: elbo_terms(self.model, self.guide, part, batch_size=2))
         runs.check_cursor(self.state.cursor.perm, self.state.cursor.pos, n, len(batches))
         self.epochs, self.num_batches, self.batch_size = int(epochs), len(batches), int(batch_size)
         self.stop_training = False
