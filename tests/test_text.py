@@ -737,3 +737,26 @@ def test_sizes_that_cannot_fit_are_refused_before_allocating(tmp_path, monkeypat
     monkeypatch.undo()
     cut = T.load_ptb(_ptb_folder(tmp_path / "long", "a b c\n" + long_line), max_length=30, download=False)  # the fix the message names
     assert cut.train.tokens.shape == (2, 32)
+
+
+def test_packed_categorical_is_the_masked_categorical():
+    """``PackedCategorical(full_logits[where], where)``: the density of ``Categorical(full_logits)`` on the True
+    positions and 0 elsewhere, with particles leading, after ``expand``, and in samples (0 off the grid)."""
+    from pyrovae.nn.likelihoods import PackedCategorical
+
+    torch.manual_seed(0)
+    full = torch.randn(3, 4, 6, 11, dtype=torch.double)
+    mask = torch.arange(6) < torch.tensor([6, 2, 4, 1])[:, None]
+    where = mask.expand(3, 4, 6)
+    obs = torch.randint(0, 11, (4, 6))
+    expected = dist.Categorical(logits=full).mask(mask).to_event(1).log_prob(obs)
+    got = PackedCategorical(full[where], where).mask(mask).to_event(1).log_prob(obs)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    one = PackedCategorical(full[0][mask], mask).expand((3, 4, 6))  # a grid of one particle, expanded to three
+    torch.testing.assert_close(one.log_prob(obs), dist.Categorical(logits=full[0]).log_prob(obs).masked_fill(~mask, 0).expand(3, 4, 6), rtol=0, atol=1e-12)
+    drawn = PackedCategorical(full[where], where).sample()
+    assert drawn.shape == (3, 4, 6) and bool((drawn[~where] == 0).all())
+    with pytest.raises(ValueError, match="no sample dims"):
+        PackedCategorical(full[0][mask], mask).log_prob(torch.zeros(2, 4, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="bool grid"):
+        PackedCategorical(full[0][mask], mask.long())
