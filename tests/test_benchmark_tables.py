@@ -79,3 +79,76 @@ def test_recorded_commands_name_no_machine_folder(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["iwae_table.py", "--work-dir", "/scratch/me/runs", f"--out={ROOT / 'benchmarks' / 'results' / 'x.md'}", "--stages", "5"])
     line = common.command_line()
     assert "--work-dir .../runs" in line and "--out=benchmarks/results/x.md" in line and "/scratch" not in line and str(ROOT) not in line
+
+
+def _run_gradient_variance(gv, argv: list[str]) -> int:
+    import torch
+
+    threads = torch.get_num_threads()  # the script sets one thread for itself
+    try:
+        return gv.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_gradient_variance_resumed_run_equals_an_uninterrupted_one(tmp_path, data_root, monkeypatch):
+    """KSW15 Table 1's long run survives interruption: stopped after an epoch, killed in the middle of a
+    measurement, continued with --resume, it ends with the uninterrupted run's weights, optimiser state and
+    variances bit for bit; a checkpoint with other settings, or one met without --resume, is refused."""
+    import pytest
+    import torch
+
+    gv = _load("gradient_variance")
+    small = ["--quick", "--train-size", "300", "--batch-size", "50", "--reps", "4", "--epochs", "1,2", "--vae-train-size", "200",
+             "--vae-epochs", "1,2", "--vae-reps", "3", "--checkpoint-minutes", "0", "--data-dir", str(data_root)]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert _run_gradient_variance(gv, small + ["--work-dir", str(whole)]) == 0
+
+    assert _run_gradient_variance(gv, small + ["--work-dir", str(parts), "--stop-after-epochs", "1"]) == 0
+    state = torch.load(parts / "part1.pt", weights_only=False)
+    assert state["epoch"] == 1 and state["results"] == {} and not (parts / "part2.pt").exists()
+
+    class Killed(Exception):
+        pass
+
+    real, calls = gv.minibatch_gradient, {"separate": 0}
+
+    def killed_at_the_sixth_separate_draw(net, x, y, idx, how, *rest):
+        if how == "separate weight samples":
+            calls["separate"] += 1
+            if calls["separate"] == 6:  # epoch 2's second draw (4 draws at epoch 1)
+                raise Killed
+        return real(net, x, y, idx, how, *rest)
+
+    monkeypatch.setattr(gv, "minibatch_gradient", killed_at_the_sixth_separate_draw)
+    with pytest.raises(Killed):
+        _run_gradient_variance(gv, small + ["--work-dir", str(parts), "--resume"])
+    monkeypatch.setattr(gv, "minibatch_gradient", real)
+    state = torch.load(parts / "part1.pt", weights_only=False)
+    assert state["epoch"] == 2 and state["partial"]["how"] == "separate weight samples" and state["partial"]["done"] == 1
+    assert list(state["results"][2]["variances"]) == ["local reparameterization"]
+
+    with pytest.raises(SystemExit, match="reps: 4 there, 5 now"):
+        _run_gradient_variance(gv, [*small, "--reps", "5", "--work-dir", str(parts), "--resume"])
+    with pytest.raises(SystemExit, match="pass --resume"):
+        _run_gradient_variance(gv, small + ["--work-dir", str(parts)])
+
+    assert _run_gradient_variance(gv, small + ["--work-dir", str(parts), "--resume", "--stop-after-epochs", "1"]) == 0
+    assert torch.load(parts / "part2.pt", weights_only=False)["epoch"] == 1
+    assert _run_gradient_variance(gv, small + ["--work-dir", str(parts), "--resume"]) == 0
+
+    for name in ("part1.pt", "part2.pt"):
+        a, b = (torch.load(d / name, weights_only=False) for d in (whole, parts))
+        for state in (a, b):
+            for res in state["results"].values():
+                res.pop("measure_seconds")
+        assert a["results"] == b["results"] and a["epoch"] == b["epoch"] == 2 and b["partial"] is None, name
+        assert a["weights"].keys() == b["weights"].keys() and all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"]), name
+        moments = [(s["exp_avg"], s["exp_avg_sq"]) for s in (a["opt"]["state"][i] for i in sorted(a["opt"]["state"]))]
+        moments_b = [(s["exp_avg"], s["exp_avg_sq"]) for s in (b["opt"]["state"][i] for i in sorted(b["opt"]["state"]))]
+        assert all(torch.equal(u, v) for pa, pb in zip(moments, moments_b) for u, v in zip(pa, pb)), name
+        assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]), name
+    assert set(a["results"][2]["variances"]) == {"local reparameterization", "single weight sample"}
+
+    with pytest.raises(SystemExit):  # a smoke run never writes the committed table
+        gv.parse_args(["--quick", "--out", str(gv.DEFAULT_OUT)])
