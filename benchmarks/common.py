@@ -27,7 +27,7 @@ from pyrovae.evaluate import nll_summary
 
 __all__ = [
     "add_common_args", "build", "build_objective", "command_line", "cpu_model", "fill_defaults", "fixed_binarization", "fmt",
-    "hardware_info", "load_average", "log", "nll_summary", "now", "paired_difference", "portable_path", "require_positive", "resolve_device",
+    "count_flops", "hardware_info", "load_average", "matmul_rate", "log", "nll_summary", "now", "paired_difference", "portable_path", "require_positive", "resolve_device",
     "settings", "start",
 ]
 
@@ -178,6 +178,30 @@ def command_line() -> str:
     """The command that started this process, shell-quoted (with ``OMP_NUM_THREADS`` if set), paths made portable."""
     env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     return env + " ".join(shlex.quote(portable_path(a)) for a in [os.path.basename(sys.executable), *sys.argv])
+
+
+def matmul_rate(n: int = 1024, repeats: int = 20) -> float:
+    """FLOP/s of an ``n x n`` float32 matrix product on the CPU at the current thread count (median of ``repeats``):
+    the rate a step's FLOPs are held against (issue 27's FLOP limit)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / sorted(times)[len(times) // 2]
+
+
+def count_flops(fn, *args) -> int:
+    """Floating-point operations of ``fn(*args)``, forward and backward, as ``torch.utils.flop_counter.FlopCounterMode``
+    counts them (matrix products and convolutions: nearly all of a step's arithmetic)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return counter.get_total_flops()
 
 
 def load_average() -> Optional[float]:

@@ -44,7 +44,7 @@ import torch
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_common_args, build as build_pair, command_line, cpu_model, start  # noqa: E402
+from common import add_common_args, build as build_pair, command_line, count_flops, cpu_model, matmul_rate, start  # noqa: E402
 from draw_reference import HandDRAW  # noqa: E402
 from reference import HandTrainer, HandVAE  # noqa: E402
 
@@ -113,6 +113,7 @@ class Row:
     note: str = ""
     skipped: str = ""
     capture: dict[str, str] = field(default_factory=dict)  # impl -> the trainer's capture report
+    flops: Optional[int] = None  # FLOPs of one training step (forward and backward), with --flops
 
     def median(self, impl: str, cpu: bool = False) -> Optional[float]:
         r = (self.cpu_rates if cpu else self.rates).get(impl)
@@ -309,6 +310,9 @@ def run_device(device: torch.device, args, train: torch.Tensor, test: torch.Tens
             inputs = [train[torch.randint(train.shape[0], (cfg.batch,), generator=g).to(device)] for _ in range(8)]
             measure(row, impls, inputs, 1, args, sync)
             row.capture = {n: i.trainer.capture_report for n, i in impls.items() if i.trainer is not None}
+            if args.flops:  # after the timing: one more hand-written step, counted
+                with impls["hand"].scope():
+                    row.flops = count_flops(impls["hand"].run, inputs[0])
         print(format_progress(row, time.perf_counter() - t0), flush=True)
     return rows
 
@@ -531,7 +535,32 @@ def report(rows: list[Row], args, meta: dict) -> str:
     if "cuda" not in devices:
         parts += ["## CUDA", "", "Not measured: " + ("no CUDA device on this machine (torch.cuda.is_available() is False)." if not torch.cuda.is_available() else "run with --device auto or cuda."), ""]
     parts += ["## Targets", "", targets_section(rows, devices), ""]
+    if meta.get("matmul_rate"):
+        parts += ["## FLOP limit", "", flop_section(rows, meta["matmul_rate"]), ""]
     return "\n".join(parts)
+
+
+def flop_section(rows: list[Row], rate: float) -> str:
+    """Each CPU training row's step time against the time its FLOPs need at the measured matrix-product rate."""
+    out = [
+        f"Matrix-product rate measured in this run: {rate / 1e9:.1f} GFLOP/s (a 1024 x 1024 float32 `torch.mm`, the run's threads, "
+        "median of 20). FLOPs of one training step, forward and backward, counted by `torch.utils.flop_counter.FlopCounterMode` "
+        "on the hand-written step (the same arithmetic as pyrovae's). Step time / FLOP time: 1.0 is the limit; issue 27 asks for 1.5 or less.",
+        "",
+        "| model | objective | batch | GFLOP per step | FLOP time (ms) | hand-written step (ms) | pyrovae step (ms) | hand / FLOP time | **pyrovae / FLOP time** | within 1.5 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        if row.flops is None or row.device != "cpu" or not row.rates:
+            continue
+        need = row.flops / rate
+        hand, ours = 1 / row.median("hand"), 1 / row.median("pyrovae") if row.median("pyrovae") else None
+        ratio = None if ours is None else ours / need
+        out.append(
+            f"| {short_arch(row.config.arch)} | {row.config.label} | {row.config.batch} | {row.flops / 1e9:.2f} | {1e3 * need:.0f} | {1e3 * hand:.0f} | "
+            f"{'—' if ours is None else f'{1e3 * ours:.0f}'} | {hand / need:.2f} | **{fmt(ratio)}** | {'—' if ratio is None else ('yes' if ratio <= 1.5 else '**no**')} |"
+        )
+    return "\n".join(out)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -554,6 +583,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help=f"markdown file to write (default: {DEFAULT_OUT.relative_to(DEFAULT_OUT.parents[2])}; with --quick, {QUICK_OUT})")
     add_common_args(p, device=None, seed=None, data="binarized-mnist")
     p.add_argument("--no-epochs", action="store_true", help="leave out the main job's whole-epoch rows")
+    p.add_argument("--flops", action="store_true", help="also count each training step's FLOPs and measure the CPU's matrix-product rate: "
+                   "the FLOP-limit section (step time / the time its FLOPs need at that rate)")
     p.add_argument("--note", action="append", default=[], help="a line recorded in the results file (e.g. why --threads was set); repeatable")
     args = p.parse_args(argv)
     if args.rounds is None:
@@ -594,6 +625,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "load_start": f"{os.getloadavg()[0]:.2f}",
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available (torch.cuda.is_available() is False)",
         "validation": not args.no_validation,
+        "matmul_rate": matmul_rate() if args.flops else None,
     }
     if FlowEncoder is None:
         print("speed.py: pyrovae.guides.FlowEncoder is not available; the planar-flow rows are skipped", flush=True)

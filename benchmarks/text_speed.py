@@ -37,7 +37,7 @@ import pyro
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_common_args, build, command_line, cpu_model, now, start  # noqa: E402
+from common import add_common_args, build, command_line, count_flops, cpu_model, matmul_rate, now, start  # noqa: E402
 
 from pyrovae.utils.files import atomic_write  # noqa: E402
 from pyrovae.data import load_dataset  # noqa: E402
@@ -75,26 +75,10 @@ def with_torch_lstm(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def matmul_rate(n: int = 1024, repeats: int = 20) -> float:
-    """FLOP/s of an ``n x n`` float32 matrix product at the current thread count (median of ``repeats``)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        torch.mm(a, b)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times)
-
-
 def step_flops(trainer: Trainer, store: dict, batch: Sentences) -> int:
     """FLOPs of one training step's forward and backward pass (the plain step: the same arithmetic as the others)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with pyro.get_param_store().scope(store), FlopCounterMode(display=False) as counter:
-        trainer.gradients.plain(tuple(batch))
-    return counter.get_total_flops()
+    with pyro.get_param_store().scope(store):
+        return count_flops(trainer.gradients.plain, tuple(batch))
 
 
 class HandWritten(torch.nn.Module):
