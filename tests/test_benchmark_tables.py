@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import importlib.util
 import math
 import sys
@@ -152,3 +153,103 @@ def test_gradient_variance_resumed_run_equals_an_uninterrupted_one(tmp_path, dat
 
     with pytest.raises(SystemExit):  # a smoke run never writes the committed table
         gv.parse_args(["--quick", "--out", str(gv.DEFAULT_OUT)])
+
+
+class _Ticks:
+    """A clock that advances one 'second' per reading: the draw_table budget then counts one second per training step,
+    so two runs take the same steps whatever else the machine does."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        self.t += 1.0
+        return self.t
+
+
+def _binary_images(n: int, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.bernoulli(torch.full((n, 1, 28, 28), 0.2), generator=g)
+
+
+def test_draw_t64_continues_its_budget_and_curve_after_a_stop(tmp_path):
+    """The t64 protocol's training (in its quick form: DRAW with T = 2, 16-unit LSTMs), stopped after one curve segment and
+    continued by a fresh model and Trainer from its run folder, ends where an uninterrupted run ends: the same budget,
+    steps and curve (point for point, bit for bit; only the wall time differs) and the same weights, rather than starting again. 12 steps of
+    batch 20 on 60 images: the curve's segments (4 steps) end inside epochs (3 steps)."""
+    import torch
+
+    from pyrovae.train.checkpoint import load_checkpoint
+
+    dt = _load("draw_table")
+    s = {**dt.PROTOCOLS["t64-quick"], "budget_s": 12.0, "curve_every_s": 4.0, "batch_size": 20, "curve_test": 20, "bound_test": 20, "nll_test": 10, "eval_samples": 3}
+    train, test = _binary_images(60, 1), _binary_images(20, 2)
+    whole = dt.run_model("draw", s, train, test, run_dir=tmp_path / "whole", clock=_Ticks(), protocol="t64-quick")
+
+    assert dt.run_model("draw", s, train, test, run_dir=tmp_path / "split", stop_after=1, clock=_Ticks(), protocol="t64-quick") is None
+    saved = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
+    assert saved["cursor"]["step"] == 4 and saved["config"]["progress"]["train_cpu_s"] == 4.0
+    assert [p["steps"] for p in saved["config"]["progress"]["curve"]] == [0, 4]
+    try:
+        dt.run_model("draw", s, train, test, run_dir=tmp_path / "split", clock=_Ticks(), protocol="t64-quick")
+    except SystemExit as e:
+        assert "--resume" in str(e)  # a run folder that holds a run is not trained over
+    else:
+        raise AssertionError("a second run into a run folder that holds a run was not refused")
+    split = dt.run_model("draw", s, train, test, run_dir=tmp_path / "split", resume=True, clock=_Ticks(), protocol="t64-quick")
+
+    assert whole["invocations"] == 1 and split["invocations"] == 2
+    assert [p["steps"] for p in whole["curve"]] == [0, 4, 8, 12] and whole["train_cpu_s"] == 12.0 and whole["steps"] == 12 and whole["epochs"] == 4.0
+    wall = lambda curve: [{k: v for k, v in p.items() if k != "train_wall_s"} for p in curve]  # the one thing a stop changes
+    assert wall(split["curve"]) == wall(whole["curve"])
+    for key in ("train_cpu_s", "steps", "epochs", "test_bound", "nll"):
+        assert split[key] == whole[key], key
+    assert [h["train_loss"] for h in split["history"]] == [h["train_loss"] for h in whole["history"]] and len(whole["history"]) == 4
+    a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt")["params"] for run in ("whole", "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len({p["test_bound"] for p in whole["curve"]}) == 4  # the curve moves: equal curves are not four copies of one number
+
+
+def test_draw_t64_command_stops_resumes_and_never_writes_the_committed_table(tmp_path, monkeypatch):
+    """The command line of the t64 protocol: --stop-after leaves a checkpoint and no result, the same command with
+    --resume finishes the model, a rerun without --resume is refused, and the table (written once every model of the
+    protocol is done) goes into the work folder; a t64-quick run may not name the committed tables."""
+    import types
+
+    dt = _load("draw_table")
+    committed = ROOT / "benchmarks" / "results" / "draw_t64.md"
+    before = committed.read_bytes() if committed.exists() else None
+    for out in ("draw_t64.md", "draw_table.md"):
+        try:
+            dt.parse_args(["--protocol", "t64-quick", "--out", str(ROOT / "benchmarks" / "results" / out)])
+        except SystemExit:
+            pass
+        else:
+            raise AssertionError(f"--protocol t64-quick was allowed to write results/{out}")
+    data = types.SimpleNamespace(train=_binary_images(100, 1), test=_binary_images(100, 2))
+    monkeypatch.setattr(dt, "load_dataset", lambda *a, **k: data)
+    monkeypatch.setitem(dt.PROTOCOLS, "t64-quick", {**dt.PROTOCOLS["t64-quick"], "budget_s": 4.0, "curve_every_s": 2.0, "train_size": None})
+    monkeypatch.setattr(dt, "CLOCK", _Ticks())  # one 'second' per step: 2 steps per segment
+    work = tmp_path / "work"
+    common = ["--protocol", "t64-quick", "--work-dir", str(work)]
+    assert dt.main([*common, "--only", "draw", "--stop-after", "1"]) == 0
+    run = work / "t64-quick" / "draw"
+    first = json.loads((run / "progress.json").read_text())
+    assert not (work / "t64-quick" / "draw.json").exists() and [p["steps"] for p in first["curve"]] == [0, 2] and first["train_cpu_s"] == 2.0
+    assert dt.main([*common, "--only", "draw", "--resume"]) == 0
+    result = json.loads((work / "t64-quick" / "draw.json").read_text())
+    assert result["invocations"] == 2 and result["curve"][:2] == first["curve"] and result["train_cpu_s"] == 4.0
+    assert [p["steps"] for p in result["curve"]] == [0, 2, 4] and [p["target_cpu_s"] for p in result["curve"]] == [0.0, 2.0, 4.0]
+    assert not (work / "t64-quick" / "draw_t64.md").exists()  # draw-attention has not run
+    try:
+        dt.main([*common, "--only", "draw"])
+    except SystemExit as e:
+        assert "--resume" in str(e)
+    else:
+        raise AssertionError("a finished run was trained over without --resume")
+    assert dt.main([*common, "--only", "draw-attention", "--resume"]) == 0
+    table = (work / "t64-quick" / "draw_t64.md").read_text()
+    assert "| draw | " in table and "| draw-attention | " in table and "| paper, final | 87.40 | 80.97 |" in table
+    assert (committed.read_bytes() if committed.exists() else None) == before
