@@ -51,8 +51,12 @@ from common import (
 from pyrovae.train.callbacks import EachEpoch
 from pyrovae.utils.files import atomic_write
 from pyrovae.data import load_dataset
-from pyrovae.evaluate import active_units, elbo_terms, log_likelihood
+from pyrovae.evaluate import active_units, elbo_terms, kl_by_site, log_likelihood
+from pyrovae.train.checkpoint import load_checkpoint
 from pyrovae.train import Trainer, TrainingInterrupted
+
+#: a layer whose KL term is under this many nats per image is reported as collapsed
+COLLAPSED_NATS = 0.1
 
 #: name -> (stochastic layer sizes, objective, k)
 CONFIGS: dict[str, tuple[tuple[int, ...], str, int]] = {
@@ -179,21 +183,48 @@ def protocol_dir(args: argparse.Namespace) -> Path:
 # One configuration
 
 
+def make_trainer(name: str, args: argparse.Namespace, x_shape: tuple, device: torch.device, run_dir: Optional[Path]) -> tuple:
+    """The configuration's model, guide and trainer (seeded, a fresh parameter store)."""
+    z_dims, obj, k = CONFIGS[name]
+    pyro.set_rng_seed(args.seed)
+    pyro.clear_param_store()
+    cfg = {"model": "vae", "guide": "gaussian", "z_dims": list(z_dims), "objective": "elbo" if obj == "vae" else "iwae", "num_particles": k}
+    model, guide = build(cfg, x_shape, device)
+    trainer = Trainer(
+        model, guide, build_objective(cfg), lr=args.lr, schedule="iwae", optimizer_kwargs={"eps": args.adam_eps}, progress=False,
+        run_dir=run_dir, config={"benchmark": "iwae_table", "name": name, "protocol": protocol(args)},
+    )
+    return model, guide, trainer
+
+
+def layer_kl(model, guide, test: torch.Tensor, seed: int) -> dict:
+    """Each stochastic layer's KL term on the test images (one draw each, seeded): a collapsed layer shows about 0."""
+    pyro.set_rng_seed(seed)
+    return kl_by_site(model, guide, test)
+
+
+def fill_layer_kl(name: str, args: argparse.Namespace, test: torch.Tensor, folder: Path, entry: dict) -> bool:
+    """Add ``kl_by_layer`` to a configuration finished before the table reported it, from its final checkpoint (the
+    weights its NLL was measured with); False when that checkpoint is gone or is not the final one."""
+    last = folder / name / "checkpoints" / "last.pt"
+    if not last.is_file():
+        return False
+    state = load_checkpoint(last)
+    if state.get("cursor", {}).get("step") != entry["result"]["steps"]:
+        return False
+    model, guide, trainer = make_trainer(name, args, test.shape[1:], test.device, None)
+    trainer.setup(test[: args.batch_size])
+    trainer.state.load_weights(state)
+    entry["result"]["kl_by_layer"] = layer_kl(model, guide, test, args.seed)
+    return True
+
+
 def run_config(name: str, args: argparse.Namespace, train: torch.Tensor, test: torch.Tensor, folder: Path) -> dict:
     """Train one configuration in its run folder ``folder/name`` (checkpointed after every epoch; continued from
     its last checkpoint when one is there), then evaluate it on ``test``."""
     z_dims, obj, k = CONFIGS[name]
-    device = train.device
-    pyro.set_rng_seed(args.seed)
-    pyro.clear_param_store()
-    cfg = {"model": "vae", "guide": "gaussian", "z_dims": list(z_dims), "objective": "elbo" if obj == "vae" else "iwae", "num_particles": k}
-    model, guide = build(cfg, train.shape[1:], device)
-    objective = build_objective(cfg)
     run_dir, proto = folder / name, protocol(args)
-    trainer = Trainer(
-        model, guide, objective, lr=args.lr, schedule="iwae", optimizer_kwargs={"eps": args.adam_eps}, progress=False,
-        run_dir=run_dir, config={"benchmark": "iwae_table", "name": name, "protocol": proto},
-    )
+    model, guide, trainer = make_trainer(name, args, train.shape[1:], train.device, run_dir)
     last = run_dir / "checkpoints" / "last.pt"
     resumed_from = None
     if last.is_file():
@@ -256,6 +287,7 @@ def run_config(name: str, args: argparse.Namespace, train: torch.Tensor, test: t
         "test_nll_stderr_importance": nll["test_nll_importance_stderr"],
         "test_elbo": terms["elbo"],
         "test_kl": terms["kl"],
+        "kl_by_layer": layer_kl(model, guide, test, args.seed),
         "active_units": units_marginal,
         "protocol": proto,
         "load_average": load_average(),
@@ -291,6 +323,11 @@ def _units(units: dict) -> str:
     if list(units) == ["z"]:
         return str(units["z"])
     return "+".join(str(units[k]) for k in sorted(units))
+
+
+def _layer_kl(r: dict) -> str:
+    kl = r.get("kl_by_layer")
+    return "—" if not kl else " + ".join(f"{kl[k]:.2f}" for k in sorted(kl))
 
 
 def _comparisons(entries: dict) -> list[str]:
@@ -357,7 +394,12 @@ def _distances(entries: dict, proto: dict, stages: list, truncated: bool, paper_
         else:
             why = ("Why: not the paper's protocol (see the note at the top): fewer epochs, and possibly fewer images, a larger batch "
                    "or fewer test images, so the numbers are not comparable with the paper's." + trend)
-        lines.append(f"- **{name}**: test NLL {r['test_nll']:.2f} ± {r['test_nll_stderr_data']:.2f}, {where}{au}. {why}")
+        kl = r.get("kl_by_layer") or {}
+        top = kl.get("z2")
+        collapse = "" if top is None or top >= COLLAPSED_NATS else (
+            f" Its top layer collapsed: KL(q(z2 | z1) || p(z2)) is {top:.2f} nats per image (z1's: {kl['z1']:.2f}), so q(z2 | z1) is "
+            "the prior, z2 carries nothing, and the model is a one-layer VAE with 100 units and a learned prior p(z1 | z2) that ignores z2.")
+        lines.append(f"- **{name}**: test NLL {r['test_nll']:.2f} ± {r['test_nll_stderr_data']:.2f}, {where}{au}. {why}{collapse}")
     return lines
 
 
@@ -403,8 +445,8 @@ def render(args: argparse.Namespace, entries: dict, hw: dict, started: str, wall
         f"Finished configurations: {len(done)} of the {len(planned)} planned ({', '.join(planned)}). "
         f"Wall time of this invocation so far: {wall_seconds / 60:.1f} min.",
         "",
-        "| layers | objective | k | test NLL | ± (data) | paper NLL | active units | paper AU | test ELBO | epochs | train time | s/epoch | NLL eval time |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| layers | objective | k | test NLL | ± (data) | paper NLL | active units | paper AU | KL by layer | test ELBO | epochs | train time | s/epoch | NLL eval time |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in CONFIGS:
         if name not in planned and name not in entries:
@@ -415,7 +457,7 @@ def render(args: argparse.Namespace, entries: dict, hw: dict, started: str, wall
             r = entries[name]["result"]
             lines.append(
                 f"| {r['layers']} | {obj.upper()} | {k} | {r['test_nll']:.2f} | {r['test_nll_stderr_data']:.2f} | {paper_nll:.2f} | "
-                f"{_units(r['active_units'])} | {paper_au or '—'} | {r['test_elbo']:.2f} | {r['epochs_done']} | "
+                f"{_units(r['active_units'])} | {paper_au or '—'} | {_layer_kl(r)} | {r['test_elbo']:.2f} | {r['epochs_done']} | "
                 f"{r['train_seconds'] / 60:.1f} min | {r['seconds_per_epoch']:.1f} | {r['eval_seconds']:.0f} s |"
             )
         else:
@@ -431,6 +473,8 @@ def render(args: argparse.Namespace, entries: dict, hw: dict, started: str, wall
         f"Two layers: z1 (100 units) + z2 (50 units), with E_q[z2 | x] the mean of q(z2 | z1) averaged over {AU_SAMPLES} "
         "samples z1 ~ q(z1 | x), whose sampling variance is subtracted from the variance over x "
         "(`pyrovae.evaluate.active_units`, `unit_activity`).",
+        f"- KL by layer: each stochastic layer's KL term, E_q[log q(z_l | ...) - log p(z_l | ...)] per image on the same test images, "
+        f"one draw (`pyrovae.evaluate.kl_by_site`); two layers: z1 + z2. A layer under {COLLAPSED_NATS} nats is called collapsed below.",
         "- test ELBO: single-sample ELBO on the same test images (`elbo_terms`).",
         "- paper AU: the paper's active units; left out (—) for two layers, where they could not be checked.",
         "- For k = 1 the VAE and IWAE objectives are identical; the paper lists one row for both.",
@@ -517,6 +561,10 @@ def main(argv=None) -> int:
             )
     log(f"settings {json.dumps(proto)}; {hw}; configs {args.configs}; train {tuple(train.shape)}, test {tuple(test.shape)}; "
         f"runs in {folder}; table {out}")
+    for name, entry in entries.items():  # finished before the table reported each layer's KL
+        if "kl_by_layer" not in entry["result"] and fill_layer_kl(name, args, test, folder, entry):
+            save_result(folder, entry)
+            log(f"{name}: KL by layer {entry['result']['kl_by_layer']} (from its final checkpoint)")
     if entries:
         write_table(out, render(args, entries, hw, started, time.perf_counter() - t_start, splits_info))
     for name in args.configs:

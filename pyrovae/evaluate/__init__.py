@@ -12,6 +12,7 @@ from pyrovae.evaluate.likelihood import (  # noqa: F401
     decode_grid,
     default_max_elements,
     elbo_terms,
+    kl_by_site,
     latent_scatter,
     log_likelihood,
     nll_summary,

@@ -251,6 +251,30 @@ def elbo_terms(model, guide, data: Data, num_particles: int = 1, batch_size: int
     return {k: float(v) / inputs.n for k, v in sums.items()}  # one host read per term
 
 
+def kl_by_site(model, guide, data: Data, batch_size: int = 500, *args, engine: Optional[LogWeightEngine] = None, **kwargs) -> dict[str, float]:
+    """Each latent site's part of the KL term, mean per datum over ``data``: E_q[log q(z_s | ...) - log p(z_s | ...)],
+    one sample per datum (the same draw for every site), site by site in the guide's order. For a hierarchical VAE
+    these are the layers' KL terms (``{"z1": ..., "z2": ...}``; a collapsed layer shows about 0); summed over the
+    sites they are :func:`elbo_terms`' ``kl`` for the same draw. Sites outside the data plate (global latents) are
+    left out: their KL is not per datum."""
+    engine = LogWeightEngine(1) if engine is None else engine
+    inputs = _Inputs(data, args, kwargs)
+    sums: dict[str, torch.Tensor] = {}
+    for call_args, call_kwargs in inputs.chunks(batch_size):
+        lw = engine.log_weights(model, guide, *call_args, who="kl_by_site", **call_kwargs)
+        for pair in lw.pairs:
+            for name, site in pair.guide_trace.nodes.items():
+                if site["type"] != "sample" or site["is_observed"] or name not in pair.model_trace.nodes:
+                    continue
+                q, _ = pair.reduce(site)
+                p, _ = pair.reduce(pair.model_trace.nodes[name])
+                if q is None or p is None:  # outside the data plate
+                    continue
+                part = (q - p).mean(0).sum()
+                sums[name] = part if name not in sums else sums[name] + part
+    return {k: float(v) / inputs.n for k, v in sums.items()}
+
+
 def _latent_sites(trace) -> list[str]:
     trace = prune_subsample_sites(trace)
     return [n for n, s in trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]]
