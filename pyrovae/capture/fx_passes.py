@@ -21,6 +21,11 @@ class CaptureRefused(Exception):
     """A graph that traced but must not be used (the message says why)."""
 
 
+class ProgramRefused(CaptureRefused):
+    """A refusal that holds for every input signature of the program (ops whose shapes depend on values), so the
+    cache stops tracing it for each new shape."""
+
+
 def _root(node: torch.fx.Node) -> torch.fx.Node:
     """The tensor a node's value is a view of, following view ops back to where the storage was made."""
     while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.args:
@@ -98,7 +103,7 @@ def lift_params(gm: torch.fx.GraphModule, params: Optional[list[torch.Tensor]] =
         delattr(gm, name)
     shaped = _data_dependent_shapes(graph)
     if shaped:
-        raise CaptureRefused(
+        raise ProgramRefused(
             f"the graph holds ops whose output shape depends on tensor values ({', '.join(sorted(set(shaped)))}, e.g. boolean "
             "indexing), which a recorded graph would replay with the recording's sizes"
         )

@@ -41,7 +41,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_map
 
-from pyrovae.capture.fx_passes import CaptureRefused, build
+from pyrovae.capture.fx_passes import CaptureRefused, ProgramRefused, build
 from pyrovae.capture.fx_passes import lift_params as lift_params  # noqa: F401  (public)
 from pyrovae.utils.rng import get_rng_state, set_rng_state
 
@@ -228,6 +228,8 @@ class GraphCache:
             graph.clone = graph.clone or _shares_storage(got, inputs, graph.params)
         except Exception as e:
             reason = str(e) if isinstance(e, CaptureRefused) else f"capture failed ({_why_not_traced(e)})"
+            if isinstance(e, ProgramRefused):  # no other signature can be recorded either: stop tracing new ones
+                self.refused = reason
         set_rng_state(after)
         with torch.no_grad():
             for b, saved in buffers:
