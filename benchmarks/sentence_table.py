@@ -244,12 +244,14 @@ def render(args, entries: dict) -> str:
             r = e["result"]
             gap = "" if lm is None else f"; NLL {r['nll'] - lm['result']['nll']:+.2f} nats against our LM (the issue asks within 3)"
             lines.append(f"- **{name}**: KL {r['kl']:.2f} nats (the paper's VAE: 2){gap}; {'not collapsed' if r['kl'] > 1 else 'collapsed (KL under 1 nat)'}.")
+    lines += ["", "## Distance from the paper", "", *distances(entries), ""]
     lines += [
-        "",
         "## Training curves",
         "",
         "Per epoch: the mean training ELBO and KL over the epoch's steps (under the annealed objective the logged ELBO is still the true bound; "
-        "the loss is the annealed one), and the validation ELBO on all 3,370 validation sentences after it.",
+        "the loss is the annealed one), and the validation ELBO on all 3,370 validation sentences after it. Epoch time: wall time of the "
+        "epoch's steps on the 2-core machine shared with other runs (up to four jobs at once early on), not a speed measurement "
+        "(`benchmarks/results/text_speed.md` is: about 3 to 4 minutes per epoch on a free core).",
         "",
         "| configuration | epoch | step | train ELBO | train KL | valid ELBO | epoch time |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -284,8 +286,41 @@ def render(args, entries: dict) -> str:
         *sorted({e.get("command", "") for e in entries.values() if e.get("command")}),
         "```",
         "",
+        "- each configuration's training run (`pyrovae train` with these options; its `config.json` holds every setting):",
+        "",
+        "```",
+        *[f"{n}: pyrovae train {' '.join(train_flags(n, args))}" for n in CONFIGS if n in entries],
+        "```",
+        "",
     ]
     return "\n".join(lines)
+
+
+def distances(entries: dict) -> list[str]:
+    """Per row with a paper number: the gap, and what the training curve says about it (where validation peaked, how
+    far training and validation bounds had drawn apart, whether validation was still improving)."""
+    out = []
+    for name in CONFIGS:
+        e = entries.get(name)
+        paper = PAPER.get(PAPER_ROW.get(name, ""))
+        if not e or not paper or not e["curve"]:
+            continue
+        r, curve = e["result"], e["curve"]
+        best = max(curve, key=lambda c: c.get("valid_elbo", -math.inf))
+        last = curve[-1]
+        step = last["valid_elbo"] - curve[-2]["valid_elbo"] if len(curve) > 1 else None
+        if best is last and step is not None and step >= 0.1:
+            state = (f"validation was still improving at the last epoch ({last['epoch']}: {last['valid_elbo']:.2f}, {step:+.2f} over the epoch "
+                     "before), so more epochs would lower its NLL")
+        elif best is last:
+            state = (f"validation was best at the last epoch but had levelled off ({last['epoch']}: {last['valid_elbo']:.2f}, {step:+.2f} over the "
+                     f"epoch before; train {last['train_elbo']:.2f}): more epochs at this learning rate would change it little" if step is not None else "one epoch only")
+        else:
+            state = (f"validation peaked at epoch {best['epoch']} ({best['valid_elbo']:.2f}) and then worsened while training kept improving "
+                     f"(epoch {last['epoch']}: train {last['train_elbo']:.2f}, valid {last['valid_elbo']:.2f}): the model overfits, and the "
+                     "run uses no regularisation beyond the paper's recipe (no dropout on the LSTM), whose settings for this the paper does not give")
+        out.append(f"- **{name}**: test NLL {r['nll']:.2f}, {r['nll'] - paper['nll']:+.2f} nats from the paper's {paper['nll']:.0f}; {state}.")
+    return out
 
 
 def hw_line() -> str:
