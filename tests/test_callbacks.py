@@ -286,3 +286,25 @@ def test_cli_tensorboard_writes_events_and_a_resume_may_change_the_folder(data_d
     assert json.loads((run / "config.json").read_text())["tensorboard"] == str(tmp_path / "tb")
     assert main(train_args(data_dir, run, "--resume", "--epochs", "2", "--tensorboard", str(tmp_path / "tb2"))) == 0
     assert list((tmp_path / "tb2").glob("events.out.tfevents.*"))
+
+
+def test_trainer_adam_is_the_fused_kernel_unless_the_caller_chose(tmp_path):
+    """``adam_defaults``: the trainer's Adam gets ``fused=True`` when the caller set neither ``fused`` nor ``foreach``;
+    the caller's choice, other optimisers and a resumed checkpoint's saved settings are left as they are."""
+    x = torch.rand(8, 6).round()
+
+    def optimiser(**kwargs):
+        pyro.clear_param_store()
+        t = Trainer(VAE((6,), (2,), hidden=((4,),)), GaussianEncoder((6,), (2,), hidden=((4,),)), ELBO(), progress=False, **kwargs)
+        t.setup(x)
+        return t.optim
+
+    assert optimiser().param_groups[0]["fused"] is True
+    assert not optimiser(optimizer_kwargs={"foreach": True}).param_groups[0]["fused"]
+    assert optimiser(optimizer_kwargs={"fused": False}).param_groups[0]["fused"] is False
+    assert not optimiser(optimizer=torch.optim.SGD).param_groups[0].get("fused")
+    assert checks.adam_defaults(torch.optim.Adam, {"eps": 1e-4}, []) == {"eps": 1e-4}  # no parameters to look at: nothing added
+    plain = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))])  # a checkpoint saved before: fused None
+    fused = optimiser()
+    fused.load_state_dict({"state": {}, "param_groups": [{**plain.param_groups[0], "params": list(range(len(fused.param_groups[0]["params"])))}]})
+    assert fused.param_groups[0]["fused"] is None  # torch restores the saved optimiser settings
