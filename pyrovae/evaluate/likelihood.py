@@ -251,6 +251,7 @@ def elbo_terms(model, guide, data: Data, num_particles: int = 1, batch_size: int
     return {k: float(v) / inputs.n for k, v in sums.items()}  # one host read per term
 
 
+@torch.no_grad()
 def kl_by_site(model, guide, data: Data, batch_size: int = 500, *args, engine: Optional[LogWeightEngine] = None, **kwargs) -> dict[str, float]:
     """Each latent site's part of the KL term, mean per datum over ``data``: E_q[log q(z_s | ...) - log p(z_s | ...)],
     one sample per datum (the same draw for every site), site by site in the guide's order. For a hierarchical VAE
