@@ -296,3 +296,28 @@ def test_kl_by_site_gives_each_layers_closed_form_kl_and_zero_for_a_collapsed_on
     se = float(exact.std()) / math.sqrt(n) + math.sqrt(d1 * 0.5 / n)  # spread over x, and the sampling noise of log q - log p
     assert abs(kl["z1"] - float(exact.mean())) < 5 * se, (kl["z1"], float(exact.mean()), se)
     assert kl["z1"] + kl["z2"] == pytest.approx(terms["kl"], rel=1e-9)
+
+
+def test_kl_by_site_leaves_out_a_global_latent():
+    """A latent outside the data plate has no per-datum KL: ``kl_by_site`` leaves it out, as it says, and the local
+    site's part is unchanged by it (the same closed form as without the global site)."""
+    torch.manual_seed(0)
+    n = 3000
+    x = torch.randn(n, 2, dtype=torch.float64)
+
+    def model(x):
+        g = pyro.sample("g", dist.Normal(x.new_zeros(()), 1.0))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z + g, 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.sample("g", dist.Normal(x.new_tensor(0.3), 0.2))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(0.5 * x, 0.5).to_event(1))
+
+    kl = E.kl_by_site(model, guide, x, batch_size=1000)
+    exact = (0.5 * (0.25 + (0.5 * x) ** 2 - 1) - math.log(0.5)).sum(-1)
+    assert list(kl) == ["z"]
+    se = float(exact.std()) / math.sqrt(n) + math.sqrt(2 * 0.5 / n)
+    assert abs(kl["z"] - float(exact.mean())) < 5 * se, (kl["z"], float(exact.mean()))

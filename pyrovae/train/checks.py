@@ -244,7 +244,7 @@ def adam_defaults(optimizer: type, kwargs: dict, params) -> dict:
     """``kwargs`` for ``optimizer``, with ``fused=True`` added for ``torch.optim.Adam`` when the caller chose neither
     ``fused`` nor ``foreach`` and every parameter is a floating-point CPU or CUDA tensor: torch's fused kernel does the
     update in one pass over each tensor instead of about ten (on CPU, 62 fewer milliseconds per step of the sentence
-    VAE at Bowman et al.'s sizes, whose embeddings and softmax hold 9 million parameters; ``docs/speed.md``). The same
+    VAE at Bowman et al.'s sizes, whose embeddings and softmax hold 9 million parameters; ``docs/text.md``). The same
     update up to float rounding; pass ``optimizer_kwargs={"fused": False}`` for torch's default loop."""
     if optimizer is not torch.optim.Adam or "fused" in kwargs or "foreach" in kwargs:
         return dict(kwargs)
