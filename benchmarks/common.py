@@ -28,7 +28,7 @@ from pyrovae.evaluate import nll_summary
 __all__ = [
     "add_common_args", "build", "build_objective", "command_line", "cpu_model", "fill_defaults", "fixed_binarization", "fmt",
     "count_flops", "hardware_info", "load_average", "matmul_rate", "log", "nll_summary", "now", "paired_difference", "portable_path", "require_positive", "resolve_device",
-    "settings", "start",
+    "settings", "start", "TIME_CATEGORIES", "time_breakdown",
 ]
 
 # ------------------------------------------------------------------------------------------ the command line
@@ -181,16 +181,17 @@ def command_line() -> str:
 
 
 def matmul_rate(n: int = 1024, repeats: int = 20) -> float:
-    """FLOP/s of an ``n x n`` float32 matrix product on the CPU at the current thread count (median of ``repeats``):
-    the rate a step's FLOPs are held against (issue 27's FLOP limit)."""
+    """FLOP per CPU-second of an ``n x n`` float32 matrix product at the current thread count (median of ``repeats``):
+    the rate a step's FLOPs are held against (issue 27's FLOP limit). CPU time (``time.process_time``), like the step
+    times it is set beside: on a shared machine wall time counts the other jobs' turns as well."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(3):
         torch.mm(a, b)
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         torch.mm(a, b)
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
     return 2 * n**3 / sorted(times)[len(times) // 2]
 
 
@@ -202,6 +203,41 @@ def count_flops(fn, *args) -> int:
     with FlopCounterMode(display=False) as counter:
         fn(*args)
     return counter.get_total_flops()
+
+
+#: where a step's CPU time goes: (category, aten op names or name prefixes ending in "*"), in order; the rest is
+#: "everything else" (elementwise and indexing ops, the autograd engine, Python and op dispatch)
+TIME_CATEGORIES = (
+    ("matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_convolution*", "aten::mkldnn_convolution*", "aten::convolution_backward")),
+    ("fused LSTM kernel", ("aten::mkldnn_rnn*", "aten::_thnn_fused_lstm_cell*")),
+    ("softmax", ("aten::_log_softmax*", "aten::_softmax*")),
+    ("optimiser", ("aten::_fused_adam*", "aten::_foreach_*")),
+    ("zero-fills and copies", ("aten::fill_", "aten::zero_", "aten::copy_")),
+)
+
+
+def _category(name: str) -> str:
+    for label, names in TIME_CATEGORIES:
+        if any(name.startswith(n[:-1]) if n.endswith("*") else name == n for n in names):
+            return label
+    return "everything else"
+
+
+def time_breakdown(step, steps: int = 5) -> dict[str, float]:
+    """CPU milliseconds per call of ``step()`` in each of :data:`TIME_CATEGORIES` (and "everything else"), from the
+    self times of ``torch.profiler`` over ``steps`` calls, plus "total (profiled)". The profiler adds a little to every
+    op, so the total is somewhat above the unprofiled step; the split is what it is for."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    out = {label: 0.0 for label, _ in TIME_CATEGORIES}
+    out["everything else"] = 0.0
+    for event in prof.key_averages():
+        out[_category(event.key)] += event.self_cpu_time_total / 1e3 / steps
+    out["total (profiled)"] = sum(out.values())
+    return out
 
 
 def load_average() -> Optional[float]:

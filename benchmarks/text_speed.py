@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import statistics
 import sys
@@ -40,7 +41,7 @@ import pyro
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_common_args, build, command_line, count_flops, cpu_model, matmul_rate, now, start  # noqa: E402
+from common import TIME_CATEGORIES, add_common_args, build, command_line, count_flops, cpu_model, matmul_rate, now, start, time_breakdown  # noqa: E402
 
 from pyrovae.utils.files import atomic_write  # noqa: E402
 from pyrovae.data import load_dataset  # noqa: E402
@@ -53,6 +54,9 @@ IMPLS = ("hand-written", "torch-lstm", "plain", "replay")
 #: Bowman et al.'s sizes, and the small model of the slow tests (where Pyro's Python is a larger share of a step)
 SIZES = {"paper": dict(embed_dim=353, hidden_dim=191), "small": dict(embed_dim=32, hidden_dim=64)}
 
+
+#: the columns of the time breakdown
+TIME_LABELS = [label for label, _ in TIME_CATEGORIES] + ["everything else", "total (profiled)"]
 
 def ptb_batch(data_dir: Optional[str], batch: int) -> tuple[Sentences, int]:
     """A batch (and the vocabulary size): the most common width among the bucketed batches of PTB's training set (seeded)."""
@@ -148,8 +152,10 @@ def ratio(a: list[float], b: list[float]) -> tuple[float, float, float]:
     return statistics.median(a) / statistics.median(b), min(per), max(per)
 
 
-def measure(args, batch: Sentences, vocab_size: int, sizes: dict, label: str) -> tuple[dict, dict, int]:
-    """Per-step wall-clock and CPU seconds of each implementation, one entry per round, and the step's FLOPs."""
+def measure(args, batch: Sentences, vocab_size: int, sizes: dict, label: str) -> tuple[dict, dict, int, dict, list]:
+    """Per-step wall-clock and CPU seconds of each implementation, one entry per round, the step's FLOPs, where
+    each implementation's step time goes (:func:`common.time_breakdown`), and the matrix-product rate at the start of
+    each round (a shared machine's speed drifts: each round's steps are held against their own round's rate)."""
     pyro.set_rng_seed(0)
     cfg = {"model": "sentence", "guide": "rnn", "z_dims": [16], "embed_dim": sizes["embed_dim"], "hidden": [[sizes["hidden_dim"]]]}
     model, guide = build(cfg, (vocab_size,))
@@ -168,13 +174,16 @@ def measure(args, batch: Sentences, vocab_size: int, sizes: dict, label: str) ->
     flops = step_flops(trainers["plain"], stores["plain"], batch)
     wall = {i: [] for i in IMPLS}
     cpu = {i: [] for i in IMPLS}
+    rates = []
     for r in range(args.rounds):
+        rates.append(matmul_rate(repeats=10))
         for impl in IMPLS:
             w, c = block(trainers[impl], stores[impl], batch, args.steps)
             wall[impl].append(w)
             cpu[impl].append(c)
         print(f"{label} round {r + 1}: " + ", ".join(f"{i} {1e3 * wall[i][-1]:.0f} ms" for i in IMPLS), flush=True)
-    return wall, cpu, flops
+    split = {i: time_breakdown(functools.partial(block, trainers[i], stores[i], batch, 1), args.steps) for i in IMPLS}
+    return wall, cpu, flops, split, rates
 
 
 #: the two models of the epoch measurement: the registry's config, and whether the hand-written one has a latent
@@ -184,7 +193,7 @@ EPOCH_MODELS = {
 }
 
 
-def epoch_sample(args, data_dir, vocab_size: int, rate: float) -> list[str]:
+def epoch_sample(args, data_dir, vocab_size: int) -> list[str]:
     """Table rows for a sample of a PTB training epoch: the first ``--epoch-batches`` batches of a seeded epoch
     order (every bucket width, in the epoch's proportions), per model, the library's step (the trainer's default)
     against the hand-written one, each against the time the batches' FLOPs need; and the validation pass over all of
@@ -205,9 +214,10 @@ def epoch_sample(args, data_dir, vocab_size: int, rate: float) -> list[str]:
         with pyro.get_param_store().scope(store):
             lib.setup(*batches[0])
             flops = sum(count_flops(lib.gradients.plain, tuple(b)) for b in batches)
-            times = {}
+            times, rates = {}, {}
             for name, impl in (("pyrovae", lib), ("hand-written", hand)):
                 block(impl, store, batches[0], 2)  # warm-up
+                rates[name] = matmul_rate(repeats=10)
                 t0 = time.process_time()
                 for b in batches:
                     impl.step(*b)
@@ -215,11 +225,12 @@ def epoch_sample(args, data_dir, vocab_size: int, rate: float) -> list[str]:
             t0 = time.process_time()
             lib.validate(splits.valid, batch_size=500)
             valid_s = time.process_time() - t0
-        need = flops / len(batches) / rate
+        need = {name: flops / len(batches) / r for name, r in rates.items()}
         epoch_min = (times["pyrovae"] * per_epoch + valid_s) / 60
         rows.append(
-            f"| {label} | {len(batches)} of {per_epoch} | {flops / len(batches) / 1e9:.2f} | {1e3 * need:.0f} | {1e3 * times['hand-written']:.0f} | "
-            f"{1e3 * times['pyrovae']:.0f} | {times['hand-written'] / need:.2f} | **{times['pyrovae'] / need:.2f}** | {valid_s:.1f} s | {epoch_min:.1f} min |"
+            f"| {label} | {len(batches)} of {per_epoch} | {flops / len(batches) / 1e9:.2f} | {min(rates.values()) / 1e9:.0f}–{max(rates.values()) / 1e9:.0f} | "
+            f"{1e3 * statistics.median(need.values()):.0f} | {1e3 * times['hand-written']:.0f} | {1e3 * times['pyrovae']:.0f} | "
+            f"{times['hand-written'] / need['hand-written']:.2f} | **{times['pyrovae'] / need['pyrovae']:.2f}** | {valid_s:.1f} s | {epoch_min:.1f} min |"
         )
         print(rows[-1], flush=True)
     return rows
@@ -240,18 +251,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     load0 = os.getloadavg()[0]
     rate = matmul_rate()
     print(f"matrix-product rate: {rate / 1e9:.1f} GFLOP/s", flush=True)
-    tables, ratios, limits = [], [], []
+    tables, ratios, limits, breakdown = [], [], [], []
     for label, sizes in SIZES.items():
         if args.sizes and label not in args.sizes:
             continue
-        wall, cpu, flops = measure(args, batch, vocab_size, sizes, label)
-        need = flops / rate
-        limits.append(f"| {label} | {flops / 1e9:.2f} | {1e3 * need:.0f} | " + " | ".join(f"{statistics.median(wall[i]) / need:.2f}" for i in IMPLS) + " |")
+        wall, cpu, flops, split, rates = measure(args, batch, vocab_size, sizes, label)
+        need = flops / statistics.median(rates)
+        breakdown += [f"| {label} | {i} | " + " | ".join(f"{v:.1f}" for v in split[i].values()) + f" | {1e3 * need:.1f} |" for i in IMPLS]
+        paired = {i: statistics.median(c / (flops / m) for c, m in zip(cpu[i], rates)) for i in IMPLS}  # CPU time, as the rate
+        limits.append(f"| {label} | {flops / 1e9:.2f} | {min(rates) / 1e9:.0f}–{max(rates) / 1e9:.0f} | {1e3 * need:.0f} | " + " | ".join(f"{paired[i]:.2f}" for i in IMPLS) + " |")
         tables += [f"| {label} | {i} | {1e3 * statistics.median(wall[i]):.0f} | {1e3 * statistics.median(cpu[i]):.0f} |" for i in IMPLS]
         for a, b in (("replay", "hand-written"), ("plain", "hand-written"), ("plain", "replay"), ("torch-lstm", "replay")):
             r, lo, hi = ratio(wall[a], wall[b])
             ratios.append(f"| {label} | {a} / {b} | **{r:.2f}** | {lo:.2f}–{hi:.2f} | {ratio(cpu[a], cpu[b])[0]:.2f} |")
-    epoch_rows = epoch_sample(args, args.data_dir, vocab_size, rate) if args.epoch_batches else []
+    epoch_rows = epoch_sample(args, args.data_dir, vocab_size) if args.epoch_batches else []
     load1 = os.getloadavg()[0]
     text = "\n".join([
         "# Sentence VAE training step: pyrovae vs hand-written PyTorch, and the FLOP limit",
@@ -282,14 +295,25 @@ def main(argv: Optional[list[str]] = None) -> int:
         "|---|---|---|---|---|",
         *ratios,
         "",
-        f"**FLOP limit.** Matrix-product rate measured in this run: {rate / 1e9:.1f} GFLOP/s (a 1024 x 1024 float32 "
-        f"`torch.mm`, {torch.get_num_threads()} thread(s), median of 20). FLOPs of one step, forward and backward, counted "
-        "by `torch.utils.flop_counter.FlopCounterMode` on the plain step; each implementation's median step time divided "
-        "by the time those FLOPs need at the measured rate (1.0: at the limit; issue 27 asks for 1.5 or less):",
+        f"**FLOP limit.** Matrix-product rate: a 1024 x 1024 float32 `torch.mm` at {torch.get_num_threads()} thread(s), "
+        f"measured at the start of every round (median of 10; its range is in the table) and before each implementation's "
+        f"part of the epoch sample ({rate / 1e9:.1f} GFLOP/s at the start of the run, median of 20). FLOPs of one step, "
+        "forward and backward, counted by `torch.utils.flop_counter.FlopCounterMode` on the plain step; each "
+        "implementation's CPU time per step divided by the time those FLOPs need at the rate of the same round, median over "
+        "rounds (1.0: at the limit; issue 27 asks for 1.5 or less):",
         "",
-        "| sizes | GFLOP per step | FLOP time (ms) | " + " | ".join(f"{i} / FLOP time" for i in IMPLS) + " |",
-        "|---|---:|---:|" + "---:|" * len(IMPLS),
+        "| sizes | GFLOP per step | rate (GFLOP/s) | FLOP time (ms) | " + " | ".join(f"{i} / FLOP time" for i in IMPLS) + " |",
+        "|---|---:|---|---:|" + "---:|" * len(IMPLS),
         *limits,
+        "",
+        "**Where the time goes.** CPU ms per step by kind of op (`common.time_breakdown`: `torch.profiler` self times over "
+        f"{args.steps} steps of the same batch; the profiler adds to every op, so the total is above the step times above). "
+        "FLOP time (last column): what the step's FLOPs need at the measured rate, all of them done by the matrix products and "
+        "the fused LSTM kernel; the softmax, the optimiser, fills, copies and the rest are time spent beyond the FLOPs.",
+        "",
+        "| sizes | implementation | " + " | ".join(TIME_LABELS) + " | FLOP time |",
+        "|---|---|" + "---:|" * (len(TIME_LABELS) + 1),
+        *breakdown,
         "",
         *([
             "**An epoch, sampled.** The first batches of a seeded training epoch (every bucketed width in the epoch's proportions), "
@@ -298,8 +322,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             "measured rate; the validation pass (`Trainer.validate` over all 3,370 validation sentences, by length); and the "
             "epoch that gives (all training batches at the sampled rate, plus validation).",
             "",
-            "| model | batches timed | GFLOP per batch | FLOP time (ms) | hand-written (ms) | pyrovae (ms) | hand / FLOP time | **pyrovae / FLOP time** | validation | epoch |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| model | batches timed | GFLOP per batch | rate (GFLOP/s) | FLOP time (ms) | hand-written (ms) | pyrovae (ms) | hand / FLOP time | **pyrovae / FLOP time** | validation | epoch |",
+            "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
             *epoch_rows,
             "",
         ] if epoch_rows else []),

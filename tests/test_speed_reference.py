@@ -158,3 +158,18 @@ def test_speed_quick_runs(tmp_path):
     parsed = _load("speed_ab").ratios(out)
     assert parsed["784-400-20 relu · ELBO · batch 128"]["pyrovae"] == float(cells[9].strip("*"))
     assert set(parsed["784-200-200-50 tanh · IWAE K=5 · batch 128"]) == {"pyrovae"}  # --quick times no compile column
+
+
+def test_time_breakdown_sorts_ops_by_kind():
+    """``common.time_breakdown`` puts each op's self time in its kind's column (matrix products, softmax, optimiser,
+    fills and copies) and the rest in "everything else"; the columns add up to the profiled total."""
+    common = _load("common")
+    assert common._category("aten::addmm") == "matrix products" and common._category("aten::mkldnn_rnn_layer_backward") == "fused LSTM kernel"
+    assert common._category("aten::_log_softmax_backward_data") == "softmax" and common._category("aten::_fused_adam_") == "optimiser"
+    assert common._category("aten::fill_") == "zero-fills and copies" and common._category("aten::sigmoid") == "everything else"
+    a = torch.randn(300, 300)
+    split = common.time_breakdown(lambda: torch.log_softmax(a @ a, -1).sigmoid(), 3)
+    assert split["matrix products"] > 0 and split["softmax"] > 0 and split["everything else"] > 0
+    assert split["optimiser"] == 0 and split["fused LSTM kernel"] == 0
+    parts = sum(v for k, v in split.items() if k != "total (profiled)")
+    assert abs(split["total (profiled)"] - parts) < 1e-9

@@ -761,3 +761,24 @@ def test_packed_categorical_is_the_masked_categorical():
         PackedCategorical(full[0][mask], mask).log_prob(torch.zeros(2, 4, 6, dtype=torch.long))
     with pytest.raises(ValueError, match="bool grid"):
         PackedCategorical(full[0][mask], mask.long())
+
+
+def test_packed_categorical_gradient_is_cross_entropys():
+    """Its log-probability's hand-written backward (softmax once, picked entries added) gives ``cross_entropy``'s
+    gradient, for any upstream gradient (gradcheck in double), repeated targets included."""
+    from pyrovae.nn.likelihoods import PackedCategorical, _PickedLogSoftmax
+
+    torch.manual_seed(0)
+    logits = torch.randn(7, 13, dtype=torch.double, requires_grad=True)
+    target = torch.tensor([0, 3, 3, 12, 5, 0, 7])
+    upstream = torch.randn(7, dtype=torch.double)
+    got, = torch.autograd.grad(_PickedLogSoftmax.apply(logits, target), logits, upstream)
+    expected, = torch.autograd.grad(-torch.nn.functional.cross_entropy(logits, target, reduction="none"), logits, upstream)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda l: _PickedLogSoftmax.apply(l, target), (logits,))
+    full = torch.randn(3, 3, 13, dtype=torch.double, requires_grad=True)
+    where = torch.tensor([[True, True, False], [True, True, True], [False, True, True]])
+    value = torch.randint(0, 13, (3, 3))
+    packed, = torch.autograd.grad(PackedCategorical(full[where], where).log_prob(value).sum(), full)
+    masked, = torch.autograd.grad(dist.Categorical(logits=full).log_prob(value).masked_fill(~where, 0).sum(), full)
+    torch.testing.assert_close(packed, masked, rtol=0, atol=1e-12)
