@@ -28,7 +28,7 @@ from pyrovae.evaluate import nll_summary
 __all__ = [
     "add_common_args", "build", "build_objective", "command_line", "cpu_model", "fill_defaults", "fixed_binarization", "fmt",
     "count_flops", "hardware_info", "load_average", "matmul_rate", "log", "nll_summary", "now", "paired_difference", "portable_path", "require_positive", "resolve_device",
-    "settings", "start", "TIME_CATEGORIES", "time_breakdown",
+    "settings", "start", "TIME_CATEGORIES", "TIME_LABELS", "time_breakdown",
 ]
 
 # ------------------------------------------------------------------------------------------ the command line
@@ -214,6 +214,8 @@ TIME_CATEGORIES = (
     ("optimiser", ("aten::_fused_adam*", "aten::_foreach_*")),
     ("zero-fills and copies", ("aten::fill_", "aten::zero_", "aten::copy_")),
 )
+#: the keys of :func:`time_breakdown`'s result, in table order
+TIME_LABELS = [label for label, _ in TIME_CATEGORIES] + ["everything else", "total (profiled)"]
 
 
 def _category(name: str) -> str:
@@ -232,11 +234,10 @@ def time_breakdown(step, steps: int = 5) -> dict[str, float]:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
-    out = {label: 0.0 for label, _ in TIME_CATEGORIES}
-    out["everything else"] = 0.0
+    out = dict.fromkeys(TIME_LABELS[:-1], 0.0)
     for event in prof.key_averages():
         out[_category(event.key)] += event.self_cpu_time_total / 1e3 / steps
-    out["total (profiled)"] = sum(out.values())
+    out[TIME_LABELS[-1]] = sum(out.values())
     return out
 
 

@@ -44,7 +44,7 @@ import torch
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import TIME_CATEGORIES, add_common_args, build as build_pair, command_line, count_flops, cpu_model, matmul_rate, start, time_breakdown  # noqa: E402
+from common import TIME_LABELS, add_common_args, build as build_pair, command_line, count_flops, cpu_model, matmul_rate, start, time_breakdown  # noqa: E402
 from draw_reference import HandDRAW  # noqa: E402
 from reference import HandTrainer, HandVAE  # noqa: E402
 
@@ -577,9 +577,8 @@ def flop_section(rows: list[Row], rate: float) -> str:
             f"| {short_arch(row.config.arch)} | {row.config.label} | {row.config.batch} | {row.flops / 1e9:.2f} | {1e3 * need:.0f} | {1e3 * hand:.0f} | "
             f"{'—' if ours is None else f'{1e3 * ours:.0f}'} | {hand / need:.2f} | **{fmt(ratio)}** | {'—' if ratio is None else ('yes' if ratio <= 1.5 else '**no**')} |"
         )
-    labels = [label for label, _ in TIME_CATEGORIES] + ["everything else", "total (profiled)"]
     split = [
-        f"| {short_arch(row.config.arch)} | {row.config.label} | {name} | " + " | ".join(_ms(parts[k]) for k in labels) + f" | {_ms(1e3 * row.flops / top)} |"
+        f"| {short_arch(row.config.arch)} | {row.config.label} | {name} | " + " | ".join(_ms(parts[k]) for k in TIME_LABELS) + f" | {_ms(1e3 * row.flops / top)} |"
         for row in rows if row.flops is not None and row.device == "cpu" for name, parts in row.breakdown.items()
     ]
     if split:
@@ -590,8 +589,8 @@ def flop_section(rows: list[Row], rate: float) -> str:
             "step's FLOPs need at the measured rate, all of them done by the matrix products; every other column is time spent "
             "beyond the FLOPs.",
             "",
-            "| model | objective | implementation | " + " | ".join(labels) + " | FLOP time |",
-            "|---|---|---|" + "---:|" * (len(labels) + 1),
+            "| model | objective | implementation | " + " | ".join(TIME_LABELS) + " | FLOP time |",
+            "|---|---|---|" + "---:|" * (len(TIME_LABELS) + 1),
             *split,
         ]
     return "\n".join(out)

@@ -41,7 +41,7 @@ import pyro
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import TIME_CATEGORIES, add_common_args, build, command_line, count_flops, cpu_model, matmul_rate, now, start, time_breakdown  # noqa: E402
+from common import TIME_LABELS, add_common_args, build, command_line, count_flops, cpu_model, matmul_rate, now, start, time_breakdown  # noqa: E402
 
 from pyrovae.utils.files import atomic_write  # noqa: E402
 from pyrovae.data import load_dataset  # noqa: E402
@@ -54,9 +54,6 @@ IMPLS = ("hand-written", "torch-lstm", "plain", "replay")
 #: Bowman et al.'s sizes, and the small model of the slow tests (where Pyro's Python is a larger share of a step)
 SIZES = {"paper": dict(embed_dim=353, hidden_dim=191), "small": dict(embed_dim=32, hidden_dim=64)}
 
-
-#: the columns of the time breakdown
-TIME_LABELS = [label for label, _ in TIME_CATEGORIES] + ["everything else", "total (profiled)"]
 
 def ptb_batch(data_dir: Optional[str], batch: int) -> tuple[Sentences, int]:
     """A batch (and the vocabulary size): the most common width among the bucketed batches of PTB's training set (seeded)."""
@@ -155,7 +152,7 @@ def ratio(a: list[float], b: list[float]) -> tuple[float, float, float]:
 def measure(args, batch: Sentences, vocab_size: int, sizes: dict, label: str) -> tuple[dict, dict, int, dict, list]:
     """Per-step wall-clock and CPU seconds of each implementation, one entry per round, the step's FLOPs, where
     each implementation's step time goes (:func:`common.time_breakdown`), and the matrix-product rate at the start of
-    each round (a shared machine's speed drifts: each round's steps are held against their own round's rate)."""
+    each round (the caller holds the steps against the highest rate of the run)."""
     pyro.set_rng_seed(0)
     cfg = {"model": "sentence", "guide": "rnn", "z_dims": [16], "embed_dim": sizes["embed_dim"], "hidden": [[sizes["hidden_dim"]]]}
     model, guide = build(cfg, (vocab_size,))
@@ -258,7 +255,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         wall, cpu, flops, split, rates = measure(args, batch, vocab_size, sizes, label)
         all_rates += rates
         need = flops / max(rates + [rate])
-        breakdown += [f"| {label} | {i} | " + " | ".join(f"{v:.1f}" for v in split[i].values()) + f" | {1e3 * need:.1f} |" for i in IMPLS]
+        breakdown += [f"| {label} | {i} | " + " | ".join(f"{split[i][k]:.1f}" for k in TIME_LABELS) + f" | {1e3 * need:.1f} |" for i in IMPLS]
         limits.append(f"| {label} | {flops / 1e9:.2f} | {min(rates) / 1e9:.0f}–{max(rates) / 1e9:.0f} | {1e3 * need:.0f} | " + " | ".join(f"{statistics.median(cpu[i]) / need:.2f}" for i in IMPLS) + " |")
         tables += [f"| {label} | {i} | {1e3 * statistics.median(wall[i]):.0f} | {1e3 * statistics.median(cpu[i]):.0f} |" for i in IMPLS]
         for a, b in (("replay", "hand-written"), ("plain", "hand-written"), ("plain", "replay"), ("torch-lstm", "replay")):
