@@ -22,7 +22,7 @@ from torch import nn
 
 from pyrovae.cli import UsageError
 from pyrovae.cli import resolve_device as _resolve_device
-from pyrovae.cli.registry import build_guide, build_model, build_objective
+from pyrovae.cli.registry import build_guide, build_model, build_objective, check_config
 from pyrovae.evaluate import nll_summary
 
 __all__ = [
@@ -107,8 +107,10 @@ def log(msg: str) -> None:
 def build(cfg: dict, x_shape: Sequence[int], device: Optional[torch.device] = None) -> tuple[nn.Module, nn.Module]:
     """The model and guide that ``pyrovae train`` builds from the config ``cfg`` (the registry's keys: ``model``,
     ``guide``, ``z_dims``, ``hidden``, ...), model first, moved to ``device``. Seed before: the initial weights are
-    drawn here."""
+    drawn here. A key no builder reads, or one the chosen model, guide and objective do not, is refused
+    (``check_config``): a misspelt option would otherwise leave its default in silence."""
     cfg = dict(cfg)
+    check_config(cfg)
     model = build_model(cfg, x_shape)
     guide = build_guide(cfg, x_shape, model)
     return model.to(device), guide.to(device)

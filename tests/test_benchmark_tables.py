@@ -8,6 +8,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -50,6 +52,17 @@ def test_benchmarks_build_what_the_registry_builds():
     dt = _load("draw_table")
     model, guide = dt.build(dt.config("draw-attention", dt.PROTOCOLS["quick"]), (1, 28, 28))
     assert type(model).__name__ == "DRAW" and model.attention and model.steps == 3 and type(guide).__name__ == "DRAWGuide"
+
+
+def test_benchmark_build_refuses_a_key_nothing_reads():
+    """A hand-written config's misspelt or misplaced option is an error naming it, not a default in silence."""
+    common = _load("common")
+    with pytest.raises(ValueError, match=r"'draw_step' \(did you mean 'draw_steps'\?\)"):
+        common.build({"model": "draw", "draw_step": 3}, (1, 28, 28))
+    with pytest.raises(ValueError, match=r"would not read 'draw_steps' \(read by --model draw"):
+        common.build({"model": "vae", "draw_steps": 3}, (1, 28, 28))
+    model, _ = common.build({"model": "draw", "draw_steps": 3, "objective": "elbo"}, (1, 28, 28))
+    assert model.steps == 3
 
 
 def test_paired_difference_and_nll_summary():

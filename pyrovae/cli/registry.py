@@ -20,6 +20,7 @@ its decorated classes add ``--objective NAME`` (or ``--model``, ``--guide``) and
 """
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
@@ -171,6 +172,33 @@ def unread_options(cfg: dict, given) -> dict[str, list[str]]:
                 for name, entry in registry.items() if any(a.key == arg.key for a in entry_args(entry))
             ]
     return unread
+
+
+#: config keys the builders read besides the registries' options
+STRUCTURE_KEYS = ("model", "guide", "objective", "dataset", "z_dims", "hidden", "num_data")
+
+
+def check_config(cfg: dict) -> None:
+    """Refuse a config, written by hand for :func:`build_model` and friends, that would build something other than
+    what it says: a key no builder reads (a misspelt ``draw_step`` would leave the default in silence; the message
+    suggests the nearest key), or an option that the chosen model, guide and objective do not read (naming those
+    that do). The CLI checks its own configs (argparse and ``unread_options``), which hold its trainer's keys too."""
+    known = {a.key for a in all_args()} | set(STRUCTURE_KEYS)
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        hints = []
+        for key in unknown:
+            near = difflib.get_close_matches(key, sorted(known), n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+        raise ValueError(f"config keys {', '.join(hints)} are read by no model, guide or objective; the keys are {sorted(known)}")
+    given = {k for k, v in cfg.items() if v is not None and v is not False}
+    unread = unread_options(cfg, given)
+    if unread:
+        parts = [f"{flag.lstrip('-').replace('-', '_')!r} (read by {', '.join(users)})" for flag, users in unread.items()]
+        raise ValueError(
+            f"model={cfg.get('model', 'vae')!r}, guide={cfg.get('guide') or default_guide(cfg.get('model', 'vae'))!r}, "
+            f"objective={cfg.get('objective', 'elbo')!r} would not read {'; '.join(parts)}: drop those keys, or choose what reads them"
+        )
 
 
 class _ObjectiveArgs(Mapping):
