@@ -590,6 +590,32 @@ def test_mid_epoch_resume_gives_the_same_parameters_as_an_uninterrupted_run(name
         assert _metrics(history) == _metrics(ref_history)[1:]
 
 
+def test_an_epoch_stopped_and_resumed_counts_the_time_of_all_its_steps(tmp_path):
+    """An epoch's ``seconds`` and ``examples_per_s`` cover every step of the epoch, those before a mid-epoch stop too
+    (a segmented or resumed run once reported the last part's time alone: thousands of examples per second)."""
+    from pyrovae.train.callbacks import Callback
+
+    class SlowSteps(Callback):  # each step takes at least `pause` seconds; the first fit stops after 3 steps
+        def __init__(self, stop_at=None, pause=0.1):
+            self.stop_at, self.pause = stop_at, pause
+
+        def on_step_end(self, trainer, x, loss, norm):
+            time.sleep(self.pause)
+            if trainer.cursor.step == self.stop_at:
+                trainer.stop_training = True
+
+    x = unit_data(32, seed=1)
+    pyro.set_rng_seed(0)
+    model, guide = tiny_pair()
+    first = Trainer(model, guide, ELBO(), lr=1e-2, run_dir=tmp_path / "run", progress=False)
+    assert first.fit(x, epochs=1, batch_size=8, callbacks=[SlowSteps(stop_at=3)]) == [] and first.cursor.pos == 3
+    resumed = Trainer(model, guide, ELBO(), lr=1e-2, run_dir=tmp_path / "run", progress=False)
+    resumed.resume(tmp_path / "run" / "checkpoints" / "last.pt", x[:8])
+    [record] = resumed.fit(x, epochs=1, batch_size=8, callbacks=[SlowSteps()])
+    assert record["seconds"] >= 4 * 0.1  # 4 steps of at least 0.1 s, 3 of them before the stop
+    assert record["examples_per_s"] <= 32 / 0.4
+
+
 @posix_only
 @pytest.mark.cuda
 def test_mid_epoch_resume_on_cuda(tmp_path):

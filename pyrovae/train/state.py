@@ -94,11 +94,13 @@ class TrainState:
         self.sums["count"] = self.sums.get("count", 0) + 1
         self.advance()
 
-    def epoch_record(self, seconds: float, examples: int) -> dict:
+    def epoch_record(self, examples: int) -> dict:
         """The finished epoch's record (``metrics.jsonl``): position, learning rate, speed and mean metrics; the sums
-        are cleared."""
+        are cleared. ``seconds``: the time of the epoch's steps, which the trainer adds to the sums after each step
+        (so an epoch stopped and resumed counts the steps of every process that ran it, not the last one's alone)."""
         sums, self.sums = self.sums, {}
         count = float(sums.pop("count"))
+        seconds = float(sums.pop("seconds", 0.0))
         record = {"epoch": self.cursor.epoch + 1, "step": self.cursor.step, "lr": self.optim.param_groups[0]["lr"],
                   "seconds": round(seconds, 3), "examples_per_s": round(examples / max(seconds, 1e-9), 1)}
         record.update({f"train_{k}": float(v) / count for k, v in sums.items()})

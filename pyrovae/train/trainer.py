@@ -284,6 +284,8 @@ class Trainer:
             finite = ok if finite is None else finite & ok
             state.add({"loss": loss, **getattr(self.objective, "metrics", {})})
             hooks.on_step_end(self, x, loss, norm)
+            now = time.perf_counter()  # the epoch's time so far is one of its sums: a stop and resume mid-epoch keeps it
+            state.sums["seconds"], t0 = state.sums.get("seconds", 0.0) + (now - t0), now
             end_of_epoch = state.cursor.pos >= self.num_batches
             if state.cursor.step % self.check_every == 0 or end_of_epoch:
                 finite, self.stop_signal = self.strategy.agree(finite, state, self.stop_signal)  # all processes roll back / stop together
@@ -296,8 +298,9 @@ class Trainer:
                 if not end_of_epoch:
                     self.rollback.take(state)
             if end_of_epoch:
-                self._end_epoch(valid, time.perf_counter() - t0, hooks)
+                self._end_epoch(valid, hooks)
                 self.rollback.take(state)
+                t0 = time.perf_counter()
         self._checked(finite)  # stopped mid-epoch: the checkpoint carries the epoch so far
         hooks.on_train_end(self)
 
@@ -307,8 +310,8 @@ class Trainer:
         if finite is not None and not bool(finite):
             self.rollback.restore(self.state)
 
-    def _end_epoch(self, valid, seconds: float, hooks: Callback) -> None:
-        record = self.state.epoch_record(seconds, self.num_batches * self.batch_size)
+    def _end_epoch(self, valid, hooks: Callback) -> None:
+        record = self.state.epoch_record(self.num_batches * self.batch_size)
         if valid is not None and valid[0].shape[0] > 0:
             record["valid_elbo"] = self.validate(valid, batch_size=max(self.batch_size, 500))
         self.state.end_epoch(record)
