@@ -25,6 +25,9 @@ Protocols (``--protocol``; ``--quick`` and ``--full`` are short for two of them)
   the bound on all 10,000 test images (one sample each) and the importance-sampled NLL with k = 100 on the first
   1000. The table puts the curves beside the paper's final bounds and says how far they are from convergence (the
   slope of the bound over the last 30 CPU-minutes, in nats per CPU-hour, and the gap left to the paper's bound).
+  A third model, ``draw-attention-clip``, is the attention model with the recipe of the public reimplementation
+  jbornschein/draw (Adam lr 3e-4, the global gradient norm clipped to 10): the attention run at lr 1e-3 without
+  clipping met gradient norms 100 times their median (33,387 against 350) that threw its bound from 135 back to 250.
 - ``t64-quick``: the ``t64-2h`` code at tiny sizes (T = 2, 300 training images; seconds); its table goes into the
   work folder.
 
@@ -60,10 +63,11 @@ Usage::
     python benchmarks/draw_table.py --full --device cuda
     # T = 64 for 2 CPU-hours per model: two processes, one thread each, in the background (data from
     # $PYROVAE_DATA or --data-dir); run the same two commands again to continue after a kill or a reboot; the
-    # second to finish writes results/draw_t64.md
+    # last to finish writes results/draw_t64.md
     mkdir -p runs/draw_table
     nohup env OMP_NUM_THREADS=1 python benchmarks/draw_table.py --protocol t64-2h --only draw --resume > runs/draw_table/t64-draw.log 2>&1 &
     nohup env OMP_NUM_THREADS=1 python benchmarks/draw_table.py --protocol t64-2h --only draw-attention --resume > runs/draw_table/t64-draw-attention.log 2>&1 &
+    nohup env OMP_NUM_THREADS=1 python benchmarks/draw_table.py --protocol t64-2h --only draw-attention-clip --resume > runs/draw_table/t64-draw-attention-clip.log 2>&1 &
     # time a few T = 64 steps of each model (no training run)
     OMP_NUM_THREADS=1 python benchmarks/draw_table.py --protocol t64-2h --time-steps 10
 """
@@ -93,8 +97,17 @@ from pyrovae.train import Trainer, TrainingInterrupted
 from pyrovae.train.callbacks import Callback
 from pyrovae.train.checkpoint import load_checkpoint
 
-PAPER = {"draw": 87.40, "draw-attention": 80.97, "vae": None}
+PAPER = {"draw": 87.40, "draw-attention": 80.97, "draw-attention-clip": 80.97, "vae": None}
 MODELS = ("draw", "draw-attention", "vae")
+#: models with a training recipe of their own (overriding the protocol's settings). ``draw-attention-clip``: the
+#: recipe of a public reimplementation that trains T = 64 attention DRAW on binarized MNIST (jbornschein/draw, its
+#: README's command and train-draw.py: Adam lr 3e-4 after clipping the global gradient norm to 10), after the t64-2h
+#: attention run at lr 1e-3 without clipping met gradient norms 100x their median that threw its bound back
+RECIPES = {"draw-attention-clip": {"lr": 3e-4, "clip_norm": 10.0}}
+#: where each recipe comes from (the table states it)
+RECIPE_SOURCES = {"draw-attention-clip": "the recipe of the public reimplementation jbornschein/draw: its README trains T = 64, read 2 x 2, "
+                  "write 5 x 5 with lr 3e-4, and its train-draw.py clips the gradient norm to 10 before Adam"}
+T64_MODELS = ("draw", "draw-attention", "draw-attention-clip")
 
 #: protocol -> settings; "cpu" is the committed run. ``curve_test``: test images of the curve's bound;
 #: ``train_size``: first N training images (None: all); ``checkpointed``: trains in run folders and resumes.
@@ -107,10 +120,10 @@ PROTOCOLS = {
              "curve_test": 500, "bound_test": 10000, "nll_test": 10000, "eval_samples": 5000, "train_size": None, "models": MODELS, "checkpointed": False},
     "t64-2h": {"steps": 64, "hidden": 256, "z_dim": 100, "budget_s": 2 * 3600.0, "curve_every_s": 300.0, "batch_size": 100, "lr": 1e-3,
                "curve_test": 1000, "bound_test": 10000, "nll_test": 1000, "eval_samples": 100, "train_size": None,
-               "models": ("draw", "draw-attention"), "checkpointed": True},
+               "models": T64_MODELS, "checkpointed": True},
     "t64-quick": {"steps": 2, "hidden": 16, "z_dim": 4, "budget_s": 3.0, "curve_every_s": 1.0, "batch_size": 50, "lr": 1e-3,
                   "curve_test": 50, "bound_test": 100, "nll_test": 20, "eval_samples": 5, "train_size": 300,
-                  "models": ("draw", "draw-attention"), "checkpointed": True},
+                  "models": T64_MODELS, "checkpointed": True},
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 #: the committed tables, each with the one protocol that may write it
@@ -133,7 +146,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=None, help="models trained at once, one process each (default: all of the protocol's)")
     p.add_argument("--work-dir", default="runs/draw_table", help="per-model results (and, for the t64 protocols, run folders), under PROTOCOL/")
     p.add_argument("--out", default=None, help="the table (default: results/draw_table*.md; t64-2h: results/draw_t64.md; t64-quick: in the work folder)")
-    p.add_argument("--only", default=None, choices=MODELS, help="train and evaluate one model in this process and write its JSON; for a t64 "
+    p.add_argument("--only", default=None, choices=list(dict.fromkeys(MODELS + T64_MODELS)), help="train and evaluate one model in this process and write its JSON; for a t64 "
                    "protocol, the table is written once every model of the protocol has finished")
     p.add_argument("--resume", action="store_true", help="(t64 protocols) keep finished models and continue interrupted ones from their last checkpoint")
     p.add_argument("--stop-after", type=int, default=None, metavar="N", help="(t64 protocols) stop each model after N curve segments "
@@ -177,8 +190,14 @@ def config(name: str, s: dict) -> dict:
     if name == "vae":
         cfg = {"model": "vae", "z_dims": [50]}
     else:
-        cfg = {"model": "draw", "draw_steps": s["steps"], "draw_z": s["z_dim"], "lstm_size": s["hidden"], "attention": name == "draw-attention"}
+        cfg = {"model": "draw", "draw_steps": s["steps"], "draw_z": s["z_dim"], "lstm_size": s["hidden"], "attention": name.startswith("draw-attention")}
     return {**cfg, "objective": "elbo", "analytic_kl": True}
+
+
+def model_settings(name: str, s: dict) -> dict:
+    """The settings ``name`` trains with: the protocol's (without its list of models: a model's run does not depend on
+    which others the protocol trains) and the model's own recipe (:data:`RECIPES`)."""
+    return {**{k: v for k, v in s.items() if k != "models"}, **RECIPES.get(name, {})}
 
 
 def plain(value):
@@ -258,6 +277,7 @@ def run_model(
     budget's clock (default :data:`CLOCK`, process CPU time)."""
     clock = CLOCK if clock is None else clock
     device = train.device
+    s = model_settings(name, s)
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()
     cfg = config(name, s)
@@ -275,7 +295,7 @@ def run_model(
             raise SystemExit(f"{run_dir} holds a run with other settings ({differ}, as (saved, now)): move it away or choose another --work-dir")
         progress = saved["progress"]
     objective = build_objective(cfg)  # ELBO(analytic_kl=True), the paper's L^z
-    trainer = Trainer(model, guide, objective, lr=s["lr"], progress=False, run_dir=run_dir, config={**base, "progress": progress})
+    trainer = Trainer(model, guide, objective, lr=s["lr"], clip_norm=s.get("clip_norm"), progress=False, run_dir=run_dir, config={**base, "progress": progress})
     if saved is not None:
         trainer.resume(last, train[: s["batch_size"]])
         log(f"[{name}] continuing from {last}: step {trainer.cursor.step}, {progress['train_cpu_s']:.0f} CPU-s of {s['budget_s']:.0f}, "
@@ -353,7 +373,8 @@ def time_steps(name: str, s: dict, train: torch.Tensor, n: int, seed: int = 0) -
     pyro.clear_param_store()
     cfg = config(name, s)
     model, guide = build(cfg, train.shape[1:], train.device)
-    trainer = Trainer(model, guide, build_objective(cfg), lr=s["lr"], progress=False)
+    s = model_settings(name, s)
+    trainer = Trainer(model, guide, build_objective(cfg), lr=s["lr"], clip_norm=s.get("clip_norm"), progress=False)
     b = s["batch_size"]
     batch = lambda i: train[(i * b) % (train.shape[0] - b + 1):][:b]
     trainer.setup(batch(0))
@@ -429,16 +450,24 @@ def report(results: dict, args, wall: float) -> str:
 
 
 def paired_lines(results: dict) -> list[str]:
-    if "draw" not in results or "draw-attention" not in results:
-        return []
-    a = torch.tensor(results["draw-attention"]["nll_per_image"])
-    b = torch.tensor(results["draw"]["nll_per_image"])
-    d, se = paired_difference(b, a)
-    return [
-        "",
-        f"Attention against no attention at equal budget, paired over the same {a.numel()} test images: NLL(no attention) - "
-        f"NLL(attention) = {d:.2f} ± {se:.2f} nats ({d / se:.1f} standard errors).",
-    ]
+    """Each attention model against DRAW without attention, paired over the same test images."""
+    lines = []
+    for name in (n for n in results if n.startswith("draw-attention")):
+        if "draw" not in results:
+            break
+        a, b = torch.tensor(results[name]["nll_per_image"]), torch.tensor(results["draw"]["nll_per_image"])
+        d, se = paired_difference(b, a)
+        lines += ["", f"Attention ({name}) against no attention at equal budget, paired over the same {a.numel()} test images: "
+                  f"NLL(no attention) - NLL(attention) = {d:.2f} ± {se:.2f} nats ({d / se:.1f} standard errors)."]
+    return lines
+
+
+def recipe_lines(names) -> list[str]:
+    """A bullet per model of ``names`` that trains with a recipe of its own (:data:`RECIPES`)."""
+    return [f"- Model `{n}`: the same model as `{n.rsplit('-', 1)[0]}`, trained with "
+            + ", ".join(("Adam lr %g" % v) if k == "lr" else ("the global gradient norm clipped to %g before each step" % v) if k == "clip_norm" else f"{k} {v}"
+                        for k, v in RECIPES[n].items())
+            + f" ({RECIPE_SOURCES[n]})." for n in names if n in RECIPES]
 
 
 def slope(curve: list[dict], start_s: float, end_s: float) -> Optional[tuple[float, float, int]]:
@@ -503,6 +532,7 @@ def report_t64(results: dict, name: str, args, commands: list[str]) -> str:
         f"attention (read 2 x 2, write 5 x 5); ELBO with the closed-form KL per step (`ELBO(analytic_kl=True)`, the paper's L^z); Adam lr {s['lr']:g}, "
         f"batch {s['batch_size']}; the fixed Larochelle binarisation, {'all 50,000' if s['train_size'] is None else 'the first %d' % s['train_size']} training images, "
         "a new permutation every epoch.",
+        *recipe_lines(names),
         f"- Budget: {s['budget_s'] / 60:.4g} CPU-minutes of training per model: process CPU time (`time.process_time`) of a process with one "
         "torch thread, counted over the training steps only (curve evaluations and checkpoints are not counted). The machine is shared "
         "with other jobs, so wall time is longer than CPU time.",
@@ -586,7 +616,7 @@ def finished(work: Path, name: str, s: dict) -> Optional[dict]:
     if not path.is_file():
         return None
     r = json.loads(path.read_text())
-    return r if plain(r.get("settings")) == plain(s) else None
+    return r if plain(model_settings(name, r.get("settings") or {})) == plain(model_settings(name, s)) else None
 
 
 def train_one(name: str, pname: str, args, work: Path) -> int:

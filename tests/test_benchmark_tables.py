@@ -263,6 +263,12 @@ def test_draw_t64_command_stops_resumes_and_never_writes_the_committed_table(tmp
     else:
         raise AssertionError("a finished run was trained over without --resume")
     assert dt.main([*common, "--only", "draw-attention", "--resume"]) == 0
+    assert not (work / "t64-quick" / "draw_t64.md").exists()  # draw-attention-clip has not run
+    assert dt.main([*common, "--only", "draw-attention-clip", "--resume"]) == 0
+    clipped = json.loads((work / "t64-quick" / "draw-attention-clip.json").read_text())
+    assert clipped["settings"]["lr"] == 3e-4 and clipped["settings"]["clip_norm"] == 10.0
     table = (work / "t64-quick" / "draw_t64.md").read_text()
-    assert "| draw | " in table and "| draw-attention | " in table and "| paper, final | 87.40 | 80.97 |" in table
+    assert "| draw | " in table and "| draw-attention | " in table and "| draw-attention-clip | " in table
+    assert "| paper, final | 87.40 | 80.97 | 80.97 |" in table and "clipped to 10 before each step" in table
+    assert table.count("NLL(no attention) - NLL(attention)") == 2
     assert (committed.read_bytes() if committed.exists() else None) == before
