@@ -277,7 +277,7 @@ def run_model(
     budget's clock (default :data:`CLOCK`, process CPU time)."""
     clock = CLOCK if clock is None else clock
     device = train.device
-    s = model_settings(name, s)
+    s = model_settings(name, s)  # the protocol's settings with the model's recipe
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()
     cfg = config(name, s)
@@ -369,11 +369,11 @@ def run_model(
 def time_steps(name: str, s: dict, train: torch.Tensor, n: int, seed: int = 0) -> dict:
     """CPU seconds per training step of ``name`` (median of ``n`` steps on different batches), after three warm-up steps
     (Pyro with validation, then the recording and the first check of the captured step), and the epochs the budget gives."""
+    s = model_settings(name, s)
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()
     cfg = config(name, s)
     model, guide = build(cfg, train.shape[1:], train.device)
-    s = model_settings(name, s)
     trainer = Trainer(model, guide, build_objective(cfg), lr=s["lr"], clip_norm=s.get("clip_norm"), progress=False)
     b = s["batch_size"]
     batch = lambda i: train[(i * b) % (train.shape[0] - b + 1):][:b]
@@ -451,10 +451,10 @@ def report(results: dict, args, wall: float) -> str:
 
 def paired_lines(results: dict) -> list[str]:
     """Each attention model against DRAW without attention, paired over the same test images."""
+    if "draw" not in results:
+        return []
     lines = []
     for name in (n for n in results if n.startswith("draw-attention")):
-        if "draw" not in results:
-            break
         a, b = torch.tensor(results[name]["nll_per_image"]), torch.tensor(results["draw"]["nll_per_image"])
         d, se = paired_difference(b, a)
         lines += ["", f"Attention ({name}) against no attention at equal budget, paired over the same {a.numel()} test images: "
@@ -464,10 +464,9 @@ def paired_lines(results: dict) -> list[str]:
 
 def recipe_lines(names) -> list[str]:
     """A bullet per model of ``names`` that trains with a recipe of its own (:data:`RECIPES`)."""
+    phrase = {"lr": "Adam lr {:g}", "clip_norm": "the global gradient norm clipped to {:g} before each step"}
     return [f"- Model `{n}`: the same model as `{n.rsplit('-', 1)[0]}`, trained with "
-            + ", ".join(("Adam lr %g" % v) if k == "lr" else ("the global gradient norm clipped to %g before each step" % v) if k == "clip_norm" else f"{k} {v}"
-                        for k, v in RECIPES[n].items())
-            + f" ({RECIPE_SOURCES[n]})." for n in names if n in RECIPES]
+            + ", ".join(phrase[k].format(v) for k, v in RECIPES[n].items()) + f" ({RECIPE_SOURCES[n]})." for n in names if n in RECIPES]
 
 
 def slope(curve: list[dict], start_s: float, end_s: float) -> Optional[tuple[float, float, int]]:

@@ -300,7 +300,6 @@ class Trainer:
             if end_of_epoch:
                 self._end_epoch(valid, hooks)
                 self.rollback.take(state)
-                t0 = time.perf_counter()
         self._checked(finite)  # stopped mid-epoch: the checkpoint carries the epoch so far
         hooks.on_train_end(self)
 
