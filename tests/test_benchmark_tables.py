@@ -18,6 +18,7 @@ def _load(name: str):
     try:
         spec = importlib.util.spec_from_file_location(f"pyrovae_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while it runs
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
@@ -272,3 +273,15 @@ def test_draw_t64_command_stops_resumes_and_never_writes_the_committed_table(tmp
     assert "| paper, final | 87.40 | 80.97 | 80.97 |" in table and "clipped to 10 before each step" in table
     assert table.count("NLL(no attention) - NLL(attention)") == 2
     assert (committed.read_bytes() if committed.exists() else None) == before
+
+
+def test_speed_flop_limit_has_a_row_per_timed_implementation():
+    sp = _load("speed")
+    row = sp.Row("cpu", sp.Config("draw", "elbo", 100), rates={"hand": [1.0], "pyrovae": [1.0], "compile": [1.0]},
+                 cpu_rates={"hand": [1 / 1.2], "pyrovae": [1 / 1.1], "compile": [1 / 0.9]}, flops=int(100e9), mm_rates=[150e9])
+    lines = sp.flop_section([row], 125e9).splitlines()
+    rows = {c[5]: c for c in ([x.strip() for x in line.strip("|").split("|")] for line in lines if line.startswith("| DRAW"))}
+    # the FLOP time at the best rate of the run (150 GFLOP/s): 667 ms
+    assert rows["hand-written"][4] == "667" and rows["hand-written"][8] == "**1.80**" and rows["hand-written"][9] == "**no**"
+    assert rows["pyrovae (capture replay, the default)"][6:8] == ["1100", "0.92"]
+    assert rows["pyrovae, capture compile"][6:] == ["900", "0.75", "**1.35**", "yes"]

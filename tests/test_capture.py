@@ -511,6 +511,64 @@ def test_pointwise_ops_write_into_dead_temporaries_only():
     assert inplace_ops(lambda a, b: torch.sigmoid(a).t() - b.t(), a, b) == []  # a view of the temporary
 
 
+def _products(gm: torch.fx.GraphModule) -> list:
+    return sorted(tuple(n.meta["val"].shape) for n in gm.graph.nodes if n.target is torch.ops.aten.mm.default)
+
+
+def test_compile_sums_a_reused_weights_gradient_with_one_product_over_all_steps():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from pyrovae.capture.fx_passes import _batch_summed_products, lift_params
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 48, generator=g).requires_grad_()  # input weights of a recurrence: [out, in]
+    U = (0.1 * torch.randn(64, 64, generator=g)).requires_grad_()
+    xs = torch.randn(6, 5, 48, generator=g)  # 6 steps of a batch of 5
+
+    def step(xs):
+        h = torch.zeros(5, 64)
+        for x in xs:
+            h = torch.tanh(x @ W.t() + h @ U.t())
+        return torch.autograd.grad(h.square().sum(), [W, U])
+
+    gm, _ = lift_params(make_fx(step)(xs), [W, U])
+    want = step(xs)
+    assert _products(gm).count((64, 48)) == 6  # one weight-gradient product per step, summed
+    assert _batch_summed_products(gm.graph) == 2
+    gm.recompile()
+    assert _products(gm).count((64, 48)) == 1 and _products(gm).count((64, 64)) == 1
+    for got, w in zip(gm(xs, W, U), want):  # the same sum, reassociated: to rounding
+        assert torch.allclose(got, w, rtol=0, atol=1e-6 * float(w.abs().max()))
+
+
+def test_summed_products_are_batched_only_where_it_pays_and_the_sum_is_used_once():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from pyrovae.capture.fx_passes import _batch_summed_products
+
+    def summed(gs, hs, keep_partial=False):
+        acc = gs[0].t() @ hs[0]
+        partial = acc
+        for i in range(1, gs.shape[0]):
+            acc = acc + gs[i].t() @ hs[i]
+            partial = acc if i == 1 else partial
+        return (acc, partial) if keep_partial else acc
+
+    def rewritten(steps, rows, keep_partial=False):
+        gs, hs = torch.randn(steps, rows, 64), torch.randn(steps, rows, 48)
+        gm = make_fx(lambda a, b: summed(a, b, keep_partial))(gs, hs)
+        n = _batch_summed_products(gm.graph)
+        gm.recompile()
+        for got, want in zip(torch.utils._pytree.tree_leaves(gm(gs, hs)), torch.utils._pytree.tree_leaves(summed(gs, hs, keep_partial))):
+            assert torch.allclose(got, want, rtol=0, atol=1e-6 * float(want.abs().max()))
+        return n, _products(gm)
+
+    assert rewritten(6, 5) == (1, [(64, 48)])
+    assert rewritten(3, 5)[0] == 0  # too few terms
+    assert rewritten(6, 40)[0] == 0  # 40 rows: copying them costs more than the per-step sums
+    assert rewritten(6, 5, keep_partial=True)[0] == 0  # a partial sum is used elsewhere
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("capture", ["replay", "compile"])
 def test_captured_log_likelihood_on_cuda_matches_the_plain_one(capture):
