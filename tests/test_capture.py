@@ -305,6 +305,21 @@ def test_compiled_graph_matches_the_plain_step():
         assert torch.allclose(p0, p1, rtol=1e-4, atol=1e-6)
 
 
+def test_a_training_step_compiles_its_first_batch_shape_only(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda gm, **kwargs: compiled.append(gm) or gm)  # the kernels are tested above
+    model, guide = _vae()
+    trainer = Trainer(model, guide, ELBO(), lr=1e-2, progress=False, capture="compile")
+    x = _data()
+    trainer.setup(x[:8])
+    for batch in (x[:8], x[8:16], x[16:21], x[24:32], x[32:37]):  # the first step runs plainly (validation); then an
+        # epoch's full batches and its ragged last batch of 5, twice
+        trainer.step(batch)
+    cache = trainer.gradients.capture
+    assert len(compiled) == 1 and cache.captured == 2, cache.summary()
+    assert sorted(g.mode for g in cache.graphs.values()) == ["compile", "replay"]
+    assert any(e.startswith("[5, 12]") and "replayed, not compiled" in e for e in cache.events), cache.events
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", ["elbo", "iwae-dreg", "geco"])
 def test_replay_on_cuda_matches_the_plain_step(name):

@@ -92,6 +92,9 @@ class GraphCache:
         modules: ``() -> modules`` whose buffers ``fn`` may write (restored after trial runs) and whose train/eval
             flags are part of each signature.
         max_graphs: signatures to capture before running any further ones plainly.
+        max_compiled: with ``mode="compile"``, signatures to compile; later ones replay their recorded graph (None:
+            compile each). A training step compiles its first batch shape only: a ragged last batch, one step an
+            epoch, would not pay back a compile that takes minutes for a large recurrent graph.
         verify_every: replays of a graph between checks against ``fn`` (doubling after each, up to 16 times);
             None: only after :meth:`recheck`.
         what: what a call is, for reports (``step``, ``call``).
@@ -105,6 +108,7 @@ class GraphCache:
         params: Optional[Callable[[], list]] = None,
         modules: Callable[[], list] = list,
         max_graphs: int = 8,
+        max_compiled: Optional[int] = None,
         verify_every: Optional[int] = None,
         what: str = "call",
         no_grad: bool = True,
@@ -115,6 +119,7 @@ class GraphCache:
             raise ValueError(f"verify_every={verify_every!r} must be a positive number of calls")
         self.fn, self.mode, self.params, self.modules = fn, mode, params, modules
         self.max_graphs, self.verify_every, self.what, self.no_grad = int(max_graphs), verify_every, what, no_grad
+        self.max_compiled = max_compiled
         self.graphs: dict[tuple, Union[_Graph, str]] = {}  # a graph, or why that signature runs plainly
         self.refused: Optional[str] = None  # set: every call runs fn, for this reason
         self.events: list[str] = []
@@ -194,7 +199,12 @@ class GraphCache:
             raise CaptureRefused(f"the {self.what} draws from Python's or NumPy's random generator, which a graph cannot replay")
         gm, params = lift_params(gm, None if self.params is None else list(self.params()))
         ops = sum(n.op == "call_function" for n in gm.graph.nodes)
-        for mode in (self.mode, "replay") if self.mode == "compile" else ("replay",):
+        modes = ("compile", "replay") if self.mode == "compile" else ("replay",)
+        compiled = sum(isinstance(g, _Graph) and g.mode == "compile" for g in self.graphs.values())
+        if len(modes) == 2 and self.max_compiled is not None and compiled >= self.max_compiled:
+            modes = ("replay",)
+            self._note(key, f"replayed, not compiled: this cache compiles its first {self.max_compiled} signature(s) only")
+        for mode in modes:
             graph = _Graph(build(gm, mode), params, mode, interval=self.verify_every or 0, next_check=self.verify_every or 0)
             set_rng_state(rng)
             try:

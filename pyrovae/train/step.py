@@ -46,7 +46,8 @@ class Gradients:
         self.validate_every_step, self._validate_next = bool(validate_every_step), True
         self.capture: Optional[GraphCache] = None
         if capture != "off":
-            self.capture = GraphCache(self._plain, capture, params=params, modules=lambda: modules, verify_every=verify_every, what="step", no_grad=False)
+            self.capture = GraphCache(self._plain, capture, params=params, modules=lambda: modules, verify_every=verify_every, what="step", no_grad=False,
+                                        max_compiled=1)
             self.capture.refused = capture_refusal(objective)
 
     @property
