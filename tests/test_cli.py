@@ -208,7 +208,9 @@ def test_a_partial_evaluation_never_replaces_the_full_one(run, data_dir, tmp_pat
     assert full["num_test"] == 30 and full["limit"] is None
     pictures = {p: (run / p).read_bytes() for p in ("samples.png", "reconstructions.png", "latent.png")}
     assert main(["evaluate", str(run), "-k", "2", "--limit", "10", "--device", "cpu", "--data-dir", str(data_dir)]) == 0
-    assert "evaluation-limit10.json" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "evaluation-limit10.json" in out
+    assert "evaluating best.pt: log p(x) with k = 2 importance samples on 10 test examples" in out  # said before it starts
     assert json.loads((run / "evaluation.json").read_text()) == full
     assert {p: (run / p).read_bytes() for p in pictures} == pictures
     partial = json.loads((run / "evaluation-limit10.json").read_text())

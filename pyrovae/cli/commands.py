@@ -686,6 +686,9 @@ def _evaluate(
         gen = torch.Generator(device=test.device).manual_seed(cfg.get("seed", 0) + 1)
         test = torch.bernoulli(test, generator=gen)
     capture = eval_capture_mode(capture, test.shape[0], num_samples, test.device)
+    if distributed.is_main():  # a long evaluation (hours for DRAW on CPU) says what it is doing before it starts
+        print(f"pyrovae: evaluating {path.name}: log p(x) with k = {num_samples} importance samples on {test.shape[0]} test "
+              f"examples (chunks: capture {capture}); a shorter one: --eval-limit N / --eval-samples K (train), --limit / -k (evaluate)", flush=True)
     t0 = time.perf_counter()
     ll = distributed.log_likelihood(model, guide, test, num_samples=num_samples, capture=capture, progress=progress)  # distributed: sharded over ranks
     seconds = time.perf_counter() - t0
