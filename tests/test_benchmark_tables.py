@@ -266,12 +266,17 @@ def test_draw_t64_command_stops_resumes_and_never_writes_the_committed_table(tmp
     assert dt.main([*common, "--only", "draw-attention", "--resume"]) == 0
     assert not (work / "t64-quick" / "draw_t64.md").exists()  # draw-attention-clip has not run
     assert dt.main([*common, "--only", "draw-attention-clip", "--resume"]) == 0
+    assert not (work / "t64-quick" / "draw_t64.md").exists()  # draw-attention-clip-lr1e-3 has not run
+    assert dt.main([*common, "--only", "draw-attention-clip-lr1e-3", "--resume"]) == 0
     clipped = json.loads((work / "t64-quick" / "draw-attention-clip.json").read_text())
     assert clipped["settings"]["lr"] == 3e-4 and clipped["settings"]["clip_norm"] == 10.0
+    clipped = json.loads((work / "t64-quick" / "draw-attention-clip-lr1e-3.json").read_text())
+    assert clipped["settings"]["lr"] == 1e-3 and clipped["settings"]["clip_norm"] == 10.0
     table = (work / "t64-quick" / "draw_t64.md").read_text()
-    assert "| draw | " in table and "| draw-attention | " in table and "| draw-attention-clip | " in table
-    assert "| paper, final | 87.40 | 80.97 | 80.97 |" in table and "clipped to 10 before each step" in table
-    assert table.count("NLL(no attention) - NLL(attention)") == 2
+    assert all(f"| {name} | " in table for name in dt.T64_MODELS)
+    assert "| paper, final | 87.40 | 80.97 | 80.97 | 80.97 |" in table and "clipped to 10 before each step" in table
+    assert "- Model `draw-attention-clip-lr1e-3`: the same model as `draw-attention`, trained with the global gradient norm clipped to 10" in table
+    assert table.count("NLL(no attention) - NLL(attention)") == 3
     assert (committed.read_bytes() if committed.exists() else None) == before
 
 
