@@ -561,20 +561,23 @@ def test_summed_products_are_batched_only_where_it_pays_and_the_sum_is_used_once
 
     from pyrovae.capture.fx_passes import _batch_summed_products
 
-    def summed(gs, hs, keep_partial=False):
+    def summed(gs, hs, keep_partial=False, overwrite=False):
         acc = gs[0].t() @ hs[0]
         partial = acc
         for i in range(1, gs.shape[0]):
-            acc = acc + gs[i].t() @ hs[i]
+            g = gs[i] * 1.0
+            acc = acc + g.t() @ hs[i]
+            if overwrite:  # the operand changes after its product: one product at the end would read the new values
+                g.mul_(2.0)
             partial = acc if i == 1 else partial
         return (acc, partial) if keep_partial else acc
 
-    def rewritten(steps, rows, keep_partial=False):
+    def rewritten(steps, rows, **kwargs):
         gs, hs = torch.randn(steps, rows, 64), torch.randn(steps, rows, 48)
-        gm = make_fx(lambda a, b: summed(a, b, keep_partial))(gs, hs)
+        gm = make_fx(lambda a, b: summed(a, b, **kwargs))(gs, hs)
         n = _batch_summed_products(gm.graph)
         gm.recompile()
-        for got, want in zip(torch.utils._pytree.tree_leaves(gm(gs, hs)), torch.utils._pytree.tree_leaves(summed(gs, hs, keep_partial))):
+        for got, want in zip(torch.utils._pytree.tree_leaves(gm(gs, hs)), torch.utils._pytree.tree_leaves(summed(gs, hs, **kwargs))):
             assert torch.allclose(got, want, rtol=0, atol=1e-6 * float(want.abs().max()))
         return n, _products(gm)
 
@@ -582,6 +585,7 @@ def test_summed_products_are_batched_only_where_it_pays_and_the_sum_is_used_once
     assert rewritten(3, 5)[0] == 0  # too few terms
     assert rewritten(6, 40)[0] == 0  # 40 rows: copying them costs more than the per-step sums
     assert rewritten(6, 5, keep_partial=True)[0] == 0  # a partial sum is used elsewhere
+    assert rewritten(6, 5, overwrite=True)[0] == 0
 
 
 @pytest.mark.cuda

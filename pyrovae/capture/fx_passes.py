@@ -213,6 +213,19 @@ def _reuse_dead_buffers(graph: torch.fx.Graph) -> None:
 _ADD = (torch.ops.aten.add_.Tensor, torch.ops.aten.add.Tensor)
 
 
+def _written_roots(graph: torch.fx.Graph) -> set:
+    """The nodes whose storage some op of the graph writes into (in-place ops and ``out=`` arguments)."""
+    roots = set()
+    for node in graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        for i, arg in enumerate(node.target._schema.arguments):
+            target = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(target, torch.fx.Node):
+                roots.add(_root(target))
+    return roots
+
+
 def _product_term(node) -> Optional[tuple]:
     """``(x, y, nodes)`` when ``node``'s value is ``x.T @ y`` computed as ``t^k(mm(t(a), b))`` (a weight's gradient at
     one use: ``mm(grad_out.T, input)``, perhaps transposed), each link used once; ``nodes``: the links, outermost
@@ -268,6 +281,7 @@ def _batch_summed_products(graph: torch.fx.Graph, min_terms: int = 4) -> int:
     reading and writing the ``[out, in]`` sum at every step. Rewritten where that saves memory traffic: at least
     ``min_terms`` terms, and ``batch * (out + in) <= out * in / 2`` (the copies into the concatenation cost less than
     half of one step's accumulation). Returns the number of sums rewritten."""
+    written = _written_roots(graph)  # a product's operands must not change between their step and the sum's end
     plans = []
     for node in graph.nodes:
         if node.target not in _ADD or any(u.target in _ADD and u.args[0] is node for u in node.users):
@@ -276,6 +290,8 @@ def _batch_summed_products(graph: torch.fx.Graph, min_terms: int = 4) -> int:
         if found is None or len(found[0]) < min_terms:
             continue
         xs, ys, nodes = found
+        if any(_root(v) in written for v in xs + ys):
+            continue
         out = node.meta.get("val")
         vals = [(x.meta.get("val"), y.meta.get("val")) for x, y in zip(xs, ys)]
         if not (torch.is_tensor(out) and out.dim() == 2 and out.is_contiguous()):
