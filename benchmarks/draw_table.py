@@ -194,8 +194,13 @@ def config(name: str, s: dict) -> dict:
     if name == "vae":
         cfg = {"model": "vae", "z_dims": [50]}
     else:
-        cfg = {"model": "draw", "draw_steps": s["steps"], "draw_z": s["z_dim"], "lstm_size": s["hidden"], "attention": name.startswith("draw-attention")}
+        cfg = {"model": "draw", "draw_steps": s["steps"], "draw_z": s["z_dim"], "lstm_size": s["hidden"], "attention": base_model(name) == "draw-attention"}
     return {**cfg, "objective": "elbo", "analytic_kl": True}
+
+
+def base_model(name: str) -> str:
+    """The model that ``name`` trains (``draw``, ``draw-attention`` or ``vae``): a recipe's name extends its model's."""
+    return "draw-attention" if name.startswith("draw-attention") else name
 
 
 def model_settings(name: str, s: dict) -> dict:
@@ -458,7 +463,7 @@ def paired_lines(results: dict) -> list[str]:
     if "draw" not in results:
         return []
     lines = []
-    for name in (n for n in results if n.startswith("draw-attention")):
+    for name in (n for n in results if base_model(n) == "draw-attention"):
         a, b = torch.tensor(results[name]["nll_per_image"]), torch.tensor(results["draw"]["nll_per_image"])
         d, se = paired_difference(b, a)
         lines += ["", f"Attention ({name}) against no attention at equal budget, paired over the same {a.numel()} test images: "
@@ -469,7 +474,7 @@ def paired_lines(results: dict) -> list[str]:
 def recipe_lines(names) -> list[str]:
     """A bullet per model of ``names`` that trains with a recipe of its own (:data:`RECIPES`)."""
     phrase = {"lr": "Adam lr {:g}", "clip_norm": "the global gradient norm clipped to {:g} before each step"}
-    return [f"- Model `{n}`: the same model as `{'draw-attention' if n.startswith('draw-attention') else 'draw'}`, trained with "
+    return [f"- Model `{n}`: the same model as `{base_model(n)}`, trained with "
             + ", ".join(phrase[k].format(v) for k, v in RECIPES[n].items()) + f" ({RECIPE_SOURCES[n]})." for n in names if n in RECIPES]
 
 

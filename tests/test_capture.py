@@ -265,6 +265,10 @@ def test_a_program_whose_python_changes_is_caught_at_the_next_recheck():
 def test_bad_capture_mode_is_refused():
     with pytest.raises(ValueError, match="capture='fast' is not known"):
         Trainer(*_vae(), ELBO(), capture="fast")
+    from pyrovae.capture import GraphCache
+
+    with pytest.raises(ValueError, match="max_compiled=-1 must be a number of signatures"):
+        GraphCache(lambda inputs: inputs, "compile", max_compiled=-1)
 
 
 # --------------------------------------------------------------------------------------------------

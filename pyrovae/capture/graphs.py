@@ -119,6 +119,8 @@ class GraphCache:
             raise ValueError(f"verify_every={verify_every!r} must be a positive number of calls")
         self.fn, self.mode, self.params, self.modules = fn, mode, params, modules
         self.max_graphs, self.verify_every, self.what, self.no_grad = int(max_graphs), verify_every, what, no_grad
+        if max_compiled is not None and int(max_compiled) < 0:
+            raise ValueError(f"max_compiled={max_compiled!r} must be a number of signatures (0 or more), or None to compile each")
         self.max_compiled = max_compiled
         self.graphs: dict[tuple, Union[_Graph, str]] = {}  # a graph, or why that signature runs plainly
         self.refused: Optional[str] = None  # set: every call runs fn, for this reason
