@@ -28,6 +28,10 @@ Protocols (``--protocol``; ``--quick`` and ``--full`` are short for two of them)
   A third model, ``draw-attention-clip``, is the attention model with the recipe of the public reimplementation
   jbornschein/draw (Adam lr 3e-4, the global gradient norm clipped to 10): the attention run at lr 1e-3 without
   clipping met gradient norms 100 times their median (33,387 against 350) that threw its bound from 135 back to 250.
+  ``draw-attention-clip-lr1e-3``: that clipping at lr 1e-3. ``draw-attention-tile``: the same with the attention
+  windows starting as the library now starts them, tiling the image (``attention_init="tile"``). Every other
+  attention model (and the ``cpu`` protocol's) starts them at ``"unit"``, as the library did when they ran: one-pixel
+  filters a whole image apart, where the 2 x 2 read sees only the blank corners of every digit.
 - ``t64-quick``: the ``t64-2h`` code at tiny sizes (T = 2, 300 training images; seconds); its table goes into the
   work folder.
 
@@ -68,6 +72,8 @@ Usage::
     nohup env OMP_NUM_THREADS=1 python benchmarks/draw_table.py --protocol t64-2h --only draw --resume > runs/draw_table/t64-draw.log 2>&1 &
     nohup env OMP_NUM_THREADS=1 python benchmarks/draw_table.py --protocol t64-2h --only draw-attention --resume > runs/draw_table/t64-draw-attention.log 2>&1 &
     nohup env OMP_NUM_THREADS=1 python benchmarks/draw_table.py --protocol t64-2h --only draw-attention-clip --resume > runs/draw_table/t64-draw-attention-clip.log 2>&1 &
+    nohup env OMP_NUM_THREADS=1 python benchmarks/draw_table.py --protocol t64-2h --only draw-attention-clip-lr1e-3 --resume > runs/draw_table/t64-draw-attention-clip-lr1e-3.log 2>&1 &
+    nohup env OMP_NUM_THREADS=1 python benchmarks/draw_table.py --protocol t64-2h --only draw-attention-tile --resume > runs/draw_table/t64-draw-attention-tile.log 2>&1 &
     # time a few T = 64 steps of each model (no training run)
     OMP_NUM_THREADS=1 python benchmarks/draw_table.py --protocol t64-2h --time-steps 10
 """
@@ -97,21 +103,27 @@ from pyrovae.train import Trainer, TrainingInterrupted
 from pyrovae.train.callbacks import Callback
 from pyrovae.train.checkpoint import load_checkpoint
 
-PAPER = {"draw": 87.40, "draw-attention": 80.97, "draw-attention-clip": 80.97, "draw-attention-clip-lr1e-3": 80.97, "vae": None}
+PAPER = {"draw": 87.40, "draw-attention": 80.97, "draw-attention-clip": 80.97, "draw-attention-clip-lr1e-3": 80.97, "draw-attention-tile": 80.97, "vae": None}
 MODELS = ("draw", "draw-attention", "vae")
 #: models with a training recipe of their own (overriding the protocol's settings). ``draw-attention-clip``: the
 #: recipe of a public reimplementation that trains T = 64 attention DRAW on binarized MNIST (jbornschein/draw, its
 #: README's command and train-draw.py: Adam lr 3e-4 after clipping the global gradient norm to 10), after the t64-2h
 #: attention run at lr 1e-3 without clipping met gradient norms 100x their median that threw its bound back.
 #: ``draw-attention-clip-lr1e-3``: the same clipping at the protocol's lr 1e-3, after the lr 3e-4 run stayed at the
-#: mean-image plateau (posterior collapse) that lr 1e-3 left after about 40 CPU-minutes
-RECIPES = {"draw-attention-clip": {"lr": 3e-4, "clip_norm": 10.0}, "draw-attention-clip-lr1e-3": {"clip_norm": 10.0}}
+#: mean-image plateau (posterior collapse) that lr 1e-3 left after about 40 CPU-minutes. ``draw-attention-tile``:
+#: that recipe with the windows starting as the library now starts them (tiling the image, ``attention_init="tile"``);
+#: every other attention model here starts them at ``"unit"``, where the 2 x 2 read sees only MNIST's blank corners
+RECIPES = {"draw-attention-clip": {"lr": 3e-4, "clip_norm": 10.0}, "draw-attention-clip-lr1e-3": {"clip_norm": 10.0},
+           "draw-attention-tile": {"clip_norm": 10.0, "attention_init": "tile"}}
 #: where each recipe comes from (the table states it)
 RECIPE_SOURCES = {"draw-attention-clip": "the recipe of the public reimplementation jbornschein/draw: its README trains T = 64, read 2 x 2, "
                   "write 5 x 5 with lr 3e-4, and its train-draw.py clips the gradient norm to 10 before Adam",
                   "draw-attention-clip-lr1e-3": "that reimplementation's clipping at this protocol's lr 1e-3: the lr 3e-4 run never left "
-                  "the mean-image plateau, which lr 1e-3 without clipping left after about 40 CPU-minutes"}
-T64_MODELS = ("draw", "draw-attention", "draw-attention-clip", "draw-attention-clip-lr1e-3")
+                  "the mean-image plateau, which lr 1e-3 without clipping left after about 40 CPU-minutes",
+                  "draw-attention-tile": "the library's start of the attention windows since 2026-12-07: the other attention models start "
+                  "with one-pixel filters a whole image apart, so the 2 x 2 read sees only the blank corners of every MNIST digit and q starts "
+                  "with nothing about x (pyrovae.nn.attention)"}
+T64_MODELS = ("draw", "draw-attention", "draw-attention-clip", "draw-attention-clip-lr1e-3", "draw-attention-tile")
 
 #: protocol -> settings; "cpu" is the committed run. ``curve_test``: test images of the curve's bound;
 #: ``train_size``: first N training images (None: all); ``checkpointed``: trains in run folders and resumes.
@@ -195,6 +207,8 @@ def config(name: str, s: dict) -> dict:
         cfg = {"model": "vae", "z_dims": [50]}
     else:
         cfg = {"model": "draw", "draw_steps": s["steps"], "draw_z": s["z_dim"], "lstm_size": s["hidden"], "attention": base_model(name) == "draw-attention"}
+        if cfg["attention"]:  # the committed runs started their windows at "unit" (they predate the library's "tile")
+            cfg["attention_init"] = s.get("attention_init", "unit")
     return {**cfg, "objective": "elbo", "analytic_kl": True}
 
 
@@ -473,7 +487,8 @@ def paired_lines(results: dict) -> list[str]:
 
 def recipe_lines(names) -> list[str]:
     """A bullet per model of ``names`` that trains with a recipe of its own (:data:`RECIPES`)."""
-    phrase = {"lr": "Adam lr {:g}", "clip_norm": "the global gradient norm clipped to {:g} before each step"}
+    phrase = {"lr": "Adam lr {:g}", "clip_norm": "the global gradient norm clipped to {:g} before each step",
+              "attention_init": "its read and write windows starting as `attention_init={!r}`"}
     return [f"- Model `{n}`: the same model as `{base_model(n)}`, trained with "
             + ", ".join(phrase[k].format(v) for k, v in RECIPES[n].items()) + f" ({RECIPE_SOURCES[n]})." for n in names if n in RECIPES]
 
@@ -537,7 +552,8 @@ def report_t64(results: dict, name: str, args, commands: list[str]) -> str:
         "Written by `benchmarks/draw_table.py --protocol %s` (issue 27, item 5)." % name,
         "",
         f"- Protocol `{name}`: DRAW with T = {s['steps']} steps, {s['hidden']}-unit LSTMs, {s['z_dim']}-d z_t, without attention and with "
-        f"attention (read 2 x 2, write 5 x 5); ELBO with the closed-form KL per step (`ELBO(analytic_kl=True)`, the paper's L^z); Adam lr {s['lr']:g}, "
+        f"attention (read 2 x 2, write 5 x 5; the windows start at `attention_init='unit'`, one-pixel filters a whole image apart, "
+        "unless a model's recipe says otherwise); ELBO with the closed-form KL per step (`ELBO(analytic_kl=True)`, the paper's L^z); Adam lr {s['lr']:g}, "
         f"batch {s['batch_size']}; the fixed Larochelle binarisation, {'all 50,000' if s['train_size'] is None else 'the first %d' % s['train_size']} training images, "
         "a new permutation every epoch.",
         *recipe_lines(names),

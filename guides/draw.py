@@ -92,7 +92,7 @@ class DRAWGuide(_GuideOf):
         n = model.read_size
         self.attention = model.attention
         if self.attention:
-            self.read_window = Attention(model.hidden, height, width, n)
+            self.read_window = Attention(model.hidden, height, width, n, init=model.attention_init)
             read_dim = 2 * channels * n * n
         else:
             read_dim = 2 * channels * height * width

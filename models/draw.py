@@ -26,7 +26,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyrovae.nn.attention import Attention, Window, box, write
+from pyrovae.nn.attention import INITS as ATTENTION_INITS, Attention, Window, box, write
 from pyrovae.nn.likelihoods import LIKELIHOODS, likelihood_head
 from pyrovae.utils.registry import DRAW_GROUP, register_model
 from pyrovae.nn import diag_normal
@@ -136,7 +136,7 @@ class RecurrentCanvasModel(nn.Module):
 
 @register_model(
     "draw", guide="draw", group=DRAW_GROUP, flags={"steps": "draw_steps", "z_dim": "draw_z", "hidden": "lstm_size"},
-    choices={"likelihood": LIKELIHOODS}, exclude=("share_steps",),
+    choices={"likelihood": LIKELIHOODS, "attention_init": ATTENTION_INITS}, exclude=("share_steps",),
 )
 class DRAW(RecurrentCanvasModel):
     """DRAW: a recurrent VAE that draws on a canvas, with or without selective attention.
@@ -152,6 +152,9 @@ class DRAW(RecurrentCanvasModel):
             to the whole image. The guide reads with the same choice (``read_size``).
         read_size: N of the guide's N x N read grid (with ``attention``).
         write_size: N of the N x N write grid (with ``attention``).
+        attention_init: where the read and write windows start (:class:`~pyrovae.nn.attention.Attention`):
+            ``tile`` (the filters tile the image; the default) or ``unit`` (one-pixel filters a whole image apart,
+            the start of runs made before 2026-12-07: the 2 x 2 read then sees only the blank corners of MNIST).
         likelihood: ``bernoulli`` (binary images), ``gaussian`` or ``continuous_bernoulli``.
         scale: fixed Gaussian scale (None: learned per pixel, written on extra canvas channels).
         share_steps: let the model reuse the guide's decoder steps (see the module docstring).
@@ -169,6 +172,7 @@ class DRAW(RecurrentCanvasModel):
         attention: bool = False,
         read_size: int = 2,
         write_size: int = 5,
+        attention_init: str = "tile",
         likelihood: str = "bernoulli",
         scale: Optional[float] = None,
         share_steps: bool = True,
@@ -177,11 +181,11 @@ class DRAW(RecurrentCanvasModel):
         check_positive(steps=steps, z_dim=z_dim, hidden=hidden, read_size=read_size, write_size=write_size)
         super().__init__(x_shape, steps, likelihood, scale, share_steps)
         self.z_dim, self.hidden, self.attention = z_dim, hidden, bool(attention)
-        self.read_size, self.write_size = read_size, write_size
+        self.read_size, self.write_size, self.attention_init = read_size, write_size, attention_init
         _, height, width = x_shape
         self.decoder = LSTMCell(z_dim, hidden)
         if self.attention:
-            self.write_window = Attention(hidden, height, width, write_size)
+            self.write_window = Attention(hidden, height, width, write_size, init=attention_init)
             self.write_patch = nn.Linear(hidden, self.canvas_channels * write_size**2)
         else:
             self.write_patch = nn.Linear(hidden, self.canvas_channels * height * width)

@@ -268,15 +268,22 @@ def test_draw_t64_command_stops_resumes_and_never_writes_the_committed_table(tmp
     assert dt.main([*common, "--only", "draw-attention-clip", "--resume"]) == 0
     assert not (work / "t64-quick" / "draw_t64.md").exists()  # draw-attention-clip-lr1e-3 has not run
     assert dt.main([*common, "--only", "draw-attention-clip-lr1e-3", "--resume"]) == 0
+    assert not (work / "t64-quick" / "draw_t64.md").exists()  # draw-attention-tile has not run
+    assert dt.main([*common, "--only", "draw-attention-tile", "--resume"]) == 0
+    tile = json.loads((work / "t64-quick" / "draw-attention-tile.json").read_text())
+    assert tile["settings"]["attention_init"] == "tile" and tile["settings"]["clip_norm"] == 10.0
+    assert dt.config("draw-attention-tile", tile["settings"])["attention_init"] == "tile"
+    assert dt.config("draw-attention", dt.model_settings("draw-attention", dt.PROTOCOLS["t64-2h"]))["attention_init"] == "unit"
     clipped = json.loads((work / "t64-quick" / "draw-attention-clip.json").read_text())
     assert clipped["settings"]["lr"] == 3e-4 and clipped["settings"]["clip_norm"] == 10.0
     clipped = json.loads((work / "t64-quick" / "draw-attention-clip-lr1e-3.json").read_text())
     assert clipped["settings"]["lr"] == 1e-3 and clipped["settings"]["clip_norm"] == 10.0
     table = (work / "t64-quick" / "draw_t64.md").read_text()
     assert all(f"| {name} | " in table for name in dt.T64_MODELS)
-    assert "| paper, final | 87.40 | 80.97 | 80.97 | 80.97 |" in table and "clipped to 10 before each step" in table
+    assert "| paper, final | 87.40 | 80.97 | 80.97 | 80.97 | 80.97 |" in table and "clipped to 10 before each step" in table
+    assert "- Model `draw-attention-tile`: the same model as `draw-attention`, trained with the global gradient norm clipped to 10 before each step, its read and write windows starting as `attention_init='tile'`" in table
     assert "- Model `draw-attention-clip-lr1e-3`: the same model as `draw-attention`, trained with the global gradient norm clipped to 10" in table
-    assert table.count("NLL(no attention) - NLL(attention)") == 3
+    assert table.count("NLL(no attention) - NLL(attention)") == 4
     assert (committed.read_bytes() if committed.exists() else None) == before
 
 

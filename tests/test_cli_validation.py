@@ -49,6 +49,7 @@ def _train_error(capsys, tmp_path, *argv) -> str:
 @pytest.mark.parametrize("argv, unread", [
     (["--model", "convdraw", "--attention"], "--attention (read by --model draw)"),  # recorded in config.json, never used
     (["--model", "convdraw", "--read-size", "3"], "--read-size (read by --model draw)"),
+    (["--model", "convdraw", "--attention-init", "unit"], "--attention-init (read by --model draw)"),
     (["--objective", "iwae", "--beta", "2"], "--beta (read by --objective beta, --objective annealed)"),
     (["--damping", "0.1"], "--damping (read by --optimizer natural)"),
     (["--max-length", "20"], "--max-length (read by text data sets: --dataset ptb)"),  # was a raw TypeError from load_dataset

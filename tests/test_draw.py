@@ -10,7 +10,7 @@ from torch.nn.functional import binary_cross_entropy_with_logits
 
 import pyrovae.evaluate as E
 from pyrovae.evaluate.pictures import write_draw_pictures
-from pyrovae.nn.attention import Window, filterbank, read, window, write
+from pyrovae.nn.attention import Attention, Window, box, filterbank, read, window, write
 from pyrovae.guides import ConvDRAWGuide, DRAWGuide
 from pyrovae.models import DRAW, ConvDRAW
 from pyrovae.objectives import ELBO, GECO, IWAE, BetaELBO, LogVarianceLoss, Renyi, VarianceLoss
@@ -113,6 +113,44 @@ def test_writing_a_patch_then_reading_the_same_window_returns_it():
     mask = torch.ones(12, 10, dtype=torch.bool)
     mask[rows[0][:, None], rows[1]] = False
     assert canvas[..., mask].abs().max() < 1e-6
+
+
+def _mnist_like(n: int = 6, seed: int = 0) -> torch.Tensor:
+    """28 x 28 binary images whose ink lies in the central 20 x 20 box, blank borders (as in MNIST)."""
+    x = torch.zeros(n, 1, 28, 28)
+    x[..., 4:24, 4:24] = torch.bernoulli(torch.full((n, 1, 20, 20), 0.3), generator=torch.Generator().manual_seed(seed))
+    return x
+
+
+def test_windows_start_tiling_the_image_so_the_first_read_sees_the_digit():
+    # issue 27: with near-zero head outputs ("unit") the 2 x 2 read's one-pixel filters sit on the blank corners,
+    # so the first glimpse is 0 for every image; "tile" (the default) starts each filter averaging its own quadrant
+    torch.manual_seed(0)
+    x, h = _mnist_like(), torch.zeros(6, 256)  # the paper's 256-unit state: PyTorch's bias init is +-1/16
+    tile = Attention(256, 28, 28, 2)(h)
+    torch.testing.assert_close(box(tile)[0], torch.tensor([6.5, 6.5, 20.5, 20.5]))
+    torch.testing.assert_close(tile.sigma2, torch.full((6,), 49.0)), torch.testing.assert_close(tile.gamma, torch.ones(6))
+    quadrants = x.unfold(-2, 14, 14).unfold(-2, 14, 14).mean((-1, -2))  # [6, 1, 2, 2]: the ink of each quadrant
+    glimpse = read(x, tile)
+    assert glimpse.min() > 0.05 and (glimpse - quadrants).abs().max() < 0.1  # a blurred quadrant average
+    assert glimpse.flatten(1).std(0).min() > 1e-3  # and it tells the images apart
+    for seed in range(5):  # the old start: (almost) nothing of x, whatever PyTorch's bias draw
+        torch.manual_seed(seed)
+        assert read(x, Attention(256, 28, 28, 2, init="unit")(h)).abs().max() < 0.02
+    # the 5 x 5 write grid tiles too: stride 28 / 5, sigma half of it
+    w5 = Attention(256, 28, 28, 5)(h[:1])
+    torch.testing.assert_close(w5.delta, torch.tensor([5.6])), torch.testing.assert_close(w5.sigma2, torch.tensor([2.8**2]))
+    with pytest.raises(ValueError, match="attention init='corner' is not one of .*'tile'"):
+        Attention(256, 28, 28, 2, init="corner")
+
+
+def test_the_models_attention_init_reaches_its_guides_read_window():
+    torch.manual_seed(0)
+    x, h = _mnist_like(1), torch.zeros(1, 256)
+    unit, tile = (DRAW((1, 28, 28), steps=2, z_dim=3, hidden=256, attention=True, **kw) for kw in ({"attention_init": "unit"}, {}))
+    assert read(x, DRAWGuide(unit).read_window(h)).abs().max() < 0.02
+    assert read(x, DRAWGuide(tile).read_window(h)).min() > 0.05
+    torch.testing.assert_close(box(tile.write_window(h))[0], torch.tensor([2.3, 2.3, 24.7, 24.7]))
 
 
 # --------------------------------------------------------------------------------------------------
