@@ -554,7 +554,7 @@ def report_t64(results: dict, name: str, args, commands: list[str]) -> str:
         "",
         f"- Protocol `{name}`: DRAW with T = {s['steps']} steps, {s['hidden']}-unit LSTMs, {s['z_dim']}-d z_t, without attention and with "
         f"attention (read 2 x 2, write 5 x 5; the windows start at `attention_init='unit'`, one-pixel filters a whole image apart, "
-        "unless a model's recipe says otherwise); ELBO with the closed-form KL per step (`ELBO(analytic_kl=True)`, the paper's L^z); Adam lr {s['lr']:g}, "
+        f"unless a model's recipe says otherwise); ELBO with the closed-form KL per step (`ELBO(analytic_kl=True)`, the paper's L^z); Adam lr {s['lr']:g}, "
         f"batch {s['batch_size']}; the fixed Larochelle binarisation, {'all 50,000' if s['train_size'] is None else 'the first %d' % s['train_size']} training images, "
         "a new permutation every epoch.",
         *recipe_lines(names),

@@ -281,6 +281,7 @@ def test_draw_t64_command_stops_resumes_and_never_writes_the_committed_table(tmp
     table = (work / "t64-quick" / "draw_t64.md").read_text()
     assert all(f"| {name} | " in table for name in dt.T64_MODELS)
     assert "| paper, final | 87.40 | 80.97 | 80.97 | 80.97 | 80.97 |" in table and "clipped to 10 before each step" in table
+    assert "Adam lr 0.001, batch 50;" in table and "{s[" not in table  # every field filled in
     assert "- Model `draw-attention-tile`: the same model as `draw-attention`, trained with the global gradient norm clipped to 10 before each step, its read and write windows starting as `attention_init='tile'`" in table
     assert "- Model `draw-attention-clip-lr1e-3`: the same model as `draw-attention`, trained with the global gradient norm clipped to 10" in table
     assert table.count("NLL(no attention) - NLL(attention)") == 4
