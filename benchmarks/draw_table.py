@@ -125,6 +125,9 @@ RECIPE_SOURCES = {"draw-attention-clip": "the recipe of the public reimplementat
                   "with one-pixel filters a whole image apart, so the 2 x 2 read sees only the blank corners of every MNIST digit and q starts "
                   "with nothing about x (pyrovae.nn.attention)"}
 T64_MODELS = ("draw", "draw-attention", "draw-attention-clip", "draw-attention-clip-lr1e-3", "draw-attention-tile")
+#: where the attention windows start when neither the protocol nor the recipe says: the library's start when the
+#: t64 runs were made (their saved settings have no ``attention_init``), kept so that they stay reproducible
+OLD_ATTENTION_INIT = "unit"
 
 #: protocol -> settings; "cpu" is the committed run. ``curve_test``: test images of the curve's bound;
 #: ``train_size``: first N training images (None: all); ``checkpointed``: trains in run folders and resumes.
@@ -208,9 +211,14 @@ def config(name: str, s: dict) -> dict:
         cfg = {"model": "vae", "z_dims": [50]}
     else:
         cfg = {"model": "draw", "draw_steps": s["steps"], "draw_z": s["z_dim"], "lstm_size": s["hidden"], "attention": base_model(name) == "draw-attention"}
-        if cfg["attention"]:  # the committed runs started their windows at "unit" (they predate the library's "tile")
-            cfg["attention_init"] = s.get("attention_init", "unit")
+        if cfg["attention"]:
+            cfg["attention_init"] = attention_init(s)
     return {**cfg, "objective": "elbo", "analytic_kl": True}
+
+
+def attention_init(s: dict) -> str:
+    """Where the settings ``s`` start the attention windows (:data:`OLD_ATTENTION_INIT` unless they say)."""
+    return s.get("attention_init", OLD_ATTENTION_INIT)
 
 
 def base_model(name: str) -> str:
@@ -435,7 +443,7 @@ def report(results: dict, args, wall: float) -> str:
         f"- Data: the fixed Larochelle binarisation, 50,000 training images; test bound on the first {s['bound_test']} test images "
         f"(one sample each), NLL on the first {s['nll_test']} with k = {s['eval_samples']} importance samples.",
         f"- Models: DRAW with T = {s['steps']} steps (paper: 64), {s['hidden']}-unit LSTMs, {s['z_dim']}-d z_t, read 2 x 2 / write 5 x 5 "
-        f"with attention (the windows starting as `attention_init={s.get('attention_init', 'unit')!r}`); the VAE is the IWAE paper's one-layer x-200-200-z50. ELBO with the closed-form KL (`ELBO(analytic_kl=True)`, the paper's L^z), Adam lr "
+        f"with attention (the windows starting as `attention_init={attention_init(s)!r}`); the VAE is the IWAE paper's one-layer x-200-200-z50. ELBO with the closed-form KL (`ELBO(analytic_kl=True)`, the paper's L^z), Adam lr "
         f"{s['lr']}, batch {s['batch_size']}, captured training step (replay).",
         f"- Budget: {s['budget_s'] / 60:.1f} CPU-minutes of training per model on one torch thread (process CPU time; the "
         "test-bound evaluations along the curve are not counted).",
@@ -553,7 +561,7 @@ def report_t64(results: dict, name: str, args, commands: list[str]) -> str:
         "Written by `benchmarks/draw_table.py --protocol %s` (issue 27, item 5)." % name,
         "",
         f"- Protocol `{name}`: DRAW with T = {s['steps']} steps, {s['hidden']}-unit LSTMs, {s['z_dim']}-d z_t, without attention and with "
-        f"attention (read 2 x 2, write 5 x 5; the windows start at `attention_init='unit'`, one-pixel filters a whole image apart, "
+        f"attention (read 2 x 2, write 5 x 5; the windows start at `attention_init={attention_init(s)!r}`, one-pixel filters a whole image apart, "
         f"unless a model's recipe says otherwise); ELBO with the closed-form KL per step (`ELBO(analytic_kl=True)`, the paper's L^z); Adam lr {s['lr']:g}, "
         f"batch {s['batch_size']}; the fixed Larochelle binarisation, {'all 50,000' if s['train_size'] is None else 'the first %d' % s['train_size']} training images, "
         "a new permutation every epoch.",
