@@ -27,7 +27,7 @@ from pyrovae.evaluate import nll_summary
 
 __all__ = [
     "add_common_args", "build", "build_objective", "command_line", "cpu_model", "fill_defaults", "fixed_binarization", "fmt",
-    "count_flops", "hardware_info", "load_average", "matmul_rate", "log", "nll_summary", "now", "paired_difference", "portable_path", "require_positive", "resolve_device",
+    "count_flops", "cpu_seconds", "adam_alone", "products_alone", "hardware_info", "load_average", "matmul_rate", "log", "nll_summary", "now", "paired_difference", "portable_path", "require_positive", "resolve_device",
     "settings", "start", "TIME_CATEGORIES", "TIME_LABELS", "time_breakdown",
 ]
 
@@ -187,14 +187,19 @@ def matmul_rate(n: int = 1024, repeats: int = 20) -> float:
     the rate a step's FLOPs are held against (issue 27's FLOP limit). CPU time (``time.process_time``), like the step
     times it is set beside: on a shared machine wall time counts the other jobs' turns as well."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        torch.mm(a, b)
+    return 2 * n**3 / cpu_seconds(lambda: torch.mm(a, b), repeats, warmup=3)
+
+
+def cpu_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
+    """Median CPU seconds (``time.process_time``) of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         t0 = time.process_time()
-        torch.mm(a, b)
+        fn()
         times.append(time.process_time() - t0)
-    return 2 * n**3 / sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2]
 
 
 def count_flops(fn, *args) -> int:
@@ -205,6 +210,68 @@ def count_flops(fn, *args) -> int:
     with FlopCounterMode(display=False) as counter:
         fn(*args)
     return counter.get_total_flops()
+
+
+#: the matrix-product ops :func:`products_alone` records and replays
+PRODUCT_OPS = ("mm", "addmm", "bmm", "baddbmm")
+
+
+def products_alone(fn, *args, repeats: int = 5) -> tuple[float, int, int]:
+    """The matrix products of one call of ``fn(*args)`` (forward and backward), replayed alone: every ``mm``,
+    ``addmm``, ``bmm`` and ``baddbmm`` the call ran is recorded with its operands' sizes, strides (transposed views
+    stay transposed) and dtypes, then run again in the same order on random tensors of those layouts, nothing else in
+    between. Returns (CPU seconds per replay, median of ``repeats``; the number of products; their FLOPs).
+
+    A floor for the step: the time this machine's kernels need for the step's products at their own shapes, before any
+    elementwise op, copy, optimiser or Python. The operands of one signature are allocated once and reused, so small
+    ones stay in cache: if anything the floor is low."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ops = {getattr(torch.ops.aten, name).default: name for name in PRODUCT_OPS}
+    calls: list[tuple] = []
+
+    def layout(a):
+        return ("t", tuple(a.shape), tuple(a.stride()), a.dtype) if isinstance(a, torch.Tensor) else ("v", a)
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in ops:
+                calls.append((func, tuple(layout(a) for a in args), tuple(sorted((kwargs or {}).items()))))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn(*args)
+    operands = {}
+    for _, sig, _ in calls:
+        if sig not in operands:
+            operands[sig] = [_random_strided(*a[1:]) if a[0] == "t" else a[1] for a in sig]
+    program = [(func, operands[sig], dict(kw)) for func, sig, kw in calls]
+
+    def replay() -> None:
+        for func, operand, kw in program:
+            func(*operand, **kw)
+
+    with FlopCounterMode(display=False) as counter:
+        replay()
+    return cpu_seconds(replay, repeats), len(program), counter.get_total_flops()
+
+
+def _random_strided(shape: tuple, stride: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A random tensor of this layout: a view of the memory it spans (broadcast operands have stride 0)."""
+    span = 1 + sum((n - 1) * st for n, st in zip(shape, stride)) if all(shape) else 0
+    return torch.randn(span, dtype=dtype).as_strided(shape, stride)
+
+
+def adam_alone(params, repeats: int = 5) -> float:
+    """CPU seconds of one step of ``torch.optim.Adam(fused=True)`` (the trainer's optimiser) over fresh tensors shaped
+    like ``params``, with random gradients (median of ``repeats`` after two warm-up steps): what the optimiser costs
+    per step whatever else the step does. Fused Adam reads and writes every parameter and both its moments each step."""
+    copies = [torch.randn(p.shape, dtype=p.dtype, requires_grad=True) for p in params]
+    for c in copies:
+        c.grad = torch.randn_like(c)
+    optim = torch.optim.Adam(copies, lr=1e-3, fused=True)
+    return cpu_seconds(optim.step, repeats, warmup=2)
 
 
 #: where a step's CPU time goes: (category, aten op names or name prefixes ending in "*"), in order; the rest is

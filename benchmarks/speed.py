@@ -28,6 +28,7 @@ import copy
 import functools
 import datetime as _dt
 import logging
+import math
 import os
 import platform
 import statistics
@@ -44,7 +45,7 @@ import torch
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import TIME_LABELS, add_common_args, build as build_pair, command_line, count_flops, cpu_model, matmul_rate, start, time_breakdown  # noqa: E402
+from common import TIME_LABELS, adam_alone, add_common_args, build as build_pair, command_line, count_flops, cpu_model, matmul_rate, products_alone, start, time_breakdown  # noqa: E402
 from draw_reference import HandDRAW  # noqa: E402
 from reference import HandTrainer, HandVAE  # noqa: E402
 
@@ -116,6 +117,7 @@ class Row:
     flops: Optional[int] = None  # FLOPs of one training step (forward and backward), with --flops
     breakdown: dict[str, dict[str, float]] = field(default_factory=dict)  # impl -> CPU ms per step by kind of op, with --flops
     mm_rates: list[float] = field(default_factory=list)  # the CPU's matrix-product rate at the start of each round, with --flops
+    floor: dict[str, float] = field(default_factory=dict)  # CPU s of the hand-written step's products alone and of its optimiser alone, with --flops
 
     def median(self, impl: str, cpu: bool = False) -> Optional[float]:
         r = (self.cpu_rates if cpu else self.rates).get(impl)
@@ -193,6 +195,7 @@ class Impl:
         self.name, self.run, self._setup = name, run, setup
         self.store_state = {"params": {}, "constraints": {}}
         self.trainer: Optional[Trainer] = None
+        self.params: list[torch.Tensor] = []  # what its optimiser updates (the hand-written one's: the floor's optimiser)
 
     def scope(self):
         return pyro.get_param_store().scope(self.store_state)
@@ -224,6 +227,7 @@ def make_impls(cfg: Config, device: torch.device, names: tuple = IMPLS) -> dict[
         return impls
     trainer = HandTrainer(hand, cfg.objective, K)
     impls["hand"] = Impl("hand", trainer.step)
+    impls["hand"].params = list(hand.parameters())
 
     for name, capture in CAPTURE.items():
         if name not in names:
@@ -317,6 +321,7 @@ def run_device(device: torch.device, args, train: torch.Tensor, test: torch.Tens
             if args.flops:  # after the timing: one more hand-written step, counted, and two of each profiled
                 with impls["hand"].scope():
                     row.flops = count_flops(impls["hand"].run, inputs[0])
+                    row.floor = {"products alone": products_alone(impls["hand"].run, inputs[0])[0], "optimiser alone": adam_alone(impls["hand"].params)}
                 for name, impl in impls.items():
                     with impl.scope():
                         row.breakdown[name] = time_breakdown(functools.partial(impl.run, inputs[0]), 2)
@@ -582,6 +587,30 @@ def flop_section(rows: list[Row], rate: float) -> str:
                 f"| {short_arch(row.config.arch)} | {row.config.label} | {row.config.batch} | {row.flops / 1e9:.2f} | {1e3 * need:.0f} | {names[impl]} | "
                 f"{1e3 * ms:.0f} | {ms / hand:.2f} | **{ratio:.2f}** | {'yes' if ratio <= 1.5 else '**no**'} |"
             )
+    floors = []
+    for row in rows:
+        if row.flops is None or row.device != "cpu" or not row.floor:
+            continue
+        in_step = min(parts["matrix products"] for parts in row.breakdown.values()) / 1e3 if row.breakdown else math.inf
+        floor = min(row.floor["products alone"], in_step) + row.floor["optimiser alone"]
+        floors.append(
+            f"| {short_arch(row.config.arch)} | {row.config.label} | {row.config.batch} | {1e3 * row.flops / top:.0f} | {1e3 * row.floor['products alone']:.0f} | "
+            f"{_ms(1e3 * in_step) if row.breakdown else '—'} | {1e3 * row.floor['optimiser alone']:.1f} | {1e3 * floor:.0f} | **{floor * top / row.flops:.2f}** |"
+        )
+    if floors:
+        out += [
+            "",
+            "The floor: what no schedule of the same work can go below on this CPU: the step's matrix products, at the lower of "
+            "their time replayed alone (`common.products_alone`: every product of one hand-written step, forward and backward, at "
+            "its own shapes and layouts) and their lowest profiled time in any implementation's step (the table below: a "
+            "compiled step's products can be fewer and larger), plus one fused Adam step over tensors shaped like the model's "
+            "parameters (`common.adam_alone`); before any elementwise op, copy or Python. A floor near or above 1.5 times the "
+            "FLOP time means the 1.5x target cannot be met with these kernels at this batch.",
+            "",
+            "| model | objective | batch | FLOP time (ms) | products alone (ms) | products in a step, lowest (ms) | optimiser alone (ms) | floor (ms) | **floor / FLOP time** |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+            *floors,
+        ]
     split = [
         f"| {short_arch(row.config.arch)} | {row.config.label} | {name} | " + " | ".join(_ms(parts[k]) for k in TIME_LABELS) + f" | {_ms(1e3 * row.flops / top)} |"
         for row in rows if row.flops is not None and row.device == "cpu" for name, parts in row.breakdown.items()

@@ -41,18 +41,28 @@ import pyro
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import TIME_LABELS, add_common_args, build, command_line, count_flops, cpu_model, matmul_rate, now, start, time_breakdown  # noqa: E402
+from common import TIME_LABELS, adam_alone, add_common_args, build, command_line, count_flops, cpu_model, cpu_seconds, matmul_rate, now, products_alone, start, time_breakdown  # noqa: E402
 
 from pyrovae.utils.files import atomic_write  # noqa: E402
 from pyrovae.data import load_dataset  # noqa: E402
 from pyrovae.objectives import ELBO  # noqa: E402
 from pyrovae.data.text import BucketBatches, Sentences  # noqa: E402
+from pyrovae.nn.likelihoods import PackedCategorical  # noqa: E402
 from pyrovae.train import Trainer  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "text_speed.md"
 IMPLS = ("hand-written", "torch-lstm", "plain", "replay")
+#: the parts of the floor, in table order: the lower of the two product times, plus the optimiser and the softmax
+FLOOR_PARTS = ("products alone", "products in the step", "optimiser alone", "softmax alone")
+
+
 #: Bowman et al.'s sizes, and the small model of the slow tests (where Pyro's Python is a larger share of a step)
 SIZES = {"paper": dict(embed_dim=353, hidden_dim=191), "small": dict(embed_dim=32, hidden_dim=64)}
+
+
+def floor_ms(floor: dict) -> float:
+    """The floor in ms: the step's products (the lower of their time alone and in the step), its optimiser, its softmax."""
+    return 1e3 * (min(floor["products alone"], floor["products in the step"]) + floor["optimiser alone"] + floor["softmax alone"])
 
 
 def ptb_batch(data_dir: Optional[str], batch: int) -> tuple[Sentences, int]:
@@ -83,6 +93,21 @@ def step_flops(trainer: Trainer, store: dict, batch: Sentences) -> int:
     """FLOPs of one training step's forward and backward pass (the plain step: the same arithmetic as the others)."""
     with pyro.get_param_store().scope(store):
         return count_flops(trainer.gradients.plain, tuple(batch))
+
+
+def softmax_alone(batch: Sentences, vocab_size: int, repeats: int = 5) -> float:
+    """CPU seconds of the vocabulary softmax alone, forward and backward, on random logits for the batch's predicted
+    tokens: the library's :class:`PackedCategorical` log-probability (the cheapest of the implementations timed here;
+    ``cross_entropy`` takes longer), median of ``repeats``."""
+    where = torch.arange(batch.tokens.shape[1] - 1) < batch.lengths[:, None]
+    logits = torch.randn(int(where.sum()), vocab_size, requires_grad=True)
+    words = batch.tokens[:, 1:]
+
+    def once() -> None:
+        logits.grad = None
+        PackedCategorical(logits, where).log_prob(words).sum().backward()
+
+    return cpu_seconds(once, repeats)
 
 
 class HandWritten(torch.nn.Module):
@@ -149,10 +174,12 @@ def ratio(a: list[float], b: list[float]) -> tuple[float, float, float]:
     return statistics.median(a) / statistics.median(b), min(per), max(per)
 
 
-def measure(args, batch: Sentences, vocab_size: int, sizes: dict, label: str) -> tuple[dict, dict, int, dict, list]:
+def measure(args, batch: Sentences, vocab_size: int, sizes: dict, label: str) -> tuple[dict, dict, int, dict, list, dict]:
     """Per-step wall-clock and CPU seconds of each implementation, one entry per round, the step's FLOPs, where
-    each implementation's step time goes (:func:`common.time_breakdown`), and the matrix-product rate at the start of
-    each round (the caller holds the steps against the highest rate of the run)."""
+    each implementation's step time goes (:func:`common.time_breakdown`), the matrix-product rate at the start of
+    each round (the caller holds the steps against the highest rate of the run), and the floor: CPU seconds of the
+    step's matrix products, its optimiser and its softmax, each timed alone (:func:`common.products_alone`,
+    :func:`common.adam_alone`, :func:`softmax_alone`)."""
     pyro.set_rng_seed(0)
     cfg = {"model": "sentence", "guide": "rnn", "z_dims": [16], "embed_dim": sizes["embed_dim"], "hidden": [[sizes["hidden_dim"]]]}
     model, guide = build(cfg, (vocab_size,))
@@ -180,7 +207,11 @@ def measure(args, batch: Sentences, vocab_size: int, sizes: dict, label: str) ->
             cpu[impl].append(c)
         print(f"{label} round {r + 1}: " + ", ".join(f"{i} {1e3 * wall[i][-1]:.0f} ms" for i in IMPLS), flush=True)
     split = {i: time_breakdown(functools.partial(block, trainers[i], stores[i], batch, 1), args.steps) for i in IMPLS}
-    return wall, cpu, flops, split, rates
+    with pyro.get_param_store().scope(stores["plain"]):  # the floor: what the step cannot avoid, each part timed alone
+        floor = {"products alone": products_alone(trainers["plain"].gradients.plain, tuple(batch))[0],
+                 "products in the step": min(split[i]["matrix products"] for i in ("plain", "replay")) / 1e3,
+                 "optimiser alone": adam_alone(list(pyro.get_param_store().values())), "softmax alone": softmax_alone(batch, vocab_size)}
+    return wall, cpu, flops, split, rates, floor
 
 
 #: the two models of the epoch measurement: the registry's config, and whether the hand-written one has a latent
@@ -248,13 +279,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     load0 = os.getloadavg()[0]
     rate = matmul_rate()
     print(f"matrix-product rate: {rate / 1e9:.1f} GFLOP/s", flush=True)
-    tables, ratios, limits, breakdown, all_rates = [], [], [], [], []
+    tables, ratios, limits, breakdown, all_rates, floors = [], [], [], [], [], []
     for label, sizes in SIZES.items():
         if args.sizes and label not in args.sizes:
             continue
-        wall, cpu, flops, split, rates = measure(args, batch, vocab_size, sizes, label)
+        wall, cpu, flops, split, rates, floor = measure(args, batch, vocab_size, sizes, label)
         all_rates += rates
         need = flops / max(rates + [rate])
+        floors.append(f"| {label} | {1e3 * need:.0f} | " + " | ".join(f"{1e3 * floor[k]:.1f}" for k in FLOOR_PARTS)
+                      + f" | {floor_ms(floor):.0f} | **{floor_ms(floor) / 1e3 / need:.2f}** |")
         breakdown += [f"| {label} | {i} | " + " | ".join(f"{split[i][k]:.1f}" for k in TIME_LABELS) + f" | {1e3 * need:.1f} |" for i in IMPLS]
         limits.append(f"| {label} | {flops / 1e9:.2f} | {min(rates) / 1e9:.0f}–{max(rates) / 1e9:.0f} | {1e3 * need:.0f} | " + " | ".join(f"{statistics.median(cpu[i]) / need:.2f}" for i in IMPLS) + " |")
         tables += [f"| {label} | {i} | {1e3 * statistics.median(wall[i]):.0f} | {1e3 * statistics.median(cpu[i]):.0f} |" for i in IMPLS]
@@ -303,6 +336,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         "| sizes | GFLOP per step | rate (GFLOP/s) | FLOP time (ms) | " + " | ".join(f"{i} / FLOP time" for i in IMPLS) + " |",
         "|---|---:|---|---:|" + "---:|" * len(IMPLS),
         *limits,
+        "",
+        "**The floor.** What no schedule of the same work can go below on this CPU: the step's matrix products, at the "
+        "lower of two times: every product of one plain step, forward and backward, replayed alone at its own shapes and "
+        "layouts (`common.products_alone`), and the products' profiled time in the library's own steps (the lower of plain "
+        "and replay in the table below; alone they came out 5 to 10% slower in one test); plus one fused Adam step over "
+        "tensors shaped like the model's parameters (`common.adam_alone`), and the vocabulary softmax's forward and "
+        "backward on the batch's predicted tokens (`softmax_alone`, the library's `PackedCategorical`). Not counted: the "
+        "LSTM's gate arithmetic, the embeddings' gradients, fills, copies, the autograd engine, Python. A floor near or "
+        "above 1.5 times the FLOP time means the 1.5x target cannot be met with these kernels at this batch.",
+        "",
+        "| sizes | FLOP time (ms) | " + " | ".join(f"{k} (ms)" for k in FLOOR_PARTS) + " | floor (ms) | **floor / FLOP time** |",
+        "|---|---:|" + "---:|" * (len(FLOOR_PARTS) + 2),
+        *floors,
         "",
         "**Where the time goes.** CPU ms per step by kind of op (`common.time_breakdown`: `torch.profiler` self times over "
         f"{args.steps} steps of the same batch; the profiler adds to every op, so the total is above the step times above). "

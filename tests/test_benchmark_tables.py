@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -298,3 +299,64 @@ def test_speed_flop_limit_has_a_row_per_timed_implementation():
     assert rows["hand-written"][4] == "667" and rows["hand-written"][8] == "**1.80**" and rows["hand-written"][9] == "**no**"
     assert rows["pyrovae (capture replay, the default)"][6:8] == ["1100", "0.92"]
     assert rows["pyrovae, capture compile"][6:] == ["900", "0.75", "**1.35**", "yes"]
+
+
+def test_speed_flop_limit_shows_the_floor_against_the_flop_time():
+    sp = _load("speed")
+    row = sp.Row("cpu", sp.Config("draw", "elbo", 100), rates={"hand": [1.0]}, cpu_rates={"hand": [1 / 1.2]}, flops=int(150e9),
+                 mm_rates=[150e9], floor={"products alone": 1.3, "optimiser alone": 0.05})
+
+    def floor_row():
+        lines = sp.flop_section([row], 125e9).splitlines()
+        return [c.strip() for c in next(x for x in lines if x.startswith("| DRAW") and x.count("|") == 10).strip("|").split("|")][3:]
+
+    # FLOP time 1000 ms at 150 GFLOP/s; no profile: the products alone, 1300 + 50 ms
+    assert floor_row() == ["1000", "1300", "—", "50.0", "1350", "**1.35**"]
+    # a step whose products ran faster than they did alone (a compiled step's batched products): the floor takes those
+    common = _load("common")
+    row.breakdown = {"hand": {**dict.fromkeys(common.TIME_LABELS, 0.0), "matrix products": 1400.0},
+                     "compile": {**dict.fromkeys(common.TIME_LABELS, 0.0), "matrix products": 1100.0}}
+    assert floor_row() == ["1000", "1300", "1100", "50.0", "1150", "**1.15**"]
+    row.floor = {}
+    assert "The floor" not in sp.flop_section([row], 125e9)
+
+
+def test_text_speed_floor_takes_the_lower_product_time():
+    ts = _load("text_speed")
+    parts = {"products alone": 0.082, "products in the step": 0.090, "optimiser alone": 0.013, "softmax alone": 0.020}
+    assert ts.floor_ms(parts) == pytest.approx(115.0)
+    assert ts.floor_ms({**parts, "products in the step": 0.070}) == pytest.approx(103.0)
+
+
+def test_products_alone_replays_the_steps_products_at_their_layouts():
+    common = _load("common")
+    a, b, w = torch.randn(64, 32), torch.randn(32, 16), torch.randn(48, 32, requires_grad=True)
+    bias = torch.zeros(48, requires_grad=True)
+
+    def step():
+        torch.relu(a @ b).sum()  # one mm, and elementwise ops that are not products
+        torch.nn.functional.linear(a, w, bias).sum().backward()  # addmm forward (w transposed), mm for w's gradient
+
+    seconds, count, flops = common.products_alone(step)
+    assert count == 3 and seconds > 0
+    assert flops == 2 * (64 * 32 * 16 + 64 * 32 * 48 + 48 * 64 * 32)
+    seen = []
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.addmm.default:
+                seen.append(args[2].stride())
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        common.products_alone(step, repeats=1)
+    assert seen and all(s == (1, 32) for s in seen)  # w.t(): the transposed view, replayed transposed
+
+
+def test_adam_alone_steps_copies_not_the_parameters():
+    common = _load("common")
+    p = torch.nn.Parameter(torch.ones(1000, 10))
+    assert common.adam_alone([p], repeats=2) > 0
+    assert p.grad is None and bool((p == 1).all())
