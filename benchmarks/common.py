@@ -27,7 +27,7 @@ from pyrovae.evaluate import nll_summary
 
 __all__ = [
     "add_common_args", "build", "build_objective", "command_line", "cpu_model", "fill_defaults", "fixed_binarization", "fmt",
-    "count_flops", "cpu_seconds", "adam_alone", "products_alone", "hardware_info", "load_average", "matmul_rate", "log", "nll_summary", "now", "paired_difference", "portable_path", "require_positive", "resolve_device",
+    "count_flops", "cpu_seconds", "adam_alone", "floor_seconds", "products_alone", "hardware_info", "load_average", "matmul_rate", "log", "nll_summary", "now", "paired_difference", "portable_path", "require_positive", "resolve_device",
     "settings", "start", "TIME_CATEGORIES", "TIME_LABELS", "time_breakdown",
 ]
 
@@ -228,7 +228,7 @@ def products_alone(fn, *args, repeats: int = 5) -> tuple[float, int, int]:
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    ops = {getattr(torch.ops.aten, name).default: name for name in PRODUCT_OPS}
+    ops = {getattr(torch.ops.aten, name).default for name in PRODUCT_OPS}
     calls: list[tuple] = []
 
     def layout(a):
@@ -255,6 +255,13 @@ def products_alone(fn, *args, repeats: int = 5) -> tuple[float, int, int]:
     with FlopCounterMode(display=False) as counter:
         replay()
     return cpu_seconds(replay, repeats), len(program), counter.get_total_flops()
+
+
+def floor_seconds(parts: dict[str, float]) -> float:
+    """A step's floor from its parts (CPU seconds): the lowest of the entries named ``products ...`` (the same
+    products timed different ways: alone, or in a step), plus every other entry (the optimiser alone, ...)."""
+    products = [v for k, v in parts.items() if k.startswith("products")]
+    return min(products) + sum(v for k, v in parts.items() if not k.startswith("products"))
 
 
 def _random_strided(shape: tuple, stride: tuple, dtype: torch.dtype) -> torch.Tensor:

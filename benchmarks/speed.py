@@ -28,7 +28,6 @@ import copy
 import functools
 import datetime as _dt
 import logging
-import math
 import os
 import platform
 import statistics
@@ -45,7 +44,7 @@ import torch
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import TIME_LABELS, adam_alone, add_common_args, build as build_pair, command_line, count_flops, cpu_model, matmul_rate, products_alone, start, time_breakdown  # noqa: E402
+from common import TIME_LABELS, adam_alone, add_common_args, build as build_pair, command_line, count_flops, cpu_model, floor_seconds, matmul_rate, products_alone, start, time_breakdown  # noqa: E402
 from draw_reference import HandDRAW  # noqa: E402
 from reference import HandTrainer, HandVAE  # noqa: E402
 
@@ -591,11 +590,14 @@ def flop_section(rows: list[Row], rate: float) -> str:
     for row in rows:
         if row.flops is None or row.device != "cpu" or not row.floor:
             continue
-        in_step = min(parts["matrix products"] for parts in row.breakdown.values()) / 1e3 if row.breakdown else math.inf
-        floor = min(row.floor["products alone"], in_step) + row.floor["optimiser alone"]
+        parts = dict(row.floor)
+        if row.breakdown:
+            parts["products in a step"] = min(p["matrix products"] for p in row.breakdown.values()) / 1e3
+        floor = floor_seconds(parts)
+        in_step = _ms(1e3 * parts["products in a step"]) if row.breakdown else "—"
         floors.append(
             f"| {short_arch(row.config.arch)} | {row.config.label} | {row.config.batch} | {1e3 * row.flops / top:.0f} | {1e3 * row.floor['products alone']:.0f} | "
-            f"{_ms(1e3 * in_step) if row.breakdown else '—'} | {1e3 * row.floor['optimiser alone']:.1f} | {1e3 * floor:.0f} | **{floor * top / row.flops:.2f}** |"
+            f"{in_step} | {1e3 * row.floor['optimiser alone']:.1f} | {1e3 * floor:.0f} | **{floor * top / row.flops:.2f}** |"
         )
     if floors:
         out += [

@@ -41,7 +41,7 @@ import pyro
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import TIME_LABELS, adam_alone, add_common_args, build, command_line, count_flops, cpu_model, cpu_seconds, matmul_rate, now, products_alone, start, time_breakdown  # noqa: E402
+from common import TIME_LABELS, adam_alone, add_common_args, build, command_line, count_flops, cpu_model, cpu_seconds, floor_seconds, matmul_rate, now, products_alone, start, time_breakdown  # noqa: E402
 
 from pyrovae.utils.files import atomic_write  # noqa: E402
 from pyrovae.data import load_dataset  # noqa: E402
@@ -62,7 +62,7 @@ SIZES = {"paper": dict(embed_dim=353, hidden_dim=191), "small": dict(embed_dim=3
 
 def floor_ms(floor: dict) -> float:
     """The floor in ms: the step's products (the lower of their time alone and in the step), its optimiser, its softmax."""
-    return 1e3 * (min(floor["products alone"], floor["products in the step"]) + floor["optimiser alone"] + floor["softmax alone"])
+    return 1e3 * floor_seconds(floor)
 
 
 def ptb_batch(data_dir: Optional[str], batch: int) -> tuple[Sentences, int]:
